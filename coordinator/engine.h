@@ -1,0 +1,60 @@
+// The generation engine the front ends (CLI, HTTP, batch) talk to: text in, streamed tokens out.
+// Single-process mode runs it with one in-process worker; the distributed runtime implements the same
+// interface on the coordinator rank.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "coordinator/tokenizer.h"
+#include "worker/sampler.h"
+
+namespace kvshard {
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt_ids;
+  SamplingParams sampling;
+  int max_tokens = 256;
+  std::vector<std::string> stop;  // stop strings; the text before the first match is kept
+  std::string kv_scheme;          // empty: the engine's default
+};
+
+enum class FinishReason { kStop, kLength };
+
+struct GenerationResult {
+  std::vector<int32_t> token_ids;  // generated ids (stop strings trimmed only from text)
+  std::string text;
+  FinishReason finish_reason = FinishReason::kStop;
+  int64_t prompt_tokens = 0;
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+};
+
+struct PrefillProgress {
+  int64_t done = 0;
+  int64_t total = 0;
+  double seconds = 0;
+};
+
+// Called with each newly complete piece of UTF-8 text (may be empty for a split character).
+// Returning false cancels generation (client went away).
+using TokenCallback = std::function<bool(int32_t token_id, const std::string& text_piece)>;
+using PrefillCallback = std::function<void(const PrefillProgress&)>;
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual const Tokenizer& tokenizer() const = 0;
+  virtual std::string model_name() const = 0;
+  virtual int64_t max_context() const = 0;
+  // Runs one request to completion. Thread-compatible: callers serialize, or use a scheduler.
+  virtual absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request,
+                                                    const TokenCallback& on_token,
+                                                    const PrefillCallback& on_prefill) = 0;
+};
+
+}  // namespace kvshard
