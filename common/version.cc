@@ -1,0 +1,3 @@
+namespace kvshard {
+const char* Version() { return "0.1.0"; }
+}  // namespace kvshard

@@ -1,0 +1,44 @@
+// CUDA / cuBLAS / NCCL error plumbing: failures become absl::Status carrying file:line.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace kvshard {
+
+inline absl::Status CudaStatus(cudaError_t err, const char* expr, const char* file, int line) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  const absl::StatusCode code =
+      err == cudaErrorMemoryAllocation ? absl::StatusCode::kResourceExhausted : absl::StatusCode::kInternal;
+  return absl::Status(code, absl::StrCat(file, ":", line, ": CUDA error ", cudaGetErrorName(err), " (",
+                                         cudaGetErrorString(err), ") in ", expr));
+}
+
+inline absl::Status CublasStatus(cublasStatus_t err, const char* expr, const char* file, int line) {
+  if (err == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat(file, ":", line, ": cuBLAS error ", cublasGetStatusName(err), " in ", expr));
+}
+
+// Number of usable GPUs; 0 when there is no driver or device (never an error).
+int CudaDeviceCount();
+
+}  // namespace kvshard
+
+#define CUDA_RETURN_IF_ERROR(expr)                                                          \
+  do {                                                                                      \
+    ::absl::Status kv_cuda_status_ = ::kvshard::CudaStatus((expr), #expr, __FILE__, __LINE__); \
+    if (!kv_cuda_status_.ok()) return kv_cuda_status_;                                      \
+  } while (0)
+
+// After a kernel launch: reports launch-configuration errors at the launch site.
+#define CUDA_RETURN_IF_LAUNCH_ERROR() CUDA_RETURN_IF_ERROR(cudaGetLastError())
+
+#define CUBLAS_RETURN_IF_ERROR(expr)                                                            \
+  do {                                                                                          \
+    ::absl::Status kv_cublas_status_ = ::kvshard::CublasStatus((expr), #expr, __FILE__, __LINE__); \
+    if (!kv_cublas_status_.ok()) return kv_cublas_status_;                                      \
+  } while (0)
