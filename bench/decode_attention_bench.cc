@@ -14,6 +14,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
@@ -30,6 +31,7 @@ ABSL_FLAG(int, warmup, 3, "untimed runs before timing");
 ABSL_FLAG(int, iters, 20, "timed runs (median reported)");
 ABSL_FLAG(bool, check, true, "check one (request, KV head) per configuration against the CPU twin");
 ABSL_FLAG(int64_t, page_size, 256, "tokens per KV page");
+ABSL_FLAG(std::string, split_sweep, "", "batch-1 rows also time these caps on the KV splits (e.g. 8,16,33,66,128)");
 
 namespace kvshard::bench {
 namespace {
@@ -77,7 +79,7 @@ absl::Status RunOne(const Geometry& g, int64_t context, int batch, double copy_g
   const int64_t workspace_bytes = DecodeAttentionWorkspaceBytes(batch, g.n_heads, d);
   const int64_t need = kv_bytes * copies + workspace_bytes + (1ll << 30);
   if (need > static_cast<int64_t>(free_bytes)) {
-    row.note = absl::StrFormat("skipped: needs %.1f GB, %.1f GB free", need / 1e9, free_bytes / 1e9);
+    row.note = absl::StrFormat("skipped: needs %.1f GB of %.1f GB free", need / 1e9, free_bytes / 1e9);
     return absl::OkStatus();
   }
 
@@ -126,6 +128,8 @@ absl::Status RunOne(const Geometry& g, int64_t context, int batch, double copy_g
   args.lse = lse;
   args.workspace = workspace;
   args.workspace_bytes = workspace_bytes;
+  args.kv.k = k[0];
+  args.kv.v = v[0];
   row.splits = DecodeAttentionSplits(args);
 
   auto timed = MedianMs(
@@ -140,6 +144,22 @@ absl::Status RunOne(const Geometry& g, int64_t context, int batch, double copy_g
   row.ms = *timed;
   row.gbs = kv_bytes / (row.ms * 1e-3) / 1e9;
   row.frac = row.gbs / copy_gbs;
+  if (batch == 1) {
+    for (int64_t cap : ParseList(absl::GetFlag(FLAGS_split_sweep))) {
+      DecodeAttentionArgs a = args;
+      a.max_splits = static_cast<int>(cap);
+      const int splits = DecodeAttentionSplits(a);
+      auto ms = MedianMs(
+          [&](int i) {
+            a.kv.k = k[i % copies];
+            a.kv.v = v[i % copies];
+            return DecodeAttentionCuda(a, stream);
+          },
+          absl::GetFlag(FLAGS_warmup), absl::GetFlag(FLAGS_iters), stream);
+      if (!ms.ok()) return ms.status();
+      row.note += absl::StrFormat("%s%d splits: %.4f ms", row.note.empty() ? "" : "; ", splits, *ms);
+    }
+  }
 
   if (absl::GetFlag(FLAGS_check)) {
     // Last request, last KV head, on copy 0: gather its pages, run the CPU twin for the query group.
@@ -237,7 +257,7 @@ int Main() {
         std::fprintf(f, "%s,%d,%d,%d,%lld,%d,%d,%.6f,%.6f,%.3f,%.3f,%.5f,%lld,%lld,%s\n", r.g.name.c_str(), r.g.n_heads,
                      r.g.n_kv_heads, r.g.head_dim, static_cast<long long>(r.context), r.batch, r.splits, r.kv_gb, r.ms,
                      r.gbs, *copy, r.frac, static_cast<long long>(r.checked), static_cast<long long>(r.wrong),
-                     r.note.c_str());
+                     absl::StrReplaceAll(r.note, {{",", ";"}}).c_str());
       }
       std::fclose(f);
     }

@@ -12,6 +12,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
@@ -119,7 +120,8 @@ absl::Status RunOne(const Geometry& g, int64_t n, DType dtype, double gemm_tflop
   if (csv != nullptr) {
     std::fprintf(csv, "%s,%d,%d,%d,%s,%lld,%.6f,%.3f,%.3f,%.5f,%lld,%lld,%s\n", g.name.c_str(), g.n_heads,
                  g.n_kv_heads, d, DTypeName(dtype), static_cast<long long>(n), ms, tflops, gemm_tflops,
-                 tflops / gemm_tflops, static_cast<long long>(checked), static_cast<long long>(wrong), note.c_str());
+                 tflops / gemm_tflops, static_cast<long long>(checked), static_cast<long long>(wrong),
+                 absl::StrReplaceAll(note, {{",", ";"}}).c_str());
   }
   cudaFree(k);
   cudaFree(v);

@@ -69,7 +69,7 @@ fi
 if want bench; then
   nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$out/bench.log" 2>&1 || true
   if [ -x "$build/bench/decode_attention_bench" ]; then
-    timeout 300 "$build/bench/decode_attention_bench" --csv="$build/decode.csv" 2>&1 | tee -a "$out/bench.log"
+    timeout 300 "$build/bench/decode_attention_bench" --csv="$build/decode.csv" --split_sweep=16,33,66,99,128 2>&1 | tee -a "$out/bench.log"
   fi
   if [ -x "$build/bench/prefill_attention_bench" ]; then
     timeout 200 "$build/bench/prefill_attention_bench" --csv="$build/prefill.csv" 2>&1 | tee -a "$out/bench.log"

@@ -57,8 +57,15 @@ constexpr int DecodeUnroll() {
   return GROUP_TILE <= 4 ? 8 : 4;
 }
 
+// Blocks per SM the register budget is capped for: three (168 registers, no spills) keep 12 warps'
+// loads in flight per SM; the 8-head group tile needs more registers and gets two.
+template <int GROUP_TILE>
+constexpr int DecodeMinBlocksPerSm() {
+  return GROUP_TILE <= 4 ? 3 : 2;
+}
+
 template <int HEAD_DIM, typename T, int GROUP_TILE>
-__global__ void __launch_bounds__(kDecodeThreads) DecodeAttentionKernel(const DecodeParams<T> p) {
+__global__ void __launch_bounds__(kDecodeThreads, DecodeMinBlocksPerSm<GROUP_TILE>()) DecodeAttentionKernel(const DecodeParams<T> p) {
   constexpr int kVec = 8;                        // 16 bytes of 16-bit values
   constexpr int kLanesPerToken = HEAD_DIM / kVec;  // 16 (d=128) or 8 (d=64)
   constexpr int kTokensPerLoad = 32 / kLanesPerToken;
