@@ -32,7 +32,9 @@ namespace kvshard {
 // Prefixes a status message with context ("loading model.gguf: ...") keeping its code.
 inline absl::Status Annotate(const absl::Status& status, std::string_view context) {
   if (status.ok()) return status;
-  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
+  // Debian's Abseil has its own string_view type, which StrCat needs.
+  return absl::Status(status.code(),
+                      absl::StrCat(absl::string_view(context.data(), context.size()), ": ", status.message()));
 }
 
 }  // namespace kvshard
