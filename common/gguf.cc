@@ -14,9 +14,6 @@
 namespace kvshard {
 namespace {
 
-// Debian's Abseil has its own string_view type, which StrCat needs.
-absl::string_view View(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-
 constexpr uint32_t kGgufMagic = 0x46554747;  // "GGUF" read as a little-endian uint32
 constexpr uint32_t kGgufVersion = 3;
 constexpr uint64_t kDefaultAlignment = 32;
@@ -415,50 +412,50 @@ absl::Status WrongType(const std::string& path, absl::string_view key, const Ggu
 template <typename T>
 absl::StatusOr<std::vector<T>> GetArray(const GgufFile& file, std::string_view key, absl::string_view expected) {
   const GgufValue* value = file.Find(key);
-  if (value == nullptr) return MissingKey(file.path(), View(key));
+  if (value == nullptr) return MissingKey(file.path(), ToAbsl(key));
   if (const auto* array = std::get_if<GgufArray>(value)) {
     if (const auto* elements = std::get_if<std::vector<T>>(array)) return *elements;
   }
-  return WrongType(file.path(), View(key), *value, expected);
+  return WrongType(file.path(), ToAbsl(key), *value, expected);
 }
 
 }  // namespace
 
 absl::StatusOr<std::string> GgufFile::GetString(std::string_view key) const {
   const GgufValue* value = Find(key);
-  if (value == nullptr) return MissingKey(path_, View(key));
+  if (value == nullptr) return MissingKey(path_, ToAbsl(key));
   if (const auto* s = std::get_if<std::string>(value)) return *s;
-  return WrongType(path_, View(key), *value, "a string");
+  return WrongType(path_, ToAbsl(key), *value, "a string");
 }
 
 absl::StatusOr<int64_t> GgufFile::GetInt(std::string_view key) const {
   const GgufValue* value = Find(key);
-  if (value == nullptr) return MissingKey(path_, View(key));
+  if (value == nullptr) return MissingKey(path_, ToAbsl(key));
   if (const auto* i = std::get_if<int64_t>(value)) return *i;
   if (const auto* u = std::get_if<uint64_t>(value)) {
     if (*u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
       return absl::InvalidArgumentError(
-          absl::StrCat(path_, ": metadata key '", View(key), "' = ", *u, " does not fit in int64"));
+          absl::StrCat(path_, ": metadata key '", ToAbsl(key), "' = ", *u, " does not fit in int64"));
     }
     return static_cast<int64_t>(*u);
   }
-  return WrongType(path_, View(key), *value, "an integer");
+  return WrongType(path_, ToAbsl(key), *value, "an integer");
 }
 
 absl::StatusOr<double> GgufFile::GetFloat(std::string_view key) const {
   const GgufValue* value = Find(key);
-  if (value == nullptr) return MissingKey(path_, View(key));
+  if (value == nullptr) return MissingKey(path_, ToAbsl(key));
   if (const auto* d = std::get_if<double>(value)) return *d;
   if (const auto* i = std::get_if<int64_t>(value)) return static_cast<double>(*i);
   if (const auto* u = std::get_if<uint64_t>(value)) return static_cast<double>(*u);
-  return WrongType(path_, View(key), *value, "a float");
+  return WrongType(path_, ToAbsl(key), *value, "a float");
 }
 
 absl::StatusOr<bool> GgufFile::GetBool(std::string_view key) const {
   const GgufValue* value = Find(key);
-  if (value == nullptr) return MissingKey(path_, View(key));
+  if (value == nullptr) return MissingKey(path_, ToAbsl(key));
   if (const auto* b = std::get_if<bool>(value)) return *b;
-  return WrongType(path_, View(key), *value, "a bool");
+  return WrongType(path_, ToAbsl(key), *value, "a bool");
 }
 
 absl::StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_view key) const {
@@ -471,14 +468,14 @@ absl::StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key)
 
 absl::StatusOr<std::vector<double>> GgufFile::GetFloatArray(std::string_view key) const {
   const GgufValue* value = Find(key);
-  if (value == nullptr) return MissingKey(path_, View(key));
+  if (value == nullptr) return MissingKey(path_, ToAbsl(key));
   if (const auto* array = std::get_if<GgufArray>(value)) {
     if (const auto* floats = std::get_if<std::vector<double>>(array)) return *floats;
     if (const auto* ints = std::get_if<std::vector<int64_t>>(array)) {
       return std::vector<double>(ints->begin(), ints->end());
     }
   }
-  return WrongType(path_, View(key), *value, "an array of floats");
+  return WrongType(path_, ToAbsl(key), *value, "an array of floats");
 }
 
 const GgufTensorInfo* GgufFile::FindTensor(std::string_view name) const {
