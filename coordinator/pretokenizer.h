@@ -4,9 +4,11 @@
 // is the Unicode White_Space property.
 #pragma once
 
+#include <cstddef>
 #include <string_view>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 
 namespace kvshard {
@@ -30,8 +32,14 @@ absl::StatusOr<PreTokenizerKind> PreTokenizerFromGgufName(std::string_view name)
 // The kind whose split regex is `pattern` (as a tokenizer.json Split pre-tokenizer spells it).
 absl::StatusOr<PreTokenizerKind> PreTokenizerFromSplitRegex(std::string_view pattern);
 
-// Appends the pieces of `text` to `pieces`, in order; they cover `text` exactly. Bytes that are not valid
-// UTF-8 are taken one at a time as punctuation-like characters, so any byte string round-trips.
+// Calls `emit` with each piece of `text`, in order; the pieces cover `text` exactly. Ill-formed UTF-8 is
+// taken as punctuation-like characters (one per maximal ill-formed run), so any byte string round-trips.
+// The text is scanned in windows of about `window_bytes` (grown when one piece is longer), so memory stays
+// bounded on texts of any length; the pieces do not depend on it.
+void PreTokenize(PreTokenizerKind kind, std::string_view text, absl::FunctionRef<void(std::string_view)> emit,
+                 size_t window_bytes = 64 * 1024);
+
+// Appends the pieces of `text` to `pieces`.
 void PreTokenize(PreTokenizerKind kind, std::string_view text, std::vector<std::string_view>* pieces);
 
 }  // namespace kvshard

@@ -87,7 +87,6 @@ struct EncodeScratch {
   };
   std::vector<Symbol> symbols;
   std::vector<Candidate> heap;
-  std::vector<std::string_view> pieces;
   // Piece text -> where its ids were first written in the output (offset, count).
   absl::flat_hash_map<absl::string_view, std::pair<uint32_t, uint32_t>> cache;
 };
@@ -274,21 +273,18 @@ std::vector<int32_t> BpeTokenizer::Encode(std::string_view text, bool parse_spec
 
 void BpeTokenizer::EncodeText(std::string_view text, std::vector<int32_t>* ids,
                               EncodeScratch* scratch) const {
-  if (text.empty()) return;
-  scratch->pieces.clear();
-  PreTokenize(pre_tokenizer_, text, &scratch->pieces);
-  for (std::string_view piece : scratch->pieces) {
+  PreTokenize(pre_tokenizer_, text, [&](std::string_view piece) {
     const absl::string_view key(piece.data(), piece.size());
     if (auto it = scratch->cache.find(key); it != scratch->cache.end()) {
       const auto [offset, count] = it->second;
       for (uint32_t k = 0; k < count; ++k) ids->push_back((*ids)[offset + k]);
-      continue;
+      return;
     }
     const size_t before = ids->size();
     EncodePiece(piece, ids, scratch);
     scratch->cache.emplace(
         key, std::make_pair(static_cast<uint32_t>(before), static_cast<uint32_t>(ids->size() - before)));
-  }
+  });
 }
 
 void BpeTokenizer::EncodePiece(std::string_view piece, std::vector<int32_t>* ids,

@@ -186,6 +186,40 @@ INSTANTIATE_TEST_SUITE_P(Kinds, PreTokenizerTest,
                                            PreTokenizerCase{"qwen2", PreTokenizerKind::kQwen2}),
                          [](const auto& info) { return std::string(info.param.fixture_name); });
 
+// The window the scanner reads the text through must not change the pieces: compare with one window
+// holding the whole text.
+class PreTokenizerWindowTest : public ::testing::TestWithParam<size_t> {};
+
+std::vector<std::string_view> PiecesWithWindow(PreTokenizerKind kind, std::string_view text, size_t window) {
+  std::vector<std::string_view> pieces;
+  PreTokenize(kind, text, [&](std::string_view piece) { pieces.push_back(piece); }, window);
+  return pieces;
+}
+
+TEST_P(PreTokenizerWindowTest, PiecesDoNotDependOnWindow) {
+  std::vector<std::string> texts;
+  for (const Json& s : Fixtures()["strings"]) texts.push_back(s["text"]);
+  texts.push_back(std::string(3000, ' ') + "a" + std::string(2000, '\n') + " " + std::string(1000, ' '));
+  texts.push_back(std::string(5000, '7') + "x" + std::string(4000, '.') + "\r\n\r\n'" + std::string(999, 'z'));
+  std::string mixed;
+  for (int i = 0; i < 400; ++i) mixed += "It's 12 o'clock \xE2\x80\x94 caf\xC3\xA9!  \n\t\xF0\x9F\x98\x80 \xFF";
+  texts.push_back(mixed);
+  int mismatches = 0;
+  for (PreTokenizerKind kind : {PreTokenizerKind::kGpt2, PreTokenizerKind::kGpt2IndividualDigits,
+                                PreTokenizerKind::kLlama3, PreTokenizerKind::kQwen2}) {
+    for (const std::string& text : texts) {
+      if (PiecesWithWindow(kind, text, GetParam()) != PiecesWithWindow(kind, text, text.size() + 1) &&
+          ++mismatches <= kMaxReportedMismatches) {
+        ADD_FAILURE() << "kind " << static_cast<int>(kind) << ", window " << GetParam() << ": pieces differ on '"
+                      << text.substr(0, 60) << "'";
+      }
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(WindowBytes, PreTokenizerWindowTest, ::testing::Values(1, 2, 3, 4, 5, 37, 1000, 65536));
+
 TEST(PreTokenizerTest, InvalidUtf8RoundTrips) {
   const std::string text = "ab\xFF\xC3 c\xE2\x82\n\x80\x80z";
   for (PreTokenizerKind kind : {PreTokenizerKind::kGpt2, PreTokenizerKind::kGpt2IndividualDigits,
