@@ -19,6 +19,7 @@
 #include "common/gguf.h"
 #include "coordinator/bpe_vocabulary.h"
 #include "coordinator/pretokenizer.h"
+#include "tests/gguf_writer.h"
 #include "tests/test_sha256.h"
 
 namespace kvshard {
@@ -192,7 +193,8 @@ class PreTokenizerWindowTest : public ::testing::TestWithParam<size_t> {};
 
 std::vector<std::string_view> PiecesWithWindow(PreTokenizerKind kind, std::string_view text, size_t window) {
   std::vector<std::string_view> pieces;
-  PreTokenize(kind, text, [&](std::string_view piece) { pieces.push_back(piece); }, window);
+  PreTokenize(
+      kind, text, [&](std::string_view piece) { pieces.push_back(piece); }, window);
   return pieces;
 }
 
@@ -200,9 +202,11 @@ TEST_P(PreTokenizerWindowTest, PiecesDoNotDependOnWindow) {
   std::vector<std::string> texts;
   for (const Json& s : Fixtures()["strings"]) texts.push_back(s["text"]);
   texts.push_back(std::string(3000, ' ') + "a" + std::string(2000, '\n') + " " + std::string(1000, ' '));
-  texts.push_back(std::string(5000, '7') + "x" + std::string(4000, '.') + "\r\n\r\n'" + std::string(999, 'z'));
+  texts.push_back(std::string(5000, '7') + "x" + std::string(4000, '.') + "\r\n\r\n'" +
+                  std::string(999, 'z'));
   std::string mixed;
-  for (int i = 0; i < 400; ++i) mixed += "It's 12 o'clock \xE2\x80\x94 caf\xC3\xA9!  \n\t\xF0\x9F\x98\x80 \xFF";
+  for (int i = 0; i < 400; ++i)
+    mixed += "It's 12 o'clock \xE2\x80\x94 caf\xC3\xA9!  \n\t\xF0\x9F\x98\x80 \xFF";
   texts.push_back(mixed);
   int mismatches = 0;
   for (PreTokenizerKind kind : {PreTokenizerKind::kGpt2, PreTokenizerKind::kGpt2IndividualDigits,
@@ -210,15 +214,16 @@ TEST_P(PreTokenizerWindowTest, PiecesDoNotDependOnWindow) {
     for (const std::string& text : texts) {
       if (PiecesWithWindow(kind, text, GetParam()) != PiecesWithWindow(kind, text, text.size() + 1) &&
           ++mismatches <= kMaxReportedMismatches) {
-        ADD_FAILURE() << "kind " << static_cast<int>(kind) << ", window " << GetParam() << ": pieces differ on '"
-                      << text.substr(0, 60) << "'";
+        ADD_FAILURE() << "kind " << static_cast<int>(kind) << ", window " << GetParam()
+                      << ": pieces differ on '" << text.substr(0, 60) << "'";
       }
     }
   }
   EXPECT_EQ(mismatches, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(WindowBytes, PreTokenizerWindowTest, ::testing::Values(1, 2, 3, 4, 5, 37, 1000, 65536));
+INSTANTIATE_TEST_SUITE_P(WindowBytes, PreTokenizerWindowTest,
+                         ::testing::Values(1, 2, 3, 4, 5, 37, 1000, 65536));
 
 TEST(PreTokenizerTest, InvalidUtf8RoundTrips) {
   const std::string text = "ab\xFF\xC3 c\xE2\x82\n\x80\x80z";
@@ -482,6 +487,91 @@ TEST_F(TokenizerJsonTest, ErrorsNameTheProblem) {
   j = SmallJson(false);
   j["model"]["type"] = "WordPiece";
   EXPECT_FALSE(Tokenizer::FromJsonFile(Write("w.json", j.dump())).ok());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// GGUF metadata (a small file written by the test; no model needed).
+
+class TokenizerGgufTest : public TokenizerJsonTest {
+ protected:
+  // The small vocabulary as llama.cpp's converter writes it (token types: 1 normal, 3 control, 4 user).
+  testing_gguf::GgufWriter SmallGguf() {
+    const BpeVocabulary v = SmallVocabulary();
+    testing_gguf::GgufWriter w;
+    w.AddString("general.architecture", "llama");
+    w.AddString("tokenizer.ggml.model", "gpt2");
+    w.AddString("tokenizer.ggml.pre", "smollm");
+    w.AddStringArray("tokenizer.ggml.tokens", v.tokens);
+    std::vector<int32_t> types(v.tokens.size(), 1);
+    for (const auto& t : v.added_tokens) types[t.id] = t.special ? 3 : 4;
+    w.AddArray("tokenizer.ggml.token_type", testing_gguf::kI32, types);
+    std::vector<std::string> merges;
+    for (const auto& [a, b] : v.merges) merges.push_back(a + " " + b);
+    w.AddStringArray("tokenizer.ggml.merges", merges);
+    w.AddU32("tokenizer.ggml.bos_token_id", static_cast<uint32_t>(v.added_tokens[1].id));
+    w.AddU32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(*v.eos_id));
+    return w;
+  }
+
+  absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const testing_gguf::GgufWriter& w) {
+    const std::string path = (dir_ / "tokenizer.gguf").string();
+    w.WriteTo(path);
+    auto file = GgufFile::Open(path);
+    if (!file.ok()) return file.status();
+    return Tokenizer::FromGguf(**file);
+  }
+
+  // Loading must fail with a message that names the file and contains `needle`.
+  void ExpectError(const testing_gguf::GgufWriter& w, const std::string& needle) {
+    auto tok = Load(w);
+    ASSERT_FALSE(tok.ok()) << "expected an error mentioning " << needle;
+    EXPECT_NE(tok.status().message().find(needle), std::string_view::npos) << tok.status();
+    EXPECT_NE(tok.status().message().find("tokenizer.gguf"), std::string_view::npos) << tok.status();
+  }
+};
+
+TEST_F(TokenizerGgufTest, ReadsTokenizerMetadata) {
+  auto tok = Load(SmallGguf());
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const Tokenizer& t = **tok;
+  EXPECT_EQ(Pieces(t, t.Encode("abc abd 12<|end|>", true)),
+            (Strings{"a", "bc", " ab", "d", " ", "1", "2", "<|end|>"}));
+  EXPECT_TRUE(t.IsSpecial(*t.TokenId("<|end|>")));
+  EXPECT_FALSE(t.IsSpecial(*t.TokenId("<tool>")));
+  EXPECT_EQ(t.bos_id(), t.TokenId("<tool>"));
+  EXPECT_EQ(t.eos_id(), t.TokenId("<|end|>"));
+  EXPECT_EQ(t.stop_ids(), (std::vector<int32_t>{*t.TokenId("<|end|>")}));
+}
+
+TEST_F(TokenizerGgufTest, ErrorsNameTheProblem) {
+  auto w = SmallGguf();
+  w.RemoveKey("tokenizer.ggml.model");
+  w.AddString("tokenizer.ggml.model", "llama");
+  ExpectError(w, "only byte-level BPE");
+
+  w = SmallGguf();
+  w.RemoveKey("tokenizer.ggml.pre");
+  w.AddString("tokenizer.ggml.pre", "chameleon");
+  ExpectError(w, "'chameleon'");
+
+  w = SmallGguf();
+  w.RemoveKey("tokenizer.ggml.tokens");
+  ExpectError(w, "tokenizer.ggml.tokens");
+
+  w = SmallGguf();
+  w.RemoveKey("tokenizer.ggml.token_type");
+  w.AddArray("tokenizer.ggml.token_type", testing_gguf::kI32, std::vector<int32_t>{1, 1});
+  ExpectError(w, "token_type");
+
+  w = SmallGguf();
+  w.RemoveKey("tokenizer.ggml.merges");
+  w.AddStringArray("tokenizer.ggml.merges", {"a b", "ab"});
+  ExpectError(w, "merges[1]");
+
+  w = SmallGguf();
+  w.RemoveKey("tokenizer.ggml.eos_token_id");
+  w.AddU32("tokenizer.ggml.eos_token_id", 99999);
+  ExpectError(w, "EOS id 99999");
 }
 
 // ---------------------------------------------------------------------------------------------------
