@@ -3,11 +3,13 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 #define KV_STATUS_CONCAT_INNER(a, b) a##b
 #define KV_STATUS_CONCAT(a, b) KV_STATUS_CONCAT_INNER(a, b)
@@ -29,10 +31,13 @@
 
 namespace kvshard {
 
+// Debian's Abseil has its own string_view type, which absl::StrCat takes; std::string_view needs this.
+inline absl::string_view ToAbsl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+
 // Prefixes a status message with context ("loading model.gguf: ...") keeping its code.
-inline absl::Status Annotate(const absl::Status& status, std::string_view context) {
+inline absl::Status Annotate(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;
-  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
+  return absl::Status(status.code(), absl::StrCat(ToAbsl(context), ": ", status.message()));
 }
 
 }  // namespace kvshard
