@@ -37,7 +37,7 @@ inline absl::string_view ToAbsl(std::string_view s) { return absl::string_view(s
 // Prefixes a status message with context ("loading model.gguf: ...") keeping its code.
 inline absl::Status Annotate(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;
-  return absl::Status(status.code(), absl::StrCat(ToAbsl(context), ": ", status.message()));
+  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
 }
 
 }  // namespace kvshard
