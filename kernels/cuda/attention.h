@@ -94,6 +94,27 @@ struct PrefillAttentionArgs {
 
 absl::Status PrefillAttentionCuda(const PrefillAttentionArgs& args, cudaStream_t stream);
 
+// Appends n_tokens tokens' keys and values to a paged cache, at token indices first_index.. of request
+// `request` (the page-table row; see PagedKv). cache.k / cache.v are written (16-bit, round to nearest
+// even). k, v: fp32, token t's KV head h at k + t * row_stride + h * head_dim. When inv_freq is not null
+// the keys are pre-RoPE and are rotated ("rotate_half", positions[t], the same angles as RopeCuda and
+// ApplyRopeCpu) before they are stored; values are stored as given. positions: int64 [n_tokens] (device).
+struct KvWriteArgs {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t row_stride = 0;
+  int n_tokens = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  const int64_t* positions = nullptr;
+  const float* inv_freq = nullptr;
+  PagedKv cache;
+  int request = 0;
+  int64_t first_index = 0;
+};
+
+absl::Status WriteKvCacheCuda(const KvWriteArgs& args, cudaStream_t stream);
+
 // Merges partials of `n_sources` sources for `n_rows` rows of head_dim values (the GPU twin of
 // MergePartialsCpu):  lse = ln sum_s exp(lse_s);  out = sum_s exp(lse_s - lse) out_s.
 //   outs: fp32 [n_sources][n_rows][head_dim]; lses: fp32 [n_sources][n_rows] (an all-gather's layout);

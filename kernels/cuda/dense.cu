@@ -135,6 +135,36 @@ __global__ void __launch_bounds__(kElementwiseThreads) ConvertKernel(const SrcT*
   }
 }
 
+template <typename SrcT, typename DstT>
+__global__ void __launch_bounds__(kElementwiseThreads) ConvertRowsKernel(const SrcT* __restrict__ src,
+                                                                         int64_t src_stride,
+                                                                         DstT* __restrict__ dst,
+                                                                         int64_t dst_stride, int64_t cols) {
+  const int64_t row = blockIdx.y;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < cols;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[row * dst_stride + i] = FromFloat<DstT>(ToFloat(src[row * src_stride + i]));
+  }
+}
+
+__global__ void __launch_bounds__(kElementwiseThreads) AddBiasKernel(float* __restrict__ y,
+                                                                     const float* __restrict__ bias,
+                                                                     int64_t cols) {
+  const int64_t row = blockIdx.y;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < cols;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[row * cols + i] += bias[i];
+  }
+}
+
+__global__ void __launch_bounds__(kElementwiseThreads) FillInt32Kernel(int32_t* __restrict__ dst, int32_t value,
+                                                                       int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] = value;
+  }
+}
+
 // Grid for a row-wise elementwise kernel: y = rows, x = enough blocks to cover dim (capped).
 dim3 RowGrid(int64_t rows, int64_t dim) {
   return dim3(static_cast<unsigned>(std::min<int64_t>(CeilDiv(dim, kElementwiseThreads), 64)),
@@ -259,6 +289,39 @@ absl::Status ConvertCuda(const void* src, DType src_dtype, void* dst, DType dst_
       return absl::OkStatus();
     });
   });
+}
+
+absl::Status ConvertRowsCuda(const void* src, DType src_dtype, int64_t src_stride, void* dst, DType dst_dtype,
+                             int64_t dst_stride, int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (absl::Status s = CheckRows(rows, cols, "ConvertRowsCuda"); !s.ok()) return s;
+  if (rows > 65535) return absl::InvalidArgumentError("ConvertRowsCuda: more than 65535 rows; split the call");
+  if (rows == 0) return absl::OkStatus();
+  return KV_DISPATCH_ANY_TYPE(src_dtype, SrcT, {
+    return KV_DISPATCH_ANY_TYPE(dst_dtype, DstT, {
+      ConvertRowsKernel<SrcT, DstT><<<RowGrid(rows, cols), kElementwiseThreads, 0, stream>>>(
+          static_cast<const SrcT*>(src), src_stride, static_cast<DstT*>(dst), dst_stride, cols);
+      CUDA_RETURN_IF_LAUNCH_ERROR();
+      return absl::OkStatus();
+    });
+  });
+}
+
+absl::Status FillInt32Cuda(int32_t* dst, int32_t value, int64_t n, cudaStream_t stream) {
+  if (n < 0) return absl::InvalidArgumentError("FillInt32Cuda: negative size");
+  if (n == 0) return absl::OkStatus();
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(CeilDiv(n, kElementwiseThreads), 1024));
+  FillInt32Kernel<<<blocks, kElementwiseThreads, 0, stream>>>(dst, value, n);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+absl::Status AddBiasCuda(float* y, const float* bias, int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (absl::Status s = CheckRows(rows, cols, "AddBiasCuda"); !s.ok()) return s;
+  if (rows > 65535) return absl::InvalidArgumentError("AddBiasCuda: more than 65535 rows; split the call");
+  if (rows == 0) return absl::OkStatus();
+  AddBiasKernel<<<RowGrid(rows, cols), kElementwiseThreads, 0, stream>>>(y, bias, cols);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
 }
 
 absl::Status FinalNormLogitsCuda(CublasHandle& handle, const float* x, const float* norm_weight,

@@ -75,6 +75,17 @@ absl::Status EmbeddingGatherCuda(const void* table, DType table_dtype, int64_t v
 absl::Status ConvertCuda(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
                          cudaStream_t stream);
 
+// dst row r = src row r converted (round to nearest even), `rows` rows of `cols` values with row strides
+// in elements (a strided view, e.g. the query part of a fused QKV projection, to a packed tensor).
+absl::Status ConvertRowsCuda(const void* src, DType src_dtype, int64_t src_stride, void* dst, DType dst_dtype,
+                             int64_t dst_stride, int64_t rows, int64_t cols, cudaStream_t stream);
+
+// dst[i] = value for n int32s; a kernel, so the value travels as an argument (no host buffer to keep).
+absl::Status FillInt32Cuda(int32_t* dst, int32_t value, int64_t n, cudaStream_t stream);
+
+// y[r, c] += bias[c]: fp32 y [rows][cols] (row stride `cols`), fp32 bias [cols].
+absl::Status AddBiasCuda(float* y, const float* bias, int64_t rows, int64_t cols, cudaStream_t stream);
+
 // Final norm and logits for `rows` hidden states:
 //   normed = RmsNorm(x, norm_weight) rounded to bf16 (into `scratch`, bf16 [rows][hidden])
 //   logits[rows][vocab] (fp32) = normed * w_out^T, w_out: bf16 [vocab][hidden] (tied: the embedding).
