@@ -266,7 +266,7 @@ inline GgufWriter TinyGguf(const std::string& arch, const TinyGeometry& g,
   w.AddF32(arch + ".attention.layer_norm_rms_epsilon", 1e-5f);
   w.AddU32(arch + ".rope.dimension_count", g.head_dim);
   std::vector<std::string> tokens;
-  for (int i = 0; i < g.vocab; ++i) tokens.push_back("t" + std::to_string(i));
+  for (int i = 0; i < g.vocab; ++i) tokens.push_back(std::to_string(i) + "t");  // (GCC 12 warns on "t" + s)
   w.AddStringArray("tokenizer.ggml.tokens", tokens);
   for (const auto& [name, t] : hf_weights) {
     std::vector<float> values = t.values;
