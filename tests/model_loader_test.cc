@@ -265,6 +265,18 @@ INSTANTIATE_TEST_SUITE_P(
                       Llama3Case{"narrow", 16, 10000.0f, {RopeScalingType::kLlama3, 4.0f, 1.0f, 1.5f, 4096}}),
     [](const auto& info) { return std::string(info.param.name); });
 
+TEST(GgufModelTest, RopeFreqsAllEqualAreLinearScaling) {
+  TinyGeometry g;
+  GgufWriter w = TinyGguf("llama", g, TinyHfWeights(g, false, true, 1));
+  w.AddF32Tensor("rope_freqs.weight", {g.head_dim / 2}, std::vector<float>(g.head_dim / 2, 2.5f));
+  auto file = GgufFile::Open(WriteTinyGguf("uniform_rope_freqs", w));
+  ASSERT_TRUE(file.ok());
+  auto c = ModelConfigFromGguf(**file);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_scaling.type, RopeScalingType::kLinear);
+  EXPECT_EQ(c->rope_scaling.factor, 2.5f);
+}
+
 TEST(GgufModelTest, RopeFreqsThatAreNotLlama3AreRefused) {
   TinyGeometry g;
   GgufWriter w = TinyGguf("llama", g, TinyHfWeights(g, false, true, 1));

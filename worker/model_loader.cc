@@ -41,7 +41,9 @@ absl::Status ValidateConfig(const ModelConfig& c, std::string_view source) {
   if (c.n_heads % c.n_kv_heads != 0) {
     return bad(absl::StrCat(c.n_heads, " query heads are not a multiple of ", c.n_kv_heads, " KV heads"));
   }
-  if (c.head_dim <= 0 || c.head_dim % 2 != 0) return bad(absl::StrCat("head_dim ", c.head_dim, " must be even"));
+  if (c.head_dim <= 0 || c.head_dim % 2 != 0) {
+    return bad(absl::StrCat("head_dim ", c.head_dim, " must be positive and even"));
+  }
   if (c.ffn_hidden <= 0) return bad(absl::StrCat("feed-forward size ", c.ffn_hidden, " must be positive"));
   if (c.vocab_size <= 0) return bad(absl::StrCat("vocabulary size ", c.vocab_size, " must be positive"));
   if (c.max_context <= 0) return bad(absl::StrCat("context length ", c.max_context, " must be positive"));
@@ -199,6 +201,7 @@ absl::StatusOr<RopeScaling> Llama3ScalingFromFactors(const std::vector<float>& d
   if (static_cast<int>(divisors.size()) != half) {
     return fail(absl::StrCat("has ", divisors.size(), " values, expected head_dim/2 = ", half));
   }
+  if (original_max <= 0) return fail(absl::StrCat("comes with an original context of ", original_max));
   const std::vector<float> inv_freq = RopeInverseFrequencies(RopeParams{head_dim, theta, {}});
   const double factor = *std::max_element(divisors.begin(), divisors.end());
   RopeScaling scaling;
@@ -217,6 +220,11 @@ absl::StatusOr<RopeScaling> Llama3ScalingFromFactors(const std::vector<float>& d
     } else {
       band.emplace_back(x, (1.0 / d - 1.0 / factor) / (1.0 - 1.0 / factor));
     }
+  }
+  if (last_one < 0 && band.empty()) {  // every frequency divided by the same factor: linear scaling
+    scaling.type = RopeScalingType::kLinear;
+    scaling.factor = static_cast<float>(factor);
+    return scaling;
   }
   auto x_of = [&](int i) { return original_max / (2.0 * M_PI / inv_freq[std::clamp(i, 0, half - 1)]); };
   double low = 0, high = 0;  // low_freq_factor, high_freq_factor: s = (x - low) / (high - low)
