@@ -34,6 +34,7 @@ ABSL_FLAG(double, top_p, 1.0, "Nucleus sampling mass (1: all)");
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
 ABSL_FLAG(std::string, kv_scheme, "fp16", "KV cache scheme");
+ABSL_FLAG(std::string, device, "auto", "Where the model runs: auto (the GPU when present), gpu, or cpu");
 
 namespace kvshard {
 
@@ -125,7 +126,11 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
 
 absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
   KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
-  return SingleProcessEngine::Create(model_path, EngineOptions());
+  EngineOptions options;
+  options.device = absl::GetFlag(FLAGS_device);
+  KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(model_path, std::move(options)));
+  std::fprintf(stderr, "kvshard: running on %s\n", engine->device_name().c_str());
+  return engine;
 }
 
 }  // namespace

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Builds and checks the CUDA backend on a GPU host in one go: configure, build the GPU tests and
-# benchmarks, run the tests, run the benchmarks with the PyTorch SDPA baseline in the same run, and run
-# compute-sanitizer memcheck over the kernel tests. Logs go to $OUT (default: ./device-check-out).
+# Builds and checks the CUDA backend on a GPU host in one go: configure, build the GPU tests, the
+# benchmarks and the kvshard binary, run the tests, run the benchmarks with the PyTorch SDPA baseline in
+# the same run, and run compute-sanitizer memcheck over the kernel tests. With a model, the e2e phase
+# also compares GPU and CPU greedy decoding (the GPU model test, and `kvshard summarize` on both devices).
+# Logs go to $OUT (default: ./device-check-out).
 #
-#   deploy/device-check.sh [phase ...]     phases: build test bench memcheck (default: all, in this order)
+#   deploy/device-check.sh [--build-dir DIR] [--model FILE.gguf] [--document FILE] [phase ...]
+#   phases: build test bench memcheck e2e (default: all but e2e, plus e2e when --model is given)
 #
-# Dependencies the host lacks come from .deps/ (deploy/fetch-device-debs.sh). Ends with a summary.
+# Dependencies the host lacks come from .deps/ (deploy/fetch-device-debs.sh); the build directory keeps a
+# copy, so later runs against the same build need no .deps/. Ends with a summary.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,19 +17,34 @@ cd "$root"
 out="${OUT:-$root/device-check-out}"
 mkdir -p "$out"
 build="$root/build-device"
-phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(build test bench memcheck)
+model=""
+document=""
+phases=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --build-dir) build="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
+    --model) model="$2"; shift 2 ;;
+    --document) document="$2"; shift 2 ;;
+    *) phases+=("$1"); shift ;;
+  esac
+done
+if [ ${#phases[@]} -eq 0 ]; then
+  phases=(build test bench memcheck)
+  [ -n "$model" ] && phases+=(e2e)
+fi
 want() { local p; for p in "${phases[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 summary=()
 note() { summary+=("$*"); echo "== $*"; }
 jobs=$(nproc)
 
-prefix="$root/.deps/usr"
-libdirs="$root/.deps/usr/lib/x86_64-linux-gnu"
-if [ ! -f /usr/include/unicode/uchar.h ] && [ -d "$root/.deps/icu-debs" ]; then
-  for deb in "$root"/.deps/icu-debs/*.deb; do dpkg -x "$deb" "$root/.deps/icu"; done
-  prefix="$prefix;$root/.deps/icu/usr"
-  libdirs="$libdirs:$root/.deps/icu/usr/lib/x86_64-linux-gnu"
+deps="$root/.deps"
+[ -d "$deps" ] || deps="$build/deps"
+prefix="$deps/usr"
+libdirs="$deps/usr/lib/x86_64-linux-gnu"
+if [ ! -f /usr/include/unicode/uchar.h ] && [ -d "$deps/icu-debs" ]; then
+  for deb in "$deps"/icu-debs/*.deb; do dpkg -x "$deb" "$deps/icu"; done
+  prefix="$prefix;$deps/icu/usr"
+  libdirs="$libdirs:$deps/icu/usr/lib/x86_64-linux-gnu"
   note "ICU: using the packed ICU 72 from .deps (no system ICU headers)"
 fi
 export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -44,8 +63,9 @@ if want build; then
     -DCMAKE_PREFIX_PATH="$prefix" >>"$out/build.log" 2>&1
   targets=$(ninja -C "$build" -t targets all 2>/dev/null | grep -oE '^(gpu_[A-Za-z0-9_]+_test|[A-Za-z0-9_]+_bench):' | grep -v '^cmake_' |
             tr -d ':' | sort -u | tr '\n' ' ')
-  if ninja -C "$build" -j "$jobs" $targets >>"$out/build.log" 2>&1; then
-    note "build: ok ($(($(date +%s) - start)) s): $targets"
+  if ninja -C "$build" -j "$jobs" $targets kvshard >>"$out/build.log" 2>&1; then
+    note "build: ok ($(($(date +%s) - start)) s): $targets kvshard"
+    [ "$deps" = "$root/.deps" ] && rm -rf "$build/deps" && cp -a "$deps" "$build/deps"
   else
     note "build: FAILED (see build.log)"
     grep -E "error|FAILED" "$out/build.log" | head -n 20
@@ -87,6 +107,32 @@ if want memcheck; then
     rc=$?
     note "memcheck $(basename "$t"): rc=$rc, $(grep -E 'ERROR SUMMARY' "$out/memcheck.log" | tail -n 1)"
   done
+fi
+
+if want e2e; then
+  : >"$out/e2e.log"
+  if [ -z "$model" ] || [ ! -f "$model" ]; then
+    note "e2e: no model (--model FILE.gguf)"
+  else
+    KVSHARD_MODEL="$model" timeout 300 "$build/tests/gpu_gpu_model_test" --gtest_color=no >>"$out/e2e.log" 2>&1
+    note "e2e gpu_gpu_model_test: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/e2e.log" | tail -n 1)"
+    grep -E "divergence|greedy:|refusal" "$out/e2e.log"
+    if [ -z "$document" ]; then
+      document="$out/document.txt"
+      for i in $(seq 40); do cat "$root/README.md" 2>/dev/null || echo "A short paragraph of text."; done >"$document"
+    fi
+    for device in cpu gpu; do
+      timeout 300 "$build/kvshard" summarize --model "$model" --input "$document" --max_tokens 64 --device=$device \
+        >"$out/summary-$device.txt" 2>>"$out/e2e.log"
+      note "e2e summarize --device=$device: rc=$? $(grep -E '^kvshard: prompt' "$out/e2e.log" | tail -n 1)"
+    done
+    if cmp -s "$out/summary-cpu.txt" "$out/summary-gpu.txt"; then
+      note "e2e: kvshard summarize prints the same 64 greedy tokens on GPU and CPU"
+    else
+      note "e2e: the GPU and CPU summaries differ (see summary-cpu.txt, summary-gpu.txt)"
+    fi
+    head -c 600 "$out/summary-gpu.txt"; echo
+  fi
 fi
 
 echo
