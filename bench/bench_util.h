@@ -17,8 +17,9 @@ absl::Status FillRandom16(void* data, int64_t n, bool bf16, uint64_t seed, cudaS
 // Fills n floats with uniform values in [lo, hi).
 absl::Status FillRandomF32(float* data, int64_t n, float lo, float hi, uint64_t seed, cudaStream_t stream);
 
-// Runs `launch` warmup times, then times `iters` runs one by one with CUDA events; returns the median
-// in milliseconds. `launch` gets the iteration index (to rotate among input copies).
+// Runs `launch` at least `warmup` times and for at least 0.2 s (clocks ramp up from idle), then times
+// `iters` runs one by one with CUDA events; returns the median in milliseconds. `launch` gets the
+// iteration index (to rotate among input copies).
 absl::StatusOr<double> MedianMs(const std::function<absl::Status(int)>& launch, int warmup, int iters,
                                 cudaStream_t stream);
 

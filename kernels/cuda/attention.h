@@ -118,7 +118,8 @@ absl::Status WriteKvCacheCuda(const KvWriteArgs& args, cudaStream_t stream);
 // Merges partials of `n_sources` sources for `n_rows` rows of head_dim values (the GPU twin of
 // MergePartialsCpu):  lse = ln sum_s exp(lse_s);  out = sum_s exp(lse_s - lse) out_s.
 //   outs: fp32 [n_sources][n_rows][head_dim]; lses: fp32 [n_sources][n_rows] (an all-gather's layout);
-//   out: fp32 [n_rows][head_dim]; lse: fp32 [n_rows]. Must not alias the sources.
+//   out: fp32 [n_rows][head_dim]; lse: fp32 [n_rows]. Must not alias the sources. head_dim: a multiple
+//   of 4, at most 256; pointers 16-byte aligned.
 // Sources with lse = -inf are skipped; a row where all are -inf gets out = 0, lse = -inf.
 absl::Status MergePartialsCuda(const float* outs, const float* lses, int n_sources, int64_t n_rows,
                                int head_dim, float* out, float* lse, cudaStream_t stream);

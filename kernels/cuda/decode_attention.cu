@@ -26,7 +26,9 @@ constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kMaxDecodeSplits = 128;
 constexpr int64_t kSplitAlign = 64;        // split boundaries (and page sizes) are multiples of this
-constexpr int64_t kMinSplitTokens = 256;   // below this a split costs more than it saves
+// A split below this many bytes of K/V per block costs more in fixed per-block work than it gains in
+// parallelism (measured on H100: see bench/RESULTS.md, the batch-1 split sweep).
+constexpr int64_t kMinSplitBytes = 512 << 10;
 constexpr int64_t kBlockOverheadTokens = 64;  // fixed cost of a block, in token-reads (planning only)
 
 template <typename T>
@@ -244,54 +246,66 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeMinBlocksPerSm<GROUP_TIL
   }
 }
 
-// One warp per row; lanes split the channels (head_dim <= 256) and every lane walks all sources.
-constexpr int kMergeWarps = 8;
-constexpr int kMergeMaxPerLane = 8;
+// One block per row. Thread t owns the float4 channel group t % (head_dim / 4) and the sources
+// s = t / (head_dim / 4) + k * slots, so the walk over many splits runs `slots` ways in parallel; the
+// slots are then summed in shared memory in a fixed order.
+constexpr int kMergeThreads = 256;
+constexpr int kMergeMaxHeadDim = 256;
 
-__global__ void __launch_bounds__(kMergeWarps * 32) MergePartialsKernel(const float* __restrict__ outs,
-                                                                        const float* __restrict__ lses,
-                                                                        int n_sources, int64_t n_rows,
-                                                                        int head_dim, float* __restrict__ out,
-                                                                        float* __restrict__ lse) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
-  if (row >= n_rows) return;
+__global__ void __launch_bounds__(kMergeThreads) MergePartialsKernel(const float* __restrict__ outs,
+                                                                     const float* __restrict__ lses,
+                                                                     int n_sources, int64_t n_rows,
+                                                                     int head_dim, float* __restrict__ out,
+                                                                     float* __restrict__ lse) {
+  __shared__ float scratch[kMergeThreads / 32];
+  __shared__ __align__(16) float partial[kMergeThreads * 4];
+  __shared__ float partial_weight[kMergeThreads];
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x;
   float max_lse = -INFINITY;
-  for (int s = lane; s < n_sources; s += 32) max_lse = fmaxf(max_lse, lses[s * n_rows + row]);
-  max_lse = WarpMax(max_lse);
-  float acc[kMergeMaxPerLane];
-#pragma unroll
-  for (int j = 0; j < kMergeMaxPerLane; ++j) acc[j] = 0.0f;
-  float total = 0.0f;
-  if (max_lse != -INFINITY) {
-    for (int s = 0; s < n_sources; ++s) {
+  for (int s = tid; s < n_sources; s += kMergeThreads) max_lse = fmaxf(max_lse, lses[s * n_rows + row]);
+  max_lse = BlockMax(max_lse, scratch);
+  if (max_lse == -INFINITY) {
+    for (int c = tid; c < head_dim; c += kMergeThreads) out[row * head_dim + c] = 0.0f;
+    if (tid == 0) lse[row] = -INFINITY;
+    return;
+  }
+  const int groups = head_dim / 4;
+  const int slots = kMergeThreads / groups;
+  const int group = tid % groups;
+  const int slot = tid / groups;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  float weight = 0.0f;
+  if (slot < slots) {
+    for (int s = slot; s < n_sources; s += slots) {
       const float source_lse = lses[s * n_rows + row];
       if (source_lse == -INFINITY) continue;
       const float w = expf(source_lse - max_lse);
-      total += w;
-      const float* o = outs + (s * n_rows + row) * head_dim;
-#pragma unroll
-      for (int j = 0; j < kMergeMaxPerLane; ++j) {
-        const int c = lane + 32 * j;
-        if (c < head_dim) acc[j] = fmaf(w, o[c], acc[j]);
-      }
+      weight += w;
+      const float4 o = reinterpret_cast<const float4*>(outs + (s * n_rows + row) * head_dim)[group];
+      acc.x = fmaf(w, o.x, acc.x);
+      acc.y = fmaf(w, o.y, acc.y);
+      acc.z = fmaf(w, o.z, acc.z);
+      acc.w = fmaf(w, o.w, acc.w);
     }
+    reinterpret_cast<float4*>(partial)[slot * groups + group] = acc;
+    if (group == 0) partial_weight[slot] = weight;
   }
-  const bool empty = total == 0.0f;
-  const float inv = empty ? 0.0f : 1.0f / total;
-#pragma unroll
-  for (int j = 0; j < kMergeMaxPerLane; ++j) {
-    const int c = lane + 32 * j;
-    if (c < head_dim) out[row * head_dim + c] = acc[j] * inv;
+  __syncthreads();
+  float total = 0.0f;
+  for (int k = 0; k < slots; ++k) total += partial_weight[k];
+  for (int c = tid; c < head_dim; c += kMergeThreads) {
+    float value = 0.0f;
+    for (int k = 0; k < slots; ++k) value += partial[k * head_dim + c];
+    out[row * head_dim + c] = value / total;
   }
-  if (lane == 0) lse[row] = empty ? -INFINITY : max_lse + logf(total);
+  if (tid == 0) lse[row] = max_lse + logf(total);
 }
 
 absl::Status LaunchMerge(const float* outs, const float* lses, int n_sources, int64_t n_rows, int head_dim,
                          float* out, float* lse, cudaStream_t stream) {
-  const int64_t blocks = CeilDiv(n_rows, kMergeWarps);
-  if (blocks > INT_MAX) return absl::InvalidArgumentError("MergePartialsCuda: too many rows");
-  MergePartialsKernel<<<static_cast<unsigned>(blocks), kMergeWarps * 32, 0, stream>>>(
+  if (n_rows > INT_MAX) return absl::InvalidArgumentError("MergePartialsCuda: too many rows");
+  MergePartialsKernel<<<static_cast<unsigned>(n_rows), kMergeThreads, 0, stream>>>(
       outs, lses, n_sources, n_rows, head_dim, out, lse);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
@@ -331,7 +345,8 @@ DecodePlan PlanDecode(const DecodeAttentionArgs& a, int group_tile, int blocks_p
   const int64_t base_blocks = static_cast<int64_t>(a.batch) * a.n_kv_heads * CeilDiv(group, group_tile);
   const int64_t capacity = std::max<int64_t>(1, static_cast<int64_t>(blocks_per_sm) * sm_count);
   const int64_t max_len = std::max<int64_t>(a.max_kv_len, 1);
-  int64_t limit = std::min<int64_t>(kMaxDecodeSplits, CeilDiv(max_len, kMinSplitTokens));
+  const int64_t min_split_tokens = std::max<int64_t>(kSplitAlign, kMinSplitBytes / (4 * a.head_dim));
+  int64_t limit = std::min<int64_t>(kMaxDecodeSplits, CeilDiv(max_len, min_split_tokens));
   if (a.max_splits > 0) limit = std::min<int64_t>(limit, a.max_splits);
   const int64_t partial_bytes = static_cast<int64_t>(a.batch) * a.n_heads * (a.head_dim + 1) * 4;
   if (partial_bytes > 0) limit = std::min<int64_t>(limit, a.workspace_bytes / partial_bytes);
@@ -436,10 +451,10 @@ int DecodeAttentionSplits(const DecodeAttentionArgs& args) {
 
 absl::Status MergePartialsCuda(const float* outs, const float* lses, int n_sources, int64_t n_rows,
                                int head_dim, float* out, float* lse, cudaStream_t stream) {
-  if (n_sources < 0 || n_rows < 0 || head_dim <= 0 || head_dim > 32 * kMergeMaxPerLane) {
+  if (n_sources < 0 || n_rows < 0 || head_dim <= 0 || head_dim > kMergeMaxHeadDim || head_dim % 4 != 0) {
     return absl::InvalidArgumentError(absl::StrCat("MergePartialsCuda: bad shape n_sources=", n_sources,
                                                    " n_rows=", n_rows, " head_dim=", head_dim,
-                                                   " (head_dim <= 256)"));
+                                                   " (head_dim a multiple of 4, at most 256)"));
   }
   if (n_rows == 0) return absl::OkStatus();
   return LaunchMerge(outs, lses, n_sources, n_rows, head_dim, out, lse, stream);
