@@ -31,6 +31,8 @@ ABSL_FLAG(int, warmup, 3, "untimed runs before timing");
 ABSL_FLAG(int, iters, 20, "timed runs (median reported)");
 ABSL_FLAG(bool, check, true, "check one (request, KV head) per configuration against the CPU twin");
 ABSL_FLAG(int64_t, page_size, 256, "tokens per KV page");
+ABSL_FLAG(std::string, mixed, "1048576,524288,262144,131072,65536,32768,16384,4096",
+          "one more row per geometry: a batch with these different context lengths (empty: none)");
 ABSL_FLAG(std::string, split_sweep, "", "batch-1 rows also time these caps on the KV splits (e.g. 8,16,33,66,128)");
 
 namespace kvshard::bench {
@@ -63,21 +65,27 @@ struct Row {
   std::string note;
 };
 
-absl::Status RunOne(const Geometry& g, int64_t context, int batch, double copy_gbs, Row& row, cudaStream_t stream) {
+// `lens`: the context length of each request of the batch; `context` is the longest.
+absl::Status RunOne(const Geometry& g, const std::vector<int64_t>& lens, double copy_gbs, Row& row,
+                    cudaStream_t stream) {
   const int64_t page_size = absl::GetFlag(FLAGS_page_size);
   const int d = g.head_dim;
   const int group = g.n_heads / g.n_kv_heads;
+  const int batch = static_cast<int>(lens.size());
+  const int64_t context = *std::max_element(lens.begin(), lens.end());
+  const int64_t total_tokens = std::accumulate(lens.begin(), lens.end(), int64_t{0});
   const int64_t pages_per_request = (context + page_size - 1) / page_size;
   const int64_t n_pages = pages_per_request * batch;
-  const int64_t elems = n_pages * g.n_kv_heads * page_size * d;  // per K (and per V) copy
-  const int64_t kv_bytes = 2 * elems * 2;
+  const int64_t elems = n_pages * g.n_kv_heads * page_size * d;  // allocated per K (and per V) copy
+  const int64_t kv_bytes = 2 * total_tokens * g.n_kv_heads * d * 2;  // read by one decode step
   const int copies = static_cast<int>(std::max<int64_t>(1, (kRotateBytes + kv_bytes - 1) / kv_bytes));
   row.kv_gb = kv_bytes / 1e9;
+  const int64_t allocated_bytes = 2 * elems * 2;
 
   size_t free_bytes = 0, total_bytes = 0;
   CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
   const int64_t workspace_bytes = DecodeAttentionWorkspaceBytes(batch, g.n_heads, d);
-  const int64_t need = kv_bytes * copies + workspace_bytes + (1ll << 30);
+  const int64_t need = allocated_bytes * copies + workspace_bytes + (1ll << 30);
   if (need > static_cast<int64_t>(free_bytes)) {
     row.note = absl::StrFormat("skipped: needs %.1f GB of %.1f GB free", need / 1e9, free_bytes / 1e9);
     return absl::OkStatus();
@@ -105,8 +113,8 @@ absl::Status RunOne(const Geometry& g, int64_t context, int batch, double copy_g
   CUDA_RETURN_IF_ERROR(cudaMalloc(&lse, batch * g.n_heads * 4));
   CUDA_RETURN_IF_ERROR(cudaMalloc(&workspace, workspace_bytes));
   CUDA_RETURN_IF_ERROR(cudaMemcpy(d_table, table.data(), n_pages * 4, cudaMemcpyHostToDevice));
-  std::vector<int32_t> lens(batch, static_cast<int32_t>(context));
-  CUDA_RETURN_IF_ERROR(cudaMemcpy(d_lens, lens.data(), batch * 4, cudaMemcpyHostToDevice));
+  const std::vector<int32_t> lens32(lens.begin(), lens.end());
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(d_lens, lens32.data(), batch * 4, cudaMemcpyHostToDevice));
   if (auto s = FillRandomF32(q, q_elems, -1.0f, 1.0f, 7, stream); !s.ok()) return s;
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out, 0xFF, q_elems * 4, stream));
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(lse, 0xFF, batch * g.n_heads * 4, stream));
@@ -168,12 +176,13 @@ absl::Status RunOne(const Geometry& g, int64_t context, int batch, double copy_g
     if (auto s = DecodeAttentionCuda(args, stream); !s.ok()) return s;
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     const int b = batch - 1, h = g.n_kv_heads - 1;
+    const int64_t len = lens[b];
     std::vector<uint16_t> page_buf(page_size * d);
-    std::vector<float> kf(context * d), vf(context * d);
-    for (int64_t p = 0; p < pages_per_request; ++p) {
+    std::vector<float> kf(len * d), vf(len * d);
+    for (int64_t p = 0; p * page_size < len; ++p) {
       const int64_t page = table[b * pages_per_request + p];
       const int64_t offset = (page * g.n_kv_heads + h) * page_size * d;
-      const int64_t tokens = std::min(page_size, context - p * page_size);
+      const int64_t tokens = std::min(page_size, len - p * page_size);
       for (int which = 0; which < 2; ++which) {
         CUDA_RETURN_IF_ERROR(cudaMemcpy(page_buf.data(), (which == 0 ? k[0] : v[0]) + offset, tokens * d * 2,
                                         cudaMemcpyDeviceToHost));
@@ -186,7 +195,7 @@ absl::Status RunOne(const Geometry& g, int64_t context, int batch, double copy_g
     CUDA_RETURN_IF_ERROR(cudaMemcpy(qh.data(), q + first_row * d, group * d * 4, cudaMemcpyDeviceToHost));
     CUDA_RETURN_IF_ERROR(cudaMemcpy(got_out.data(), out + first_row * d, group * d * 4, cudaMemcpyDeviceToHost));
     CUDA_RETURN_IF_ERROR(cudaMemcpy(got_lse.data(), lse + first_row, group * 4, cudaMemcpyDeviceToHost));
-    AttentionPartialsCpu(qh.data(), d, group, nullptr, kf.data(), vf.data(), d, context, 0, d, args.scale,
+    AttentionPartialsCpu(qh.data(), d, group, nullptr, kf.data(), vf.data(), d, len, 0, d, args.scale,
                          want_out.data(), d, want_lse.data());
     // Same tolerance as the kernel tests (fp32 on both sides, |q|, |v| <= 1).
     auto ok = [](float got, float want) { return std::fabs(got - want) <= 2e-5 + 1e-4 * std::fabs(want); };
@@ -236,7 +245,7 @@ int Main() {
         row.g = g;
         row.context = context;
         row.batch = static_cast<int>(batch);
-        if (absl::Status s = RunOne(g, context, row.batch, *copy, row, stream); !s.ok()) {
+        if (absl::Status s = RunOne(g, std::vector<int64_t>(batch, context), *copy, row, stream); !s.ok()) {
           row.note = std::string(s.message());
           cudaGetLastError();
         }
@@ -246,6 +255,22 @@ int Main() {
         std::fflush(stdout);
         rows.push_back(row);
       }
+    }
+    const std::vector<int64_t> mixed = ParseList(absl::GetFlag(FLAGS_mixed));
+    if (!mixed.empty()) {
+      Row row;
+      row.g = g;
+      row.context = *std::max_element(mixed.begin(), mixed.end());
+      row.batch = static_cast<int>(mixed.size());
+      if (absl::Status s = RunOne(g, mixed, *copy, row, stream); !s.ok()) {
+        row.note = std::string(s.message());
+        cudaGetLastError();
+      }
+      row.note = absl::StrCat("mixed lengths ", absl::GetFlag(FLAGS_mixed), row.note.empty() ? "" : "; ", row.note);
+      std::printf("%-10s %4d %4d %4d %8lld %5d %6d %8.3f %10.4f %8.0f %6.1f%% %6lld %s\n", g.name.c_str(), g.n_heads,
+                  g.n_kv_heads, g.head_dim, static_cast<long long>(row.context), row.batch, row.splits, row.kv_gb,
+                  row.ms, row.gbs, 100 * row.frac, static_cast<long long>(row.wrong), row.note.c_str());
+      rows.push_back(row);
     }
   }
   const std::string csv = absl::GetFlag(FLAGS_csv);

@@ -43,8 +43,34 @@ def median_ms(fn, warmup, iters):
     return statistics.median(times)
 
 
+def decode_sdpa_mixed(row, lengths, warmup, iters):
+    """A batch of different lengths: one SDPA call per request (no padding), timed together."""
+    hq, hkv, d = (int(row[k]) for k in ("n_heads", "n_kv_heads", "head_dim"))
+    g = hq // hkv
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qs = [uniform(1, hkv, g, d, gen=gen) for _ in lengths]
+    ks = [uniform(1, hkv, L, d, gen=gen) for L in lengths]
+    vs = [uniform(1, hkv, L, d, gen=gen) for L in lengths]
+
+    def step(_):
+        for q, k, v in zip(qs, ks, vs):
+            F.scaled_dot_product_attention(q, k, v)
+
+    ms = median_ms(step, warmup, iters)
+    del qs, ks, vs
+    torch.cuda.empty_cache()
+    return ms, "one SDPA call per request"
+
+
 def decode_sdpa(row, warmup, iters):
     b, hq, hkv, d, L = (int(row[k]) for k in ("batch", "n_heads", "n_kv_heads", "head_dim", "context"))
+    if row["note"].startswith("mixed lengths"):
+        lengths = []
+        for token in row["note"][len("mixed lengths "):].split(";"):  # the CSV has ';' for ','
+            if not token.strip().isdigit():
+                break
+            lengths.append(int(token))
+        return decode_sdpa_mixed(row, lengths, warmup, iters)
     g = hq // hkv
     kv_bytes = 2 * b * hkv * L * d * 2
     copies = max(1, math.ceil(ROTATE_BYTES / kv_bytes))
