@@ -37,8 +37,13 @@ summary=()
 note() { summary+=("$*"); echo "== $*"; }
 jobs=$(nproc)
 
-deps="$root/.deps"
-[ -d "$deps" ] || deps="$build/deps"
+# The build directory keeps its own copy of .deps/, which CMake's cache then points at, so a later run
+# (or a run without .deps/) can reconfigure and run the binaries.
+if [ -d "$root/.deps" ] && want build; then
+  mkdir -p "$build"
+  rm -rf "$build/deps" && cp -a "$root/.deps" "$build/deps"
+fi
+deps="$build/deps"
 prefix="$deps/usr"
 libdirs="$deps/usr/lib/x86_64-linux-gnu"
 if [ ! -f /usr/include/unicode/uchar.h ] && [ -d "$deps/icu-debs" ]; then
@@ -65,7 +70,6 @@ if want build; then
             tr -d ':' | sort -u | tr '\n' ' ')
   if ninja -C "$build" -j "$jobs" $targets kvshard >>"$out/build.log" 2>&1; then
     note "build: ok ($(($(date +%s) - start)) s): $targets kvshard"
-    [ "$deps" = "$root/.deps" ] && rm -rf "$build/deps" && cp -a "$deps" "$build/deps"
   else
     note "build: FAILED (see build.log)"
     grep -E "error|FAILED" "$out/build.log" | head -n 20
@@ -89,7 +93,8 @@ fi
 if want bench; then
   nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$out/bench.log" 2>&1 || true
   if [ -x "$build/bench/decode_attention_bench" ]; then
-    timeout 300 "$build/bench/decode_attention_bench" --csv="$build/decode.csv" --split_sweep=16,33,66,99,128 2>&1 | tee -a "$out/bench.log"
+    timeout 300 "$build/bench/decode_attention_bench" --csv="$build/decode.csv" --split_sweep=8,16,32,64,128 2>&1 |
+      tee -a "$out/bench.log"
   fi
   if [ -x "$build/bench/prefill_attention_bench" ]; then
     timeout 200 "$build/bench/prefill_attention_bench" --csv="$build/prefill.csv" 2>&1 | tee -a "$out/bench.log"

@@ -28,7 +28,7 @@ constexpr int kMaxDecodeSplits = 128;
 constexpr int64_t kSplitAlign = 64;        // split boundaries (and page sizes) are multiples of this
 // A split below this many bytes of K/V per block costs more in fixed per-block work than it gains in
 // parallelism (measured on H100: see bench/RESULTS.md, the batch-1 split sweep).
-constexpr int64_t kMinSplitBytes = 512 << 10;
+constexpr int64_t kMinSplitBytes = 128 << 10;
 constexpr int64_t kBlockOverheadTokens = 64;  // fixed cost of a block, in token-reads (planning only)
 
 template <typename T>
