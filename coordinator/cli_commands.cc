@@ -95,7 +95,7 @@ std::vector<ChatMessage> ChatWith(const std::string& user_text) {
 }
 
 // Runs one request with streamed output and progress; prints a one-line summary on stderr.
-absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
+absl::Status RunStreaming(SingleProcessEngine& engine, GenerationRequest request) {
   std::unique_ptr<ProgressLine> progress;
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
   auto on_prefill = [&](const PrefillProgress& p) {
@@ -115,11 +115,12 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
   const double decode_rate = result.decode_seconds > 0 ? result.token_ids.size() / result.decode_seconds : 0;
   std::fprintf(stderr, "%s\n",
                absl::StrFormat("kvshard: prompt %d tokens, prefill %.1f s (%.1f tokens/s); generated %d tokens "
-                               "in %.1f s (%.1f tokens/s); kv %s; finish %s",
+                               "in %.1f s (%.1f tokens/s); kv %s; finish %s; on %s",
                                n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
                                result.decode_seconds, decode_rate,
                                request.kv_scheme.empty() ? "default" : request.kv_scheme,
-                               result.finish_reason == FinishReason::kStop ? "stop" : "length")
+                               result.finish_reason == FinishReason::kStop ? "stop" : "length",
+                               engine.device_name())
                    .c_str());
   return absl::OkStatus();
 }
@@ -128,9 +129,7 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
   KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
   EngineOptions options;
   options.device = absl::GetFlag(FLAGS_device);
-  KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(model_path, std::move(options)));
-  std::fprintf(stderr, "kvshard: running on %s\n", engine->device_name().c_str());
-  return engine;
+  return SingleProcessEngine::Create(model_path, std::move(options));
 }
 
 }  // namespace

@@ -71,7 +71,11 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
   }
   if (request.max_tokens < 0) return absl::InvalidArgumentError("max_tokens must not be negative");
   const std::string scheme = request.kv_scheme.empty() ? options_.default_kv_scheme : request.kv_scheme;
-  if (gpu_ != nullptr && scheme == "fp16") return GenerateOnGpu(request, on_token, on_prefill);
+  if (gpu_ != nullptr && scheme == "fp16") {
+    last_device_ = gpu_->device_name();
+    return GenerateOnGpu(request, on_token, on_prefill);
+  }
+  last_device_ = "CPU";
   KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, options_.kv_factory(scheme, model_.kv_geometry(), 0));
   ShardAttentionContext context(*shard);
 

@@ -40,8 +40,8 @@ class SingleProcessEngine final : public Engine {
   int64_t max_context() const override { return weights_.config.max_context; }
   const ModelConfig& config() const { return weights_.config; }
   const ModelWeights& weights() const { return weights_; }
-  // "CPU", or the GPU's name when requests run there.
-  std::string device_name() const { return gpu_ ? gpu_->device_name() : "CPU"; }
+  // Where the last request ran: "CPU", or the GPU's name.
+  const std::string& device_name() const { return last_device_; }
 
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
                                             const PrefillCallback& on_prefill) override;
@@ -57,6 +57,7 @@ class SingleProcessEngine final : public Engine {
   EngineOptions options_;
   CpuModel model_;
   std::unique_ptr<GpuBackend> gpu_;  // null: requests run on the CPU
+  std::string last_device_ = "CPU";
 };
 
 }  // namespace kvshard
