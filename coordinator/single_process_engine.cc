@@ -138,7 +138,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const Genera
   using Clock = std::chrono::steady_clock;
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
   const int64_t budget = std::min<int64_t>(request.max_tokens, max_context() - n_prompt);
-  KV_RETURN_IF_ERROR(gpu_->StartRequest(n_prompt + std::max<int64_t>(budget, 1)));
+  KV_RETURN_IF_ERROR(gpu_->StartRequest(n_prompt + std::max<int64_t>(budget, 1), request.sampling));
   GenerationResult result;
   result.prompt_tokens = n_prompt;
   const auto prefill_start = Clock::now();
@@ -147,8 +147,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const Genera
   uint64_t draws = 0;
   for (int64_t pos = 0; pos < n_prompt; pos += chunk) {
     const int64_t n = std::min(chunk, n_prompt - pos);
-    KV_ASSIGN_OR_RETURN(token, gpu_->Feed(std::span<const int32_t>(request.prompt_ids.data() + pos, n), pos,
-                                          request.sampling, draws));
+    KV_ASSIGN_OR_RETURN(token, gpu_->Feed(std::span<const int32_t>(request.prompt_ids.data() + pos, n), pos, draws));
     if (on_prefill) {
       on_prefill({pos + n, n_prompt, std::chrono::duration<double>(Clock::now() - prefill_start).count()});
     }
@@ -163,6 +162,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const Genera
   const auto decode_start = Clock::now();
   int64_t pos = n_prompt;
   for (int64_t step = 0; step < budget; ++step) {
+    gpu_->Accept(token);
     if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
       result.finish_reason = FinishReason::kStop;
       break;
@@ -175,7 +175,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const Genera
       break;
     }
     if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
-    KV_ASSIGN_OR_RETURN(token, gpu_->Feed(std::span<const int32_t>(&token, 1), pos, request.sampling, draws++));
+    KV_ASSIGN_OR_RETURN(token, gpu_->Feed(std::span<const int32_t>(&token, 1), pos, draws++));
     ++pos;
   }
   if (!stops.stopped()) {

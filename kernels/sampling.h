@@ -29,7 +29,7 @@ struct TokenSampling {
   float temperature = 0.0f;  // <= 0: greedy
   int32_t top_k = 0;         // 0: no cut
   float top_p = 1.0f;        // >= 1: no cut
-  int32_t pad_ = 0;
+  float repetition_penalty = 1.0f;  // see ApplyRepetitionPenaltyCpu; 1: none
   uint64_t seed = 0;
   uint64_t step = 0;  // index of the token being drawn within its request; advances the stream
 };
@@ -63,5 +63,11 @@ struct SampledToken {
 
 // CPU twin of SampleTokensCuda for one row of `vocab` logits.
 SampledToken SampleTokenCpu(const float* logits, int vocab, const TokenSampling& params);
+
+// CTRL-style repetition penalty, applied to the logits before sampling (CPU twin of
+// ApplyRepetitionPenaltyCuda): every distinct id among recent[0 .. n_recent) inside [0, vocab) gets its
+// logit divided by `penalty` when positive, multiplied by it otherwise, once. Same rule as
+// worker/sampler.h's Sampler.
+void ApplyRepetitionPenaltyCpu(float* logits, int vocab, const int32_t* recent, int n_recent, float penalty);
 
 }  // namespace kvshard

@@ -88,4 +88,14 @@ SampledToken SampleTokenCpu(const float* logits, int vocab, const TokenSampling&
   return result;
 }
 
+void ApplyRepetitionPenaltyCpu(float* logits, int vocab, const int32_t* recent, int n_recent, float penalty) {
+  if (penalty == 1.0f) return;
+  for (int i = 0; i < n_recent; ++i) {
+    const int32_t id = recent[i];
+    if (id < 0 || id >= vocab || std::find(recent, recent + i, id) != recent + i) continue;
+    float& l = logits[id];
+    l = l > 0 ? l / penalty : l * penalty;
+  }
+}
+
 }  // namespace kvshard

@@ -1,11 +1,13 @@
 // The device-sampling specification, SampleTokenCpu (kernels/sampling.h), on the CPU.
 #include <cmath>
 #include <map>
+#include <random>
 #include <set>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/sampling.h"
+#include "worker/sampler.h"
 
 namespace kvshard {
 namespace {
@@ -68,6 +70,39 @@ TEST(SampleTokenCpuTest, FrequenciesFollowTheSoftmax) {
     const double p = (i + 1) / 10.0;
     EXPECT_NEAR(counts[i], kDraws * p, 4 * std::sqrt(kDraws * p * (1 - p))) << "token " << i;
   }
+}
+
+TEST(SampleTokenCpuTest, RepetitionPenaltyMatchesSampler) {
+  // Greedy decoding with a penalty through worker/sampler.h's Sampler and through the twin pair
+  // ApplyRepetitionPenaltyCpu + SampleTokenCpu picks the same tokens.
+  constexpr int kVocab = 50;
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<float> dist(-3.0f, 3.0f);
+  SamplingParams params;
+  params.repetition_penalty = 1.5f;
+  params.repetition_window = 8;
+  Sampler sampler(params);
+  std::vector<int32_t> recent;
+  for (int step = 0; step < 200; ++step) {
+    std::vector<float> logits(kVocab);
+    for (float& l : logits) l = dist(rng);
+    if (step % 3 == 0 && !recent.empty()) logits[recent.back()] = 10.0f;  // tempt a repeat
+    std::vector<float> penalized = logits;
+    ApplyRepetitionPenaltyCpu(penalized.data(), kVocab, recent.data(), static_cast<int>(recent.size()), 1.5f);
+    const int32_t twin = SampleTokenCpu(penalized.data(), kVocab, TokenSampling{}).token;
+    const int32_t want = sampler.Sample(logits.data(), kVocab);
+    ASSERT_EQ(twin, want) << "step " << step;
+    sampler.Accept(want);
+    recent.push_back(want);
+    if (recent.size() > 8) recent.erase(recent.begin());
+  }
+}
+
+TEST(SampleTokenCpuTest, RepetitionPenaltyOncePerDistinctId) {
+  std::vector<float> logits = {2.0f, -2.0f, 1.0f, 0.5f};
+  const std::vector<int32_t> recent = {0, 1, 0, 7, -1, 1};
+  ApplyRepetitionPenaltyCpu(logits.data(), 4, recent.data(), static_cast<int>(recent.size()), 2.0f);
+  EXPECT_EQ(logits, (std::vector<float>{1.0f, -4.0f, 1.0f, 0.5f}));
 }
 
 }  // namespace

@@ -180,7 +180,45 @@ __global__ void __launch_bounds__(kSampleThreads) SampleTokensKernel(const float
   }
 }
 
+// One thread per row walks the (short) recent list; a later duplicate of an id is skipped, so each
+// distinct id is penalized once, in the same order and arithmetic as the CPU twin.
+__global__ void RepetitionPenaltyKernel(float* __restrict__ logits, int64_t row_stride, int vocab, int rows,
+                                        const int32_t* __restrict__ recent, int recent_stride,
+                                        const int32_t* __restrict__ recent_counts,
+                                        const TokenSampling* __restrict__ params) {
+  const int row = blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  const float penalty = params[row].repetition_penalty;
+  if (penalty == 1.0f) return;
+  const int32_t* ids = recent + static_cast<int64_t>(row) * recent_stride;
+  float* x = logits + row * row_stride;
+  const int n = recent_counts[row];
+  for (int i = 0; i < n; ++i) {
+    const int32_t id = ids[i];
+    if (id < 0 || id >= vocab) continue;
+    bool seen = false;
+    for (int j = 0; j < i && !seen; ++j) seen = ids[j] == id;
+    if (seen) continue;
+    const float l = x[id];
+    x[id] = l > 0 ? __fdiv_rn(l, penalty) : __fmul_rn(l, penalty);  // IEEE division even under fast math
+  }
+}
+
 }  // namespace
+
+absl::Status ApplyRepetitionPenaltyCuda(float* logits, int64_t row_stride, int vocab, int rows,
+                                        const int32_t* recent, int recent_stride, const int32_t* recent_counts,
+                                        const TokenSampling* params, cudaStream_t stream) {
+  if (vocab <= 0 || rows < 0 || row_stride < vocab || recent_stride < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("ApplyRepetitionPenaltyCuda: bad shape vocab=", vocab,
+                                                   " rows=", rows, " row_stride=", row_stride));
+  }
+  if (rows == 0) return absl::OkStatus();
+  RepetitionPenaltyKernel<<<(rows + 127) / 128, 128, 0, stream>>>(logits, row_stride, vocab, rows, recent,
+                                                                   recent_stride, recent_counts, params);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
 
 absl::Status SampleTokensCuda(const float* logits, int64_t row_stride, int vocab, int rows,
                               const TokenSampling* params, int32_t* tokens, cudaStream_t stream) {

@@ -19,4 +19,12 @@ namespace kvshard {
 absl::Status SampleTokensCuda(const float* logits, int64_t row_stride, int vocab, int rows,
                               const TokenSampling* params, int32_t* tokens, cudaStream_t stream);
 
+// In place, for each of `rows` rows: the repetition penalty params[r].repetition_penalty on the distinct
+// ids among recent[r * recent_stride .. + recent_counts[r]) (kernels/sampling.h,
+// ApplyRepetitionPenaltyCpu; bit-identical). logits: fp32, row r at logits + r * row_stride; recent,
+// recent_counts: int32 (device).
+absl::Status ApplyRepetitionPenaltyCuda(float* logits, int64_t row_stride, int vocab, int rows,
+                                        const int32_t* recent, int recent_stride, const int32_t* recent_counts,
+                                        const TokenSampling* params, cudaStream_t stream);
+
 }  // namespace kvshard

@@ -97,8 +97,10 @@ double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
   return m;
 }
 
-// Greedy decoding on both backends from the same prompt; logits of every step are kept for the report.
-Comparison CompareGreedy(const ModelWeights& weights, const std::vector<int32_t>& prompt) {
+// Greedy decoding on both backends from the same prompt, with the CLI's repetition penalty when
+// `repetition_penalty` != 1; logits of every step (before the penalty) are kept for the report.
+Comparison CompareGreedy(const ModelWeights& weights, const std::vector<int32_t>& prompt,
+                         float repetition_penalty = 1.0f) {
   Comparison result;
   const int vocab = weights.config.vocab_size;
 
@@ -112,11 +114,14 @@ Comparison CompareGreedy(const ModelWeights& weights, const std::vector<int32_t>
     const size_t n = std::min<size_t>(CpuModel::max_chunk(), prompt.size() - begin);
     EXPECT_TRUE(cpu.Forward(std::span<const int32_t>(prompt.data() + begin, n), begin, cpu_context, false, logits).ok());
   }
-  Sampler greedy(SamplingParams{});
+  SamplingParams greedy_params;
+  greedy_params.repetition_penalty = repetition_penalty;
+  Sampler greedy(greedy_params);
   int64_t pos = static_cast<int64_t>(prompt.size());
   for (int step = 0; step < kGreedyTokens; ++step) {
     cpu_logits.push_back(logits);
     const int32_t token = greedy.Sample(logits.data(), vocab);
+    greedy.Accept(token);
     cpu_tokens.push_back(token);
     EXPECT_TRUE(cpu.Forward(std::span<const int32_t>(&token, 1), pos++, cpu_context, false, logits).ok());
   }
@@ -128,6 +133,8 @@ Comparison CompareGreedy(const ModelWeights& weights, const std::vector<int32_t>
   EXPECT_TRUE(cache.ok()) << cache.status();
   if (!cache.ok()) return result;
   TokenSampling sampling;  // greedy
+  sampling.repetition_penalty = repetition_penalty;
+  std::vector<int32_t> recent;  // Sampler's window of accepted tokens
   std::vector<std::vector<float>> gpu_logits;
   std::vector<int32_t> gpu_tokens;
   absl::StatusOr<int32_t> next = -1;
@@ -142,8 +149,10 @@ Comparison CompareGreedy(const ModelWeights& weights, const std::vector<int32_t>
     gpu_logits.push_back(logits);
     gpu_tokens.push_back(*next);
     const int32_t token = *next;
+    recent.push_back(token);
+    if (recent.size() > static_cast<size_t>(greedy_params.repetition_window)) recent.erase(recent.begin());
     sampling.step = step + 1;
-    next = (*gpu)->Forward(std::span<const int32_t>(&token, 1), pos++, **cache, &sampling, &logits);
+    next = (*gpu)->Forward(std::span<const int32_t>(&token, 1), pos++, **cache, &sampling, &logits, recent);
     EXPECT_TRUE(next.ok()) << next.status();
     if (!next.ok()) return result;
   }
@@ -209,7 +218,7 @@ TEST_F(GpuModelTest, SyntheticModelWithBiasAndTiedEmbeddingsMatchesCpu) {
   std::vector<int32_t> prompt(37);
   std::mt19937_64 rng(4);
   for (int32_t& id : prompt) id = static_cast<int32_t>(rng() % weights.config.vocab_size);
-  ExpectAgreement(CompareGreedy(weights, prompt), 2e-2);
+  ExpectAgreement(CompareGreedy(weights, prompt, /*repetition_penalty=*/1.3f), 2e-2);
 }
 
 TEST_F(GpuModelTest, DemoModelGreedyTokensMatchCpu) {
@@ -228,7 +237,7 @@ TEST_F(GpuModelTest, DemoModelGreedyTokensMatchCpu) {
       "sure it remains free software for all its users.<|im_end|>\n<|im_start|>assistant\n";
   const std::vector<int32_t> prompt = (*tokenizer)->Encode(text, /*parse_special=*/true);
   ASSERT_GT(prompt.size(), 50u);
-  const Comparison r = CompareGreedy(*weights, prompt);
+  const Comparison r = CompareGreedy(*weights, prompt, /*repetition_penalty=*/1.1f);  // the CLI default
   // 30 layers of bf16 rounding of Q4_1-dequantized weights (not exact in bf16) and activations.
   ExpectAgreement(r, 5e-2);
 }

@@ -1,5 +1,7 @@
 // Device sampling against its CPU twin SampleTokenCpu (kernels/sampling.h).
 #include <cmath>
+#include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -110,6 +112,44 @@ TEST(SampleTokensDistributionTest, FrequenciesFollowTheSoftmax) {
     const double sigma = std::sqrt(kRows * p * (1 - p));
     EXPECT_NEAR(counts[i], kRows * p, 4 * sigma) << "token " << i;
   }
+}
+
+// The penalty kernel changes the same logits by the same IEEE operations as the CPU twin: bit-exact.
+TEST(RepetitionPenaltyTest, MatchesCpuTwinBitExactly) {
+  KV_SKIP_WITHOUT_GPU();
+  constexpr int kRows = 5, kVocab = 1000, kStride = 1003, kRecentStride = 70;
+  std::vector<float> logits = RandomUniform(kRows * kStride, 81, -5.0f, 5.0f);
+  std::vector<int32_t> recent(kRows * kRecentStride, 0);
+  std::vector<int32_t> counts = {0, 1, 64, 70, 33};
+  std::vector<TokenSampling> params(kRows);
+  const float penalties[kRows] = {1.3f, 1.1f, 1.0f, 2.0f, 0.9f};
+  std::mt19937_64 rng(82);
+  for (int r = 0; r < kRows; ++r) {
+    params[r].repetition_penalty = penalties[r];
+    for (int i = 0; i < counts[r]; ++i) {
+      // Repeats, and ids outside the vocabulary, on purpose.
+      recent[r * kRecentStride + i] = static_cast<int32_t>(rng() % 40) * (i % 7 == 6 ? 100 : 1) - (i == 5 ? 2000 : 0);
+    }
+  }
+  std::vector<float> want = logits;
+  for (int r = 0; r < kRows; ++r) {
+    ApplyRepetitionPenaltyCpu(want.data() + r * kStride, kVocab, recent.data() + r * kRecentStride, counts[r],
+                              penalties[r]);
+  }
+  DeviceBuffer<float> dlogits = ToDevice(logits);
+  DeviceBuffer<int32_t> drecent = ToDevice(recent), dcounts = ToDevice(counts);
+  DeviceBuffer<TokenSampling> dparams = ToDevice(params);
+  ASSERT_TRUE(ApplyRepetitionPenaltyCuda(dlogits.get(), kStride, kVocab, kRows, drecent.get(), kRecentStride,
+                                         dcounts.get(), dparams.get(), nullptr)
+                  .ok());
+  const std::vector<float> got = dlogits.Download();
+  int64_t wrong = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], 4) != 0 && wrong++ < 8) {
+      std::printf("  [%zu]: got %.9g want %.9g\n", i, got[i], want[i]);
+    }
+  }
+  EXPECT_EQ(wrong, 0);
 }
 
 }  // namespace

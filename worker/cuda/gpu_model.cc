@@ -335,7 +335,7 @@ absl::Status GpuModel::AllocateActivations() {
 
 absl::StatusOr<int32_t> GpuModel::Forward(std::span<const int32_t> tokens, int64_t first_position,
                                           GpuAttentionContext& context, const TokenSampling* sampling,
-                                          std::vector<float>* logits) {
+                                          std::vector<float>* logits, std::span<const int32_t> recent) {
   const ModelConfig& c = config_;
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) return absl::InvalidArgumentError("forward pass over zero tokens");
@@ -388,17 +388,31 @@ absl::StatusOr<int32_t> GpuModel::Forward(std::span<const int32_t> tokens, int64
   const void* w_out = c.tied_embeddings ? embedding_.get() : output_.get();
   KV_RETURN_IF_ERROR(FinalNormLogitsCuda(cublas_, x + (n - 1) * hidden, output_norm_.as<float>(), w_out, 1, hidden,
                                          c.vocab_size, c.norm_eps, h_.get(), logits_.as<float>(), s));
-  int32_t token = -1;
-  if (sampling != nullptr) {
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sampling_.get(), sampling, sizeof(TokenSampling), cudaMemcpyHostToDevice, s));
-    KV_RETURN_IF_ERROR(SampleTokensCuda(logits_.as<float>(), c.vocab_size, c.vocab_size, 1,
-                                        sampling_.as<TokenSampling>(), token_.as<int32_t>(), s));
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&token, token_.get(), 4, cudaMemcpyDeviceToHost, s));
-  }
-  if (logits != nullptr) {
+  if (logits != nullptr) {  // queued before the penalty changes them
     logits->resize(c.vocab_size);
     CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(logits->data(), logits_.get(), static_cast<int64_t>(c.vocab_size) * 4, cudaMemcpyDeviceToHost, s));
+  }
+  int32_t token = -1;
+  if (sampling != nullptr) {
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sampling_.get(), sampling, sizeof(TokenSampling), cudaMemcpyHostToDevice, s));
+    if (sampling->repetition_penalty != 1.0f && !recent.empty()) {
+      const int64_t bytes = static_cast<int64_t>(recent.size()) * 4;
+      if (recent_.bytes() < bytes) {
+        KV_ASSIGN_OR_RETURN(recent_, DeviceMemory::Allocate(bytes, "recent tokens"));
+      }
+      if (recent_count_.get() == nullptr) {
+        KV_ASSIGN_OR_RETURN(recent_count_, DeviceMemory::Allocate(4, "recent count"));
+      }
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(recent_.get(), recent.data(), bytes, cudaMemcpyHostToDevice, s));
+      KV_RETURN_IF_ERROR(FillInt32Cuda(recent_count_.as<int32_t>(), static_cast<int32_t>(recent.size()), 1, s));
+      KV_RETURN_IF_ERROR(ApplyRepetitionPenaltyCuda(logits_.as<float>(), c.vocab_size, c.vocab_size, 1,
+                                                    recent_.as<int32_t>(), static_cast<int>(recent.size()),
+                                                    recent_count_.as<int32_t>(), sampling_.as<TokenSampling>(), s));
+    }
+    KV_RETURN_IF_ERROR(SampleTokensCuda(logits_.as<float>(), c.vocab_size, c.vocab_size, 1,
+                                        sampling_.as<TokenSampling>(), token_.as<int32_t>(), s));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&token, token_.get(), 4, cudaMemcpyDeviceToHost, s));
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   return token;

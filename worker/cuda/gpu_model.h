@@ -112,11 +112,12 @@ class GpuModel {
 
   // Runs `tokens` (at most max_chunk()) at positions first_position.. through every layer; earlier
   // positions must already be in `context`. Then, for the last token: when `logits` is not null, copies
-  // its logits to the host ([vocab]); when `sampling` is not null, draws the next token on the device and
-  // returns it (otherwise returns -1).
+  // its logits to the host ([vocab], before any penalty); when `sampling` is not null, applies its
+  // repetition penalty to the ids in `recent` and draws the next token on the device, and returns it
+  // (otherwise returns -1).
   absl::StatusOr<int32_t> Forward(std::span<const int32_t> tokens, int64_t first_position,
                                   GpuAttentionContext& context, const TokenSampling* sampling,
-                                  std::vector<float>* logits);
+                                  std::vector<float>* logits, std::span<const int32_t> recent = {});
 
  private:
   struct Layer {
@@ -146,6 +147,7 @@ class GpuModel {
 
   // Activations for max_chunk rows.
   DeviceMemory ids_, positions_, x_, h_, qkv_, attn_, attn16_, gate_up_, act_, logits_, sampling_, token_;
+  DeviceMemory recent_, recent_count_;  // repetition-penalty ids, grown on demand
 };
 
 // Bytes of device memory a model of this configuration needs for its weights (bf16) and activations.
