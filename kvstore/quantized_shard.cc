@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "common/status.h"
 #include "kernels/attention.h"
+#include "kernels/gemm_cpu.h"
 #include "kernels/rope.h"
 
 namespace kvshard {
@@ -18,6 +18,52 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 void HalfToFloatRow(const uint16_t* h, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = HalfToFloat(h[i]);
+}
+
+// Attention partials of `rows` query rows over a band of `n` keys (absolute positions first_position..,
+// local indices first_local..) where row r sees key j (position <= row_positions[r]) in its quantized
+// version (kq, vq) when its local index is below row_boundary[r], else in fp16 (kf, vf). Only the
+// exact decode view needs it (chunked queries whose fp16 windows differ). Four GEMMs over the band
+// instead of one pass per distinct boundary.
+void BandAttention(const float* q, int64_t rows, const int64_t* row_positions, const int64_t* row_boundary,
+                   const float* kq, const float* vq, const float* kf, const float* vf, int64_t n,
+                   int64_t first_position, int64_t first_local, int d, float scale, float* out, float* lse) {
+  std::vector<float> sq(rows * n), sf(rows * n);
+  if (n > 0) {
+    GemmCpu(/*transpose_b=*/true, rows, n, d, scale, q, d, kq, d, 0.0f, sq.data(), n);
+    GemmCpu(/*transpose_b=*/true, rows, n, d, scale, q, d, kf, d, 0.0f, sf.data(), n);
+  }
+  std::vector<float> inv_sum(rows, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* pq = sq.data() + r * n;
+    float* pf = sf.data() + r * n;
+    const int64_t limit = std::clamp<int64_t>(row_positions[r] - first_position + 1, 0, n);
+    const int64_t split = std::clamp<int64_t>(row_boundary[r] - first_local, 0, limit);
+    float m = kNegInf;
+    for (int64_t j = 0; j < split; ++j) m = std::max(m, pq[j]);
+    for (int64_t j = split; j < limit; ++j) m = std::max(m, pf[j]);
+    if (limit == 0) {
+      std::fill(pq, pq + n, 0.0f);
+      std::fill(pf, pf + n, 0.0f);
+      lse[r] = kNegInf;
+      continue;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < split; ++j) sum += (pq[j] = std::exp(pq[j] - m));
+    std::fill(pq + split, pq + n, 0.0f);
+    std::fill(pf, pf + split, 0.0f);
+    for (int64_t j = split; j < limit; ++j) sum += (pf[j] = std::exp(pf[j] - m));
+    std::fill(pf + limit, pf + n, 0.0f);
+    lse[r] = m + std::log(sum);
+    inv_sum[r] = 1.0f / sum;
+  }
+  std::fill(out, out + rows * d, 0.0f);
+  if (n > 0) {
+    GemmCpu(/*transpose_b=*/false, rows, d, n, 1.0f, sq.data(), n, vq, d, 0.0f, out, d);
+    GemmCpu(/*transpose_b=*/false, rows, d, n, 1.0f, sf.data(), n, vf, d, 1.0f, out, d);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int c = 0; c < d; ++c) out[r * d + c] *= inv_sum[r];
 }
 
 }  // namespace
@@ -248,14 +294,16 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
       boundary[i] = StreamLayout(config_, start_position_, n_vis, false).quantized_end;
     }
   }
-  std::map<int64_t, std::vector<int>> queries_by_boundary;
-  for (int i = 0; i < n_queries; ++i) queries_by_boundary[boundary[i]].push_back(i);
-  const int64_t first_boundary = queries_by_boundary.begin()->first;
+  const int64_t first_boundary = *std::min_element(boundary.begin(), boundary.end());
+  const int64_t last_boundary = *std::max_element(boundary.begin(), boundary.end());
 
   const int64_t rows = static_cast<int64_t>(n_queries) * group;
-  std::vector<int64_t> row_positions(rows);
+  std::vector<int64_t> row_positions(rows), row_boundary(rows);
   for (int i = 0; i < n_queries; ++i)
-    for (int g = 0; g < group; ++g) row_positions[i * group + g] = q_positions[i];
+    for (int g = 0; g < group; ++g) {
+      row_positions[i * group + g] = q_positions[i];
+      row_boundary[i * group + g] = boundary[i];
+    }
 
   // Threads only pay off on real work: small calls (tests, single decode steps of short contexts) stay
   // on the calling thread.
@@ -269,53 +317,31 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
       const float* src = q + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
       std::copy(src, src + group * d, q_rows.data() + static_cast<int64_t>(i) * group * d);
     }
-    std::vector<float> k(visible * d), v(visible * d);
-    if (queries_by_boundary.size() == 1) {
+    if (first_boundary == last_boundary) {
+      std::vector<float> k(visible * d), v(visible * d);
       Materialize(s, now.sink, 0, visible, first_boundary, k.data(), v.data());
       AttentionPartialsCpu(q_rows.data(), d, rows, row_positions.data(), k.data(), v.data(), d, visible,
                            start_position_, d, geometry_.scale(), out_rows.data(), d, lse_rows.data());
     } else {
-      // Tokens before the earliest boundary look the same to every query: one pass for all rows. The
-      // rest [first_boundary, visible) is quantized up to each query's boundary and fp16 after it: both
-      // versions are materialized once, then each group of queries sharing a boundary gets its mix.
+      // Tokens before the earliest boundary look the same to every query: one pass for all rows. In the
+      // band [first_boundary, visible) each row sees tokens quantized before its boundary and fp16 from
+      // it on: both versions are materialized once and the band's partials merged in.
       const int64_t head_len = std::min(first_boundary, visible);
-      Materialize(s, now.sink, 0, head_len, first_boundary, k.data(), v.data());
+      const int64_t band_len = visible - head_len;
+      std::vector<float> k(head_len * d), v(head_len * d);
+      Materialize(s, now.sink, 0, head_len, head_len, k.data(), v.data());
       AttentionPartialsCpu(q_rows.data(), d, rows, row_positions.data(), k.data(), v.data(), d, head_len,
                            start_position_, d, geometry_.scale(), out_rows.data(), d, lse_rows.data());
-      const int64_t tail_len = visible - head_len;
-      std::vector<float> kq(tail_len * d), vq(tail_len * d), kf(tail_len * d), vf(tail_len * d);
-      const int64_t last_boundary = queries_by_boundary.rbegin()->first;
+      std::vector<float> kq(band_len * d), vq(band_len * d), kf(band_len * d), vf(band_len * d);
       Materialize(s, now.sink, head_len, visible, std::min(last_boundary, visible), kq.data(), vq.data());
       Materialize(s, now.sink, head_len, visible, head_len, kf.data(), vf.data());
-      std::vector<float> kmix(tail_len * d), vmix(tail_len * d), q_sub, out_sub, lse_sub;
-      std::vector<int64_t> pos_sub;
-      for (const auto& [bound, queries] : queries_by_boundary) {
-        const int64_t split = std::clamp<int64_t>(bound - head_len, 0, tail_len) * d;
-        std::copy(kq.begin(), kq.begin() + split, kmix.begin());
-        std::copy(vq.begin(), vq.begin() + split, vmix.begin());
-        std::copy(kf.begin() + split, kf.end(), kmix.begin() + split);
-        std::copy(vf.begin() + split, vf.end(), vmix.begin() + split);
-        const int64_t sub_rows = static_cast<int64_t>(queries.size()) * group;
-        q_sub.resize(sub_rows * d);
-        out_sub.resize(sub_rows * d);
-        lse_sub.resize(sub_rows);
-        pos_sub.resize(sub_rows);
-        for (size_t qi = 0; qi < queries.size(); ++qi) {
-          const int64_t r0 = static_cast<int64_t>(queries[qi]) * group;
-          std::copy(q_rows.begin() + r0 * d, q_rows.begin() + (r0 + group) * d, q_sub.begin() + qi * group * d);
-          for (int g = 0; g < group; ++g) pos_sub[qi * group + g] = row_positions[r0 + g];
-        }
-        AttentionPartialsCpu(q_sub.data(), d, sub_rows, pos_sub.data(), kmix.data(), vmix.data(), d, tail_len,
-                             start_position_ + head_len, d, geometry_.scale(), out_sub.data(), d, lse_sub.data());
-        for (size_t qi = 0; qi < queries.size(); ++qi) {
-          const int64_t r0 = static_cast<int64_t>(queries[qi]) * group;
-          float* o = out_rows.data() + r0 * d;
-          float* l = lse_rows.data() + r0;
-          const float* outs[2] = {o, out_sub.data() + qi * group * d};
-          const float* lses[2] = {l, lse_sub.data() + qi * group};
-          MergePartialsCpu(2, outs, lses, group, d, o, l);
-        }
-      }
+      std::vector<float> band_out(rows * d), band_lse(rows);
+      BandAttention(q_rows.data(), rows, row_positions.data(), row_boundary.data(), kq.data(), vq.data(),
+                    kf.data(), vf.data(), band_len, start_position_ + head_len, head_len, d, geometry_.scale(),
+                    band_out.data(), band_lse.data());
+      const float* outs[2] = {out_rows.data(), band_out.data()};
+      const float* lses[2] = {lse_rows.data(), band_lse.data()};
+      MergePartialsCpu(2, outs, lses, rows, d, out_rows.data(), lse_rows.data());
     }
     for (int i = 0; i < n_queries; ++i) {
       float* dst = out + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
