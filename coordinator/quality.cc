@@ -30,6 +30,15 @@ double LogProbability(const float* logits, int vocab, int32_t target) {
 
 }  // namespace
 
+KvShardFactory AllSchemesKvShardFactory(std::shared_ptr<const Calibration> calibration) {
+  return [calibration](const std::string& scheme, const KvGeometry& geometry,
+                       int64_t start) -> absl::StatusOr<std::unique_ptr<KvShard>> {
+    if (scheme == "fp32") return MakeFullPrecisionKvShard(geometry, start, FullPrecision::kFp32);
+    KV_ASSIGN_OR_RETURN(KvSchemeConfig config, ParseKvScheme(scheme));
+    return MakeKvShard(config, geometry, start, calibration.get());
+  };
+}
+
 ModelIdentity ModelIdentityOf(const ModelWeights& weights) {
   const ModelConfig& c = weights.config;
   ModelIdentity id;

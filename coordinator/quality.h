@@ -3,17 +3,24 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "kvstore/calibration.h"
+#include "coordinator/single_process_engine.h"
 #include "kvstore/kv_scheme.h"
 #include "worker/forward.h"
 #include "worker/model.h"
 
 namespace kvshard {
+
+// The KV store factory of every scheme (kvstore/kv_scheme.h names with parameters, plus "fp32"), for
+// EngineOptions::kv_factory. kvq and wkv use `calibration` (the caller checks it against the model) and
+// are refused without one.
+KvShardFactory AllSchemesKvShardFactory(std::shared_ptr<const Calibration> calibration);
 
 // The identity calibration files are checked against: the model's name and geometry, and a hash of
 // its layer-0 key projection and last-layer value projection.
