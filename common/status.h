@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 #define KV_STATUS_CONCAT_INNER(a, b) a##b
 #define KV_STATUS_CONCAT(a, b) KV_STATUS_CONCAT_INNER(a, b)
@@ -30,7 +31,7 @@
 namespace kvshard {
 
 // Prefixes a status message with context ("loading model.gguf: ...") keeping its code.
-inline absl::Status Annotate(const absl::Status& status, std::string_view context) {
+inline absl::Status Annotate(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;
   return absl::Status(status.code(), absl::StrCat(std::string(context), ": ", status.message()));
 }

@@ -40,7 +40,8 @@ struct PrefillProgress {
   double seconds = 0;
 };
 
-// Called with each newly complete piece of UTF-8 text (may be empty for a split character).
+// Called with each newly complete piece of UTF-8 text (may be empty for a split character, or held back
+// while it could begin a stop string). A final call with token_id -1 flushes held-back text.
 // Returning false cancels generation (client went away).
 using TokenCallback = std::function<bool(int32_t token_id, const std::string& text_piece)>;
 using PrefillCallback = std::function<void(const PrefillProgress&)>;

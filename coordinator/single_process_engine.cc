@@ -1,0 +1,115 @@
+#include "coordinator/single_process_engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "coordinator/stop_strings.h"
+#include "worker/model_loader.h"
+
+namespace kvshard {
+
+KvShardFactory FullPrecisionKvShardFactory() {
+  return [](const std::string& scheme, const KvGeometry& geometry,
+            int64_t start) -> absl::StatusOr<std::unique_ptr<KvShard>> {
+    if (scheme == "fp32") return MakeFullPrecisionKvShard(geometry, start, FullPrecision::kFp32);
+    if (scheme == "fp16") return MakeFullPrecisionKvShard(geometry, start, FullPrecision::kFp16);
+    return absl::InvalidArgumentError(absl::StrCat("unknown KV scheme '", scheme, "'"));
+  };
+}
+
+absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create(const std::string& model_path,
+                                                                                  EngineOptions options) {
+  KV_ASSIGN_OR_RETURN(ModelWeights weights, LoadModel(model_path));
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (std::filesystem::is_directory(model_path)) {
+    KV_ASSIGN_OR_RETURN(tokenizer,
+                        Tokenizer::FromJsonFile((std::filesystem::path(model_path) / "tokenizer.json").string()));
+  } else {
+    KV_ASSIGN_OR_RETURN(auto gguf, GgufFile::Open(model_path));
+    KV_ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromGguf(*gguf));
+  }
+  std::string name = weights.config.name.empty() ? std::filesystem::path(model_path).stem().string()
+                                                 : weights.config.name;
+  return std::unique_ptr<SingleProcessEngine>(
+      new SingleProcessEngine(std::move(weights), std::move(tokenizer), std::move(name), std::move(options)));
+}
+
+SingleProcessEngine::SingleProcessEngine(ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer,
+                                         std::string model_name, EngineOptions options)
+    : weights_(std::move(weights)),
+      tokenizer_(std::move(tokenizer)),
+      model_name_(std::move(model_name)),
+      options_(std::move(options)),
+      model_(weights_) {}
+
+absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationRequest& request,
+                                                               const TokenCallback& on_token,
+                                                               const PrefillCallback& on_prefill) {
+  using Clock = std::chrono::steady_clock;
+  const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
+  if (n_prompt == 0) return absl::InvalidArgumentError("the prompt is empty");
+  if (n_prompt >= max_context()) {
+    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", n_prompt,
+                                                   " tokens; the model's context holds ", max_context(),
+                                                   " (prompt plus at least one generated token)"));
+  }
+  if (request.max_tokens < 0) return absl::InvalidArgumentError("max_tokens must not be negative");
+  const std::string scheme = request.kv_scheme.empty() ? options_.default_kv_scheme : request.kv_scheme;
+  KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, options_.kv_factory(scheme, model_.kv_geometry(), 0));
+  ShardAttentionContext context(*shard);
+
+  GenerationResult result;
+  result.prompt_tokens = n_prompt;
+  std::vector<float> logits;
+  const auto prefill_start = Clock::now();
+  const int64_t chunk = CpuModel::max_chunk();
+  for (int64_t pos = 0; pos < n_prompt; pos += chunk) {
+    const int64_t n = std::min(chunk, n_prompt - pos);
+    KV_RETURN_IF_ERROR(model_.Forward(std::span<const int32_t>(request.prompt_ids.data() + pos, n), pos, context,
+                                      /*all_logits=*/false, logits));
+    if (on_prefill) {
+      on_prefill({pos + n, n_prompt, std::chrono::duration<double>(Clock::now() - prefill_start).count()});
+    }
+  }
+  result.prefill_seconds = std::chrono::duration<double>(Clock::now() - prefill_start).count();
+
+  // Generation stops at max_tokens or at the end of the context, whichever comes first.
+  const int64_t budget = std::min<int64_t>(request.max_tokens, max_context() - n_prompt);
+  const std::vector<int32_t> stop_ids = tokenizer_->stop_ids();
+  Sampler sampler(request.sampling);
+  Utf8StreamDecoder utf8;
+  StopStringFilter stops(request.stop);
+  result.finish_reason = FinishReason::kLength;
+  const auto decode_start = Clock::now();
+  int64_t pos = n_prompt;
+  for (int64_t step = 0; step < budget; ++step) {
+    const int32_t token = sampler.Sample(logits.data(), weights_.config.vocab_size);
+    if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
+      result.finish_reason = FinishReason::kStop;
+      break;
+    }
+    result.token_ids.push_back(token);
+    std::string piece = stops.Push(utf8.Push(tokenizer_->TokenBytes(token)));
+    if (on_token && !on_token(token, piece)) break;
+    if (stops.stopped()) {
+      result.finish_reason = FinishReason::kStop;
+      break;
+    }
+    if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
+    KV_RETURN_IF_ERROR(model_.Forward(std::span<const int32_t>(&token, 1), pos, context, false, logits));
+    ++pos;
+  }
+  if (!stops.stopped()) {
+    std::string tail = stops.Push(utf8.Flush());
+    tail += stops.Flush();
+    if (!tail.empty() && on_token) on_token(-1, tail);
+  }
+  result.text = stops.text();
+  result.decode_seconds = std::chrono::duration<double>(Clock::now() - decode_start).count();
+  return result;
+}
+
+}  // namespace kvshard

@@ -1,0 +1,53 @@
+// Single-process mode: the coordinator and one in-process CPU worker, no MPI.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "coordinator/engine.h"
+#include "kvstore/kv_shard.h"
+#include "worker/forward.h"
+#include "worker/model.h"
+
+namespace kvshard {
+
+// Makes the KV shard of one request for a scheme name ("fp16", "kvq3", ...).
+using KvShardFactory = std::function<absl::StatusOr<std::unique_ptr<KvShard>>(
+    const std::string& scheme, const KvGeometry& geometry, int64_t start_position)>;
+
+// The factory of the unquantized schemes only ("fp32", "fp16").
+KvShardFactory FullPrecisionKvShardFactory();
+
+struct EngineOptions {
+  std::string default_kv_scheme = "fp16";
+  KvShardFactory kv_factory = FullPrecisionKvShardFactory();
+};
+
+class SingleProcessEngine final : public Engine {
+ public:
+  // Loads the model and tokenizer from `model_path` (GGUF file or Hugging Face directory).
+  static absl::StatusOr<std::unique_ptr<SingleProcessEngine>> Create(const std::string& model_path,
+                                                                      EngineOptions options);
+
+  const Tokenizer& tokenizer() const override { return *tokenizer_; }
+  std::string model_name() const override { return model_name_; }
+  int64_t max_context() const override { return weights_.config.max_context; }
+  const ModelConfig& config() const { return weights_.config; }
+  const ModelWeights& weights() const { return weights_; }
+
+  absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
+                                            const PrefillCallback& on_prefill) override;
+
+ private:
+  SingleProcessEngine(ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer, std::string model_name,
+                      EngineOptions options);
+  ModelWeights weights_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::string model_name_;
+  EngineOptions options_;
+  CpuModel model_;
+};
+
+}  // namespace kvshard

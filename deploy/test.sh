@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite in one command: installs what it needs, builds everything (CUDA code too when
+# nvcc is present), fetches the demo model and runs every test. GPU tests skip without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+
+bash deploy/install-deps.sh
+bash deploy/fetch-demo-model.sh >/dev/null
+bash deploy/build.sh build
+
+cd build
+ctest --output-on-failure --parallel "$(nproc)" --timeout 1200
+echo "deploy/test.sh: all tests passed in $(( $(date +%s) - start )) s"
