@@ -33,7 +33,7 @@ namespace kvshard {
 // Prefixes a status message with context ("loading model.gguf: ...") keeping its code.
 inline absl::Status Annotate(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;
-  return absl::Status(status.code(), absl::StrCat(std::string(context), ": ", status.message()));
+  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
 }
 
 }  // namespace kvshard

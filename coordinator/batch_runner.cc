@@ -296,8 +296,10 @@ absl::StatusOr<BatchSummary> RunBatch(Engine& engine, const BatchOptions& option
       ++summary.failed;
     } else {
       absl::StatusOr<ApiRequest> request = ParseApiRequest(line.endpoint, line.body, engine, options.api);
-      absl::StatusOr<GenerationOutcome> outcome = request.status();
-      if (request.ok()) {
+      absl::StatusOr<GenerationOutcome> outcome = absl::UnknownError("not run");
+      if (!request.ok()) {
+        outcome = request.status();
+      } else {
         PrefillProgressLine prefill(line.custom_id, options.prefill_progress_min_tokens, options.show_progress);
         GenerationHooks hooks;
         hooks.on_token = [&] {

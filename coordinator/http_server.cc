@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/ascii.h"
@@ -27,6 +28,8 @@ constexpr std::chrono::milliseconds kStreamKeepAlive{10000};
 // After a body over the limit, at most this much more is read and discarded so that the client sees the
 // 413 instead of a reset connection.
 constexpr int64_t kMaxDrainBytes = int64_t{16} << 20;
+// Read buffers live on the heap: civetweb's worker threads have small stacks.
+constexpr size_t kReadChunkBytes = size_t{1} << 16;
 
 void SendJson(mg_connection* conn, int status, const json& body,
               const std::vector<std::pair<const char*, std::string>>& extra_headers = {}) {
@@ -228,10 +231,10 @@ absl::StatusOr<std::string> HttpServer::ReadBody(mg_connection* conn, const mg_r
   const int64_t limit = options_.max_body_bytes;
   auto too_large = [&]() {
     // Read on a little so the client, still sending, gets to see the answer.
-    char sink[1 << 16];
+    std::vector<char> sink(kReadChunkBytes);
     int64_t drained = 0;
     while (drained < kMaxDrainBytes) {
-      const int n = mg_read(conn, sink, sizeof(sink));
+      const int n = mg_read(conn, sink.data(), sink.size());
       if (n <= 0) break;
       drained += n;
     }
@@ -242,13 +245,13 @@ absl::StatusOr<std::string> HttpServer::ReadBody(mg_connection* conn, const mg_r
   if (info.content_length > limit) return too_large();
   std::string body;
   if (info.content_length > 0) body.reserve(static_cast<size_t>(info.content_length));
-  char buffer[1 << 16];
+  std::vector<char> buffer(kReadChunkBytes);
   while (true) {
-    const int n = mg_read(conn, buffer, sizeof(buffer));
+    const int n = mg_read(conn, buffer.data(), buffer.size());
     if (n < 0) return absl::InvalidArgumentError("reading the request body failed");
     if (n == 0) break;
     if (static_cast<int64_t>(body.size()) + n > limit) return too_large();
-    body.append(buffer, static_cast<size_t>(n));
+    body.append(buffer.data(), static_cast<size_t>(n));
   }
   if (info.content_length >= 0 && static_cast<int64_t>(body.size()) != info.content_length) {
     return absl::InvalidArgumentError("the request body ended before its Content-Length");
@@ -259,9 +262,14 @@ absl::StatusOr<std::string> HttpServer::ReadBody(mg_connection* conn, const mg_r
 int HttpServer::HandleGeneration(mg_connection* conn, const mg_request_info& info, ApiEndpoint endpoint) {
   absl::StatusOr<std::string> body = ReadBody(conn, info);
   if (!body.ok()) return SendError(conn, body.status());
-  absl::StatusOr<json> parsed = ParseJsonBody(*body);
-  if (!parsed.ok()) return SendError(conn, parsed.status());
-  absl::StatusOr<ApiRequest> request = ParseApiRequest(endpoint, *parsed, engine_, options_.api);
+  // Parsing and tokenizing run on a thread with a full-size stack: civetweb's handler threads have
+  // about 100 KB, too little to bet a tokenizer's working set on.
+  absl::StatusOr<ApiRequest> request = absl::UnknownError("not parsed");
+  std::thread([&] {
+    absl::StatusOr<json> parsed = ParseJsonBody(*body);
+    request = parsed.ok() ? ParseApiRequest(endpoint, *parsed, engine_, options_.api)
+                          : absl::StatusOr<ApiRequest>(parsed.status());
+  }).join();
   if (!request.ok()) return SendError(conn, request.status());
   if (request->stream) return StreamResponse(conn, info, *request);
 

@@ -190,9 +190,7 @@ absl::StatusOr<std::vector<int32_t>> ChatPrompt(const json& body, const Tokenize
     KV_ASSIGN_OR_RETURN(std::string content, MessageContent(m, i));
     chat.push_back({std::move(role_name), std::move(content)});
   }
-  const std::string rendered =
-      ApplyChatTemplate(tokenizer.DefaultChatTemplate(), chat, /*add_generation_prompt=*/true);
-  return tokenizer.Encode(rendered, /*parse_special=*/true);
+  return EncodeChat(tokenizer, chat);
 }
 
 absl::Status RejectUnsupported(ApiEndpoint endpoint, const json& body) {
@@ -237,6 +235,39 @@ json Usage(const GenerationOutcome& outcome) {
 }
 
 }  // namespace
+
+std::vector<int32_t> EncodeChat(const Tokenizer& tokenizer, const std::vector<ChatMessage>& messages) {
+  // Render the template around placeholders, then encode its own markers with special tokens and each
+  // message's content as plain text.
+  constexpr char kHole = '\x01';
+  std::vector<ChatMessage> holes = messages;
+  for (ChatMessage& m : holes) m.content = std::string(1, kHole);
+  const std::string rendered =
+      ApplyChatTemplate(tokenizer.DefaultChatTemplate(), holes, /*add_generation_prompt=*/true);
+  std::vector<std::string_view> parts;
+  size_t start = 0;
+  for (size_t at = rendered.find(kHole); at != std::string::npos; at = rendered.find(kHole, start)) {
+    parts.emplace_back(rendered.data() + start, at - start);
+    start = at + 1;
+  }
+  parts.emplace_back(rendered.data() + start, rendered.size() - start);
+  std::vector<int32_t> ids;
+  auto append = [&](std::string_view text, bool special) {
+    const std::vector<int32_t> piece = tokenizer.Encode(text, special);
+    ids.insert(ids.end(), piece.begin(), piece.end());
+  };
+  if (parts.size() != messages.size() + 1) {
+    // A template that does not show each content once: encode the rendering as a whole.
+    append(ApplyChatTemplate(tokenizer.DefaultChatTemplate(), messages, true), true);
+    return ids;
+  }
+  for (size_t i = 0; i < messages.size(); ++i) {
+    append(parts[i], true);
+    append(messages[i].content, false);
+  }
+  append(parts.back(), true);
+  return ids;
+}
 
 std::optional<ApiEndpoint> EndpointFromPath(std::string_view path) {
   if (path == "/v1/completions") return ApiEndpoint::kCompletions;
@@ -395,98 +426,36 @@ absl::StatusOr<ApiRequest> ParseApiRequest(ApiEndpoint endpoint, const json& bod
   return request;
 }
 
-// ---- Stop strings -------------------------------------------------------------------------------
-
-StopStringFilter::StopStringFilter(std::vector<std::string> stops) : stops_(std::move(stops)) {
-  stops_.erase(std::remove(stops_.begin(), stops_.end(), std::string()), stops_.end());
-}
-
-std::string StopStringFilter::Push(std::string_view piece) {
-  if (stopped_) return {};
-  if (stops_.empty()) return std::string(piece);
-  pending_.append(piece);
-  // Everything before pending_ was ruled out as the start of a match, so a match lies in pending_.
-  size_t first = std::string::npos;
-  for (const std::string& stop : stops_) first = std::min(first, pending_.find(stop));
-  if (first != std::string::npos) {
-    stopped_ = true;
-    std::string out = pending_.substr(0, first);
-    pending_.clear();
-    return out;
-  }
-  // Hold back the longest tail that is a proper prefix of some stop string.
-  size_t hold = 0;
-  for (const std::string& stop : stops_) {
-    for (size_t k = std::min(stop.size() - 1, pending_.size()); k > hold; --k) {
-      if (pending_.compare(pending_.size() - k, k, stop, 0, k) == 0) {
-        hold = k;
-        break;
-      }
-    }
-  }
-  std::string out = pending_.substr(0, pending_.size() - hold);
-  pending_.erase(0, pending_.size() - hold);
-  return out;
-}
-
-std::string StopStringFilter::Flush() {
-  std::string out;
-  if (!stopped_) out.swap(pending_);
-  pending_.clear();
-  return out;
-}
-
-std::string TrimAtStop(std::string_view text, const std::vector<std::string>& stops, bool* matched) {
-  size_t first = std::string_view::npos;
-  for (const std::string& stop : stops) {
-    if (!stop.empty()) first = std::min(first, text.find(stop));
-  }
-  if (matched != nullptr) *matched = first != std::string_view::npos;
-  return std::string(text.substr(0, first));
-}
+// ---- Running ------------------------------------------------------------------------------------
 
 absl::StatusOr<GenerationOutcome> RunApiGeneration(Engine& engine, const GenerationRequest& request,
                                                    const GenerationHooks& hooks) {
-  StopStringFilter filter(request.stop);
+  Utf8StreamDecoder utf8;  // a piece may end inside a character; chunks must be valid UTF-8
   std::string emitted;
-  int64_t tokens_seen = 0;
   bool client_gone = false;
-
   auto emit = [&](const std::string& text) {
     if (text.empty() || client_gone) return;
     emitted += text;
     if (hooks.on_text && !hooks.on_text(text)) client_gone = true;
   };
-  auto on_token = [&](int32_t /*token_id*/, const std::string& piece) {
-    ++tokens_seen;
-    if (hooks.on_token) hooks.on_token();
-    emit(filter.Push(piece));
-    return !client_gone && !filter.stopped();
+  auto on_token = [&](int32_t token_id, const std::string& piece) {
+    if (token_id >= 0 && hooks.on_token) hooks.on_token();  // -1 flushes held-back text; not a token
+    emit(utf8.Push(piece));
+    return !client_gone;
   };
   absl::StatusOr<GenerationResult> result = engine.Generate(request, on_token, hooks.on_prefill);
   if (client_gone) return absl::CancelledError("the client went away");
+  if (!result.ok()) return result.status();
 
   GenerationOutcome outcome;
-  outcome.prompt_tokens = static_cast<int64_t>(request.prompt_ids.size());
-  if (!result.ok()) {
-    // Cancelling at a stop string is a normal end, whatever the engine says about the cancellation.
-    if (!(filter.stopped() && absl::IsCancelled(result.status()))) return result.status();
-    outcome.text = emitted;
-    outcome.finish_reason = FinishReason::kStop;
-    outcome.completion_tokens = tokens_seen;
-    return outcome;
-  }
-  bool matched = false;
-  outcome.text = TrimAtStop(result->text, request.stop, &matched);
-  outcome.finish_reason = (matched || filter.stopped()) ? FinishReason::kStop : result->finish_reason;
-  if (filter.stopped()) outcome.text = emitted;
-  outcome.completion_tokens =
-      std::max<int64_t>(tokens_seen, static_cast<int64_t>(result->token_ids.size()));
-  if (result->prompt_tokens > 0) outcome.prompt_tokens = result->prompt_tokens;
+  outcome.text = std::move(result->text);
+  outcome.finish_reason = result->finish_reason;
+  outcome.prompt_tokens =
+      result->prompt_tokens > 0 ? result->prompt_tokens : static_cast<int64_t>(request.prompt_ids.size());
+  outcome.completion_tokens = static_cast<int64_t>(result->token_ids.size());
   outcome.prefill_seconds = result->prefill_seconds;
   outcome.decode_seconds = result->decode_seconds;
-  // The engine's text is final (it may flush a split UTF-8 character at the end); stream what the
-  // pieces did not show yet.
+  // The engine's text is final; stream whatever of it the pieces have not shown yet.
   if (outcome.text.size() > emitted.size() && outcome.text.compare(0, emitted.size(), emitted) == 0) {
     emit(outcome.text.substr(emitted.size()));
   }

@@ -66,32 +66,17 @@ absl::StatusOr<nlohmann::json> ParseJsonBody(std::string_view text);
 absl::StatusOr<ApiRequest> ParseApiRequest(ApiEndpoint endpoint, const nlohmann::json& body,
                                            const Engine& engine, const ApiOptions& options);
 
+// Chat messages to prompt ids through the tokenizer's default template (ending with the assistant
+// header). The template's markers become special tokens; message contents are encoded as plain text,
+// so a special-token string inside a message or document stays text.
+std::vector<int32_t> EncodeChat(const Tokenizer& tokenizer, const std::vector<ChatMessage>& messages);
+
 // The names "model" may take, and the one responses report.
 std::vector<std::string> AcceptedModelNames(const Engine& engine, const ApiOptions& options);
 
 // ---- Running ------------------------------------------------------------------------------------
-// Cuts generated text at the first stop string. Text that may be the start of a stop string is held
-// back until the next piece decides, so streamed text never shows any part of a stop string.
-class StopStringFilter {
- public:
-  explicit StopStringFilter(std::vector<std::string> stops);
-  // Adds a piece; returns the text that is final now. After a match, returns nothing more.
-  std::string Push(std::string_view piece);
-  // The end of generation: returns what was held back (nothing after a match).
-  std::string Flush();
-  bool stopped() const { return stopped_; }
-
- private:
-  std::vector<std::string> stops_;
-  std::string pending_;
-  bool stopped_ = false;
-};
-
-// `text` up to its first stop string; sets *matched when one was found.
-std::string TrimAtStop(std::string_view text, const std::vector<std::string>& stops, bool* matched);
-
 struct GenerationOutcome {
-  std::string text;  // stop strings cut
+  std::string text;  // the engine's text: stop strings cut
   FinishReason finish_reason = FinishReason::kStop;
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
@@ -108,8 +93,9 @@ struct GenerationHooks {
   PrefillCallback on_prefill;
 };
 
-// Runs one request on the engine. Stop strings are applied here (generation is cancelled at the first
-// match), whether or not the engine applies them too, so streamed and returned text agree.
+// Runs one request on the engine (which applies the stop strings and stop ids). The text pieces it
+// streams are passed on whole UTF-8 characters at a time, and whatever the pieces did not show of the
+// final text is passed on at the end, so the streamed text always equals the outcome's text.
 absl::StatusOr<GenerationOutcome> RunApiGeneration(Engine& engine, const GenerationRequest& request,
                                                    const GenerationHooks& hooks);
 
