@@ -81,14 +81,11 @@ nlohmann::json BatchErrorRecord(const BatchInputLine& line);
 
 // ---- Summarization of a folder of documents ------------------------------------------------------
 
-inline constexpr char kDefaultSummaryPrompt[] =
-    "Summarize the following document in one short paragraph.";
-
 struct SummarizeDirOptions {
   std::string input_dir;
   std::string output_path;    // batch output JSONL with the summaries
   std::string requests_path;  // the batch input built from the folder; empty: output_path + ".requests.jsonl"
-  std::string prompt = kDefaultSummaryPrompt;
+  std::string prompt = "Summarize the following document in a few sentences.";
   int max_tokens = 512;
   // File name endings taken from the folder; empty: every regular file. Hidden files are skipped.
   std::vector<std::string> extensions = {".txt", ".md"};

@@ -3,6 +3,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -46,11 +47,12 @@ ABSL_FLAG(std::string, summary_output, "summaries.jsonl",
           "summarize --input-dir: batch output JSONL with one summary per document");
 ABSL_FLAG(std::string, summary_requests, "",
           "summarize --input-dir: where the batch input is written (empty: SUMMARY_OUTPUT.requests.jsonl)");
-ABSL_FLAG(std::string, summary_prompt, kvshard::kDefaultSummaryPrompt,
-          "summarize --input-dir: instruction put before each document");
-ABSL_FLAG(int, summary_max_tokens, 512, "summarize --input-dir: longest summary, in tokens");
 ABSL_FLAG(std::string, summary_extensions, ".txt,.md",
           "summarize --input-dir: comma-separated file name endings to take (empty: every file)");
+
+// Shared with `summarize --input FILE` (coordinator/cli_commands.cc).
+ABSL_DECLARE_FLAG(std::string, summary_instruction);
+ABSL_DECLARE_FLAG(int, max_tokens);
 
 namespace kvshard {
 
@@ -110,8 +112,8 @@ absl::StatusOr<SummarizeDirOptions> SummarizeDirOptionsFromFlags() {
   if (options.input_dir.empty()) return absl::InvalidArgumentError("summarize: give --input-dir DIR");
   options.output_path = absl::GetFlag(FLAGS_summary_output);
   options.requests_path = absl::GetFlag(FLAGS_summary_requests);
-  options.prompt = absl::GetFlag(FLAGS_summary_prompt);
-  options.max_tokens = absl::GetFlag(FLAGS_summary_max_tokens);
+  options.prompt = absl::GetFlag(FLAGS_summary_instruction);
+  options.max_tokens = absl::GetFlag(FLAGS_max_tokens);
   options.extensions.clear();
   for (absl::string_view ext : absl::StrSplit(absl::GetFlag(FLAGS_summary_extensions), ',')) {
     ext = absl::StripAsciiWhitespace(ext);
