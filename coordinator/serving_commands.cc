@@ -12,6 +12,7 @@
 #include "coordinator/single_process_engine.h"
 
 ABSL_DECLARE_FLAG(std::string, input_dir);
+ABSL_DECLARE_FLAG(std::string, kv_scheme);
 
 namespace kvshard {
 namespace {
@@ -24,7 +25,9 @@ absl::Status NoPositionalArguments(const char* command, const std::vector<std::s
 
 absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeServingEngine() {
   KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
-  return SingleProcessEngine::Create(model_path, EngineOptions());
+  EngineOptions options;
+  options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);  // for requests that name none
+  return SingleProcessEngine::Create(model_path, std::move(options));
 }
 
 }  // namespace
