@@ -84,3 +84,16 @@ def test_prometheus_scrapes_tokens_generated(server, client, prometheus):
     assert value is not None and value > 0, "Prometheus never saw kvshard_tokens_generated_total > 0"
     up = query(prometheus, 'up{job="kvshard"}')
     assert up and up[0]["value"][1] == "1"
+
+
+def test_grafana_dashboard_queries_run(server, prometheus):
+    """Every query of deploy/grafana-kvshard.json is valid PromQL against kvshard's metrics."""
+    import json
+    import pathlib
+    dashboard = json.loads((pathlib.Path(__file__).resolve().parents[2] / "deploy" / "grafana-kvshard.json").read_text())
+    expressions = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(expressions) > 10
+    for expr in expressions:
+        concrete = expr.replace("$__rate_interval", "1m").replace("$worker", ".*")
+        response = requests.get(f"{prometheus}/api/v1/query", params={"query": concrete}, timeout=10)
+        assert response.status_code == 200 and response.json()["status"] == "success", (expr, response.text)
