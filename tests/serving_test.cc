@@ -171,7 +171,9 @@ TEST_F(ParseRequestTest, RejectsBadRequestsWithTheRightField) {
     } else {
       EXPECT_EQ(e.body["error"]["param"], c.param) << c.body << " -> " << e.body;
     }
-    if (!c.error_code.empty()) EXPECT_EQ(e.body["error"]["code"], c.error_code) << c.body << " -> " << e.body;
+    if (!c.error_code.empty()) {
+      EXPECT_EQ(e.body["error"]["code"], c.error_code) << c.body << " -> " << e.body;
+    }
     EXPECT_FALSE(e.body["error"]["message"].get<std::string>().empty());
   }
 }
@@ -305,7 +307,9 @@ class HttpServerTest : public ::testing::Test {
     EXPECT_TRUE(e["message"].is_string() && !e["message"].get<std::string>().empty()) << reply.body;
     EXPECT_TRUE(e["type"].is_string()) << reply.body;
     EXPECT_TRUE(e.contains("param") && e.contains("code")) << reply.body;
-    if (!code.empty()) EXPECT_EQ(e["code"], code) << reply.body;
+    if (!code.empty()) {
+      EXPECT_EQ(e["code"], code) << reply.body;
+    }
     EXPECT_EQ(reply.headers.count("Content-Type"), 1u);
   }
 
@@ -382,7 +386,9 @@ TEST_F(HttpServerTest, StreamingMatchesNonStreaming) {
       ASSERT_EQ(e["choices"].size(), 1u) << e;
       const json& choice = e["choices"][0];
       if (chat) {
-        if (i == 0) EXPECT_EQ(choice["delta"]["role"], "assistant");
+        if (i == 0) {
+          EXPECT_EQ(choice["delta"]["role"], "assistant");
+        }
         if (choice["delta"].contains("content")) text += choice["delta"]["content"].get<std::string>();
       } else {
         text += choice["text"].get<std::string>();
