@@ -32,13 +32,7 @@ constexpr size_t kReadChunkBytes = size_t{1} << 16;
 
 void SendJson(mg_connection* conn, int status, const json& body,
               const std::vector<std::pair<const char*, std::string>>& extra_headers = {}) {
-  const std::string text = DumpJson(body);
-  mg_response_header_start(conn, status);
-  mg_response_header_add(conn, "Content-Type", "application/json", -1);
-  mg_response_header_add(conn, "Content-Length", std::to_string(text.size()).c_str(), -1);
-  for (const auto& [name, value] : extra_headers) mg_response_header_add(conn, name, value.c_str(), -1);
-  mg_response_header_send(conn);
-  mg_write(conn, text.data(), text.size());
+  SendHttpResponse(conn, status, "application/json", DumpJson(body), extra_headers);
 }
 
 int SendError(mg_connection* conn, const absl::Status& status) {
@@ -69,18 +63,6 @@ std::string EndpointLabel(const std::string& path) {
   return "other";
 }
 
-int LogMessage(const mg_connection*, const char* message) {
-  std::fprintf(stderr, "kvshard serve: http: %s\n", message);
-  return 1;
-}
-
-std::string ListeningSpec(const std::string& host, int port) {
-  // civetweb takes IPv6 addresses in brackets with a leading '+' for dual stack; plain brackets bind
-  // the given address only.
-  if (host.find(':') != std::string::npos) return absl::StrCat("[", host, "]:", port);
-  return absl::StrCat(host, ":", port);
-}
-
 }  // namespace
 
 bool ConstantTimeEquals(std::string_view presented, std::string_view expected) {
@@ -100,52 +82,22 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(Engine& engine, co
                                                               ServingMetrics* metrics) {
   if (options.max_queue < 1) return absl::InvalidArgumentError("max_queue must be at least 1");
   if (options.max_body_bytes < 1) return absl::InvalidArgumentError("max_body_bytes must be at least 1");
-  if (options.port < 0 || options.port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("port must be in [0, 65535]; got ", options.port));
-  }
   std::unique_ptr<HttpServer> server(new HttpServer(engine, options, metrics));
   server->scheduler_ = std::make_unique<RequestScheduler>(engine, options.max_queue, metrics);
-
   const int threads = options.http_threads > 0 ? options.http_threads : options.max_queue + 8;
-  const std::string ports = ListeningSpec(options.host, options.port);
-  const std::string threads_text = std::to_string(threads);
-  const char* civet_options[] = {"listening_ports", ports.c_str(),          "num_threads",
-                                 threads_text.c_str(), "enable_keep_alive", "no",
-                                 nullptr};
-  mg_callbacks callbacks;
-  std::memset(&callbacks, 0, sizeof(callbacks));
-  callbacks.log_message = &LogMessage;
-  mg_init_library(0);
-  server->context_ = mg_start(&callbacks, server.get(), civet_options);
-  if (server->context_ == nullptr) {
-    mg_exit_library();
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", ports, " (see the message above)"));
-  }
-  mg_set_request_handler(server->context_, "/", &HttpServer::HandleThunk, server.get());
-  mg_server_port listening[4];
-  const int n = mg_get_server_ports(server->context_, 4, listening);
-  server->port_ = n > 0 ? listening[0].port : options.port;
+  HttpServer* self = server.get();
+  KV_ASSIGN_OR_RETURN(server->listener_,
+                      CivetListener::Start(options.host, options.port, threads,
+                                           [self](mg_connection* conn) { return self->Handle(conn); }));
   return server;
 }
 
 HttpServer::~HttpServer() { Stop(); }
 
 void HttpServer::Stop() {
-  if (context_ == nullptr) return;
-  // Ending the queued and running requests first lets mg_stop's wait for handler threads end quickly.
-  scheduler_->Shutdown();
-  mg_stop(context_);
-  context_ = nullptr;
-  mg_exit_library();
-}
-
-int HttpServer::HandleThunk(mg_connection* conn, void* self) {
-  // civetweb's worker threads have stacks of about 100 KB, and the static TLS of every loaded library
-  // lives there too (OpenBLAS alone takes 60 KB). So each request is handled on a thread with a
-  // full-size stack while the civetweb thread waits; nothing else touches the connection meanwhile.
-  int status = 500;
-  std::thread([&] { status = static_cast<HttpServer*>(self)->Handle(conn); }).join();
-  return status;
+  // Ending the queued and running requests first lets the listener's wait for open requests end soon.
+  if (scheduler_) scheduler_->Shutdown();
+  if (listener_) listener_->Stop();
 }
 
 int HttpServer::Handle(mg_connection* conn) {
@@ -365,10 +317,10 @@ absl::Status RunServe(Engine& engine, const ServeOptions& options) {
   std::fprintf(stderr, "kvshard serve: model %s, context %lld tokens\n", model.c_str(),
                static_cast<long long>(engine.max_context()));
   std::fprintf(stderr, "kvshard serve: listening on http://%s/v1\n",
-               ListeningSpec(options.host, server->port()).c_str());
+               HostPort(options.host, server->port()).c_str());
   if (metrics) {
     std::fprintf(stderr, "kvshard serve: metrics on http://%s/metrics\n",
-                 ListeningSpec(options.metrics_host, metrics->port()).c_str());
+                 HostPort(options.metrics_host, metrics->port()).c_str());
   }
   std::fflush(stderr);
 

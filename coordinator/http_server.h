@@ -17,12 +17,12 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "coordinator/civet_listener.h"
 #include "coordinator/engine.h"
 #include "coordinator/metrics.h"
 #include "coordinator/openai_api.h"
 
 struct mg_connection;
-struct mg_context;
 struct mg_request_info;
 
 namespace kvshard {
@@ -54,13 +54,12 @@ class HttpServer {
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
 
-  int port() const { return port_; }
+  int port() const { return listener_->port(); }
   // Fails waiting requests, cancels the running one, finishes the open connections. Idempotent.
   void Stop();
 
  private:
   HttpServer(Engine& engine, const ServeOptions& options, ServingMetrics* metrics);
-  static int HandleThunk(mg_connection* conn, void* self);
   int Handle(mg_connection* conn);
   int Dispatch(mg_connection* conn, const mg_request_info& info, const std::string& path);
   int HandleGeneration(mg_connection* conn, const mg_request_info& info, ApiEndpoint endpoint);
@@ -72,8 +71,7 @@ class HttpServer {
   ServeOptions options_;
   ServingMetrics* metrics_;
   std::unique_ptr<RequestScheduler> scheduler_;
-  mg_context* context_ = nullptr;
-  int port_ = 0;
+  std::unique_ptr<CivetListener> listener_;
   int64_t started_at_ = 0;  // unix seconds, reported as the model's "created"
 };
 

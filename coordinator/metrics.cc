@@ -4,8 +4,9 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "civetweb.h"
+#include "common/status.h"
 #include "prometheus/counter.h"
-#include "prometheus/exposer.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -101,19 +102,32 @@ ServingMetrics::ServingMetrics() : registry_(std::make_shared<prometheus::Regist
                         .Add({}, kMergeBuckets);
 }
 
-ServingMetrics::~ServingMetrics() = default;
+ServingMetrics::~ServingMetrics() {
+  if (listener_) listener_->Stop();  // before the registry goes
+}
 
 absl::StatusOr<std::unique_ptr<ServingMetrics>> ServingMetrics::Start(const std::string& host, int port) {
   std::unique_ptr<ServingMetrics> metrics(new ServingMetrics());
-  const std::string address = absl::StrCat(host, ":", port);
-  try {
-    metrics->exposer_ = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/2);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", address, ": ", e.what()));
-  }
-  metrics->exposer_->RegisterCollectable(metrics->registry_);
-  const std::vector<int> ports = metrics->exposer_->GetListeningPorts();
-  metrics->port_ = ports.empty() ? port : ports.front();
+  const ServingMetrics* self = metrics.get();
+  auto handler = [self](mg_connection* conn) {
+    const mg_request_info* info = mg_get_request_info(conn);
+    const std::string path = info->local_uri != nullptr ? info->local_uri : "";
+    const std::string method = info->request_method != nullptr ? info->request_method : "";
+    if (path != "/metrics") {
+      SendHttpResponse(conn, 404, "text/plain; charset=utf-8", "not found; metrics are at /metrics\n");
+      return 404;
+    }
+    if (method != "GET") {
+      SendHttpResponse(conn, 405, "text/plain; charset=utf-8", "use GET\n", {{"Allow", "GET"}});
+      return 405;
+    }
+    SendHttpResponse(conn, 200, "text/plain; version=0.0.4; charset=utf-8", self->Serialize());
+    return 200;
+  };
+  absl::StatusOr<std::unique_ptr<CivetListener>> listener =
+      CivetListener::Start(host, port, /*threads=*/4, std::move(handler));
+  if (!listener.ok()) return Annotate(listener.status(), "metrics");
+  metrics->listener_ = std::move(*listener);
   return metrics;
 }
 

@@ -18,11 +18,11 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "coordinator/civet_listener.h"
 #include "coordinator/engine.h"
 
 namespace prometheus {
 class Counter;
-class Exposer;
 class Gauge;
 class Histogram;
 class Registry;
@@ -34,13 +34,14 @@ namespace kvshard {
 
 class ServingMetrics : public EngineObserver {
  public:
-  // Serves /metrics on host:port (port 0: any free port; see port()).
+  // Serves GET /metrics on host:port (port 0: any free port; see port()). The registry and the text
+  // format are prometheus-cpp's; the listener is ours, for its full-size handler stacks.
   static absl::StatusOr<std::unique_ptr<ServingMetrics>> Start(const std::string& host, int port);
   // Collects without listening (batch jobs without a metrics port, tests).
   static std::unique_ptr<ServingMetrics> CreateUnexposed();
   ~ServingMetrics() override;
 
-  int port() const { return port_; }  // 0 when not listening
+  int port() const { return listener_ ? listener_->port() : 0; }  // 0 when not listening
   // The text exposition format of every metric, as a scrape would see it.
   std::string Serialize() const;
 
@@ -63,8 +64,7 @@ class ServingMetrics : public EngineObserver {
   ServingMetrics();
 
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
-  int port_ = 0;
+  std::unique_ptr<CivetListener> listener_;
 
   prometheus::Family<prometheus::Gauge>* kv_bytes_used_;
   prometheus::Family<prometheus::Gauge>* kv_bytes_capacity_;
