@@ -41,7 +41,7 @@ def chat_body(server, **extra):
 
 CASES = [
     # (name, request builder, status, code, param)
-    ("malformed JSON", lambda s: dict(raw='{"model": "x", "messages": [')), 400, "invalid_json", None),
+    ("malformed JSON", lambda s: dict(raw='{"model": "x", "messages": ['), 400, "invalid_json", None),
     ("body not an object", lambda s: dict(raw="[1, 2, 3]"), 400, None, None),
     ("temperature of the wrong type", lambda s: dict(body=chat_body(s, temperature="hot")), 400, None, "temperature"),
     ("max_tokens of the wrong type", lambda s: dict(body=chat_body(s, max_tokens="many")), 400, None, "max_tokens"),
