@@ -7,7 +7,7 @@ import subprocess
 import time
 
 
-def request_line(custom_id, max_tokens=6, url="/v1/chat/completions"):
+def request_line(custom_id, max_tokens=2, url="/v1/chat/completions"):
     body = {"max_tokens": max_tokens, "temperature": 0}
     if url == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": f"Say hello to {custom_id}."}]
@@ -67,16 +67,16 @@ def test_twenty_requests_with_two_malformed_lines(kvshard_binary, model_path, tm
 
 
 def test_sigkill_mid_run_then_resume_gives_one_line_per_custom_id(kvshard_binary, model_path, tmp_path):
-    ids = [f"doc-{i:02d}" for i in range(12)]
+    ids = [f"doc-{i:02d}" for i in range(10)]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("".join(request_line(i, max_tokens=24) + "\n" for i in ids))
+    inp.write_text("".join(request_line(i, max_tokens=8) + "\n" for i in ids))
 
     process = subprocess.Popen(
         [str(kvshard_binary), "run-batch", f"--model={model_path}", "-i", str(inp), "-o", str(out)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and process.poll() is None:
-        if out.exists() and out.read_text().count("\n") >= 3:
+        if out.exists() and out.read_text().count("\n") >= 2:
             break
         time.sleep(0.05)
     killed_mid_run = process.poll() is None
@@ -84,7 +84,7 @@ def test_sigkill_mid_run_then_resume_gives_one_line_per_custom_id(kvshard_binary
     process.wait(timeout=30)
     assert killed_mid_run, "the batch finished before it could be killed; make it longer"
     done_before = out.read_text().count("\n")
-    assert 3 <= done_before < len(ids)
+    assert 2 <= done_before < len(ids)
 
     # A crash in the middle of a write would leave an unterminated last line; simulate one too.
     with open(out, "a") as f:

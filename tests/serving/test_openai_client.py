@@ -25,18 +25,18 @@ def test_completion(client, server):
 
 
 def test_completion_stop_string(client, server):
-    whole = client.completions.create(model=server.model, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0)
+    whole = client.completions.create(model=server.model, prompt="1, 2, 3, 4,", max_tokens=10, temperature=0)
     text = whole.choices[0].text
     assert len(text) > 4
     stop = text[2:4]
-    cut = client.completions.create(model=server.model, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0,
+    cut = client.completions.create(model=server.model, prompt="1, 2, 3, 4,", max_tokens=10, temperature=0,
                                     stop=[stop])
     assert cut.choices[0].text == text[:text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
 
 def test_chat_completion(client, server):
-    response = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=24,
+    response = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=12,
                                               temperature=0, seed=1)
     assert response.object == "chat.completion"
     message = response.choices[0].message
@@ -47,7 +47,7 @@ def test_chat_completion(client, server):
 
 
 def test_streaming_chat_equals_non_streaming_at_temperature_zero(client, server):
-    kwargs = dict(model=server.model, messages=MESSAGES, max_tokens=32, temperature=0)
+    kwargs = dict(model=server.model, messages=MESSAGES, max_tokens=16, temperature=0)
     whole = client.chat.completions.create(**kwargs)
     stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
     pieces, finish, usage, roles = [], None, None, []
@@ -71,14 +71,14 @@ def test_streaming_chat_equals_non_streaming_at_temperature_zero(client, server)
 
 
 def test_streaming_completion_equals_non_streaming(client, server):
-    kwargs = dict(model=server.model, prompt="Once upon a time", max_tokens=20, temperature=0)
+    kwargs = dict(model=server.model, prompt="Once upon a time", max_tokens=10, temperature=0)
     whole = client.completions.create(**kwargs)
     text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices)
     assert text == whole.choices[0].text
 
 
 def test_seeded_sampling_is_reproducible(client, server):
-    kwargs = dict(model=server.model, messages=MESSAGES, max_tokens=16, temperature=0.9, top_p=0.95, seed=1234)
+    kwargs = dict(model=server.model, messages=MESSAGES, max_tokens=8, temperature=0.9, top_p=0.95, seed=1234)
     a = client.chat.completions.create(**kwargs).choices[0].message.content
     b = client.chat.completions.create(**kwargs).choices[0].message.content
     assert a == b
@@ -93,7 +93,7 @@ def test_32_concurrent_streaming_clients_all_finish(client, server):
         c = openai.OpenAI(base_url=server.base_url, api_key=client.api_key, max_retries=0, timeout=deadline_seconds)
         stream = c.chat.completions.create(
             model=server.model, messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
-            max_tokens=8, temperature=0, stream=True)
+            max_tokens=4, temperature=0, stream=True)
         text, finish = [], None
         for chunk in stream:
             for choice in chunk.choices:
