@@ -87,6 +87,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
   int64_t pos = n_prompt;
   for (int64_t step = 0; step < budget; ++step) {
     const int32_t token = sampler.Sample(logits.data(), weights_.config.vocab_size);
+    sampler.Accept(token);
     if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
       result.finish_reason = FinishReason::kStop;
       break;
