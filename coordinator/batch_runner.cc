@@ -344,13 +344,15 @@ absl::StatusOr<BatchSummary> RunBatch(Engine& engine, const BatchOptions& option
 
 // ---- Summarization of a folder ------------------------------------------------------------------
 
-json SummaryRequestBody(std::string_view document, const std::string& prompt, int max_tokens) {
+json SummaryRequestBody(std::string_view document, const std::string& prompt, int max_tokens,
+                        double repetition_penalty) {
   return json{{"messages", json::array({json{{"role", "user"},
                                              {"content", absl::StrCat(prompt, "\n\n",
                                                                       absl::string_view(document.data(),
                                                                                         document.size()))}}})},
               {"max_tokens", max_tokens},
-              {"temperature", 0}};
+              {"temperature", 0},
+              {"repetition_penalty", repetition_penalty}};
 }
 
 absl::StatusOr<int64_t> WriteSummarizeRequests(const SummarizeDirOptions& options) {
@@ -385,7 +387,8 @@ absl::StatusOr<int64_t> WriteSummarizeRequests(const SummarizeDirOptions& option
       const json line = {{"custom_id", file.filename().string()},
                          {"method", "POST"},
                          {"url", "/v1/chat/completions"},
-                         {"body", SummaryRequestBody(document, options.prompt, options.max_tokens)}};
+                         {"body", SummaryRequestBody(document, options.prompt, options.max_tokens,
+                                                     options.repetition_penalty)}};
       out << DumpJson(line) << '\n';
     }
     out.flush();

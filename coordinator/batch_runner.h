@@ -87,13 +87,15 @@ struct SummarizeDirOptions {
   std::string requests_path;  // the batch input built from the folder; empty: output_path + ".requests.jsonl"
   std::string prompt = "Summarize the following document in a few sentences.";
   int max_tokens = 512;
+  double repetition_penalty = 1.1;  // small models loop on greedy summaries without one
   // File name endings taken from the folder; empty: every regular file. Hidden files are skipped.
   std::vector<std::string> extensions = {".txt", ".md"};
   BatchOptions batch;  // fsync, progress, api; its paths are set from the fields above
 };
 
 // The chat request body that asks for a summary of one document (temperature 0).
-nlohmann::json SummaryRequestBody(std::string_view document, const std::string& prompt, int max_tokens);
+nlohmann::json SummaryRequestBody(std::string_view document, const std::string& prompt, int max_tokens,
+                                  double repetition_penalty);
 
 // Writes the batch input for every matching file of the folder, sorted by name, custom_id = file name.
 // Returns how many requests it wrote. The file is replaced atomically.

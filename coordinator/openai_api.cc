@@ -358,6 +358,11 @@ absl::StatusOr<ApiRequest> ParseApiRequest(ApiEndpoint endpoint, const json& bod
   KV_ASSIGN_OR_RETURN(std::optional<double> top_p, NumberField(body, "top_p", 0.0, 1.0));
   if (top_p && *top_p <= 0.0) return BadField("top_p", "top_p must be greater than 0");
   KV_ASSIGN_OR_RETURN(std::optional<int64_t> top_k, IntegerField(body, "top_k", -1, INT32_MAX));
+  KV_ASSIGN_OR_RETURN(std::optional<double> repetition_penalty,
+                      NumberField(body, "repetition_penalty", 0.0, 2.0));
+  if (repetition_penalty && *repetition_penalty <= 0.0) {
+    return BadField("repetition_penalty", "repetition_penalty must be greater than 0");
+  }
   const int64_t max_int = std::numeric_limits<int32_t>::max();
   KV_ASSIGN_OR_RETURN(std::optional<int64_t> max_tokens, IntegerField(body, "max_tokens", 1, max_int));
   if (endpoint == ApiEndpoint::kChatCompletions) {
@@ -419,6 +424,8 @@ absl::StatusOr<ApiRequest> ParseApiRequest(ApiEndpoint endpoint, const json& bod
   gen.sampling.temperature = static_cast<float>(temperature.value_or(options.default_temperature));
   gen.sampling.top_p = static_cast<float>(top_p.value_or(1.0));
   gen.sampling.top_k = static_cast<int>(std::max<int64_t>(0, top_k.value_or(0)));
+  gen.sampling.repetition_penalty =
+      static_cast<float>(repetition_penalty.value_or(options.default_repetition_penalty));
   gen.sampling.seed = seed ? static_cast<uint64_t>(*seed) : RandomSeed();
   gen.stop = std::move(stops);
   gen.kv_scheme = std::move(kv_scheme);

@@ -42,6 +42,7 @@ HttpError ToHttpError(const absl::Status& status);
 struct ApiOptions {
   int default_max_tokens = 256;      // when a request gives none (capped by the context left)
   float default_temperature = 1.0f;  // OpenAI's default
+  float default_repetition_penalty = 1.0f;  // 1: none, as OpenAI's API behaves
   // Names accepted in a request's "model"; the first is the one responses report. Empty: only
   // engine.model_name().
   std::vector<std::string> model_names;

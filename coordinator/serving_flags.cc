@@ -29,6 +29,8 @@ ABSL_FLAG(int, http_threads, 0, "serve: connections served at once (0: max_queue
 ABSL_FLAG(int, default_max_tokens, 256,
           "tokens generated when a request gives no max_tokens (capped by the context left)");
 ABSL_FLAG(double, default_temperature, 1.0, "temperature when a request gives none (OpenAI's default)");
+ABSL_FLAG(double, default_repetition_penalty, 1.0,
+          "repetition penalty when a request gives none (1: none, as OpenAI's API behaves)");
 ABSL_FLAG(std::string, served_model_name, "",
           "comma-separated names requests may give as \"model\"; the first is reported (empty: the "
           "model's own name)");
@@ -53,6 +55,7 @@ ABSL_FLAG(std::string, summary_extensions, ".txt,.md",
 // Shared with `summarize --input FILE` (coordinator/cli_commands.cc).
 ABSL_DECLARE_FLAG(std::string, summary_instruction);
 ABSL_DECLARE_FLAG(int, max_tokens);
+ABSL_DECLARE_FLAG(double, repetition_penalty);
 
 namespace kvshard {
 
@@ -63,6 +66,10 @@ absl::StatusOr<ApiOptions> ApiOptionsFromFlags() {
   api.default_temperature = static_cast<float>(absl::GetFlag(FLAGS_default_temperature));
   if (!(api.default_temperature >= 0 && api.default_temperature <= 2)) {
     return absl::InvalidArgumentError("default_temperature must be in [0, 2]");
+  }
+  api.default_repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_default_repetition_penalty));
+  if (!(api.default_repetition_penalty > 0 && api.default_repetition_penalty <= 2)) {
+    return absl::InvalidArgumentError("default_repetition_penalty must be in (0, 2]");
   }
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_served_model_name), ',')) {
     name = absl::StripAsciiWhitespace(name);
@@ -114,6 +121,7 @@ absl::StatusOr<SummarizeDirOptions> SummarizeDirOptionsFromFlags() {
   options.requests_path = absl::GetFlag(FLAGS_summary_requests);
   options.prompt = absl::GetFlag(FLAGS_summary_instruction);
   options.max_tokens = absl::GetFlag(FLAGS_max_tokens);
+  options.repetition_penalty = absl::GetFlag(FLAGS_repetition_penalty);
   options.extensions.clear();
   for (absl::string_view ext : absl::StrSplit(absl::GetFlag(FLAGS_summary_extensions), ',')) {
     ext = absl::StripAsciiWhitespace(ext);

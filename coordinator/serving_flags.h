@@ -19,8 +19,8 @@ absl::StatusOr<ServeOptions> ServeOptionsFromFlags();
 absl::StatusOr<ApiOptions> ApiOptionsFromFlags();
 // batch_input, batch_output, batch_fsync, show_progress, prefill_progress_min_tokens, plus the API flags.
 absl::StatusOr<BatchOptions> BatchOptionsFromFlags();
-// input_dir, summary_output, summary_requests, summary_extensions, and summary_instruction and
-// max_tokens shared with `summarize --input FILE`, plus the batch flags and the API flags.
+// input_dir, summary_output, summary_requests, summary_extensions, and summary_instruction, max_tokens
+// and repetition_penalty shared with `summarize --input FILE`, plus the batch flags and the API flags.
 absl::StatusOr<SummarizeDirOptions> SummarizeDirOptionsFromFlags();
 
 // `run-batch -i IN -o OUT` and `summarize --input-dir DIR`: rewrites "-i X"/"-i=X", "-o X"/"-o=X" and

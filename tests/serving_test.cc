@@ -76,7 +76,7 @@ TEST_F(ParseRequestTest, AcceptsAFullRequest) {
   absl::StatusOr<ApiRequest> r = Parse(ApiEndpoint::kCompletions, R"({
       "model": "fake-model", "prompt": "abc", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
       "seed": 42, "stop": ["x", "yz"], "stream": true, "stream_options": {"include_usage": true},
-      "kv_scheme": "kvq3", "user": "ignored"})");
+      "kv_scheme": "kvq3", "repetition_penalty": 1.2, "user": "ignored"})");
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->generation.prompt_ids, (std::vector<int32_t>{'a', 'b', 'c'}));
   EXPECT_EQ(r->generation.max_tokens, 7);
@@ -85,6 +85,7 @@ TEST_F(ParseRequestTest, AcceptsAFullRequest) {
   EXPECT_EQ(r->generation.sampling.seed, 42u);
   EXPECT_EQ(r->generation.stop, (std::vector<std::string>{"x", "yz"}));
   EXPECT_EQ(r->generation.kv_scheme, "kvq3");
+  EXPECT_FLOAT_EQ(r->generation.sampling.repetition_penalty, 1.2f);
   EXPECT_TRUE(r->stream);
   EXPECT_TRUE(r->include_usage);
   EXPECT_EQ(r->model, "fake-model");
@@ -96,6 +97,7 @@ TEST_F(ParseRequestTest, DefaultsFollowOpenAi) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->generation.max_tokens, 50);
   EXPECT_FLOAT_EQ(r->generation.sampling.temperature, 1.0f);
+  EXPECT_FLOAT_EQ(r->generation.sampling.repetition_penalty, 1.0f);
   EXPECT_EQ(r->generation.stop, std::vector<std::string>{"s"});
   EXPECT_FALSE(r->stream);
   // The default is capped by the context left: 100 - 90 prompt tokens.
@@ -140,6 +142,8 @@ TEST_F(ParseRequestTest, RejectsBadRequestsWithTheRightField) {
       {C, R"({"prompt": "a", "temperature": "hot"})", kBad, "temperature", ""},
       {C, R"({"prompt": "a", "temperature": 3})", kBad, "temperature", ""},
       {C, R"({"prompt": "a", "top_p": 0})", kBad, "top_p", ""},
+      {C, R"({"prompt": "a", "repetition_penalty": 0})", kBad, "repetition_penalty", ""},
+      {C, R"({"prompt": "a", "repetition_penalty": "x"})", kBad, "repetition_penalty", ""},
       {C, R"({"prompt": "a", "max_tokens": "ten"})", kBad, "max_tokens", ""},
       {C, R"({"prompt": "a", "max_tokens": 2.5})", kBad, "max_tokens", ""},
       {C, R"({"prompt": "a", "max_tokens": 0})", kBad, "max_tokens", ""},
