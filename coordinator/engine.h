@@ -67,8 +67,8 @@ class EngineObserver {
 
 // The KV schemes of DESIGN.md, by the names requests and config files use.
 inline const std::vector<std::string>& KnownKvSchemes() {
-  static const std::vector<std::string> schemes = {"fp16", "int8", "int4", "kivi2", "kivi4",
-                                                   "kvq2", "kvq3", "kvq4", "wkv4",  "deco"};
+  static const std::vector<std::string> schemes = {"fp32", "fp16", "int8",  "int4", "kivi2", "kivi4",
+                                                   "kvq2", "kvq3", "kvq4",  "wkv4", "deco"};
   return schemes;
 }
 

@@ -65,7 +65,10 @@ def test_metrics_endpoint_text(server, client):
     for name in ["kvshard_tokens_generated_total", "kvshard_tokens_prefilled_total", "kvshard_requests_running",
                  "kvshard_requests_waiting", "kvshard_time_to_first_token_seconds_bucket",
                  "kvshard_inter_token_latency_seconds_bucket", "kvshard_request_duration_seconds_bucket",
-                 "kvshard_merge_seconds_bucket", "kvshard_prefill_tokens_per_second", "kvshard_requests_total"]:
+                 "kvshard_merge_seconds_bucket", "kvshard_prefill_tokens_per_second", "kvshard_requests_total",
+                 'kvshard_decode_step_seconds_bucket{worker="0"', 'kvshard_kv_bytes_used{scheme="fp16",worker="0"}',
+                 'kvshard_kv_bytes_capacity{scheme="fp16",worker="0"}',
+                 'kvshard_kv_bits_per_element{scheme="fp16",worker="0"} 16']:
         assert name in text, name
 
 
