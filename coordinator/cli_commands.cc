@@ -133,7 +133,9 @@ absl::Status RunStreaming(SingleProcessEngine& engine, GenerationRequest request
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngineFromFlags() {
   KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
   // Every KV scheme; kvq and wkv use --calibration, checked against the model once it is loaded.
   std::shared_ptr<const Calibration> calibration;
@@ -144,6 +146,7 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
   }
   EngineOptions options;
   options.device = absl::GetFlag(FLAGS_device);
+  options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);  // for requests that name none
   options.kv_factory = AllSchemesKvShardFactory(calibration);
   KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(model_path, std::move(options)));
   if (calibration) {
@@ -153,12 +156,10 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
   return engine;
 }
 
-}  // namespace
-
 absl::Status RunGenerate(const std::vector<std::string>& args) {
   const std::string prompt = absl::GetFlag(FLAGS_prompt);
   if (prompt.empty()) return absl::InvalidArgumentError("generate needs --prompt TEXT");
-  KV_ASSIGN_OR_RETURN(auto engine, MakeEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
   GenerationRequest request = RequestFromFlags();
   const Tokenizer& tok = engine->tokenizer();
   const std::string text =
@@ -171,7 +172,7 @@ absl::Status RunSummarize(const std::vector<std::string>& args) {
   const std::string input = absl::GetFlag(FLAGS_input);
   if (input.empty()) return absl::InvalidArgumentError("summarize needs --input FILE");
   KV_ASSIGN_OR_RETURN(std::string document, ReadTextFile(input));
-  KV_ASSIGN_OR_RETURN(auto engine, MakeEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
   const Tokenizer& tok = engine->tokenizer();
   const std::string user = absl::StrCat(absl::GetFlag(FLAGS_summary_instruction), "\n\n", document);
   GenerationRequest request = RequestFromFlags();

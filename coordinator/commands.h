@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "coordinator/single_process_engine.h"
 
 namespace kvshard {
 
@@ -28,6 +30,10 @@ absl::Status RunBatchCommand(const std::vector<std::string>& args);
 absl::Status RunSummarizeDirCommand(const std::vector<std::string>& args);
 // `summarize`: RunSummarizeDirCommand with --input-dir, else RunSummarize.
 absl::Status RunSummarizeCommand(const std::vector<std::string>& args);
+
+// The single-process engine the flags describe: --model, --device, --kv_scheme, --calibration (checked
+// against the model).
+absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngineFromFlags();
 
 // The model path: --model, or the cached demo model. An error says how to fetch the demo model.
 absl::StatusOr<std::string> ResolveModelPath();
