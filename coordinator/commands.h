@@ -20,6 +20,8 @@ const std::vector<Command>& AllCommands();
 
 absl::Status RunGenerate(const std::vector<std::string>& args);
 absl::Status RunSummarize(const std::vector<std::string>& args);
+absl::Status RunCalibrate(const std::vector<std::string>& args);   // coordinator/quality_commands.cc
+absl::Status RunPerplexity(const std::vector<std::string>& args);  // coordinator/quality_commands.cc
 
 // The model path: --model, or the cached demo model. An error says how to fetch the demo model.
 absl::StatusOr<std::string> ResolveModelPath();

@@ -12,6 +12,9 @@ const std::vector<Command>& AllCommands() {
   static const std::vector<Command> commands = {
       {"generate", "complete a prompt: --prompt TEXT [--chat]", RunGenerate},
       {"summarize", "summarize a document: --input FILE", RunSummarize},
+      {"calibrate", "calibrate the kvq/wkv KV schemes: --text FILE --out FILE", RunCalibrate},
+      {"perplexity", "perplexity with a KV scheme: --text FILE --ctx N --kv SCHEME [--calibration FILE]",
+       RunPerplexity},
   };
   return commands;
 }
