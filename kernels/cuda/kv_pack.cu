@@ -52,12 +52,12 @@ __global__ void PackKvqKeyCodesKernel(const float* __restrict__ keys, int64_t n_
 #pragma unroll
   for (int i = 0; i < (1 << BITS); ++i) cb[i] = codebook[i];
   uint32_t words[BITS] = {};
-#pragma unroll 4
+  // Fully unrolled so that the word indices are constants and words[] stays in registers.
+#pragma unroll
   for (int i = 0; i < kWordTokens; ++i) {
     const int64_t t = g * kWordTokens + i;
-    if (t >= n_tokens) break;
-    const float x = RoundToHalf(keys[t * head_dim + c]);
-    const uint32_t code = Nearest<BITS>(cb, Normalize(x, lo, hi));
+    uint32_t code = 0;
+    if (t < n_tokens) code = Nearest<BITS>(cb, Normalize(RoundToHalf(keys[t * head_dim + c]), lo, hi));
     const int bit = i * BITS;
     words[bit >> 5] |= code << (bit & 31);
     if ((bit & 31) + BITS > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
