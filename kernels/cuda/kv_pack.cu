@@ -102,7 +102,141 @@ __global__ void PackKvqKeyOutliersKernel(const float* __restrict__ keys, int64_t
   if (lane == 0) count_out[t] = static_cast<uint8_t>(count < kMaxKeyOutliers ? count : kMaxKeyOutliers);
 }
 
+constexpr int kMaxValueOutliers = 8;  // n_out per token the value kernel keeps (1% of 256 channels is 3)
+
+// (value, channel) order of KvqValueThresholds: ties broken by the lower channel.
+__device__ __forceinline__ bool Less(const float* x, int a, int b) { return x[a] < x[b] || (x[a] == x[b] && a < b); }
+
+// One thread per token: the n_out + 1 smallest and largest channels by selection (n_out is small), the
+// split with the narrowest remaining range (the first on ties, as the CPU loop), then the codes of the
+// token's head_dim channels, which are whole 32-bit words of the token-major page.
+template <int BITS, int HEAD_DIM>
+__global__ void PackKvqValuesKernel(const float* __restrict__ values, int64_t n_tokens, int64_t first_token, int n_out,
+                                    const float* __restrict__ codebook, uint8_t* __restrict__ pages,
+                                    uint16_t* __restrict__ low_out, uint16_t* __restrict__ high_out,
+                                    uint8_t* __restrict__ channel_out, uint16_t* __restrict__ value_out) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n_tokens) return;
+  float x[HEAD_DIM];
+#pragma unroll
+  for (int c = 0; c < HEAD_DIM; ++c) x[c] = RoundToHalf(values[t * HEAD_DIM + c]);
+  int smallest[kMaxValueOutliers + 1], largest[kMaxValueOutliers + 1];
+  float lo, hi;
+  int best_a = 0;
+  if (n_out == 0) {
+    lo = x[0];
+    hi = x[0];
+    for (int c = 1; c < HEAD_DIM; ++c) {
+      lo = fminf(lo, x[c]);
+      hi = fmaxf(hi, x[c]);
+    }
+  } else {
+    for (int k = 0; k <= n_out; ++k) {
+      int s = -1, l = -1;
+      for (int c = 0; c < HEAD_DIM; ++c) {
+        bool taken_s = false, taken_l = false;
+        for (int j = 0; j < k; ++j) {
+          taken_s |= smallest[j] == c;
+          taken_l |= largest[j] == c;
+        }
+        if (!taken_s && (s < 0 || Less(x, c, s))) s = c;
+        if (!taken_l && (l < 0 || Less(x, l, c))) l = c;
+      }
+      smallest[k] = s;
+      largest[k] = l;
+    }
+    float best_range = 0.0f;
+    for (int a = 0; a <= n_out; ++a) {
+      const float range = __fsub_rn(x[largest[n_out - a]], x[smallest[a]]);
+      if (a == 0 || range < best_range) {
+        best_range = range;
+        best_a = a;
+      }
+    }
+    lo = x[smallest[best_a]];
+    hi = x[largest[n_out - best_a]];
+    // The outlier channels in ascending order: a merge of the chosen smallest and largest (each list is
+    // sorted by value, so sort the n_out channels by a small insertion sort).
+    int chosen[kMaxValueOutliers];
+    for (int i = 0; i < best_a; ++i) chosen[i] = smallest[i];
+    for (int i = 0; i < n_out - best_a; ++i) chosen[best_a + i] = largest[i];
+    for (int i = 1; i < n_out; ++i) {
+      const int v = chosen[i];
+      int j = i - 1;
+      while (j >= 0 && chosen[j] > v) {
+        chosen[j + 1] = chosen[j];
+        --j;
+      }
+      chosen[j + 1] = v;
+    }
+    for (int i = 0; i < n_out; ++i) {
+      channel_out[t * n_out + i] = static_cast<uint8_t>(chosen[i]);
+      value_out[t * n_out + i] = __half_as_ushort(__float2half_rn(x[chosen[i]]));
+    }
+  }
+  const __half lo16 = __float2half_rn(lo), hi16 = __float2half_rn(hi);
+  low_out[t] = __half_as_ushort(lo16);
+  high_out[t] = __half_as_ushort(hi16);
+  lo = __half2float(lo16);
+  hi = __half2float(hi16);
+  float cb[1 << BITS];
+#pragma unroll
+  for (int i = 0; i < (1 << BITS); ++i) cb[i] = codebook[i];
+  constexpr int kWords = HEAD_DIM * BITS / 32;
+  uint32_t words[kWords] = {};
+#pragma unroll
+  for (int c = 0; c < HEAD_DIM; ++c) {
+    const uint32_t code = Nearest<BITS>(cb, Normalize(x[c], lo, hi));
+    const int bit = c * BITS;
+    words[bit >> 5] |= code << (bit & 31);
+    if ((bit & 31) + BITS > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
+  }
+  const int64_t j = first_token + t;
+  const int64_t page_bytes = static_cast<int64_t>(16 * BITS) * HEAD_DIM;
+  uint32_t* out = reinterpret_cast<uint32_t*>(pages + (j / kPackBlockCodes) * page_bytes) + (j % kPackBlockCodes) * kWords;
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) out[w] = words[w];
+}
+
+template <int BITS>
+absl::Status LaunchValues(const KvqValuePackArgs& a, int n_out, cudaStream_t stream) {
+  constexpr int kThreads = 128;
+  const int64_t blocks = (a.n_tokens + kThreads - 1) / kThreads;
+  if (a.head_dim == 128) {
+    PackKvqValuesKernel<BITS, 128><<<blocks, kThreads, 0, stream>>>(a.values, a.n_tokens, a.first_token, n_out, a.codebook,
+                                                                    a.pages, a.low, a.high, a.outlier_channel, a.outlier_value);
+  } else {
+    PackKvqValuesKernel<BITS, 64><<<blocks, kThreads, 0, stream>>>(a.values, a.n_tokens, a.first_token, n_out, a.codebook,
+                                                                   a.pages, a.low, a.high, a.outlier_channel, a.outlier_value);
+  }
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::Status PackKvqValuesCuda(const KvqValuePackArgs& a, cudaStream_t stream) {
+  if (a.bits < 2 || a.bits > 4) return absl::InvalidArgumentError(absl::StrCat("PackKvqValuesCuda: bits ", a.bits, " not in 2..4"));
+  if (a.head_dim != 64 && a.head_dim != 128) {
+    return absl::InvalidArgumentError(absl::StrCat("PackKvqValuesCuda: head_dim ", a.head_dim, " not 64 or 128"));
+  }
+  const int n_out = a.n_out < 0 ? 0 : (a.n_out > a.head_dim - 1 ? a.head_dim - 1 : a.n_out);
+  if (n_out > kMaxValueOutliers) {
+    return absl::InvalidArgumentError(absl::StrCat("PackKvqValuesCuda: ", n_out, " outliers per token; at most ",
+                                                   kMaxValueOutliers, " are supported"));
+  }
+  if (a.n_tokens < 0 || a.first_token < 0) return absl::InvalidArgumentError("PackKvqValuesCuda: negative token range");
+  if (a.n_tokens == 0) return absl::OkStatus();
+  if (a.values == nullptr || a.codebook == nullptr || a.pages == nullptr || a.low == nullptr || a.high == nullptr ||
+      (n_out > 0 && (a.outlier_channel == nullptr || a.outlier_value == nullptr))) {
+    return absl::InvalidArgumentError("PackKvqValuesCuda: null values, codebook, pages, thresholds or outliers");
+  }
+  switch (a.bits) {
+    case 2: return LaunchValues<2>(a, n_out, stream);
+    case 3: return LaunchValues<3>(a, n_out, stream);
+    default: return LaunchValues<4>(a, n_out, stream);
+  }
+}
 
 absl::Status PackKvqKeysCuda(const KvqKeyPackArgs& a, cudaStream_t stream) {
   if (a.bits < 2 || a.bits > 4) return absl::InvalidArgumentError(absl::StrCat("PackKvqKeysCuda: bits ", a.bits, " not in 2..4"));

@@ -41,4 +41,28 @@ struct KvqKeyPackArgs {
 };
 absl::Status PackKvqKeysCuda(const KvqKeyPackArgs& args, cudaStream_t stream);
 
+// kvq<b> values of one (layer, KV head) part (the CPU twin is kv_codecs.cc's KvqValueCodec::Encode):
+//   values:   fp32 [n_tokens][head_dim]; rounded to fp16 here, as the store does on input.
+//   n_out:    outliers per token (KvqValueOutliersPerToken), clamped to [0, head_dim - 1] as the codec does.
+//   codebook: fp32 [2^bits], sorted centroids in [-1, 1].
+//   pages:    the part's code pages, PackedBytes(128 * head_dim, bits) bytes each, token-major (code index
+//             t * head_dim + c); each token's codes are whole 32-bit words, so any first_token works.
+//   low, high: fp16 bits [n_tokens], the per-token thresholds (KvqValueThresholds, rounded to fp16).
+//   outlier_channel: uint8 [n_tokens][n_out] ascending; outlier_value: fp16 bits [n_tokens][n_out].
+struct KvqValuePackArgs {
+  const float* values = nullptr;
+  int64_t n_tokens = 0;
+  int64_t first_token = 0;
+  int head_dim = 0;
+  int bits = 3;
+  int n_out = 0;
+  const float* codebook = nullptr;
+  uint8_t* pages = nullptr;
+  uint16_t* low = nullptr;
+  uint16_t* high = nullptr;
+  uint8_t* outlier_channel = nullptr;
+  uint16_t* outlier_value = nullptr;
+};
+absl::Status PackKvqValuesCuda(const KvqValuePackArgs& args, cudaStream_t stream);
+
 }  // namespace kvshard

@@ -193,6 +193,118 @@ INSTANTIATE_TEST_SUITE_P(
              "_first" + std::to_string(std::get<2>(info.param)) + "_n" + std::to_string(std::get<3>(info.param));
     });
 
+class KvqValuePackTest : public ::testing::TestWithParam<PackParam> {};
+
+// Values: code pages byte-identical to KvqValueCodec; per-token fp16 thresholds and outliers identical to
+// KvqValueThresholds (the codec's rule); the codec's decoded rows equal the GPU's pieces bit for bit.
+TEST_P(KvqValuePackTest, BytesMatchTheCpuCodec) {
+  KV_SKIP_WITHOUT_GPU();
+  const auto [head_dim, bits, first_token, n_tokens] = GetParam();
+  const Calibration cal = SyntheticCalibration(head_dim, 11 + head_dim + bits);
+  const KvqLayerTables& tables = cal.layers[0].kvq[0];
+  auto config = ParseKvScheme("kvq" + std::to_string(bits));
+  ASSERT_TRUE(config.ok()) << config.status();
+  config->outlier_fraction = kOutlierFraction;
+  auto codec = MakePartCodec(*config, KvPart::kValue, head_dim, 0, 0, &cal);
+  ASSERT_TRUE(codec.ok()) << codec.status();
+  const int n_out = std::clamp(KvqValueOutliersPerToken(*config, head_dim), 0, head_dim - 1);
+
+  const int64_t total = first_token + n_tokens;
+  std::vector<float> values = SyntheticKeys(total, head_dim, tables, 200 + n_tokens);
+  // Exact ties between channels, so the (value, channel) order matters.
+  for (int64_t t = 0; t < total; t += 3) values[t * head_dim + 1] = values[t * head_dim + 2];
+  if (first_token > 0) (*codec)->Encode(first_token, values.data());
+  const int64_t page_bytes = PackedBytes(static_cast<int64_t>(kPageTokens) * head_dim, bits);
+  const int64_t n_pages = (total + kPageTokens - 1) / kPageTokens;
+  const PagedCodes& cpu_codes = (*codec)->codes();
+  std::vector<uint8_t> gpu_start(n_pages * page_bytes, 0);
+  for (int64_t p = 0; p < cpu_codes.pages(); ++p) {
+    std::copy(cpu_codes.page(p).begin(), cpu_codes.page(p).end(), gpu_start.begin() + p * page_bytes);
+  }
+  const int64_t token_bytes = static_cast<int64_t>(head_dim) * bits / 8;
+  for (int64_t j = first_token; j < total; ++j) {  // poison every byte the kernel must write
+    const int64_t at = (j / kPageTokens) * page_bytes + (j % kPageTokens) * token_bytes;
+    std::fill(gpu_start.begin() + at, gpu_start.begin() + at + token_bytes, 0xA5);
+  }
+  (*codec)->Encode(n_tokens, values.data() + first_token * head_dim);
+
+  const int bi = static_cast<int>(std::find(cal.codebook_bits.begin(), cal.codebook_bits.end(), bits) -
+                                  cal.codebook_bits.begin());
+  DeviceBuffer<float> d_values = ToDevice(std::vector<float>(values.begin() + first_token * head_dim, values.end()));
+  DeviceBuffer<float> d_codebook = ToDevice(tables.value_codebooks[bi]);
+  DeviceBuffer<uint8_t> d_pages = ToDevice(gpu_start);
+  DeviceBuffer<uint16_t> d_low(n_tokens), d_high(n_tokens), d_value(std::max(1, n_tokens * n_out));
+  DeviceBuffer<uint8_t> d_channel(std::max(1, n_tokens * n_out));
+  d_low.Poison();
+  d_high.Poison();
+  d_channel.Poison();
+  KvqValuePackArgs args;
+  args.values = d_values.get();
+  args.n_tokens = n_tokens;
+  args.first_token = first_token;
+  args.head_dim = head_dim;
+  args.bits = bits;
+  args.n_out = n_out;
+  args.codebook = d_codebook.get();
+  args.pages = d_pages.get();
+  args.low = d_low.get();
+  args.high = d_high.get();
+  args.outlier_channel = d_channel.get();
+  args.outlier_value = d_value.get();
+  const absl::Status status = PackKvqValuesCuda(args, nullptr);
+  ASSERT_TRUE(status.ok()) << status;
+  KV_CUDA_OK(cudaDeviceSynchronize());
+
+  const std::vector<uint8_t> gpu_pages = d_pages.Download();
+  ASSERT_EQ(cpu_codes.pages(), n_pages);
+  int64_t wrong = 0;
+  for (int64_t p = 0; p < n_pages; ++p) {
+    for (int64_t i = 0; i < page_bytes; ++i) {
+      const uint8_t want = cpu_codes.page(p)[i], got = gpu_pages[p * page_bytes + i];
+      if (want != got && wrong++ < 8) {
+        std::printf("  page %lld byte %lld: got 0x%02x want 0x%02x\n", static_cast<long long>(p),
+                    static_cast<long long>(i), got, want);
+      }
+    }
+  }
+  EXPECT_EQ(wrong, 0) << "code bytes differ";
+
+  const std::vector<uint16_t> low = d_low.Download(), high = d_high.Download(), value = d_value.Download();
+  const std::vector<uint8_t> channel = d_channel.Download();
+  std::vector<float> decoded(n_tokens * head_dim);
+  (*codec)->Decode(first_token, n_tokens, decoded.data());
+  int64_t token_wrong = 0;
+  std::vector<int> want_outliers;
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* row = values.data() + (first_token + t) * head_dim;
+    float lo, hi;
+    KvqValueThresholds(row, head_dim, n_out, &lo, &hi, &want_outliers);
+    bool ok = low[t] == FloatToHalf(lo) && high[t] == FloatToHalf(hi) &&
+              static_cast<int>(want_outliers.size()) == n_out;
+    for (int i = 0; ok && i < n_out; ++i) {
+      const int c = channel[t * n_out + i];
+      ok = c == want_outliers[i] && value[t * n_out + i] == FloatToHalf(row[c]) &&
+           HalfToFloat(value[t * n_out + i]) == decoded[t * head_dim + c];
+    }
+    if (!ok && token_wrong++ < 8) {
+      std::printf("  token %lld: thresholds or outliers differ (low 0x%04x want 0x%04x)\n",
+                  static_cast<long long>(t), low[t], FloatToHalf(lo));
+    }
+  }
+  EXPECT_EQ(token_wrong, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Sizes, KvqValuePackTest,
+    ::testing::Values(PackParam{128, 3, 0, 1}, PackParam{128, 3, 0, 37}, PackParam{128, 3, 0, 128},
+                      PackParam{128, 3, 5, 129}, PackParam{128, 3, 100, 300}, PackParam{64, 3, 0, 37},
+                      PackParam{64, 3, 127, 257}, PackParam{128, 2, 0, 129}, PackParam{128, 4, 64, 200},
+                      PackParam{64, 4, 0, 1}),
+    [](const ::testing::TestParamInfo<PackParam>& info) {
+      return "d" + std::to_string(std::get<0>(info.param)) + "_b" + std::to_string(std::get<1>(info.param)) +
+             "_first" + std::to_string(std::get<2>(info.param)) + "_n" + std::to_string(std::get<3>(info.param));
+    });
+
 TEST(KvqKeyPackErrors, RejectsBadArguments) {
   KvqKeyPackArgs args;
   args.n_tokens = 1;
