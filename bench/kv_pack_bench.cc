@@ -1,4 +1,5 @@
-// kvq key packing on the GPU: time and throughput of PackKvqKeysCuda (codes and outliers) per layer,
+// kvq packing on the GPU: time and throughput of PackKvqKeysCuda (codes and outliers) and of
+// PackKvqValuesCuda per layer,
 // beside a device-to-device copy measured in the same run. Throughput is quoted in GB/s of the keys as
 // bf16 (the projection's width; 2 bytes per element) and of the fp32 input the kernel actually reads.
 //
@@ -47,8 +48,8 @@ absl::Status Run() {
   CUDA_RETURN_IF_ERROR(cudaStreamCreate(&stream));
   KV_ASSIGN_OR_RETURN(const double copy_gbs, CopyBandwidthGBs(int64_t{1} << 30, 10, stream));
   std::printf("%s\ncopy: %.0f GB/s (read + write)\n", DeviceSummary().c_str(), copy_gbs);
-  std::printf("%6s %4s %8s %6s %10s %12s %12s %10s\n", "d", "bits", "tokens", "heads", "ms", "bf16 GB/s",
-              "fp32 GB/s", "of copy");
+  std::printf("%6s %4s %8s %6s %10s %12s %12s %10s %10s %12s\n", "d", "bits", "tokens", "heads", "keys ms",
+              "bf16 GB/s", "fp32 GB/s", "of copy", "values ms", "bf16 GB/s");
   const int bits = absl::GetFlag(FLAGS_bits);
   const int heads = absl::GetFlag(FLAGS_kv_heads);
   for (int64_t d : ParseList(absl::GetFlag(FLAGS_head_dims))) {
@@ -87,9 +88,30 @@ absl::Status Run() {
         return absl::OkStatus();
       };
       KV_ASSIGN_OR_RETURN(const double ms, MedianMs(launch, 3, absl::GetFlag(FLAGS_iters), stream));
+      // Values of the same shape (the keys buffer as input), one outlier per token (1% of d, rounded).
+      auto launch_values = [&](int) -> absl::Status {
+        for (int h = 0; h < heads; ++h) {
+          KvqValuePackArgs a;
+          a.values = keys + h * n * d;
+          a.n_tokens = n;
+          a.head_dim = static_cast<int>(d);
+          a.bits = bits;
+          a.n_out = 1;
+          a.codebook = thresholds + 2 * d * heads;
+          a.pages = codes + h * pages * page_bytes;
+          a.low = values + h * n * d;  // scratch: the outlier buffers are large enough
+          a.high = values + h * n * d + n;
+          a.outlier_channel = channels + h * n * d;
+          a.outlier_value = values + h * n * d + 2 * n;
+          KV_RETURN_IF_ERROR(PackKvqValuesCuda(a, stream));
+        }
+        return absl::OkStatus();
+      };
+      KV_ASSIGN_OR_RETURN(const double values_ms, MedianMs(launch_values, 3, absl::GetFlag(FLAGS_iters), stream));
       const double bf16_gbs = elems * 2.0 / (ms * 1e6), fp32_gbs = elems * 4.0 / (ms * 1e6);
-      std::printf("%6lld %4d %8lld %6d %10.4f %12.1f %12.1f %9.1f%%\n", static_cast<long long>(d), bits,
-                  static_cast<long long>(n), heads, ms, bf16_gbs, fp32_gbs, 100.0 * fp32_gbs / copy_gbs);
+      std::printf("%6lld %4d %8lld %6d %10.4f %12.1f %12.1f %9.1f%% %10.4f %12.1f\n", static_cast<long long>(d),
+                  bits, static_cast<long long>(n), heads, ms, bf16_gbs, fp32_gbs, 100.0 * fp32_gbs / copy_gbs,
+                  values_ms, elems * 2.0 / (values_ms * 1e6));
       for (void* p : {static_cast<void*>(keys), static_cast<void*>(thresholds), static_cast<void*>(codes),
                       static_cast<void*>(counts), static_cast<void*>(channels), static_cast<void*>(values)}) {
         CUDA_RETURN_IF_ERROR(cudaFree(p));
