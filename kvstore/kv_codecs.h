@@ -65,8 +65,8 @@ class PartCodec {
   virtual void Clear() = 0;
 };
 
-// The codec of one part. `calibration` (kvq, wkv) must already be checked for the scheme.
-enum class KvPart { kKey, kValue };
+// The codec of one part (fp16 storage when the scheme leaves the part unquantized). `calibration`
+// (kvq, wkv) must already be checked for the scheme.
 absl::StatusOr<std::unique_ptr<PartCodec>> MakePartCodec(const KvSchemeConfig& config, KvPart part, int head_dim,
                                                          int layer, int kv_head, const Calibration* calibration);
 
