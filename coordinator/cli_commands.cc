@@ -34,11 +34,14 @@ ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 is greedy");
 ABSL_FLAG(int, top_k, 0, "Keep the k most likely tokens (0: all)");
 ABSL_FLAG(double, top_p, 1.0, "Nucleus sampling mass (1: all)");
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
+ABSL_FLAG(double, repetition_penalty, 1.1,
+          "Penalty on recently generated tokens (1: none); keeps small models from looping");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
 ABSL_FLAG(std::string, kv_scheme, "fp16",
           "KV cache scheme: fp16, fp32, int8, int4, kivi2, kvq3, wkv4, deco, ... with optional parameters "
           "(kvq3:outliers=0.01,sink=4,residual=32); kvq and wkv need --calibration");
 ABSL_DECLARE_FLAG(std::string, calibration);
+ABSL_FLAG(std::string, device, "auto", "Where the model runs: auto (the GPU when present), gpu, or cpu");
 
 namespace kvshard {
 
@@ -85,6 +88,7 @@ GenerationRequest RequestFromFlags() {
   request.sampling.top_k = absl::GetFlag(FLAGS_top_k);
   request.sampling.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
   request.sampling.seed = absl::GetFlag(FLAGS_seed);
+  request.sampling.repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
   request.stop = absl::GetFlag(FLAGS_stop);
   request.kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
   return request;
@@ -99,7 +103,7 @@ std::vector<ChatMessage> ChatWith(const std::string& user_text) {
 }
 
 // Runs one request with streamed output and progress; prints a one-line summary on stderr.
-absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
+absl::Status RunStreaming(SingleProcessEngine& engine, GenerationRequest request) {
   std::unique_ptr<ProgressLine> progress;
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
   auto on_prefill = [&](const PrefillProgress& p) {
@@ -119,11 +123,12 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
   const double decode_rate = result.decode_seconds > 0 ? result.token_ids.size() / result.decode_seconds : 0;
   std::fprintf(stderr, "%s\n",
                absl::StrFormat("kvshard: prompt %d tokens, prefill %.1f s (%.1f tokens/s); generated %d tokens "
-                               "in %.1f s (%.1f tokens/s); kv %s; finish %s",
+                               "in %.1f s (%.1f tokens/s); kv %s; finish %s; on %s",
                                n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
                                result.decode_seconds, decode_rate,
                                request.kv_scheme.empty() ? "default" : request.kv_scheme,
-                               result.finish_reason == FinishReason::kStop ? "stop" : "length")
+                               result.finish_reason == FinishReason::kStop ? "stop" : "length",
+                               engine.device_name())
                    .c_str());
   return absl::OkStatus();
 }
@@ -138,6 +143,7 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
     calibration = std::make_shared<const Calibration>(std::move(c));
   }
   EngineOptions options;
+  options.device = absl::GetFlag(FLAGS_device);
   options.kv_factory = AllSchemesKvShardFactory(calibration);
   KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(model_path, std::move(options)));
   if (calibration) {

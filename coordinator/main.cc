@@ -5,13 +5,17 @@
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
 #include "coordinator/commands.h"
+#include "coordinator/serving_flags.h"
 
 namespace kvshard {
 
 const std::vector<Command>& AllCommands() {
   static const std::vector<Command> commands = {
       {"generate", "complete a prompt: --prompt TEXT [--chat]", RunGenerate},
-      {"summarize", "summarize a document: --input FILE", RunSummarize},
+      {"summarize", "summarize a document (--input FILE) or a folder of them (--input-dir DIR)",
+       RunSummarizeCommand},
+      {"serve", "OpenAI-compatible HTTP API: [--host H] [--port P] [--api_key_file F]", RunServeCommand},
+      {"run-batch", "run an OpenAI batch file, resumably: -i IN.jsonl -o OUT.jsonl", RunBatchCommand},
       {"calibrate", "calibrate the kvq/wkv KV schemes: --text FILE --out FILE", RunCalibrate},
       {"perplexity", "perplexity with a KV scheme: --text FILE --ctx N --kv SCHEME [--calibration FILE]",
        RunPerplexity},
@@ -33,7 +37,11 @@ std::string Usage() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  auto parsed = kvshard::ParseFlagsAndConfig(argc, argv, Usage());
+  // "-i IN -o OUT" and "--input-dir DIR" are spelled as their flags before Abseil parses them.
+  std::vector<std::string> expanded = kvshard::ExpandServingShortFlags(std::vector<std::string>(argv, argv + argc));
+  std::vector<char*> expanded_argv;
+  for (std::string& arg : expanded) expanded_argv.push_back(arg.data());
+  auto parsed = kvshard::ParseFlagsAndConfig(static_cast<int>(expanded_argv.size()), expanded_argv.data(), Usage());
   if (!parsed.ok()) {
     std::fprintf(stderr, "kvshard: %s\n", std::string(parsed.status().message()).c_str());
     return 2;
