@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -15,6 +16,7 @@
 #include "common/progress.h"
 #include "common/status.h"
 #include "coordinator/commands.h"
+#include "coordinator/quality.h"
 #include "coordinator/single_process_engine.h"
 
 ABSL_FLAG(std::string, model, "",
@@ -35,7 +37,11 @@ ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
 ABSL_FLAG(double, repetition_penalty, 1.1,
           "Penalty on recently generated tokens (1: none); keeps small models from looping");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
-ABSL_FLAG(std::string, kv_scheme, "fp16", "KV cache scheme");
+ABSL_FLAG(std::string, kv_scheme, "fp16",
+          "KV cache scheme: fp16, fp32, int8, int4, kivi2, kvq3, wkv4, deco, ... with optional parameters "
+          "(kvq3:outliers=0.01,sink=4,residual=32); kvq and wkv need --calibration");
+ABSL_DECLARE_FLAG(std::string, calibration);
+ABSL_FLAG(std::string, device, "auto", "Where the model runs: auto (the GPU when present), gpu, or cpu");
 
 namespace kvshard {
 
@@ -97,7 +103,7 @@ std::vector<ChatMessage> ChatWith(const std::string& user_text) {
 }
 
 // Runs one request with streamed output and progress; prints a one-line summary on stderr.
-absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
+absl::Status RunStreaming(SingleProcessEngine& engine, GenerationRequest request) {
   std::unique_ptr<ProgressLine> progress;
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
   auto on_prefill = [&](const PrefillProgress& p) {
@@ -117,18 +123,34 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
   const double decode_rate = result.decode_seconds > 0 ? result.token_ids.size() / result.decode_seconds : 0;
   std::fprintf(stderr, "%s\n",
                absl::StrFormat("kvshard: prompt %d tokens, prefill %.1f s (%.1f tokens/s); generated %d tokens "
-                               "in %.1f s (%.1f tokens/s); kv %s; finish %s",
+                               "in %.1f s (%.1f tokens/s); kv %s; finish %s; on %s",
                                n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
                                result.decode_seconds, decode_rate,
                                request.kv_scheme.empty() ? "default" : request.kv_scheme,
-                               result.finish_reason == FinishReason::kStop ? "stop" : "length")
+                               result.finish_reason == FinishReason::kStop ? "stop" : "length",
+                               engine.device_name())
                    .c_str());
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
   KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
-  return SingleProcessEngine::Create(model_path, EngineOptions());
+  // Every KV scheme; kvq and wkv use --calibration, checked against the model once it is loaded.
+  std::shared_ptr<const Calibration> calibration;
+  const std::string calibration_path = absl::GetFlag(FLAGS_calibration);
+  if (!calibration_path.empty()) {
+    KV_ASSIGN_OR_RETURN(Calibration c, LoadCalibration(calibration_path));
+    calibration = std::make_shared<const Calibration>(std::move(c));
+  }
+  EngineOptions options;
+  options.device = absl::GetFlag(FLAGS_device);
+  options.kv_factory = AllSchemesKvShardFactory(calibration);
+  KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(model_path, std::move(options)));
+  if (calibration) {
+    KV_RETURN_IF_ERROR(
+        Annotate(CheckCalibrationForModel(*calibration, ModelIdentityOf(engine->weights())), calibration_path));
+  }
+  return engine;
 }
 
 }  // namespace

@@ -16,6 +16,9 @@ const std::vector<Command>& AllCommands() {
        RunSummarizeCommand},
       {"serve", "OpenAI-compatible HTTP API: [--host H] [--port P] [--api_key_file F]", RunServeCommand},
       {"run-batch", "run an OpenAI batch file, resumably: -i IN.jsonl -o OUT.jsonl", RunBatchCommand},
+      {"calibrate", "calibrate the kvq/wkv KV schemes: --text FILE --out FILE", RunCalibrate},
+      {"perplexity", "perplexity with a KV scheme: --text FILE --ctx N --kv SCHEME [--calibration FILE]",
+       RunPerplexity},
   };
   return commands;
 }

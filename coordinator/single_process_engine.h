@@ -9,6 +9,7 @@
 #include "coordinator/engine.h"
 #include "kvstore/kv_shard.h"
 #include "worker/forward.h"
+#include "worker/gpu_backend.h"
 #include "worker/model.h"
 
 namespace kvshard {
@@ -23,6 +24,9 @@ KvShardFactory FullPrecisionKvShardFactory();
 struct EngineOptions {
   std::string default_kv_scheme = "fp16";
   KvShardFactory kv_factory = FullPrecisionKvShardFactory();
+  // "auto": the GPU when this build and host have one (fp16 KV), else the CPU; "gpu": the GPU or an
+  // error; "cpu": the CPU backend.
+  std::string device = "auto";
 };
 
 class SingleProcessEngine final : public Engine {
@@ -36,6 +40,8 @@ class SingleProcessEngine final : public Engine {
   int64_t max_context() const override { return weights_.config.max_context; }
   const ModelConfig& config() const { return weights_.config; }
   const ModelWeights& weights() const { return weights_; }
+  // Where the last request ran: "CPU", or the GPU's name.
+  const std::string& device_name() const { return last_device_; }
 
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
                                             const PrefillCallback& on_prefill) override;
@@ -47,11 +53,15 @@ class SingleProcessEngine final : public Engine {
  private:
   SingleProcessEngine(ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer, std::string model_name,
                       EngineOptions options);
+  absl::StatusOr<GenerationResult> GenerateOnGpu(const GenerationRequest& request, const TokenCallback& on_token,
+                                                 const PrefillCallback& on_prefill);
   ModelWeights weights_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::string model_name_;
   EngineOptions options_;
   CpuModel model_;
+  std::unique_ptr<GpuBackend> gpu_;  // null: requests run on the CPU
+  std::string last_device_ = "CPU";
   EngineObserver* observer_ = nullptr;
   WorkerKvMemory kv_memory_;
   void NoteKvMemory(const KvShard& shard, const std::string& scheme, int64_t tokens);
