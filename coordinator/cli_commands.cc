@@ -133,6 +133,8 @@ absl::Status RunStreaming(SingleProcessEngine& engine, GenerationRequest request
   return absl::OkStatus();
 }
 
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
   KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
   // Every KV scheme; kvq and wkv use --calibration, checked against the model once it is loaded.
@@ -144,6 +146,7 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
   }
   EngineOptions options;
   options.device = absl::GetFlag(FLAGS_device);
+  options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);  // for requests that name none (serve)
   options.kv_factory = AllSchemesKvShardFactory(calibration);
   KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(model_path, std::move(options)));
   if (calibration) {
@@ -152,8 +155,6 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
   }
   return engine;
 }
-
-}  // namespace
 
 absl::Status RunGenerate(const std::vector<std::string>& args) {
   const std::string prompt = absl::GetFlag(FLAGS_prompt);

@@ -2,12 +2,16 @@
 // parsed) and returns a Status that main() reports once, as one line, with a non-zero exit.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace kvshard {
+
+class SingleProcessEngine;
 
 struct Command {
   const char* name;
@@ -31,6 +35,8 @@ absl::Status RunSummarizeCommand(const std::vector<std::string>& args);
 
 // The model path: --model, or the cached demo model. An error says how to fetch the demo model.
 absl::StatusOr<std::string> ResolveModelPath();
+// The single-process engine of the flags: --model, --device, --calibration, --kv_scheme as its default.
+absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine();
 // Reads a whole file; the error names the file and the reason.
 absl::StatusOr<std::string> ReadTextFile(const std::string& path);
 

@@ -12,7 +12,6 @@
 #include "coordinator/single_process_engine.h"
 
 ABSL_DECLARE_FLAG(std::string, input_dir);
-ABSL_DECLARE_FLAG(std::string, kv_scheme);
 
 namespace kvshard {
 namespace {
@@ -23,19 +22,12 @@ absl::Status NoPositionalArguments(const char* command, const std::vector<std::s
       absl::StrCat(command, " takes no positional arguments; got '", absl::StrJoin(args, " "), "'"));
 }
 
-absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeServingEngine() {
-  KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
-  EngineOptions options;
-  options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);  // for requests that name none
-  return SingleProcessEngine::Create(model_path, std::move(options));
-}
-
 }  // namespace
 
 absl::Status RunServeCommand(const std::vector<std::string>& args) {
   KV_RETURN_IF_ERROR(NoPositionalArguments("serve", args));
   KV_ASSIGN_OR_RETURN(ServeOptions options, ServeOptionsFromFlags());
-  KV_ASSIGN_OR_RETURN(auto engine, MakeServingEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngine());
   return RunServe(*engine, options);
 }
 
@@ -45,7 +37,7 @@ absl::Status RunBatchCommand(const std::vector<std::string>& args) {
   if (options.input_path.empty() || options.output_path.empty()) {
     return absl::InvalidArgumentError("run-batch needs -i IN.jsonl -o OUT.jsonl");
   }
-  KV_ASSIGN_OR_RETURN(auto engine, MakeServingEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngine());
   return RunBatch(*engine, options).status();
 }
 
@@ -57,7 +49,7 @@ absl::Status RunSummarizeCommand(const std::vector<std::string>& args) {
 absl::Status RunSummarizeDirCommand(const std::vector<std::string>& args) {
   KV_RETURN_IF_ERROR(NoPositionalArguments("summarize", args));
   KV_ASSIGN_OR_RETURN(SummarizeDirOptions options, SummarizeDirOptionsFromFlags());
-  KV_ASSIGN_OR_RETURN(auto engine, MakeServingEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngine());
   return RunSummarizeDir(*engine, options).status();
 }
 
