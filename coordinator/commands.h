@@ -2,6 +2,7 @@
 // parsed) and returns a Status that main() reports once, as one line, with a non-zero exit.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,8 @@
 #include "coordinator/single_process_engine.h"
 
 namespace kvshard {
+
+class SingleProcessEngine;
 
 struct Command {
   const char* name;
