@@ -104,10 +104,11 @@ std::vector<ChatMessage> ChatWith(const std::string& user_text) {
 
 // Runs one request with streamed output and progress; prints a one-line summary on stderr.
 absl::Status RunStreaming(SingleProcessEngine& engine, GenerationRequest request) {
-  std::unique_ptr<ProgressLine> progress;
+  // Started before the request so its clock covers the first chunk too.
+  auto progress = std::make_unique<ProgressLine>("prefill", "tokens",
+                                                 static_cast<int64_t>(request.prompt_ids.size()));
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
   auto on_prefill = [&](const PrefillProgress& p) {
-    if (!progress) progress = std::make_unique<ProgressLine>("prefill", "tokens", p.total);
     progress->Update(p.done);
     if (p.done == p.total) progress->Finish();
   };
