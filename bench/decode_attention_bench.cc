@@ -17,6 +17,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "common/half.h"
 #include "kernels/attention.h"
@@ -45,15 +46,6 @@ struct Geometry {
 
 // Inputs smaller than this are replicated and rotated so that timings do not come from L2.
 constexpr int64_t kRotateBytes = 512ll << 20;
-
-std::vector<int64_t> ParseList(const std::string& text) {
-  std::vector<int64_t> out;
-  for (absl::string_view piece : absl::StrSplit(text, ',', absl::SkipEmpty())) {
-    int64_t v = 0;
-    if (absl::SimpleAtoi(piece, &v)) out.push_back(v);
-  }
-  return out;
-}
 
 struct Row {
   Geometry g;

@@ -12,6 +12,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "common/status.h"
 #include "kernels/cuda/cuda_status.h"
@@ -26,15 +27,6 @@ ABSL_FLAG(int, iters, 20, "timed runs (median reported)");
 
 namespace kvshard::bench {
 namespace {
-
-std::vector<int64_t> ParseList(const std::string& text) {
-  std::vector<int64_t> out;
-  for (absl::string_view piece : absl::StrSplit(text, ',', absl::SkipEmpty())) {
-    int64_t v = 0;
-    if (absl::SimpleAtoi(piece, &v)) out.push_back(v);
-  }
-  return out;
-}
 
 template <typename T>
 absl::StatusOr<T*> Alloc(int64_t n) {

@@ -1,0 +1,110 @@
+// Fused split-KV decode attention over the KVQuant-style (kvq<b>) quantized KV store on the GPU. Host
+// launchers; pointers are device memory; launches are asynchronous on `stream`.
+// CPU twin: kvstore/quantized_shard.h, QuantizedKvShard::Attend for a kvq scheme (which dequantizes,
+// rotates and calls kernels/attention.h's AttentionPartialsCpu).
+//
+// Conventions (DESIGN.md, "Attention partials"), the same as kernels/cuda/attention.h and the CPU twins:
+// - scores are scale * q.k in fp32, q unscaled on input and already rotated to its position;
+// - every output row is a partial: o = softmax-weighted mean of the visible values (fp32), and
+//   lse = ln sum_t exp(score_t), the NATURAL log, fp32;
+// - a row that sees no key (an empty shard) has o = 0 and lse = -inf, and merges as a no-op.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "absl/status/status.h"
+
+namespace kvshard {
+
+// One layer of a batch of kvq stores, as kvstore/kv_codecs.h lays them out. Request b's stream for KV
+// head h holds local tokens 0 .. sink_lens[b] + quantized_lens[b] + residual_lens[b] - 1 at absolute
+// positions start_positions[b] + local index:
+//   [0, sink)                     fp16, keys after RoPE:  sink_k/sink_v [batch][n_kv_heads][max_sink][head_dim]
+//   [sink, sink + quantized)      codes and metadata, in pages of 128 quantized tokens (part index t =
+//                                 local - sink lives in page page_table[b * pages_per_request + t / 128],
+//                                 at row t % 128); keys pre-RoPE
+//   [sink + quantized, end)       fp16, keys pre-RoPE:   residual_k/residual_v
+//                                 [batch][n_kv_heads][max_residual][head_dim]
+// Per physical page p and KV head h (index ph = p * n_kv_heads + h):
+//   key_codes, value_codes:  PackedBytes(128 * head_dim, bits) bytes at ph * that size; keys
+//                            channel-major (code c * 128 + t), values token-major (t * head_dim + c)
+//                            (kernels/kv_pack.h: 128 codes of a block are 16 * bits bytes).
+//   value_low, value_high:   fp16 bits [ph][128], the per-token thresholds.
+//   value_outlier_channel:   uint8 [ph][128][n_value_outliers] ascending; value_outlier_value: fp16 bits,
+//                            same shape. They replace the dequantized value.
+//   key_outlier_count:       uint8 [ph][128], outliers of each token (0 for absent tokens).
+//   key_outlier_offset:      int64 [ph], the index in key_outlier_channel / key_outlier_value of the
+//                            page's first outlier; a token's outliers follow those of earlier tokens of
+//                            the page, in ascending channel order (kv_codecs.cc's flat list, paged).
+// Calibration of this layer: key_low, key_high fp32 [n_kv_heads][head_dim] (per-channel thresholds),
+// key_codebook, value_codebook fp32 [2^bits]. RoPE: inv_freq fp32 [head_dim / 2] (RopeInverseFrequencies),
+// angles in double as ApplyRopeCpu.
+// All code and metadata arrays must be 16-byte aligned; the per-page strides above then are too.
+struct KvqStoreView {
+  int bits = 3;
+  int n_value_outliers = 0;  // KvqValueOutliersPerToken, at most head_dim - 1
+  const uint8_t* key_codes = nullptr;
+  const uint8_t* value_codes = nullptr;
+  const uint16_t* value_low = nullptr;
+  const uint16_t* value_high = nullptr;
+  const uint8_t* value_outlier_channel = nullptr;
+  const uint16_t* value_outlier_value = nullptr;
+  const uint8_t* key_outlier_count = nullptr;
+  const int64_t* key_outlier_offset = nullptr;
+  const uint8_t* key_outlier_channel = nullptr;
+  const uint16_t* key_outlier_value = nullptr;
+  const int32_t* page_table = nullptr;  // [batch][pages_per_request]
+  int64_t pages_per_request = 0;
+  const uint16_t* sink_k = nullptr;
+  const uint16_t* sink_v = nullptr;
+  int max_sink = 0;
+  const uint16_t* residual_k = nullptr;
+  const uint16_t* residual_v = nullptr;
+  int max_residual = 0;
+  const int32_t* sink_lens = nullptr;       // [batch]
+  const int32_t* quantized_lens = nullptr;  // [batch]
+  const int32_t* residual_lens = nullptr;   // [batch]
+  const int64_t* start_positions = nullptr; // [batch]
+  const float* key_low = nullptr;
+  const float* key_high = nullptr;
+  const float* key_codebook = nullptr;
+  const float* value_codebook = nullptr;
+  const float* inv_freq = nullptr;
+};
+
+// Decode: one query token per request, which sees every token of its stream.
+//   q:   fp32 [batch][n_heads][head_dim], RoPE applied at the query's position, unscaled.
+//   max_quantized_len: host-side upper bound of quantized_lens (plans the split; larger is safe).
+//   out: fp32 [batch][n_heads][head_dim];  lse: fp32 [batch][n_heads] (natural log).
+//   workspace: device scratch of at least KvqDecodeAttentionWorkspaceBytes(...) bytes.
+// One thread block owns (KV split, KV head, group tile of up to 4 query heads, request) and reads each
+// page of its split once for the whole group (GQA); one more block per (KV head, tile, request) takes
+// the fp16 sink and residual. The splits' partials are merged by MergePartialsCuda. Keys are
+// dequantized (codebook, per-channel thresholds, exact outliers) and rotated at their positions inside
+// the kernel. Supported: head_dim 64, 128; bits 3 (2 and 4 too unless KVSHARD_QUICK_KERNELS).
+struct KvqDecodeAttentionArgs {
+  const float* q = nullptr;
+  KvqStoreView kv;
+  int64_t max_quantized_len = 0;
+  int batch = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  float scale = 0.0f;  // usually 1/sqrt(head_dim)
+  float* out = nullptr;
+  float* lse = nullptr;
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+  int max_splits = 0;  // 0: choose; otherwise an upper bound on the quantized splits per request
+};
+
+int64_t KvqDecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim);
+
+absl::Status KvqDecodeAttentionCuda(const KvqDecodeAttentionArgs& args, cudaStream_t stream);
+
+// The number of quantized splits per request KvqDecodeAttentionCuda would use (benchmarks, tests).
+int KvqDecodeAttentionSplits(const KvqDecodeAttentionArgs& args);
+
+}  // namespace kvshard

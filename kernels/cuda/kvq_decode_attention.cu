@@ -1,0 +1,712 @@
+// Fused split-KV decode attention over the kvq<b> store (kvq_attention.h).
+//
+// One thread block owns (split, KV head, group tile of up to 4 query heads, request); its four warps
+// take the split's 128-token pages in turn. Per page a warp
+//   A. stages the page's key and value codes and their per-token metadata into its shared memory with
+//      16-byte cp.async loads (a b-bit page stream is 16 * b * head_dim bytes);
+//   B. computes the dense key scores: head_dim/8 lanes share a token, each lane owns 4 RoPE pairs
+//      (i, i + head_dim/2), reads its channels' codes of 32 tokens as b whole 32-bit words (keys are
+//      channel-major), dequantizes through the key codebook and the per-channel thresholds, rotates
+//      (angles from double at every 32nd token, stepped in fp32 in between) and dots with the query
+//      group held in registers;
+//   C. adds the key outliers: a stored outlier replaces the pre-RoPE key value, so its score changes by
+//      (outlier - dequantized) times the query rotated back at that channel (RoPE is linear);
+//   D. runs the online softmax over the page (log2 domain);
+//   E. accumulates values: x = (low + half) + u * half with half = (high - low) / 2, so the
+//      channel-independent part is one sum per token and each code costs a table read and the group's FMAs;
+//   F. adds the value outliers (p * (outlier - dequantized)) through a shared per-warp correction row.
+// One more block per (KV head, tile, request) takes the fp16 sink (after RoPE) and residual (rotated
+// here). The block's warps combine in shared memory; MergePartialsCuda merges the splits.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/dispatch.cuh"
+#include "kernels/cuda/kvq_attention.h"
+#include "kernels/kv_pack.h"
+
+// KV_DISPATCH_KVQ_BITS(bits, BITS, { ... }) binds the code width.
+#if defined(KVSHARD_QUICK_KERNELS)
+#define KV_DISPATCH_KVQ_BITS(bits, BITS, ...)                                                    \
+  [&]() -> ::absl::Status {                                                                     \
+    if ((bits) == 3) {                                                                          \
+      constexpr int BITS = 3;                                                                   \
+      __VA_ARGS__                                                                               \
+    }                                                                                           \
+    if ((bits) == 2 || (bits) == 4) {                                                           \
+      return ::absl::InvalidArgumentError(::absl::StrCat(                                       \
+          "kvq bits ", bits, " is not built (this build has KVSHARD_QUICK_KERNELS: 3 only)"));   \
+    }                                                                                           \
+    return ::absl::InvalidArgumentError(                                                        \
+        ::absl::StrCat("kvq bits ", bits, " is not supported (supported: 2, 3, 4)"));            \
+  }()
+#else
+#define KV_DISPATCH_KVQ_BITS(bits, BITS, ...)                                                    \
+  [&]() -> ::absl::Status {                                                                     \
+    switch (bits) {                                                                             \
+      case 2: {                                                                                 \
+        constexpr int BITS = 2;                                                                 \
+        __VA_ARGS__                                                                             \
+      }                                                                                         \
+      case 3: {                                                                                 \
+        constexpr int BITS = 3;                                                                 \
+        __VA_ARGS__                                                                             \
+      }                                                                                         \
+      case 4: {                                                                                 \
+        constexpr int BITS = 4;                                                                 \
+        __VA_ARGS__                                                                             \
+      }                                                                                         \
+      default:                                                                                  \
+        return ::absl::InvalidArgumentError(                                                    \
+            ::absl::StrCat("kvq bits ", bits, " is not supported (supported: 2, 3, 4)"));        \
+    }                                                                                           \
+  }()
+#endif
+
+namespace kvshard {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kGroupTile = 4;       // query heads per block (Llama-3: group 4; SmolLM2: group 3)
+constexpr int kPage = 128;          // quantized tokens per page (kv_codecs.h's kPageTokens)
+constexpr int kMaxSplits = 128;
+constexpr int kMinPagesPerSplit = 8;  // two pages per warp: below that the per-block setup dominates
+
+// Shared memory layout (bytes), the same on host and device.
+template <int HEAD_DIM, int BITS>
+struct Smem {
+  static constexpr int kCodeBytes = 16 * BITS * HEAD_DIM;  // one page stream of 128 * HEAD_DIM codes
+  // Block part.
+  static constexpr int kQ = 0;                                      // float [4][HEAD_DIM], scaled (log2)
+  static constexpr int kKeyMid = kQ + 4 * kGroupTile * HEAD_DIM;    // float [HEAD_DIM]
+  static constexpr int kKeyHalf = kKeyMid + 4 * HEAD_DIM;           // float [HEAD_DIM]
+  static constexpr int kCodebook = kKeyHalf + 4 * HEAD_DIM;         // float [16] keys, [16] values
+  static constexpr int kInvFreq = kCodebook + 4 * 32;               // float [HEAD_DIM / 2]
+  static constexpr int kStateM = kInvFreq + 2 * HEAD_DIM;           // float [kWarps][4]
+  static constexpr int kStateL = kStateM + 4 * kWarps * kGroupTile; // float [kWarps][4]
+  static constexpr int kWarpBase = kStateL + 4 * kWarps * kGroupTile;
+  // Per-warp part, at kWarpBase + warp * WarpBytes(n_out).
+  static constexpr int kKeyCodes = 0;
+  static constexpr int kValueCodes = kKeyCodes + kCodeBytes + 16;  // +16: reads may touch one word past
+  static constexpr int kLow = kValueCodes + kCodeBytes + 16;       // fp16 [128]
+  static constexpr int kHigh = kLow + 2 * kPage;                   // fp16 [128]
+  static constexpr int kCount = kHigh + 2 * kPage;                 // u8 [128]
+  static constexpr int kScores = kCount + kPage;                   // float [128][4]
+  static constexpr int kCorr = kScores + 4 * kPage * kGroupTile;   // float [4][HEAD_DIM]
+  static constexpr int kOutlierChannel = kCorr + 4 * kGroupTile * HEAD_DIM;  // u8 [128][n_out]
+  __host__ __device__ static int OutlierValue(int n_out) { return kOutlierChannel + kPage * n_out; }
+  __host__ __device__ static int WarpBytes(int n_out) { return OutlierValue(n_out) + 2 * kPage * n_out; }
+  __host__ __device__ static int Total(int n_out) { return kWarpBase + kWarps * WarpBytes(n_out); }
+  static_assert(kWarpBase % 16 == 0 && kValueCodes % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
+                    kOutlierChannel % 16 == 0,
+                "cp.async destinations must be 16-byte aligned");
+  // The block's combine reuses the warp area: float [kWarps][4][HEAD_DIM].
+  static_assert(kWarps * kGroupTile * HEAD_DIM * 4 <= kWarps * kOutlierChannel, "combine state must fit");
+};
+
+struct KvqParams {
+  const float* q;
+  KvqStoreView kv;
+  int n_heads;
+  int n_kv_heads;
+  int group;
+  int n_group_tiles;
+  float scale_log2;
+  int64_t split_pages;
+  int num_splits;  // quantized splits; block num_splits takes the fp16 tokens
+  float* out;      // [num_splits + 1][rows][HEAD_DIM]
+  float* lse;      // [num_splits + 1][rows]
+  int64_t rows;
+};
+
+// Code `index` of a packed stream held as 32-bit words (bits <= 8, may straddle two words).
+template <int BITS>
+__device__ __forceinline__ uint32_t CodeAt(const uint32_t* words, int index) {
+  const int bit = index * BITS;
+  const uint32_t lo = words[bit >> 5];
+  const uint32_t hi = words[(bit >> 5) + 1];
+  return __funnelshift_r(lo, hi, bit & 31) & ((1u << BITS) - 1u);
+}
+
+// Copies `bytes` (a multiple of 16) from global to shared memory with the warp's lanes, 16 bytes each.
+__device__ __forceinline__ void StageAsync(void* smem, const void* gmem, int bytes, int lane) {
+  for (int off = lane * 16; off < bytes; off += 32 * 16) {
+    CpAsync16(static_cast<char*>(smem) + off, static_cast<const char*>(gmem) + off, true);
+  }
+}
+
+__device__ __forceinline__ void RopeAngle(int64_t position, float inv_freq, float* c, float* s) {
+  double sn, cs;
+  sincos(static_cast<double>(position) * static_cast<double>(inv_freq), &sn, &cs);
+  *c = static_cast<float>(cs);
+  *s = static_cast<float>(sn);
+}
+
+template <int HEAD_DIM, int BITS>
+__global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
+  using L = Smem<HEAD_DIM, BITS>;
+  constexpr int kHalf = HEAD_DIM / 2;
+  constexpr int kLanesPerToken = HEAD_DIM / 8;       // 16 (d=128) or 8 (d=64)
+  constexpr int kTokenGroups = 32 / kLanesPerToken;  // 2 or 4
+  constexpr int kGroupTokens = kPage / kTokenGroups; // 64 or 32 contiguous tokens per lane group
+  constexpr int kChunks = kGroupTokens / 32;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  constexpr float kNegInf = -INFINITY;
+  static_assert(kGroupTokens % 32 == 0, "chunks of 32 tokens");
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* q_s = reinterpret_cast<float*>(smem + L::kQ);
+  float* mid_s = reinterpret_cast<float*>(smem + L::kKeyMid);
+  float* half_s = reinterpret_cast<float*>(smem + L::kKeyHalf);
+  float* cbk_s = reinterpret_cast<float*>(smem + L::kCodebook);
+  float* cbv_s = cbk_s + 16;
+  float* invf_s = reinterpret_cast<float*>(smem + L::kInvFreq);
+  float* state_m = reinterpret_cast<float*>(smem + L::kStateM);
+  float* state_l = reinterpret_cast<float*>(smem + L::kStateL);
+
+  const int n_out = p.kv.n_value_outliers;
+  const int split = blockIdx.x;
+  const int kv_head = blockIdx.y / p.n_group_tiles;
+  const int g0 = (blockIdx.y % p.n_group_tiles) * kGroupTile;
+  const int request = blockIdx.z;
+  const int n_group = min(kGroupTile, p.group - g0);
+  const int first_head = kv_head * p.group + g0;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  unsigned char* wbase = smem + L::kWarpBase + warp * L::WarpBytes(n_out);
+  float* scores_s = reinterpret_cast<float*>(wbase + L::kScores);
+  float* corr_s = reinterpret_cast<float*>(wbase + L::kCorr);
+
+  for (int i = threadIdx.x; i < kGroupTile * HEAD_DIM; i += kThreads) {
+    const int g = i / HEAD_DIM;
+    q_s[i] = g < n_group ? p.q[(static_cast<int64_t>(request) * p.n_heads + first_head + g) * HEAD_DIM +
+                               i % HEAD_DIM] * p.scale_log2
+                         : 0.0f;
+  }
+  for (int c = threadIdx.x; c < HEAD_DIM; c += kThreads) {
+    const float lo = p.kv.key_low[kv_head * HEAD_DIM + c];
+    const float hi = p.kv.key_high[kv_head * HEAD_DIM + c];
+    const float half = (hi - lo) * 0.5f;
+    mid_s[c] = lo + half;
+    half_s[c] = half;
+  }
+  if (threadIdx.x < (1 << BITS)) {
+    cbk_s[threadIdx.x] = p.kv.key_codebook[threadIdx.x];
+    cbv_s[threadIdx.x] = p.kv.value_codebook[threadIdx.x];
+  }
+  for (int i = threadIdx.x; i < kHalf; i += kThreads) invf_s[i] = p.kv.inv_freq[i];
+  for (int i = lane; i < kGroupTile * HEAD_DIM; i += 32) corr_s[i] = 0.0f;
+  __syncthreads();
+
+  const int sink_len = p.kv.sink_lens[request];
+  const int64_t quantized_len = p.kv.quantized_lens[request];
+  const int residual_len = p.kv.residual_lens[request];
+  const int64_t start_position = p.kv.start_positions[request];
+  const int64_t stream = static_cast<int64_t>(request) * p.n_kv_heads + kv_head;
+
+  float m[kGroupTile], l[kGroupTile];
+#pragma unroll
+  for (int g = 0; g < kGroupTile; ++g) {
+    m[g] = kNegInf;
+    l[g] = 0.0f;
+  }
+  // This lane's output channels and their accumulators, written to the combine state at the end.
+  float* state_acc = reinterpret_cast<float*>(smem + L::kWarpBase);  // valid after the last barrier
+
+  if (split < p.num_splits) {
+    // ---- quantized pages ----
+    const int kg = lane % kLanesPerToken;  // channel group
+    const int tg = lane / kLanesPerToken;  // token group
+    float qr[kGroupTile][8], mid[8], half[8], step_c[4], step_s[4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int c = (j < 4) ? kg + kLanesPerToken * j : kHalf + kg + kLanesPerToken * (j - 4);
+      mid[j] = mid_s[c];
+      half[j] = half_s[c];
+#pragma unroll
+      for (int g = 0; g < kGroupTile; ++g) qr[g][j] = q_s[g * HEAD_DIM + c];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) RopeAngle(1, invf_s[kg + kLanesPerToken * j], &step_c[j], &step_s[j]);
+    float acc[kGroupTile][8], beta[kGroupTile];
+#pragma unroll
+    for (int g = 0; g < kGroupTile; ++g) {
+      beta[g] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) acc[g][c] = 0.0f;
+    }
+
+    const int64_t total_pages = (quantized_len + kPage - 1) / kPage;
+    const int64_t page_begin = static_cast<int64_t>(split) * p.split_pages;
+    const int64_t page_end = min(total_pages, page_begin + p.split_pages);
+    const uint32_t* kcodes = reinterpret_cast<const uint32_t*>(wbase + L::kKeyCodes);
+    const uint32_t* vcodes = reinterpret_cast<const uint32_t*>(wbase + L::kValueCodes);
+    const __half* low_s = reinterpret_cast<const __half*>(wbase + L::kLow);
+    const __half* high_s = reinterpret_cast<const __half*>(wbase + L::kHigh);
+    const uint8_t* count_s = wbase + L::kCount;
+    const uint8_t* och_s = wbase + L::kOutlierChannel;
+    const __half* oval_s = reinterpret_cast<const __half*>(wbase + L::OutlierValue(n_out));
+
+    for (int64_t pg = page_begin + warp; pg < page_end; pg += kWarps) {
+      const int64_t phys = p.kv.page_table[static_cast<int64_t>(request) * p.kv.pages_per_request + pg];
+      const int64_t ph = phys * p.n_kv_heads + kv_head;
+      const int n_valid = static_cast<int>(min(static_cast<int64_t>(kPage), quantized_len - pg * kPage));
+      const int64_t position0 = start_position + sink_len + pg * kPage;
+
+      // A. Stage the page.
+      __syncwarp();
+      StageAsync(wbase + L::kKeyCodes, p.kv.key_codes + ph * L::kCodeBytes, L::kCodeBytes, lane);
+      StageAsync(wbase + L::kValueCodes, p.kv.value_codes + ph * L::kCodeBytes, L::kCodeBytes, lane);
+      StageAsync(wbase + L::kLow, p.kv.value_low + ph * kPage, 2 * kPage, lane);
+      StageAsync(wbase + L::kHigh, p.kv.value_high + ph * kPage, 2 * kPage, lane);
+      StageAsync(wbase + L::kCount, p.kv.key_outlier_count + ph * kPage, kPage, lane);
+      if (n_out > 0) {
+        StageAsync(wbase + L::kOutlierChannel, p.kv.value_outlier_channel + ph * kPage * n_out, kPage * n_out,
+                   lane);
+        StageAsync(wbase + L::OutlierValue(n_out), p.kv.value_outlier_value + ph * kPage * n_out,
+                   2 * kPage * n_out, lane);
+      }
+      CpAsyncCommit();
+      CpAsyncWait<0>();
+      __syncwarp();
+
+      // B. Dense key scores of this lane group's tokens, 32 at a time.
+#pragma unroll 1
+      for (int chunk = 0; chunk < kChunks; ++chunk) {
+        const int t0 = tg * kGroupTokens + chunk * 32;
+        uint32_t words[8][BITS + 1];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int c = (j < 4) ? kg + kLanesPerToken * j : kHalf + kg + kLanesPerToken * (j - 4);
+          // Channel c's 128 codes are 4 * BITS words; tokens t0 .. t0 + 31 are BITS of them.
+#pragma unroll
+          for (int w = 0; w < BITS; ++w) words[j][w] = kcodes[c * 4 * BITS + (t0 / 32) * BITS + w];
+          words[j][BITS] = 0;
+        }
+        float cs[4], sn[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) RopeAngle(position0 + t0, invf_s[kg + kLanesPerToken * j], &cs[j], &sn[j]);
+#pragma unroll
+        for (int t = 0; t < 32; ++t) {
+          float s[kGroupTile];
+#pragma unroll
+          for (int g = 0; g < kGroupTile; ++g) s[g] = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int bit = t * BITS;
+            const uint32_t ca = __funnelshift_r(words[j][bit >> 5], words[j][(bit >> 5) + 1], bit & 31) & kMask;
+            const uint32_t cb = __funnelshift_r(words[j + 4][bit >> 5], words[j + 4][(bit >> 5) + 1], bit & 31) & kMask;
+            const float a = fmaf(half[j], cbk_s[ca], mid[j]);
+            const float b = fmaf(half[j + 4], cbk_s[cb], mid[j + 4]);
+            const float ra = a * cs[j] - b * sn[j];
+            const float rb = b * cs[j] + a * sn[j];
+#pragma unroll
+            for (int g = 0; g < kGroupTile; ++g) s[g] = fmaf(qr[g][j], ra, fmaf(qr[g][j + 4], rb, s[g]));
+            const float nc = cs[j] * step_c[j] - sn[j] * step_s[j];
+            sn[j] = sn[j] * step_c[j] + cs[j] * step_s[j];
+            cs[j] = nc;
+          }
+#pragma unroll
+          for (int off = kLanesPerToken / 2; off > 0; off >>= 1)
+#pragma unroll
+            for (int g = 0; g < kGroupTile; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], off);
+          if (kg == 0) {
+            reinterpret_cast<float4*>(scores_s)[t0 + t] = make_float4(s[0], s[1], s[2], s[3]);
+          }
+        }
+      }
+      __syncwarp();
+
+      // C. Key outliers; lane owns tokens 4 * lane .. 4 * lane + 3.
+      {
+        int counts[4], local = 0;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          counts[u] = (4 * lane + u < n_valid) ? count_s[4 * lane + u] : 0;
+          local += counts[u];
+        }
+        int incl = local;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const int other = __shfl_up_sync(0xffffffffu, incl, off);
+          if (lane >= off) incl += other;
+        }
+        int64_t idx = p.kv.key_outlier_offset[ph] + (incl - local);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int tok = 4 * lane + u;
+          for (int e = 0; e < counts[u]; ++e, ++idx) {
+            const int ch = p.kv.key_outlier_channel[idx];
+            const float value = __half2float(__ushort_as_half(p.kv.key_outlier_value[idx]));
+            const uint32_t code = CodeAt<BITS>(kcodes, ch * kPage + tok);
+            const float delta = value - fmaf(half_s[ch], cbk_s[code], mid_s[ch]);
+            const int i = ch % kHalf;
+            float c, s;
+            RopeAngle(position0 + tok, invf_s[i], &c, &s);
+            float* sc = scores_s + tok * kGroupTile;
+#pragma unroll
+            for (int g = 0; g < kGroupTile; ++g) {
+              const float qa = q_s[g * HEAD_DIM + i], qb = q_s[g * HEAD_DIM + i + kHalf];
+              const float w = ch < kHalf ? qa * c + qb * s : qb * c - qa * s;
+              sc[g] = fmaf(delta, w, sc[g]);
+            }
+          }
+        }
+      }
+      __syncwarp();
+
+      // D. Online softmax over the page (log2 domain).
+      {
+        float4 sv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          sv[u] = (4 * lane + u < n_valid) ? reinterpret_cast<const float4*>(scores_s)[4 * lane + u]
+                                           : make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+        }
+        float corr[kGroupTile];
+#pragma unroll
+        for (int g = 0; g < kGroupTile; ++g) {
+          float page_max = kNegInf;
+#pragma unroll
+          for (int u = 0; u < 4; ++u) page_max = fmaxf(page_max, reinterpret_cast<const float*>(&sv[u])[g]);
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) page_max = fmaxf(page_max, __shfl_xor_sync(0xffffffffu, page_max, off));
+          const float new_max = fmaxf(m[g], page_max);  // finite: the page has a valid token
+          corr[g] = exp2f(m[g] - new_max);
+          float sum = 0.0f;
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            float* x = reinterpret_cast<float*>(&sv[u]) + g;
+            *x = exp2f(*x - new_max);
+            sum += *x;
+          }
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+          l[g] = l[g] * corr[g] + sum;
+          m[g] = new_max;
+          beta[g] *= corr[g];
+#pragma unroll
+          for (int c = 0; c < 8; ++c) acc[g][c] *= corr[g];
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) reinterpret_cast<float4*>(scores_s)[4 * lane + u] = sv[u];
+      }
+      __syncwarp();
+
+      // E. Values: lane owns channels 8 * kg .. 8 * kg + 7 of its token group's tokens.
+      {
+        const int t_begin = tg * kGroupTokens;
+        const int t_end = min(t_begin + kGroupTokens, n_valid);
+#pragma unroll 4
+        for (int tok = t_begin; tok < t_end; ++tok) {
+          const float4 pr = reinterpret_cast<const float4*>(scores_s)[tok];
+          const float lo = __half2float(low_s[tok]);
+          const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
+          const float base = lo + hh;
+          const float pg4[4] = {pr.x, pr.y, pr.z, pr.w};
+          float alpha[kGroupTile];
+#pragma unroll
+          for (int g = 0; g < kGroupTile; ++g) {
+            alpha[g] = pg4[g] * hh;
+            beta[g] = fmaf(pg4[g], base, beta[g]);
+          }
+          const int bit = (tok * (HEAD_DIM / 8) + kg) * 8 * BITS;
+          const uint32_t packed = __funnelshift_r(vcodes[bit >> 5], vcodes[(bit >> 5) + 1], bit & 31);
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            const float u = cbv_s[(packed >> (BITS * c)) & kMask];
+#pragma unroll
+            for (int g = 0; g < kGroupTile; ++g) acc[g][c] = fmaf(alpha[g], u, acc[g][c]);
+          }
+        }
+      }
+
+      // F. Value outliers, through the warp's correction row.
+      if (n_out > 0) {
+        for (int e = lane; e < n_valid * n_out; e += 32) {
+          const int tok = e / n_out;
+          const int ch = och_s[e];
+          const float lo = __half2float(low_s[tok]);
+          const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
+          const uint32_t code = CodeAt<BITS>(vcodes, tok * HEAD_DIM + ch);
+          const float delta = __half2float(oval_s[e]) - fmaf(cbv_s[code], hh, lo + hh);
+          const float4 pr = reinterpret_cast<const float4*>(scores_s)[tok];
+          atomicAdd(&corr_s[0 * HEAD_DIM + ch], pr.x * delta);
+          atomicAdd(&corr_s[1 * HEAD_DIM + ch], pr.y * delta);
+          atomicAdd(&corr_s[2 * HEAD_DIM + ch], pr.z * delta);
+          atomicAdd(&corr_s[3 * HEAD_DIM + ch], pr.w * delta);
+        }
+        __syncwarp();
+        if (tg == 0) {
+#pragma unroll
+          for (int g = 0; g < kGroupTile; ++g)
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+              float* x = &corr_s[g * HEAD_DIM + 8 * kg + c];
+              acc[g][c] += *x;
+              *x = 0.0f;
+            }
+        }
+      }
+    }
+
+    // The warp's state: sum the token groups' accumulators (each plus its token-independent part).
+#pragma unroll
+    for (int g = 0; g < kGroupTile; ++g)
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        float x = acc[g][c] + beta[g];
+#pragma unroll
+        for (int off = kLanesPerToken; off < 32; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+        acc[g][c] = x;
+      }
+    __syncthreads();  // every warp is done with its staging area, which the combine state reuses
+    if (tg == 0) {
+#pragma unroll
+      for (int g = 0; g < kGroupTile; ++g) {
+        float4* dst = reinterpret_cast<float4*>(&state_acc[(warp * kGroupTile + g) * HEAD_DIM + 8 * kg]);
+        dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+        dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+      }
+    }
+  } else {
+    // ---- fp16 tokens: the sink (after RoPE) and the residual (pre-RoPE, rotated here) ----
+    constexpr int kPairs = kHalf / 32;  // RoPE pairs per lane: i = lane + 32 j
+    float acc[kGroupTile][2 * kPairs];
+#pragma unroll
+    for (int g = 0; g < kGroupTile; ++g)
+#pragma unroll
+      for (int c = 0; c < 2 * kPairs; ++c) acc[g][c] = 0.0f;
+    const int n_fp = sink_len + residual_len;
+    for (int f = warp; f < n_fp; f += kWarps) {
+      const bool in_sink = f < sink_len;
+      const int64_t row = in_sink ? (stream * p.kv.max_sink + f) * HEAD_DIM
+                                  : (stream * p.kv.max_residual + (f - sink_len)) * HEAD_DIM;
+      const uint16_t* kp = (in_sink ? p.kv.sink_k : p.kv.residual_k) + row;
+      const uint16_t* vp = (in_sink ? p.kv.sink_v : p.kv.residual_v) + row;
+      const int64_t position = start_position + (in_sink ? f : sink_len + quantized_len + (f - sink_len));
+      float s[kGroupTile];
+#pragma unroll
+      for (int g = 0; g < kGroupTile; ++g) s[g] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kPairs; ++j) {
+        const int i = lane + 32 * j;
+        float a = __half2float(__ushort_as_half(kp[i]));
+        float b = __half2float(__ushort_as_half(kp[i + kHalf]));
+        if (!in_sink) {
+          float c, sn;
+          RopeAngle(position, invf_s[i], &c, &sn);
+          const float ra = a * c - b * sn;
+          b = b * c + a * sn;
+          a = ra;
+        }
+#pragma unroll
+        for (int g = 0; g < kGroupTile; ++g)
+          s[g] = fmaf(q_s[g * HEAD_DIM + i], a, fmaf(q_s[g * HEAD_DIM + i + kHalf], b, s[g]));
+      }
+#pragma unroll
+      for (int g = 0; g < kGroupTile; ++g) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s[g] += __shfl_xor_sync(0xffffffffu, s[g], off);
+        const float new_max = fmaxf(m[g], s[g]);
+        const float corr = exp2f(m[g] - new_max);
+        const float pr = exp2f(s[g] - new_max);
+        l[g] = l[g] * corr + pr;
+        m[g] = new_max;
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) {
+          const int i = lane + 32 * j;
+          acc[g][2 * j] = fmaf(pr, __half2float(__ushort_as_half(vp[i])), acc[g][2 * j] * corr);
+          acc[g][2 * j + 1] = fmaf(pr, __half2float(__ushort_as_half(vp[i + kHalf])), acc[g][2 * j + 1] * corr);
+        }
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < kGroupTile; ++g)
+#pragma unroll
+      for (int j = 0; j < kPairs; ++j) {
+        const int i = lane + 32 * j;
+        state_acc[(warp * kGroupTile + g) * HEAD_DIM + i] = acc[g][2 * j];
+        state_acc[(warp * kGroupTile + g) * HEAD_DIM + i + kHalf] = acc[g][2 * j + 1];
+      }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < kGroupTile; ++g) {
+      state_m[warp * kGroupTile + g] = m[g];
+      state_l[warp * kGroupTile + g] = l[g];
+    }
+  }
+  __syncthreads();
+
+  // Combine the warps' softmax states; write this split's partial (natural-log lse).
+  for (int idx = threadIdx.x; idx < n_group * HEAD_DIM; idx += kThreads) {
+    const int g = idx / HEAD_DIM;
+    const int c = idx % HEAD_DIM;
+    float max_all = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) max_all = fmaxf(max_all, state_m[w * kGroupTile + g]);
+    float total = 0.0f, value = 0.0f;
+    if (max_all != kNegInf) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float wt = exp2f(state_m[w * kGroupTile + g] - max_all);
+        total = fmaf(state_l[w * kGroupTile + g], wt, total);
+        value = fmaf(state_acc[(w * kGroupTile + g) * HEAD_DIM + c], wt, value);
+      }
+    }
+    const int64_t row = static_cast<int64_t>(request) * p.n_heads + first_head + g;
+    const int64_t out_row = static_cast<int64_t>(split) * p.rows + row;
+    const bool empty = total == 0.0f;
+    p.out[out_row * HEAD_DIM + c] = empty ? 0.0f : value / total;
+    if (c == 0) p.lse[out_row] = empty ? kNegInf : (max_all + log2f(total)) * kLn2;
+  }
+}
+
+absl::Status ValidateKvqDecode(const KvqDecodeAttentionArgs& a) {
+  if (a.batch < 0 || a.n_heads <= 0 || a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("KvqDecodeAttentionCuda: bad heads n_heads=", a.n_heads,
+                                                   " n_kv_heads=", a.n_kv_heads, " batch=", a.batch));
+  }
+  if (a.batch > 65535) return absl::InvalidArgumentError("KvqDecodeAttentionCuda: batch over 65535");
+  if (a.max_quantized_len < 0 || a.kv.pages_per_request * kPage < a.max_quantized_len) {
+    return absl::InvalidArgumentError(absl::StrCat("KvqDecodeAttentionCuda: max_quantized_len ",
+                                                   a.max_quantized_len, " exceeds pages_per_request * 128"));
+  }
+  if (a.kv.n_value_outliers < 0 || a.kv.n_value_outliers >= a.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat("KvqDecodeAttentionCuda: n_value_outliers ",
+                                                   a.kv.n_value_outliers, " not in [0, head_dim)"));
+  }
+  if (a.kv.max_sink < 0 || a.kv.max_residual < 0) {
+    return absl::InvalidArgumentError("KvqDecodeAttentionCuda: negative sink or residual capacity");
+  }
+  if (a.batch > 0) {
+    const KvqStoreView& k = a.kv;
+    if (a.q == nullptr || a.out == nullptr || a.lse == nullptr || k.sink_lens == nullptr ||
+        k.quantized_lens == nullptr || k.residual_lens == nullptr || k.start_positions == nullptr ||
+        k.key_low == nullptr || k.key_high == nullptr || k.key_codebook == nullptr ||
+        k.value_codebook == nullptr || k.inv_freq == nullptr || a.workspace == nullptr) {
+      return absl::InvalidArgumentError("KvqDecodeAttentionCuda: null pointer");
+    }
+    if (a.max_quantized_len > 0 &&
+        (k.key_codes == nullptr || k.value_codes == nullptr || k.value_low == nullptr ||
+         k.value_high == nullptr || k.key_outlier_count == nullptr || k.key_outlier_offset == nullptr ||
+         k.page_table == nullptr ||
+         (k.n_value_outliers > 0 && (k.value_outlier_channel == nullptr || k.value_outlier_value == nullptr)))) {
+      return absl::InvalidArgumentError("KvqDecodeAttentionCuda: null page pointer");
+    }
+    if ((k.max_sink > 0 && (k.sink_k == nullptr || k.sink_v == nullptr)) ||
+        (k.max_residual > 0 && (k.residual_k == nullptr || k.residual_v == nullptr))) {
+      return absl::InvalidArgumentError("KvqDecodeAttentionCuda: null sink or residual pointer");
+    }
+  }
+  return absl::OkStatus();
+}
+
+struct KvqPlan {
+  int splits = 1;
+  int64_t split_pages = 1;
+};
+
+// Minimises waves of blocks times pages per warp, plus a per-block setup cost of about a page.
+KvqPlan PlanKvq(const KvqDecodeAttentionArgs& a, int blocks_per_sm, int sm_count) {
+  const int group = a.n_heads / a.n_kv_heads;
+  const int64_t base = static_cast<int64_t>(a.batch) * a.n_kv_heads * CeilDiv(group, kGroupTile);
+  const int64_t capacity = std::max<int64_t>(1, static_cast<int64_t>(blocks_per_sm) * sm_count);
+  const int64_t pages = std::max<int64_t>(1, CeilDiv(a.max_quantized_len, kPage));
+  int64_t limit = std::min<int64_t>(kMaxSplits, CeilDiv(pages, kMinPagesPerSplit));
+  if (a.max_splits > 0) limit = std::min<int64_t>(limit, a.max_splits);
+  const int64_t partial_bytes = static_cast<int64_t>(a.batch) * a.n_heads * (a.head_dim + 1) * 4;
+  if (partial_bytes > 0) limit = std::min<int64_t>(limit, a.workspace_bytes / partial_bytes - 1);
+  limit = std::max<int64_t>(limit, 1);
+  KvqPlan best;
+  double best_cost = -1.0;
+  for (int64_t s = 1; s <= limit; ++s) {
+    const int64_t chunk = CeilDiv(pages, s);
+    if (s > 1 && (s - 1) * chunk >= pages) continue;
+    const double waves = static_cast<double>(CeilDiv(base * s, capacity));
+    const double cost = waves * (static_cast<double>(CeilDiv(chunk, kWarps)) + 1.0);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best.splits = static_cast<int>(s);
+      best.split_pages = chunk;
+    }
+  }
+  return best;
+}
+
+template <int HEAD_DIM, int BITS>
+absl::Status LaunchKvq(const KvqDecodeAttentionArgs& a, cudaStream_t stream, int* splits_only) {
+  auto kernel = KvqDecodeKernel<HEAD_DIM, BITS>;
+  const int smem = Smem<HEAD_DIM, BITS>::Total(a.kv.n_value_outliers);
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int blocks_per_sm = 0;
+  CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, smem));
+  if (blocks_per_sm == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("KvqDecodeAttentionCuda: ", smem,
+                                                   " bytes of shared memory per block do not fit"));
+  }
+  int device = 0, sm_count = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  const KvqPlan plan = PlanKvq(a, blocks_per_sm, sm_count);
+  if (splits_only != nullptr) {
+    *splits_only = plan.splits;
+    return absl::OkStatus();
+  }
+  if (a.batch == 0) return absl::OkStatus();
+  const int64_t rows = static_cast<int64_t>(a.batch) * a.n_heads;
+  if ((plan.splits + 1) * rows * (HEAD_DIM + 1) * 4 > a.workspace_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("KvqDecodeAttentionCuda: workspace of ", a.workspace_bytes,
+                                                   " bytes is too small"));
+  }
+  KvqParams p;
+  p.q = a.q;
+  p.kv = a.kv;
+  p.n_heads = a.n_heads;
+  p.n_kv_heads = a.n_kv_heads;
+  p.group = a.n_heads / a.n_kv_heads;
+  p.n_group_tiles = static_cast<int>(CeilDiv(p.group, kGroupTile));
+  p.scale_log2 = a.scale * kLog2e;
+  p.split_pages = plan.split_pages;
+  p.num_splits = a.max_quantized_len > 0 ? plan.splits : 0;
+  p.rows = rows;
+  p.out = static_cast<float*>(a.workspace);
+  p.lse = p.out + static_cast<int64_t>(p.num_splits + 1) * rows * HEAD_DIM;
+  const int64_t grid_y = static_cast<int64_t>(a.n_kv_heads) * p.n_group_tiles;
+  if (grid_y > 65535) return absl::InvalidArgumentError("KvqDecodeAttentionCuda: too many KV heads");
+  const dim3 grid(p.num_splits + 1, static_cast<unsigned>(grid_y), a.batch);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MergePartialsCuda(p.out, p.lse, p.num_splits + 1, rows, HEAD_DIM, a.out, a.lse, stream);
+}
+
+absl::Status DispatchKvq(const KvqDecodeAttentionArgs& a, cudaStream_t stream, int* splits_only) {
+  if (absl::Status s = ValidateKvqDecode(a); !s.ok()) return s;
+  return KV_DISPATCH_HEAD_DIM(a.head_dim, HEAD_DIM, {
+    return KV_DISPATCH_KVQ_BITS(a.kv.bits, BITS, { return LaunchKvq<HEAD_DIM, BITS>(a, stream, splits_only); });
+  });
+}
+
+}  // namespace
+
+int64_t KvqDecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim) {
+  return static_cast<int64_t>(kMaxSplits + 1) * batch * n_heads * (head_dim + 1) * 4;
+}
+
+absl::Status KvqDecodeAttentionCuda(const KvqDecodeAttentionArgs& args, cudaStream_t stream) {
+  return DispatchKvq(args, stream, nullptr);
+}
+
+int KvqDecodeAttentionSplits(const KvqDecodeAttentionArgs& args) {
+  int splits = 0;
+  if (!DispatchKvq(args, nullptr, &splits).ok()) return 0;
+  return splits;
+}
+
+}  // namespace kvshard
