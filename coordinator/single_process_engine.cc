@@ -11,15 +11,6 @@
 
 namespace kvshard {
 
-KvShardFactory FullPrecisionKvShardFactory() {
-  return [](const std::string& scheme, const KvGeometry& geometry,
-            int64_t start) -> absl::StatusOr<std::unique_ptr<KvShard>> {
-    if (scheme == "fp32") return MakeFullPrecisionKvShard(geometry, start, FullPrecision::kFp32);
-    if (scheme == "fp16") return MakeFullPrecisionKvShard(geometry, start, FullPrecision::kFp16);
-    return absl::InvalidArgumentError(absl::StrCat("unknown KV scheme '", scheme, "'"));
-  };
-}
-
 absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create(const std::string& model_path,
                                                                                   EngineOptions options) {
   KV_ASSIGN_OR_RETURN(ModelWeights weights, LoadModel(model_path));

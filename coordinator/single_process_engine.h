@@ -9,16 +9,10 @@
 #include "coordinator/engine.h"
 #include "kvstore/kv_shard.h"
 #include "worker/forward.h"
+#include "worker/kv_shard_factory.h"
 #include "worker/model.h"
 
 namespace kvshard {
-
-// Makes the KV shard of one request for a scheme name ("fp16", "kvq3", ...).
-using KvShardFactory = std::function<absl::StatusOr<std::unique_ptr<KvShard>>(
-    const std::string& scheme, const KvGeometry& geometry, int64_t start_position)>;
-
-// The factory of the unquantized schemes only ("fp32", "fp16").
-KvShardFactory FullPrecisionKvShardFactory();
 
 struct EngineOptions {
   std::string default_kv_scheme = "fp16";

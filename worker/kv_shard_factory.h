@@ -1,0 +1,23 @@
+// Makes the KV shard of one request on one worker for a scheme name ("fp16", "kvq3", ...). The
+// single-process engine and every worker of the distributed runtime create their shards through one of
+// these, so a new scheme plugs in by handing the engine a factory that knows it.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kvstore/kv_shard.h"
+
+namespace kvshard {
+
+// `start_position` is the absolute position of the shard's first token.
+using KvShardFactory = std::function<absl::StatusOr<std::unique_ptr<KvShard>>(
+    const std::string& scheme, const KvGeometry& geometry, int64_t start_position)>;
+
+// The factory of the unquantized schemes only ("fp32", "fp16").
+KvShardFactory FullPrecisionKvShardFactory();
+
+}  // namespace kvshard
