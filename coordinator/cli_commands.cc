@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -15,7 +16,7 @@
 #include "common/progress.h"
 #include "common/status.h"
 #include "coordinator/commands.h"
-#include "coordinator/single_process_engine.h"
+#include "coordinator/engine_factory.h"
 
 ABSL_FLAG(std::string, model, "",
           "Model: a .gguf file or a Hugging Face directory. Default: the cached demo model "
@@ -34,6 +35,7 @@ ABSL_FLAG(double, top_p, 1.0, "Nucleus sampling mass (1: all)");
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
 ABSL_FLAG(std::string, kv_scheme, "fp16", "KV cache scheme");
+ABSL_DECLARE_FLAG(int64_t, synthetic_fill_tokens);
 
 namespace kvshard {
 
@@ -112,10 +114,13 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
   std::fflush(stdout);
   const double prefill_rate = result.prefill_seconds > 0 ? n_prompt / result.prefill_seconds : 0;
   const double decode_rate = result.decode_seconds > 0 ? result.token_ids.size() / result.decode_seconds : 0;
+  const int64_t fill = absl::GetFlag(FLAGS_synthetic_fill_tokens);
+  const std::string fill_note =
+      fill > 0 ? absl::StrFormat("SYNTHETIC FILL of %d tokens before the prompt (their K/V is random); ", fill) : "";
   std::fprintf(stderr, "%s\n",
-               absl::StrFormat("kvshard: prompt %d tokens, prefill %.1f s (%.1f tokens/s); generated %d tokens "
+               absl::StrFormat("kvshard: %sprompt %d tokens, prefill %.1f s (%.1f tokens/s); generated %d tokens "
                                "in %.1f s (%.1f tokens/s); kv %s; finish %s",
-                               n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
+                               fill_note, n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
                                result.decode_seconds, decode_rate,
                                request.kv_scheme.empty() ? "default" : request.kv_scheme,
                                result.finish_reason == FinishReason::kStop ? "stop" : "length")
@@ -123,10 +128,7 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngine() {
-  KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
-  return SingleProcessEngine::Create(model_path, EngineOptions());
-}
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngine() { return CreateEngineFromFlags(); }
 
 }  // namespace
 

@@ -5,6 +5,10 @@
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
 #include "coordinator/commands.h"
+#include "coordinator/distributed_engine.h"
+#include "worker/kv_shard_factory.h"
+#include "worker/mpi_runtime.h"
+#include "worker/worker_runtime.h"
 
 namespace kvshard {
 
@@ -27,14 +31,17 @@ std::string Usage() {
   return usage;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+// Rank 0 (or the only process) runs the command; worker ranks serve the coordinator until it shuts them
+// down, whatever the command.
+int Main(int argc, char** argv, kvshard::MpiRuntime* mpi) {
+  const bool is_worker = mpi != nullptr && !mpi->is_coordinator();
   auto parsed = kvshard::ParseFlagsAndConfig(argc, argv, Usage());
   if (!parsed.ok()) {
-    std::fprintf(stderr, "kvshard: %s\n", std::string(parsed.status().message()).c_str());
+    // Every rank parses the same command line; one message is enough.
+    if (!is_worker) std::fprintf(stderr, "kvshard: %s\n", std::string(parsed.status().message()).c_str());
     return 2;
   }
+  if (is_worker) return kvshard::RunWorker(*mpi, kvshard::DefaultKvShardFactory());
   const std::vector<std::string>& args = *parsed;
   if (args.size() < 2) {
     std::fprintf(stderr, "%s\n", Usage().c_str());
@@ -51,4 +58,24 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr, "kvshard: unknown command '%s'\n\n%s\n", args[1].c_str(), Usage().c_str());
   return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  kvshard::MpiRuntime* mpi = nullptr;
+  if (kvshard::LaunchedByMpirunWithPeers()) {
+    auto runtime = kvshard::MpiRuntime::Initialize(&argc, &argv);
+    if (!runtime.ok()) {
+      std::fprintf(stderr, "kvshard: %s\n", std::string(runtime.status().message()).c_str());
+      return 2;
+    }
+    mpi = *runtime;
+  }
+  const int code = Main(argc, argv, mpi);
+  if (mpi != nullptr) {
+    if (mpi->is_coordinator()) kvshard::ShutdownWorkers(*mpi);
+    mpi->Finalize();
+  }
+  return code;
 }

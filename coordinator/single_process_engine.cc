@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
-#include "coordinator/stop_strings.h"
+#include "coordinator/generation_stream.h"
 #include "worker/model_loader.h"
 
 namespace kvshard {
@@ -24,6 +24,14 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create
   }
   std::string name = weights.config.name.empty() ? std::filesystem::path(model_path).stem().string()
                                                  : weights.config.name;
+  return std::unique_ptr<SingleProcessEngine>(
+      new SingleProcessEngine(std::move(weights), std::move(tokenizer), std::move(name), std::move(options)));
+}
+
+std::unique_ptr<SingleProcessEngine> SingleProcessEngine::Create(ModelWeights weights,
+                                                                 std::unique_ptr<Tokenizer> tokenizer,
+                                                                 EngineOptions options) {
+  std::string name = weights.config.name;
   return std::unique_ptr<SingleProcessEngine>(
       new SingleProcessEngine(std::move(weights), std::move(tokenizer), std::move(name), std::move(options)));
 }
@@ -69,36 +77,18 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
 
   // Generation stops at max_tokens or at the end of the context, whichever comes first.
   const int64_t budget = std::min<int64_t>(request.max_tokens, max_context() - n_prompt);
-  const std::vector<int32_t> stop_ids = tokenizer_->stop_ids();
   Sampler sampler(request.sampling);
-  Utf8StreamDecoder utf8;
-  StopStringFilter stops(request.stop);
-  result.finish_reason = FinishReason::kLength;
+  GenerationStream stream(*tokenizer_, request, on_token, result);
   const auto decode_start = Clock::now();
   int64_t pos = n_prompt;
   for (int64_t step = 0; step < budget; ++step) {
     const int32_t token = sampler.Sample(logits.data(), weights_.config.vocab_size);
-    if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
-      result.finish_reason = FinishReason::kStop;
-      break;
-    }
-    result.token_ids.push_back(token);
-    std::string piece = stops.Push(utf8.Push(tokenizer_->TokenBytes(token)));
-    if (on_token && !on_token(token, piece)) break;
-    if (stops.stopped()) {
-      result.finish_reason = FinishReason::kStop;
-      break;
-    }
+    if (!stream.Push(token)) break;
     if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
     KV_RETURN_IF_ERROR(model_.Forward(std::span<const int32_t>(&token, 1), pos, context, false, logits));
     ++pos;
   }
-  if (!stops.stopped()) {
-    std::string tail = stops.Push(utf8.Flush());
-    tail += stops.Flush();
-    if (!tail.empty() && on_token) on_token(-1, tail);
-  }
-  result.text = stops.text();
+  stream.Finish();
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - decode_start).count();
   return result;
 }

@@ -16,7 +16,7 @@ namespace kvshard {
 
 struct EngineOptions {
   std::string default_kv_scheme = "fp16";
-  KvShardFactory kv_factory = FullPrecisionKvShardFactory();
+  KvShardFactory kv_factory = DefaultKvShardFactory();
 };
 
 class SingleProcessEngine final : public Engine {
@@ -24,6 +24,9 @@ class SingleProcessEngine final : public Engine {
   // Loads the model and tokenizer from `model_path` (GGUF file or Hugging Face directory).
   static absl::StatusOr<std::unique_ptr<SingleProcessEngine>> Create(const std::string& model_path,
                                                                       EngineOptions options);
+  // From weights already in memory (a synthetic model) and a tokenizer.
+  static std::unique_ptr<SingleProcessEngine> Create(ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer,
+                                                     EngineOptions options);
 
   const Tokenizer& tokenizer() const override { return *tokenizer_; }
   std::string model_name() const override { return model_name_; }

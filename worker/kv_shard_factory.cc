@@ -13,4 +13,6 @@ KvShardFactory FullPrecisionKvShardFactory() {
   };
 }
 
+KvShardFactory DefaultKvShardFactory() { return FullPrecisionKvShardFactory(); }
+
 }  // namespace kvshard

@@ -20,4 +20,7 @@ using KvShardFactory = std::function<absl::StatusOr<std::unique_ptr<KvShard>>(
 // The factory of the unquantized schemes only ("fp32", "fp16").
 KvShardFactory FullPrecisionKvShardFactory();
 
+// The factory of every scheme this build knows: what the engines and workers use unless told otherwise.
+KvShardFactory DefaultKvShardFactory();
+
 }  // namespace kvshard
