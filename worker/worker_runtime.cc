@@ -150,6 +150,14 @@ class Worker {
                                                       " (--debug_fail_worker_at_step)"));
     }
     std::set<int64_t> touched;  // requests this step concerns, for the failure report
+    if (fault.layer >= 0) {
+      // The worker is broken at this step: every request it holds fails, whatever part it plays in
+      // the step (the contexts also fail mid-layer, to exercise the neutral partials).
+      for (auto& [id, request] : requests_) {
+        request.state.Fail(fault.status);
+        touched.insert(id);
+      }
+    }
 
     for (int64_t id : plan.frees) requests_.erase(id);
     for (const RequestAlloc& alloc : plan.allocs) {
