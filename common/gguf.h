@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/mapped_file.h"
 
 namespace kvshard {
 
@@ -21,6 +22,10 @@ enum class GgmlType : uint32_t {
   kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kQ8_K = 15, kBF16 = 30,
 };
 std::string_view GgmlTypeName(GgmlType type);  // "Q4_1", or "type<N>" for ids we do not know
+// Elements per block and bytes per block of a type (1 and 4 for F32, 32 and 20 for Q4_1), or 0 for ids
+// ggml does not define. A row of ne[0] elements takes ne[0] / block_size * type_size bytes.
+int64_t GgmlBlockSize(GgmlType type);
+int64_t GgmlTypeSize(GgmlType type);
 
 // One metadata value. Arrays keep their element type's natural C++ type.
 using GgufArray = std::variant<std::vector<int64_t>,      // all integer element types, widened
@@ -73,8 +78,7 @@ class GgufFile {
   std::string path_;
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
-  const uint8_t* map_ = nullptr;
-  size_t map_size_ = 0;
+  std::unique_ptr<MappedFile> mapping_;
   const uint8_t* data_section_ = nullptr;
   std::vector<std::pair<std::string, GgufValue>> metadata_;
   std::unordered_map<std::string, size_t> metadata_index_;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -29,6 +30,9 @@
   lhs = std::move(tmp).value()
 
 namespace kvshard {
+
+// Debian's Abseil has its own string_view type, which absl::StrCat takes; std::string_view needs this.
+inline absl::string_view ToAbsl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 // Prefixes a status message with context ("loading model.gguf: ...") keeping its code.
 inline absl::Status Annotate(const absl::Status& status, absl::string_view context) {

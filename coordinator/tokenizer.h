@@ -18,7 +18,14 @@ struct ChatMessage {
   std::string content;
 };
 
-enum class ChatTemplate { kChatML, kLlama3 };
+enum class ChatTemplate {
+  // ChatML as SmolLM2's template renders it: "<|im_start|>role\ncontent<|im_end|>\n" per message, and
+  // when the first message is not a system one, SmolLM2's default system message before it.
+  kChatML,
+  // Llama 3 Instruct: "<|begin_of_text|>" then "<|start_header_id|>role<|end_header_id|>\n\n" +
+  // trimmed content + "<|eot_id|>" per message.
+  kLlama3,
+};
 
 class Tokenizer {
  public:
@@ -39,9 +46,11 @@ class Tokenizer {
   virtual int32_t vocab_size() const = 0;
   virtual std::optional<int32_t> bos_id() const = 0;
   virtual std::optional<int32_t> eos_id() const = 0;
-  // Ids that end generation: EOS plus template end-of-turn tokens (<|im_end|>, <|eot_id|>).
+  // Ids that end generation: EOS, plus the special end-of-turn (<|im_end|>, <|eot_id|>, <|eom_id|>) and
+  // end-of-text (<|endoftext|>, <|end_of_text|>) tokens the vocabulary has.
   virtual std::vector<int32_t> stop_ids() const = 0;
   virtual bool IsSpecial(int32_t id) const = 0;
+  // The id of a token given as the vocabulary spells it ("Ġthe", "<|im_end|>") or as its bytes (" the").
   virtual std::optional<int32_t> TokenId(std::string_view token_text) const = 0;
 
   // Which template suits this vocabulary: Llama 3 when <|start_header_id|> exists, else ChatML.
