@@ -97,10 +97,10 @@ std::vector<ChatMessage> ChatWith(const std::string& user_text) {
 
 // Runs one request with streamed output and progress; prints a one-line summary on stderr.
 absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
-  std::unique_ptr<ProgressLine> progress;
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
+  // Started before the first chunk, so its rate and ETA count the first chunk too.
+  auto progress = std::make_unique<ProgressLine>("prefill", "tokens", n_prompt);
   auto on_prefill = [&](const PrefillProgress& p) {
-    if (!progress) progress = std::make_unique<ProgressLine>("prefill", "tokens", p.total);
     progress->Update(p.done);
     if (p.done == p.total) progress->Finish();
   };

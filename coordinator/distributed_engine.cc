@@ -210,12 +210,13 @@ absl::StatusOr<GenerationResult> DistributedEngine::Generate(const GenerationReq
   GenerationResult result;
   result.prompt_tokens = n_prompt;
   GenerationStream stream(*tokenizer_, request, on_token, result);
-  std::unique_ptr<ProgressLine> fill_progress;
+  // Started now, so its rate counts from the request's start.
+  std::unique_ptr<ProgressLine> fill_progress =
+      fill > 0 ? std::make_unique<ProgressLine>("SYNTHETIC FILL", "tokens", fill) : nullptr;
   bool streaming = true;
   while (true) {
     Request::Event e = r->Next();
     if (e.kind == Request::Event::kFill) {
-      if (!fill_progress) fill_progress = std::make_unique<ProgressLine>("SYNTHETIC FILL", "tokens", e.total);
       fill_progress->Update(e.done);
       if (e.done == e.total) fill_progress->Finish();
     } else if (e.kind == Request::Event::kPrefill) {
@@ -347,7 +348,8 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
       for (int w = 0; w < n; ++w) {
         if (!reported[w]) missing.push_back(absl::StrCat(w + 1));
       }
-      mpi_.Abort(absl::StrCat("worker rank ", absl::StrJoin(missing, ", "), " did not report step ", plan.step,
+      mpi_.Abort(absl::StrCat(missing.size() == 1 ? "worker rank " : "worker ranks ", absl::StrJoin(missing, ", "),
+                              " did not report step ", plan.step,
                               " within ", options_.worker_timeout_s, " s (--worker_timeout_s); ending the job"));
     }
     auto report = DecodeReport(message->bytes);
