@@ -4,6 +4,7 @@
 // modes and both wire precisions (the bf16 error is measured and printed), and injected faults (the
 // collectives stay in step; only the faulty request fails).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -138,6 +139,42 @@ INSTANTIATE_TEST_SUITE_P(Modes, MergeAcrossWorkersTest,
 
 TEST(MergeAcrossWorkersTest, ZeroRowsIsANoOp) {
   EXPECT_TRUE(MergePartialsAcrossWorkers(World(), {}, 0, 64, nullptr, nullptr).ok());
+}
+
+// Time per merge, for choosing the default mode (printed, not asserted: CI machines vary). Rows are
+// batch x query heads of the demo model (9 heads, head_dim 64) and of Llama-3-8B (32 heads, 128).
+TEST(MergeTiming, MicrosecondsPerMergeByMode) {
+  Collectives& world = World();
+  for (auto [heads, d] : {std::pair<int, int>{9, 64}, {32, 128}}) {
+    for (int batch : {1, 16}) {
+      const int64_t rows = static_cast<int64_t>(batch) * heads;
+      for (MergeMode mode : {MergeMode::kAllGather, MergeMode::kTree}) {
+        for (WireType wire : {WireType::kF32, WireType::kBf16}) {
+          std::vector<float> out, lse;
+          WorkerPartials(world.rank(), rows, d, out, lse);
+          const MergeOptions options{mode, wire};
+          constexpr int kWarmup = 20, kIterations = 200;
+          std::vector<double> times;
+          for (int i = 0; i < kWarmup + kIterations; ++i) {
+            std::vector<float> o = out, l = lse;
+            float barrier = 0;  // start together
+            ASSERT_TRUE(world.AllReduce(&barrier, 1, WireType::kF32, ReduceOp::kSum).ok());
+            const auto start = std::chrono::steady_clock::now();
+            ASSERT_TRUE(MergePartialsAcrossWorkers(world, options, rows, d, o.data(), l.data()).ok());
+            if (i >= kWarmup) times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+          }
+          // The median resists other load on the machine; the slowest worker's is the merge's cost.
+          std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+          float median_us = static_cast<float>(1e6 * times[times.size() / 2]);
+          ASSERT_TRUE(world.AllReduce(&median_us, 1, WireType::kF32, ReduceOp::kMax).ok());
+          if (world.rank() == 0) {
+            std::printf("merge timing: %d workers, batch %2d, %2d heads x d%-3d  %-9s %s  %8.1f us (median)\n", world.size(),
+                        batch, heads, d, MergeModeName(mode).c_str(), WireTypeName(wire).c_str(), median_us);
+          }
+        }
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
