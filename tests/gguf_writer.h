@@ -2,6 +2,8 @@
 // Also the tiny Llama-family models the loader tests build (GGUF and Hugging Face directories).
 #pragma once
 
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -150,9 +152,19 @@ class GgufWriter {
   std::vector<Tensor> tensors_;
 };
 
-// A fresh, empty directory under the test temp dir.
+// A fresh, empty directory under the test temp dir, private to this process (ctest runs tests in parallel)
+// and removed when the process exits.
 inline std::string FreshTempDir(const std::string& name) {
-  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) / ("kvshard_" + name);
+  struct Root {
+    std::filesystem::path path =
+        std::filesystem::path(::testing::TempDir()) / ("kvshard_test_" + std::to_string(::getpid()));
+    ~Root() {
+      std::error_code ec;
+      std::filesystem::remove_all(path, ec);
+    }
+  };
+  static Root root;
+  const std::filesystem::path dir = root.path / name;
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir.string();
@@ -266,7 +278,7 @@ inline GgufWriter TinyGguf(const std::string& arch, const TinyGeometry& g,
   w.AddF32(arch + ".attention.layer_norm_rms_epsilon", 1e-5f);
   w.AddU32(arch + ".rope.dimension_count", g.head_dim);
   std::vector<std::string> tokens;
-  for (int i = 0; i < g.vocab; ++i) tokens.push_back("t" + std::to_string(i));
+  for (int i = 0; i < g.vocab; ++i) tokens.push_back(std::to_string(i) + "t");  // (GCC 12 warns on "t" + s)
   w.AddStringArray("tokenizer.ggml.tokens", tokens);
   for (const auto& [name, t] : hf_weights) {
     std::vector<float> values = t.values;

@@ -196,7 +196,8 @@ absl::Status DequantizeRows(GgmlType type, const uint8_t* src, int64_t n_rows, i
   }
   // Small tensors (norm weights) are not worth waking the thread team for.
   const bool parallel = n_rows > 1 && n_rows * row_length >= (int64_t{1} << 15);
-#pragma omp parallel for schedule(static) if (parallel)
+// Dynamic chunks: on a busy machine a descheduled thread must not hold up the others at the barrier.
+#pragma omp parallel for schedule(dynamic, 8) if (parallel)
   for (int64_t r = 0; r < n_rows; ++r) {
     const uint8_t* row = src + r * row_bytes;
     float* out = dst + r * row_length;
@@ -205,13 +206,16 @@ absl::Status DequantizeRows(GgmlType type, const uint8_t* src, int64_t n_rows, i
   return absl::OkStatus();
 }
 
+absl::Status CheckDequantizable(const GgufFile& file, const GgufTensorInfo& info) {
+  if (CanDequantize(info.type)) return absl::OkStatus();
+  return absl::UnimplementedError(absl::StrCat(file.path(), ": tensor '", info.name, "' has type ",
+                                               ToAbsl(GgmlTypeName(info.type)),
+                                               ", which kvshard cannot dequantize (supported: F32, F16, "
+                                               "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"));
+}
+
 absl::StatusOr<HostTensor> DequantizeTensor(const GgufFile& file, const GgufTensorInfo& info) {
-  if (!CanDequantize(info.type)) {
-    return absl::UnimplementedError(absl::StrCat(file.path(), ": tensor '", info.name, "' has type ",
-                                                 ToAbsl(GgmlTypeName(info.type)),
-                                                 ", which kvshard cannot dequantize (supported: F32, F16, "
-                                                 "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"));
-  }
+  KV_RETURN_IF_ERROR(CheckDequantizable(file, info));
   HostTensor tensor;
   tensor.shape.assign(info.ne.rbegin(), info.ne.rend());
   tensor.data.resize(static_cast<size_t>(info.numel()));

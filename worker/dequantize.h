@@ -22,6 +22,9 @@ bool CanDequantize(GgmlType type);
 // Unimplemented for a type CanDequantize rejects.
 absl::Status DequantizeRows(GgmlType type, const uint8_t* src, int64_t n_rows, int64_t row_length, float* dst);
 
+// OK when DequantizeTensor can read `info`; else Unimplemented naming the file, the tensor and its type.
+absl::Status CheckDequantizable(const GgufFile& file, const GgufTensorInfo& info);
+
 // A whole tensor of `file`. The result's shape is ne reversed (outermost first), so a Linear weight with
 // ne = {in, out} becomes [out, in]. Unimplemented names the tensor and its type when unsupported.
 absl::StatusOr<HostTensor> DequantizeTensor(const GgufFile& file, const GgufTensorInfo& info);
