@@ -162,19 +162,21 @@ DistributedEngineStats DistributedEngine::stats() const {
   return stats_;
 }
 
-absl::StatusOr<int64_t> DistributedEngine::BytesPerToken(const std::string& scheme) {
-  auto it = bytes_per_token_.find(scheme);
-  if (it != bytes_per_token_.end()) return it->second;
-  // One layer of synthetic K/V measures the scheme's bytes all-in (scales, outliers, sink, residual).
-  KvGeometry probe = GeometryOf(config_);
-  probe.n_layers = 1;
-  KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, options_.kv_factory(scheme, probe, 0));
-  constexpr int64_t kProbeTokens = 1024;
-  KV_RETURN_IF_ERROR(SyntheticFill(*shard, 0, kProbeTokens, /*seed=*/1));
-  const int64_t per_token =
-      std::max<int64_t>(1, (shard->Memory().bytes * config_.n_layers + kProbeTokens - 1) / kProbeTokens);
-  bytes_per_token_[scheme] = per_token;
-  return per_token;
+absl::StatusOr<DistributedEngine::SchemeCost> DistributedEngine::CostOf(const std::string& scheme) {
+  auto it = scheme_costs_.find(scheme);
+  if (it != scheme_costs_.end()) return it->second;
+  // Measured on synthetic K/V of the model's geometry, all-in (codes, scales, outliers, sink, residual):
+  // the marginal bytes per token, and what a shard holds beyond that (its fp16 sink and residual).
+  KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, options_.kv_factory(scheme, GeometryOf(config_), 0));
+  constexpr int64_t kWarmTokens = 512, kProbeTokens = 1024;
+  KV_RETURN_IF_ERROR(SyntheticFill(*shard, 0, kWarmTokens, /*seed=*/1));
+  const int64_t warm_bytes = shard->Memory().bytes;
+  KV_RETURN_IF_ERROR(SyntheticFill(*shard, kWarmTokens, kWarmTokens + kProbeTokens, /*seed=*/1));
+  SchemeCost cost;
+  cost.per_token = std::max<int64_t>(1, (shard->Memory().bytes - warm_bytes + kProbeTokens - 1) / kProbeTokens);
+  cost.per_shard = std::max<int64_t>(0, warm_bytes - kWarmTokens * cost.per_token);
+  scheme_costs_[scheme] = cost;
+  return cost;
 }
 
 absl::StatusOr<GenerationResult> DistributedEngine::Generate(const GenerationRequest& request,
@@ -253,16 +255,19 @@ void DistributedEngine::Finish(const std::shared_ptr<Request>& request, const ab
 void DistributedEngine::Admit(StepPlan& plan) {
   while (!queued_.empty()) {
     std::shared_ptr<Request> r = queued_.front();
-    auto bytes_per_token = BytesPerToken(r->scheme);
-    if (!bytes_per_token.ok()) {
+    auto cost = CostOf(r->scheme);
+    if (!cost.ok()) {
       queued_.pop_front();
-      Finish(r, bytes_per_token.status());
+      Finish(r, cost.status());
       continue;
     }
+    // Each worker's room leaves space for one shard's fixed part.
     std::vector<WorkerRoom> rooms(budgets_.size());
-    for (size_t w = 0; w < budgets_.size(); ++w) rooms[w] = {budgets_[w] - reserved_[w], budgets_[w]};
+    for (size_t w = 0; w < budgets_.size(); ++w) {
+      rooms[w] = {budgets_[w] - reserved_[w] - cost->per_shard, budgets_[w] - cost->per_shard};
+    }
     const int64_t total = r->fill + r->prompt + r->budget;
-    auto placement = PlaceContext(total, *bytes_per_token, rooms, options_.placement, r->scheme);
+    auto placement = PlaceContext(total, cost->per_token, rooms, options_.placement, r->scheme);
     if (absl::IsUnavailable(placement.status())) return;  // waits for running requests to finish
     queued_.pop_front();
     if (!placement.ok()) {
@@ -273,7 +278,8 @@ void DistributedEngine::Admit(StepPlan& plan) {
     r->placement = std::move(*placement);
     r->reserved.resize(budgets_.size());
     for (size_t w = 0; w < budgets_.size(); ++w) {
-      r->reserved[w] = r->placement.ranges[w].size() * *bytes_per_token;
+      const int64_t tokens = r->placement.ranges[w].size();
+      r->reserved[w] = tokens > 0 ? tokens * cost->per_token + cost->per_shard : 0;
       reserved_[w] += r->reserved[w];
     }
     r->state = r->fill > 0 ? Request::State::kFilling : Request::State::kPrefilling;

@@ -92,7 +92,11 @@ class DistributedEngine final : public Engine {
   void BuildWork(StepPlan& plan);
   void RunStep(const StepPlan& plan);
   void Finish(const std::shared_ptr<Request>& request, const absl::Status& status);
-  absl::StatusOr<int64_t> BytesPerToken(const std::string& scheme);
+  struct SchemeCost {
+    int64_t per_token = 0;  // marginal KV bytes of one more token (all layers)
+    int64_t per_shard = 0;  // fixed bytes of a non-empty shard beyond that (fp16 sink and residual)
+  };
+  absl::StatusOr<SchemeCost> CostOf(const std::string& scheme);
 
   MpiRuntime& mpi_;
   ModelConfig config_;
@@ -113,7 +117,7 @@ class DistributedEngine final : public Engine {
   std::deque<std::shared_ptr<Request>> queued_;
   std::map<int64_t, std::shared_ptr<Request>> active_;  // by id: admission order
   std::vector<int64_t> frees_;
-  std::map<std::string, int64_t> bytes_per_token_;
+  std::map<std::string, SchemeCost> scheme_costs_;
   int64_t next_id_ = 1;
   int64_t next_step_ = 0;
   size_t decode_rotation_ = 0;
