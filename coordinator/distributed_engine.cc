@@ -455,6 +455,8 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
 
   std::lock_guard<std::mutex> lock(stats_mu_);
   ++stats_.steps;
+  stats_.worker_kv_bytes.resize(reports.size());
+  for (size_t w = 0; w < reports.size(); ++w) stats_.worker_kv_bytes[w] = reports[w].kv_bytes;
   if (!plan.decode.empty()) {
     ++stats_.decode_steps;
     stats_.decode_rows += static_cast<int64_t>(plan.decode.size());

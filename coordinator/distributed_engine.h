@@ -60,6 +60,7 @@ struct DistributedEngineStats {
   int64_t decode_steps = 0;
   double decode_step_seconds = 0;  // summed over decode steps (whole step: plan, compute, reports)
   int64_t decode_rows = 0;
+  std::vector<int64_t> worker_kv_bytes;  // KV bytes each worker held after the last step (for metrics)
 };
 
 class DistributedEngine final : public Engine {
