@@ -150,6 +150,7 @@ class Worker {
                                                       " (--debug_fail_worker_at_step)"));
     }
     std::set<int64_t> touched;  // requests this step concerns, for the failure report
+    for (int64_t id : plan.frees) requests_.erase(id);
     if (fault.layer >= 0) {
       // The worker is broken at this step: every request it holds fails, whatever part it plays in
       // the step (the contexts also fail mid-layer, to exercise the neutral partials).
@@ -159,7 +160,6 @@ class Worker {
       }
     }
 
-    for (int64_t id : plan.frees) requests_.erase(id);
     for (const RequestAlloc& alloc : plan.allocs) {
       LocalRequest& request = requests_[alloc.id];
       request.state.ranges = alloc.ranges;
@@ -178,7 +178,6 @@ class Worker {
     for (const FillWork& fill : plan.fills) {
       LocalRequest& request = Lookup(fill.id);
       touched.insert(fill.id);
-      request.state.Fail(fault.layer >= 0 ? fault.status : absl::OkStatus());
       Fill(request, fill);
     }
     if (plan.prefill) {
@@ -217,6 +216,8 @@ class Worker {
     }
     // Sampled tokens of failed requests are dropped: the request is over.
     std::erase_if(report.sampled, [&](const SampledToken& s) { return !Lookup(s.id).state.error.ok(); });
+    // Placeholders of requests the coordinator never announced (reported failed above) go now.
+    std::erase_if(requests_, [](const auto& entry) { return entry.second.state.ranges.empty(); });
     return report;
   }
 

@@ -87,6 +87,7 @@ void ExpectSameTokensAsSingleProcess(const std::string& scheme) {
   options.default_kv_scheme = scheme;
   options.worker.model_path = model;
   options.worker.kv_budget_bytes = int64_t{1} << 30;
+  options.placement.single_worker_threshold = 0;  // span every worker, whatever the default
   auto engine = DistributedEngine::Create(*MpiRuntime::Get(), std::move(description->first),
                                           std::move(description->second), options);
   ASSERT_TRUE(engine.ok()) << engine.status();

@@ -440,3 +440,57 @@ TEST(DistributedFaultTest, PrefillSourceFaultAndOwnerDrainKeepStep) {
 
 }  // namespace
 }  // namespace kvshard
+
+namespace kvshard {
+namespace {
+
+// For the default of --single_worker_threshold_tokens: the time of one 512-token prefill chunk after T
+// tokens of context, all on the chunk's worker or with the first half on another worker (pass-Q), with
+// the demo model's geometry (4 of its 30 layers). Minimum of 5 runs. By hand:
+//   mpirun -np 2 merge_spmd_test --gtest_also_run_disabled_tests --gtest_filter='*PrefillSplit*'
+TEST(PrefillSplitTiming, DISABLED_ChunkTimeOnOneWorkerVersusSplit) {
+  Collectives& world = World();
+  if (world.size() < 2) GTEST_SKIP() << "needs two ranks";
+  const int me = world.rank();
+  SyntheticModelSpec spec;
+  spec.n_layers = 4;
+  auto weights = MakeSyntheticModel(spec);
+  ASSERT_TRUE(weights.ok());
+  CpuModel model(*weights);
+  const KvGeometry g = model.kv_geometry();
+  constexpr int64_t kChunk = 512;
+  std::vector<int32_t> tokens(kChunk);
+  for (int64_t i = 0; i < kChunk; ++i) tokens[i] = static_cast<int32_t>((i * 7919) % spec.vocab_size);
+  for (int64_t context : {256, 512, 1024, 2048, 4096, 8192}) {
+    double best[2] = {1e30, 1e30};
+    for (int split = 0; split < 2; ++split) {
+      std::vector<TokenRange> ranges(world.size());
+      ranges[0] = {0, split ? context / 2 : 0};
+      ranges[1] = {ranges[0].end, context + kChunk};
+      for (int rep = 0; rep < 5; ++rep) {
+        LocalRequestState local = MakeLocal(g, ranges, me, context, 3);
+        float barrier = 0;
+        ASSERT_TRUE(world.AllReduce(&barrier, 1, WireType::kF32, ReduceOp::kSum).ok());
+        const auto start = std::chrono::steady_clock::now();
+        if (me == 1) {
+          std::vector<int> sources;
+          if (split) sources.push_back(0);
+          PassQPrefillContext ctx(world, local, g, sources, WireType::kF32);
+          std::vector<float> logits;
+          ASSERT_TRUE(model.Forward(tokens, context, ctx, false, logits).ok());
+        } else if (me == 0 && split) {
+          ASSERT_TRUE(ServePassQ(world, local, g, 1, kChunk, WireType::kF32).ok());
+        }
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        best[split] = std::min(best[split], seconds);
+      }
+    }
+    if (me == 1) {
+      std::printf("prefill chunk of %lld after %5lld tokens (4 layers): one worker %7.1f ms, split %7.1f ms\n",
+                  static_cast<long long>(kChunk), static_cast<long long>(context), 1e3 * best[0], 1e3 * best[1]);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvshard
