@@ -266,7 +266,13 @@ class Worker {
       ValidTokens(request, tokens);
       PassQPrefillContext context(*collectives_, request.state, geometry, sources, config_.merge.wire, fault);
       std::vector<float> logits;
-      const absl::Status forward = model_->Forward(tokens, work.first_position, context, false, logits);
+      // Forward covers the layers once only for chunks of at most max_chunk() tokens (the sources
+      // serve exactly one pass).
+      const absl::Status forward =
+          n > CpuModel::max_chunk()
+              ? absl::InvalidArgumentError(absl::StrCat("a prefill chunk of ", n, " tokens; at most ",
+                                                        CpuModel::max_chunk(), " go in one step"))
+              : model_->Forward(tokens, work.first_position, context, false, logits);
       if (!context.fatal().ok()) return context.fatal();
       if (!forward.ok()) {
         request.state.Fail(forward);
