@@ -46,10 +46,13 @@ GenerationRequest GreedyRequest(std::vector<int32_t> prompt, const std::string& 
   return request;
 }
 
-// Single-process tokens, cached in the build folder.
+// Single-process tokens, cached in the build folder for the run with the other rank count. The key
+// includes this test binary's build time, so a rebuilt forward pass never meets stale tokens.
 std::vector<int32_t> ReferenceTokens(const std::string& model_path, const GenerationRequest& request) {
+  const auto built = std::filesystem::last_write_time(std::filesystem::read_symlink("/proc/self/exe"));
   size_t key = std::hash<std::string>()(absl::StrCat(model_path, ":", std::filesystem::file_size(model_path), ":",
-                                                     request.kv_scheme, ":", request.max_tokens, ":",
+                                                     built.time_since_epoch().count(), ":", request.kv_scheme,
+                                                     ":", request.max_tokens, ":",
                                                      absl::StrJoin(request.prompt_ids, ",")));
   const std::filesystem::path cache =
       std::filesystem::path(KVSHARD_BINARY_DIR) / "tests" / "mpi" / absl::StrCat("equality_reference_", key, ".txt");
