@@ -33,6 +33,8 @@ ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 is greedy");
 ABSL_FLAG(int, top_k, 0, "Keep the k most likely tokens (0: all)");
 ABSL_FLAG(double, top_p, 1.0, "Nucleus sampling mass (1: all)");
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
+ABSL_FLAG(double, repetition_penalty, 1.1,
+          "Penalty on recently generated tokens (1: none); keeps small models from looping");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
 ABSL_FLAG(std::string, kv_scheme, "fp16", "KV cache scheme");
 ABSL_DECLARE_FLAG(int64_t, synthetic_fill_tokens);
@@ -82,6 +84,7 @@ GenerationRequest RequestFromFlags() {
   request.sampling.top_k = absl::GetFlag(FLAGS_top_k);
   request.sampling.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
   request.sampling.seed = absl::GetFlag(FLAGS_seed);
+  request.sampling.repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
   request.stop = absl::GetFlag(FLAGS_stop);
   request.kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
   return request;

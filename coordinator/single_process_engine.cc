@@ -83,6 +83,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
   int64_t pos = n_prompt;
   for (int64_t step = 0; step < budget; ++step) {
     const int32_t token = sampler.Sample(logits.data(), weights_.config.vocab_size);
+    sampler.Accept(token);
     if (!stream.Push(token)) break;
     if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
     KV_RETURN_IF_ERROR(model_.Forward(std::span<const int32_t>(&token, 1), pos, context, false, logits));

@@ -134,7 +134,7 @@ TEST(ControlMessagesTest, StepPlanRoundTrips) {
   alloc.scheme = "kvq3";
   alloc.ranges = {{0, 512}, {512, 512}, {512, 6128}};
   alloc.sampler = 2;
-  alloc.sampling = {0.7f, 40, 0.9f, 1234567890123ull};
+  alloc.sampling = {0.7f, 40, 0.9f, 1234567890123ull, 1.1f, 32};
   alloc.fill_seed = 5;
   plan.allocs.push_back(alloc);
   plan.frees = {3, 4};
@@ -151,6 +151,8 @@ TEST(ControlMessagesTest, StepPlanRoundTrips) {
   EXPECT_EQ(p.allocs[0].ranges[2].end, 6128);
   EXPECT_EQ(p.allocs[0].sampling.seed, 1234567890123ull);
   EXPECT_FLOAT_EQ(p.allocs[0].sampling.top_p, 0.9f);
+  EXPECT_FLOAT_EQ(p.allocs[0].sampling.repetition_penalty, 1.1f);
+  EXPECT_EQ(p.allocs[0].sampling.repetition_window, 32);
   EXPECT_EQ(p.frees, (std::vector<int64_t>{3, 4}));
   EXPECT_EQ(p.fills[0].tokens_per_worker, 65536);
   ASSERT_TRUE(p.prefill.has_value());

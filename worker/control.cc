@@ -12,7 +12,12 @@ json ToJson(const TokenRange& r) { return json::array({r.start, r.end}); }
 TokenRange RangeFromJson(const json& j) { return TokenRange{j.at(0).get<int64_t>(), j.at(1).get<int64_t>()}; }
 
 json ToJson(const SamplingParams& s) {
-  return {{"temperature", s.temperature}, {"top_k", s.top_k}, {"top_p", s.top_p}, {"seed", s.seed}};
+  return {{"temperature", s.temperature},
+          {"top_k", s.top_k},
+          {"top_p", s.top_p},
+          {"seed", s.seed},
+          {"repetition_penalty", s.repetition_penalty},
+          {"repetition_window", s.repetition_window}};
 }
 SamplingParams SamplingFromJson(const json& j) {
   SamplingParams s;
@@ -20,6 +25,8 @@ SamplingParams SamplingFromJson(const json& j) {
   s.top_k = j.at("top_k").get<int>();
   s.top_p = j.at("top_p").get<float>();
   s.seed = j.at("seed").get<uint64_t>();
+  s.repetition_penalty = j.at("repetition_penalty").get<float>();
+  s.repetition_window = j.at("repetition_window").get<int>();
   return s;
 }
 

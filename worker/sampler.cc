@@ -5,7 +5,27 @@
 
 namespace kvshard {
 
+void Sampler::Accept(int32_t token) {
+  if (params_.repetition_penalty == 1.0f || params_.repetition_window <= 0) return;
+  if (recent_.size() < static_cast<size_t>(params_.repetition_window)) {
+    recent_.push_back(token);
+  } else {
+    recent_[recent_next_] = token;
+    recent_next_ = (recent_next_ + 1) % recent_.size();
+  }
+}
+
 int32_t Sampler::Sample(const float* logits, int vocab) {
+  if (!recent_.empty()) {
+    penalized_.assign(logits, logits + vocab);
+    for (int32_t id : recent_) {
+      if (id < 0 || id >= vocab) continue;
+      float& l = penalized_[id];
+      if (l != logits[id]) continue;  // a repeated id: penalize each distinct token once
+      l = l > 0 ? l / params_.repetition_penalty : l * params_.repetition_penalty;
+    }
+    logits = penalized_.data();
+  }
   if (params_.temperature <= 0.0f) {
     int32_t best = 0;
     for (int i = 1; i < vocab; ++i)

@@ -241,6 +241,13 @@ class Worker {
     if (end > begin) request.state.Fail(SyntheticFill(shard, begin, end, request.fill_seed));
   }
 
+  // Every sampled token is accepted (the repetition penalty's memory), as in single-process mode.
+  int32_t SampleAndAccept(Sampler& sampler, const float* logits) {
+    const int32_t token = sampler.Sample(logits, model_->config().vocab_size);
+    sampler.Accept(token);
+    return token;
+  }
+
   bool ValidTokens(LocalRequest& request, std::vector<int32_t>& tokens) {
     const int vocab = model_->config().vocab_size;
     for (int32_t& t : tokens) {
@@ -282,7 +289,7 @@ class Worker {
         if (!request.sampler) {
           request.state.Fail(absl::InternalError("the last prompt chunk ran on a worker that is not the sampler"));
         } else {
-          report.sampled.push_back({work.id, request.sampler->Sample(logits.data(), model_->config().vocab_size)});
+          report.sampled.push_back({work.id, SampleAndAccept(*request.sampler, logits.data())});
         }
       }
       return absl::OkStatus();
@@ -318,7 +325,7 @@ class Worker {
     for (size_t i = 0; i < work.size(); ++i) {
       LocalRequest& request = Lookup(work[i].id);
       if (request.sampler && request.state.error.ok()) {
-        report.sampled.push_back({work[i].id, request.sampler->Sample(logits.data() + i * vocab, vocab)});
+        report.sampled.push_back({work[i].id, SampleAndAccept(*request.sampler, logits.data() + i * vocab)});
       }
     }
     return absl::OkStatus();

@@ -128,6 +128,14 @@ TEST_F(DistributedEngineTest, Bf16WireStaysCloseToSingleProcess) {
   }
 }
 
+TEST_F(DistributedEngineTest, SeededSamplingWithRepetitionPenaltyMatchesSingleProcess) {
+  GenerationRequest request = Request(900, 24, 3);
+  request.sampling = {0.8f, 50, 0.95f, 77, 1.3f, 16};
+  auto engine = MakeEngine(SmallOptions());
+  ASSERT_NE(engine, nullptr);
+  EXPECT_EQ(Tokens(*engine, request), Tokens(*reference_, request));
+}
+
 TEST_F(DistributedEngineTest, ConcurrentRequestsAreBatchedAndEachGetsItsOwnTokens) {
   auto engine = MakeEngine(SmallOptions());
   ASSERT_NE(engine, nullptr);
