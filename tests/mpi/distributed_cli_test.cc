@@ -44,7 +44,7 @@ std::string Kvshard() { return std::string(KVSHARD_BINARY_DIR) + "/kvshard"; }
 
 // 90 s is the hang guard: a run that reaches it failed the test.
 std::string Mpirun(int ranks, const std::string& args) {
-  return "timeout 90 " + std::string(KVSHARD_MPIEXEC) + " --oversubscribe --allow-run-as-root -np " +
+  return "timeout 90 " + std::string(KVSHARD_MPIEXEC) + " " + KVSHARD_MPIRUN_FLAGS + " -np " +
          std::to_string(ranks) + " " + Kvshard() + " " + args;
 }
 
