@@ -2,6 +2,7 @@
 // a worker fails, is killed by a signal, or hangs: never a hang, always within 30 s, with a message
 // naming the rank.
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -28,7 +29,8 @@ struct RunResult {
 };
 
 RunResult RunCommand(const std::string& command_line) {
-  const auto log = std::filesystem::temp_directory_path() / "kvshard_distributed_cli_test.txt";
+  const auto log = std::filesystem::temp_directory_path() /
+                   ("kvshard_distributed_cli_test_" + std::to_string(getpid()) + ".txt");
   const std::string command = command_line + " >" + log.string() + " 2>&1 </dev/null";
   const auto start = std::chrono::steady_clock::now();
   const int status = std::system(command.c_str());
@@ -37,6 +39,7 @@ RunResult RunCommand(const std::string& command_line) {
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   std::ifstream in(log);
   result.output.assign(std::istreambuf_iterator<char>(in), {});
+  std::filesystem::remove(log);
   return result;
 }
 
