@@ -103,6 +103,8 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags() {
     KV_ASSIGN_OR_RETURN(w.model_path, ResolveModelPath());
     w.model_path = std::filesystem::absolute(w.model_path).string();
   }
+  // The coordinator measures each scheme's bytes per token with the same factory the workers make.
+  KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(w.calibration_path));
   const int64_t budget_mb = absl::GetFlag(FLAGS_worker_kv_budget_mb);
   if (budget_mb <= 0) return absl::InvalidArgumentError("--worker_kv_budget_mb must be positive");
   w.kv_budget_bytes = budget_mb << 20;
@@ -126,6 +128,8 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags() {
   return options;
 }
 
+KvShardFactoryMaker KvShardFactoryMakerForThisBuild() { return DefaultKvShardFactoryMaker(); }
+
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
   MpiRuntime* mpi = MpiRuntime::Get();
   if (mpi != nullptr && mpi->n_workers() > 0) {
@@ -141,6 +145,7 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
   }
   EngineOptions options;
   options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
+  KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(""));
   if (auto synthetic = SyntheticSpecFromFlags()) {
     KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
     KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(weights.config.vocab_size));

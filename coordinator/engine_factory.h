@@ -7,11 +7,16 @@
 #include "absl/status/statusor.h"
 #include "coordinator/distributed_engine.h"
 #include "coordinator/engine.h"
+#include "worker/kv_shard_factory.h"
 #include "worker/synthetic.h"
 
 namespace kvshard {
 
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags();
+
+// The KV shard factories of every scheme this binary knows, from a calibration file (empty: none). The
+// engines here and the workers (RunWorker) make theirs with it.
+KvShardFactoryMaker KvShardFactoryMakerForThisBuild();
 
 // The pieces, for tests and tools.
 // --synthetic_model: the synthetic geometry from the --synthetic_* flags; nullopt otherwise.

@@ -6,6 +6,7 @@
 #include "common/config.h"
 #include "coordinator/commands.h"
 #include "coordinator/distributed_engine.h"
+#include "coordinator/engine_factory.h"
 #include "worker/kv_shard_factory.h"
 #include "worker/mpi_runtime.h"
 #include "worker/worker_runtime.h"
@@ -41,7 +42,7 @@ int Main(int argc, char** argv, kvshard::MpiRuntime* mpi) {
     if (!is_worker) std::fprintf(stderr, "kvshard: %s\n", std::string(parsed.status().message()).c_str());
     return 2;
   }
-  if (is_worker) return kvshard::RunWorker(*mpi, kvshard::DefaultKvShardFactory());
+  if (is_worker) return kvshard::RunWorker(*mpi, kvshard::KvShardFactoryMakerForThisBuild());
   const std::vector<std::string>& args = *parsed;
   if (args.size() < 2) {
     std::fprintf(stderr, "%s\n", Usage().c_str());

@@ -53,6 +53,7 @@ SyntheticModelSpec SyntheticFromJson(const json& j) {
 
 json ToJson(const WorkerConfig& c) {
   json j = {{"model_path", c.model_path},
+            {"calibration_path", c.calibration_path},
             {"kv_budget_bytes", c.kv_budget_bytes},
             {"threads", c.threads},
             {"merge_mode", MergeModeName(c.merge.mode)},
@@ -70,6 +71,7 @@ absl::StatusOr<WorkerConfig> ConfigFromJson(const json& j) {
   WorkerConfig c;
   c.model_path = j.at("model_path");
   if (j.contains("synthetic")) c.synthetic = SyntheticFromJson(j.at("synthetic"));
+  c.calibration_path = j.at("calibration_path");
   c.kv_budget_bytes = j.at("kv_budget_bytes");
   c.threads = j.at("threads");
   auto mode = ParseMergeMode(j.at("merge_mode"));

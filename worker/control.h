@@ -35,6 +35,7 @@ struct FaultInjection {
 struct WorkerConfig {
   std::string model_path;                         // a .gguf file or a Hugging Face directory, or empty:
   std::optional<SyntheticModelSpec> synthetic;    // ... a synthetic model
+  std::string calibration_path;                   // of the calibrated KV schemes; empty: none
   int64_t kv_budget_bytes = 0;                    // KV memory each worker may hold
   int threads = 0;                                // CPU threads per worker; 0: cores / ranks on the node
   MergeOptions merge;

@@ -15,4 +15,13 @@ KvShardFactory FullPrecisionKvShardFactory() {
 
 KvShardFactory DefaultKvShardFactory() { return FullPrecisionKvShardFactory(); }
 
+KvShardFactoryMaker DefaultKvShardFactoryMaker() {
+  return [](const std::string& calibration_path) -> absl::StatusOr<KvShardFactory> {
+    if (!calibration_path.empty()) {
+      return absl::InvalidArgumentError("this build has no calibrated KV schemes to use a calibration file with");
+    }
+    return DefaultKvShardFactory();
+  };
+}
+
 }  // namespace kvshard

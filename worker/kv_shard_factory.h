@@ -23,4 +23,12 @@ KvShardFactory FullPrecisionKvShardFactory();
 // The factory of every scheme this build knows: what the engines and workers use unless told otherwise.
 KvShardFactory DefaultKvShardFactory();
 
+// Makes a factory from the job's KV settings: the calibration file of the calibrated schemes (empty:
+// none). Workers get their settings from the coordinator at run time and make their factory with the
+// maker their main() hands them, so they know every scheme the binary does.
+using KvShardFactoryMaker = std::function<absl::StatusOr<KvShardFactory>(const std::string& calibration_path)>;
+
+// DefaultKvShardFactory(); refuses a calibration file.
+KvShardFactoryMaker DefaultKvShardFactoryMaker();
+
 }  // namespace kvshard

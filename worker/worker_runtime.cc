@@ -35,8 +35,8 @@ struct LocalRequest {
 
 class Worker {
  public:
-  Worker(MpiRuntime& mpi, KvShardFactory factory)
-      : mpi_(mpi), factory_(std::move(factory)), me_(mpi.world_rank() - 1) {}
+  Worker(MpiRuntime& mpi, KvShardFactoryMaker kv_factories)
+      : mpi_(mpi), kv_factories_(std::move(kv_factories)), me_(mpi.world_rank() - 1) {}
 
   int Run() {
     while (true) {
@@ -85,6 +85,12 @@ class Worker {
       hello.error = absl::StrCat(Who(), ": ", loaded.message());
       return hello;
     }
+    auto factory = kv_factories_(config.calibration_path);
+    if (!factory.ok()) {
+      hello.error = absl::StrCat(Who(), ": ", factory.status().message());
+      return hello;
+    }
+    factory_ = std::move(*factory);
     auto collectives = mpi_.MakeWorkerCollectives(absl::Seconds(config.collective_timeout_s));
     if (!collectives.ok()) {
       hello.error = absl::StrCat(Who(), ": ", collectives.status().message());
@@ -332,6 +338,7 @@ class Worker {
   }
 
   MpiRuntime& mpi_;
+  KvShardFactoryMaker kv_factories_;
   KvShardFactory factory_;
   const int me_;
   WorkerConfig config_;
@@ -346,8 +353,8 @@ class Worker {
 
 }  // namespace
 
-int RunWorker(MpiRuntime& mpi, KvShardFactory factory) {
-  Worker worker(mpi, std::move(factory));
+int RunWorker(MpiRuntime& mpi, KvShardFactoryMaker kv_factories) {
+  Worker worker(mpi, std::move(kv_factories));
   return worker.Run();
 }
 

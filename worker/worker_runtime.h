@@ -11,7 +11,8 @@
 
 namespace kvshard {
 
-// Runs until the coordinator sends shutdown; returns the process exit code.
-int RunWorker(MpiRuntime& mpi, KvShardFactory factory);
+// Runs until the coordinator sends shutdown; returns the process exit code. `kv_factories` makes the
+// worker's KV shard factory from the settings each configure command brings.
+int RunWorker(MpiRuntime& mpi, KvShardFactoryMaker kv_factories);
 
 }  // namespace kvshard

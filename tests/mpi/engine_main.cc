@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "coordinator/distributed_engine.h"
+#include "coordinator/engine_factory.h"
 #include "gtest/gtest.h"
 #include "worker/kv_shard_factory.h"
 #include "worker/mpi_runtime.h"
@@ -20,7 +21,7 @@ int main(int argc, char** argv) {
     code = RUN_ALL_TESTS();
     kvshard::ShutdownWorkers(**mpi);
   } else {
-    code = kvshard::RunWorker(**mpi, kvshard::DefaultKvShardFactory());
+    code = kvshard::RunWorker(**mpi, kvshard::KvShardFactoryMakerForThisBuild());
   }
   (*mpi)->Finalize();
   return code;
