@@ -37,6 +37,7 @@ ABSL_FLAG(double, repetition_penalty, 1.1,
           "Penalty on recently generated tokens (1: none); keeps small models from looping");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
 ABSL_FLAG(std::string, kv_scheme, "fp16", "KV cache scheme");
+ABSL_FLAG(std::string, device, "auto", "Where the model runs: auto (the GPU when present), gpu, or cpu");
 ABSL_DECLARE_FLAG(int64_t, synthetic_fill_tokens);
 
 namespace kvshard {
@@ -122,11 +123,12 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
       fill > 0 ? absl::StrFormat("SYNTHETIC FILL of %d tokens before the prompt (their K/V is random); ", fill) : "";
   std::fprintf(stderr, "%s\n",
                absl::StrFormat("kvshard: %sprompt %d tokens, prefill %.1f s (%.1f tokens/s); generated %d tokens "
-                               "in %.1f s (%.1f tokens/s); kv %s; finish %s",
+                               "in %.1f s (%.1f tokens/s); kv %s; finish %s; on %s",
                                fill_note, n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
                                result.decode_seconds, decode_rate,
                                request.kv_scheme.empty() ? "default" : request.kv_scheme,
-                               result.finish_reason == FinishReason::kStop ? "stop" : "length")
+                               result.finish_reason == FinishReason::kStop ? "stop" : "length",
+                               engine.device_name())
                    .c_str());
   return absl::OkStatus();
 }

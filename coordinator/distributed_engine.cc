@@ -157,6 +157,10 @@ DistributedEngine::~DistributedEngine() {
   if (!sent.ok()) mpi_.Abort(absl::StrCat("cannot reset the workers: ", sent.message()));
 }
 
+std::string DistributedEngine::device_name() const {
+  return absl::StrCat(n_workers(), n_workers() == 1 ? " worker" : " workers", " (CPU)");
+}
+
 DistributedEngineStats DistributedEngine::stats() const {
   std::lock_guard<std::mutex> lock(stats_mu_);
   return stats_;

@@ -52,6 +52,7 @@ ABSL_FLAG(int64_t, debug_hang_worker_at_step, -1, "Test only: worker --debug_fau
 ABSL_FLAG(int, debug_fault_worker_rank, 1, "Test only: the MPI rank (1..N) of the faulty worker");
 
 ABSL_DECLARE_FLAG(std::string, kv_scheme);
+ABSL_DECLARE_FLAG(std::string, device);
 
 namespace kvshard {
 
@@ -133,6 +134,9 @@ KvShardFactoryMaker KvShardFactoryMakerForThisBuild() { return DefaultKvShardFac
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
   MpiRuntime* mpi = MpiRuntime::Get();
   if (mpi != nullptr && mpi->n_workers() > 0) {
+    if (absl::GetFlag(FLAGS_device) == "gpu") {
+      return absl::UnimplementedError("--device gpu: workers under mpirun have only the CPU backend so far");
+    }
     KV_ASSIGN_OR_RETURN(DistributedEngineOptions options, DistributedOptionsFromFlags());
     KV_ASSIGN_OR_RETURN(auto description, LoadModelDescription(options.worker.model_path, options.worker.synthetic));
     KV_ASSIGN_OR_RETURN(auto engine, DistributedEngine::Create(*mpi, std::move(description.first),
@@ -145,11 +149,13 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
   }
   EngineOptions options;
   options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
+  options.device = absl::GetFlag(FLAGS_device);
   KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(""));
   if (auto synthetic = SyntheticSpecFromFlags()) {
     KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
     KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(weights.config.vocab_size));
-    return std::unique_ptr<Engine>(SingleProcessEngine::Create(std::move(weights), std::move(tokenizer), options));
+    KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(std::move(weights), std::move(tokenizer), options));
+    return std::unique_ptr<Engine>(std::move(engine));
   }
   KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
   KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(model_path, options));

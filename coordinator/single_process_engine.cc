@@ -22,18 +22,28 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create
     KV_ASSIGN_OR_RETURN(auto gguf, GgufFile::Open(model_path));
     KV_ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromGguf(*gguf));
   }
-  std::string name = weights.config.name.empty() ? std::filesystem::path(model_path).stem().string()
-                                                 : weights.config.name;
-  return std::unique_ptr<SingleProcessEngine>(
-      new SingleProcessEngine(std::move(weights), std::move(tokenizer), std::move(name), std::move(options)));
+  if (weights.config.name.empty()) weights.config.name = std::filesystem::path(model_path).stem().string();
+  return Create(std::move(weights), std::move(tokenizer), std::move(options));
 }
 
-std::unique_ptr<SingleProcessEngine> SingleProcessEngine::Create(ModelWeights weights,
-                                                                 std::unique_ptr<Tokenizer> tokenizer,
-                                                                 EngineOptions options) {
+absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create(
+    ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer, EngineOptions options) {
+  const std::string device = options.device;
+  if (device != "auto" && device != "cpu" && device != "gpu") {
+    return absl::InvalidArgumentError(absl::StrCat("unknown device '", device, "' (auto, cpu, gpu)"));
+  }
   std::string name = weights.config.name;
-  return std::unique_ptr<SingleProcessEngine>(
+  std::unique_ptr<SingleProcessEngine> engine(
       new SingleProcessEngine(std::move(weights), std::move(tokenizer), std::move(name), std::move(options)));
+  if (device != "cpu") {
+    auto gpu = GpuBackend::Create(engine->weights_);
+    if (gpu.ok()) {
+      engine->gpu_ = std::move(*gpu);
+    } else if (device == "gpu" || !absl::IsUnavailable(gpu.status())) {
+      return Annotate(gpu.status(), "GPU backend");
+    }
+  }
+  return engine;
 }
 
 SingleProcessEngine::SingleProcessEngine(ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer,
@@ -57,6 +67,11 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
   }
   if (request.max_tokens < 0) return absl::InvalidArgumentError("max_tokens must not be negative");
   const std::string scheme = request.kv_scheme.empty() ? options_.default_kv_scheme : request.kv_scheme;
+  if (gpu_ != nullptr && scheme == "fp16") {
+    last_device_ = gpu_->device_name();
+    return GenerateOnGpu(request, on_token, on_prefill);
+  }
+  last_device_ = "CPU";
   KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, options_.kv_factory(scheme, model_.kv_geometry(), 0));
   ShardAttentionContext context(*shard);
 
@@ -87,6 +102,45 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
     if (!stream.Push(token)) break;
     if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
     KV_RETURN_IF_ERROR(model_.Forward(std::span<const int32_t>(&token, 1), pos, context, false, logits));
+    ++pos;
+  }
+  stream.Finish();
+  result.decode_seconds = std::chrono::duration<double>(Clock::now() - decode_start).count();
+  return result;
+}
+
+// The same request loop with the forward pass and the sampling on the GPU: only token ids come back.
+absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const GenerationRequest& request,
+                                                                    const TokenCallback& on_token,
+                                                                    const PrefillCallback& on_prefill) {
+  using Clock = std::chrono::steady_clock;
+  const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
+  const int64_t budget = std::min<int64_t>(request.max_tokens, max_context() - n_prompt);
+  KV_RETURN_IF_ERROR(gpu_->StartRequest(n_prompt + std::max<int64_t>(budget, 1), request.sampling));
+  GenerationResult result;
+  result.prompt_tokens = n_prompt;
+  const auto prefill_start = Clock::now();
+  const int64_t chunk = gpu_->max_chunk();
+  int32_t token = -1;
+  uint64_t draws = 0;
+  for (int64_t pos = 0; pos < n_prompt; pos += chunk) {
+    const int64_t n = std::min(chunk, n_prompt - pos);
+    KV_ASSIGN_OR_RETURN(token, gpu_->Feed(std::span<const int32_t>(request.prompt_ids.data() + pos, n), pos, draws));
+    if (on_prefill) {
+      on_prefill({pos + n, n_prompt, std::chrono::duration<double>(Clock::now() - prefill_start).count()});
+    }
+  }
+  ++draws;
+  result.prefill_seconds = std::chrono::duration<double>(Clock::now() - prefill_start).count();
+
+  GenerationStream stream(*tokenizer_, request, on_token, result);
+  const auto decode_start = Clock::now();
+  int64_t pos = n_prompt;
+  for (int64_t step = 0; step < budget; ++step) {
+    gpu_->Accept(token);
+    if (!stream.Push(token)) break;
+    if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
+    KV_ASSIGN_OR_RETURN(token, gpu_->Feed(std::span<const int32_t>(&token, 1), pos, draws++));
     ++pos;
   }
   stream.Finish();

@@ -9,6 +9,7 @@
 #include "coordinator/engine.h"
 #include "kvstore/kv_shard.h"
 #include "worker/forward.h"
+#include "worker/gpu_backend.h"
 #include "worker/kv_shard_factory.h"
 #include "worker/model.h"
 
@@ -17,6 +18,9 @@ namespace kvshard {
 struct EngineOptions {
   std::string default_kv_scheme = "fp16";
   KvShardFactory kv_factory = DefaultKvShardFactory();
+  // "auto": the GPU when this build and host have one (fp16 KV), else the CPU; "gpu": the GPU or an
+  // error; "cpu": the CPU backend.
+  std::string device = "auto";
 };
 
 class SingleProcessEngine final : public Engine {
@@ -25,14 +29,17 @@ class SingleProcessEngine final : public Engine {
   static absl::StatusOr<std::unique_ptr<SingleProcessEngine>> Create(const std::string& model_path,
                                                                       EngineOptions options);
   // From weights already in memory (a synthetic model) and a tokenizer.
-  static std::unique_ptr<SingleProcessEngine> Create(ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer,
-                                                     EngineOptions options);
+  static absl::StatusOr<std::unique_ptr<SingleProcessEngine>> Create(ModelWeights weights,
+                                                                      std::unique_ptr<Tokenizer> tokenizer,
+                                                                      EngineOptions options);
 
   const Tokenizer& tokenizer() const override { return *tokenizer_; }
   std::string model_name() const override { return model_name_; }
   int64_t max_context() const override { return weights_.config.max_context; }
   const ModelConfig& config() const { return weights_.config; }
   const ModelWeights& weights() const { return weights_; }
+  // Where the last request ran: "CPU", or the GPU's name.
+  std::string device_name() const override { return last_device_; }
 
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
                                             const PrefillCallback& on_prefill) override;
@@ -40,11 +47,15 @@ class SingleProcessEngine final : public Engine {
  private:
   SingleProcessEngine(ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer, std::string model_name,
                       EngineOptions options);
+  absl::StatusOr<GenerationResult> GenerateOnGpu(const GenerationRequest& request, const TokenCallback& on_token,
+                                                 const PrefillCallback& on_prefill);
   ModelWeights weights_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::string model_name_;
   EngineOptions options_;
   CpuModel model_;
+  std::unique_ptr<GpuBackend> gpu_;  // null: requests run on the CPU
+  std::string last_device_ = "CPU";
 };
 
 }  // namespace kvshard

@@ -1,5 +1,5 @@
 // Rotary position embedding (RoPE), "rotate_half" convention: channel i pairs with i + head_dim/2.
-// CPU twin here; the CUDA launcher lives in kernels/rope_cuda.h.
+// CPU twin here; the CUDA launcher is RopeCuda in kernels/cuda/dense.h.
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,7 @@
 // The kvshard binary on bad input: one-line errors naming the problem, non-zero exit, never a crash or
 // a hang (each run is bounded by `timeout`).
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -20,9 +21,12 @@ struct RunResult {
 };
 
 RunResult RunKvshard(const std::string& args) {
+  // Per-process, per-test file names: ctest runs test cases as parallel processes.
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const std::string stem = "kvshard_cli_" + std::string(info->name()) + "_" + std::to_string(getpid());
   const auto dir = std::filesystem::temp_directory_path();
-  const std::string err = (dir / "kvshard_cli_test_stderr.txt").string();
-  const std::string out = (dir / "kvshard_cli_test_stdout.txt").string();
+  const std::string err = (dir / (stem + "_stderr.txt")).string();
+  const std::string out = (dir / (stem + "_stdout.txt")).string();
   const std::string command = "timeout 120 " + std::string(KVSHARD_BINARY_DIR) + "/kvshard " + args + " >" + out +
                               " 2>" + err + " </dev/null";
   const int status = std::system(command.c_str());
@@ -35,7 +39,7 @@ RunResult RunKvshard(const std::string& args) {
 }
 
 std::string TempFile(const std::string& name, const std::string& bytes) {
-  const auto path = std::filesystem::temp_directory_path() / name;
+  const auto path = std::filesystem::temp_directory_path() / (std::to_string(getpid()) + "_" + name);
   std::ofstream(path, std::ios::binary) << bytes;
   return path.string();
 }

@@ -65,7 +65,10 @@ std::vector<int32_t> ReferenceTokens(const std::string& model_path, const Genera
     }
     return ids;
   }
-  auto engine = SingleProcessEngine::Create(model_path, EngineOptions());
+  EngineOptions options;
+  options.device = "cpu";  // the workers' backend
+  options.default_kv_scheme = request.kv_scheme;
+  auto engine = SingleProcessEngine::Create(model_path, options);
   EXPECT_TRUE(engine.ok()) << engine.status();
   if (!engine.ok()) return {};
   auto result = (*engine)->Generate(request, nullptr, nullptr);

@@ -58,7 +58,11 @@ std::unique_ptr<DistributedEngine> MakeEngine(DistributedEngineOptions options) 
 std::unique_ptr<SingleProcessEngine> MakeReference() {
   auto weights = MakeSyntheticModel(SmallSpec());
   auto tokenizer = MakeByteTokenizer(weights->config.vocab_size);
-  return SingleProcessEngine::Create(std::move(*weights), std::move(*tokenizer), EngineOptions());
+  EngineOptions options;
+  options.device = "cpu";  // the workers' backend
+  auto engine = SingleProcessEngine::Create(std::move(*weights), std::move(*tokenizer), options);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  return engine.ok() ? std::move(*engine) : nullptr;
 }
 
 GenerationRequest Request(int64_t prompt_tokens, int max_tokens, uint64_t seed) {

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Builds and checks the CUDA backend on a GPU host in one go: configure, build the GPU tests, the
+# benchmarks and the kvshard binary, run the tests, run the benchmarks with the PyTorch SDPA baseline in
+# the same run, and run compute-sanitizer memcheck over the kernel tests. With a model, the e2e phase
+# also compares GPU and CPU greedy decoding (the GPU model test, and `kvshard summarize` on both devices).
+# Logs go to $OUT (default: ./device-check-out).
+#
+#   deploy/device-check.sh [--build-dir DIR] [--model FILE.gguf] [--document FILE] [phase ...]
+#   phases: build test bench memcheck e2e (default: all but e2e, plus e2e when --model is given)
+#
+# Dependencies the host lacks come from .deps/ (deploy/fetch-device-debs.sh); the build directory keeps a
+# copy, so later runs against the same build need no .deps/. Ends with a summary.
+set -uo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+out="${OUT:-$root/device-check-out}"
+mkdir -p "$out"
+build="$root/build-device"
+model=""
+document=""
+phases=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --build-dir) build="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
+    --model) model="$2"; shift 2 ;;
+    --document) document="$2"; shift 2 ;;
+    *) phases+=("$1"); shift ;;
+  esac
+done
+if [ ${#phases[@]} -eq 0 ]; then
+  phases=(build test bench memcheck)
+  [ -n "$model" ] && phases+=(e2e)
+fi
+want() { local p; for p in "${phases[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
+summary=()
+note() { summary+=("$*"); echo "== $*"; }
+jobs=$(nproc)
+
+# The build directory keeps its own copy of .deps/, which CMake's cache then points at, so a later run
+# (or a run without .deps/) can reconfigure and run the binaries.
+if [ -d "$root/.deps" ] && want build; then
+  mkdir -p "$build"
+  rm -rf "$build/deps" && cp -a "$root/.deps" "$build/deps"
+fi
+deps="$build/deps"
+prefix="$deps/usr"
+libdirs="$deps/usr/lib/x86_64-linux-gnu"
+if [ ! -f /usr/include/unicode/uchar.h ] && [ -d "$deps/icu-debs" ]; then
+  for deb in "$deps"/icu-debs/*.deb; do dpkg -x "$deb" "$deps/icu"; done
+  prefix="$prefix;$deps/icu/usr"
+  libdirs="$libdirs:$deps/icu/usr/lib/x86_64-linux-gnu"
+  note "ICU: using the packed ICU 72 from .deps (no system ICU headers)"
+fi
+export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+{
+  echo "# $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 || true
+  nvcc --version 2>&1 | tail -n 2 || true
+  cmake --version | head -n 1
+  c++ --version | head -n 1
+} | tee "$out/build.log"
+
+if want build; then
+  start=$(date +%s)
+  cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVSHARD_ENABLE_CUDA=ON \
+    -DCMAKE_PREFIX_PATH="$prefix" >>"$out/build.log" 2>&1
+  targets=$(ninja -C "$build" -t targets all 2>/dev/null | grep -oE '^(gpu_[A-Za-z0-9_]+_test|[A-Za-z0-9_]+_bench):' | grep -v '^cmake_' |
+            tr -d ':' | sort -u | tr '\n' ' ')
+  if ninja -C "$build" -j "$jobs" $targets kvshard >>"$out/build.log" 2>&1; then
+    note "build: ok ($(($(date +%s) - start)) s): $targets kvshard"
+  else
+    note "build: FAILED (see build.log)"
+    grep -E "error|FAILED" "$out/build.log" | head -n 20
+  fi
+fi
+
+gpu_tests=$(ls "$build"/tests/gpu_*_test 2>/dev/null)
+
+if want test; then
+  : >"$out/tests.log"
+  for t in $gpu_tests; do
+    if timeout 300 "$t" --gtest_color=no >>"$out/tests.log" 2>&1; then
+      note "test $(basename "$t"): $(grep -E '^\[  PASSED  \]' "$out/tests.log" | tail -n 1)"
+    else
+      note "test $(basename "$t"): FAILED"
+    fi
+  done
+  grep -E "^\[  FAILED  \]|#wrong|split\(s\)" "$out/tests.log" | head -n 40
+fi
+
+if want bench; then
+  nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$out/bench.log" 2>&1 || true
+  if [ -x "$build/bench/decode_attention_bench" ]; then
+    timeout 300 "$build/bench/decode_attention_bench" --csv="$build/decode.csv" --split_sweep=8,16,32,64,128 2>&1 |
+      tee -a "$out/bench.log"
+  fi
+  if [ -x "$build/bench/prefill_attention_bench" ]; then
+    timeout 200 "$build/bench/prefill_attention_bench" --csv="$build/prefill.csv" 2>&1 | tee -a "$out/bench.log"
+  fi
+  PYTHONUNBUFFERED=1 timeout 300 python3 "$root/bench/sdpa_baseline.py" --decode-csv "$build/decode.csv" \
+    --prefill-csv "$build/prefill.csv" --out-dir "$out" 2>&1 | tee -a "$out/bench.log"
+  note "bench: see bench.log, decode_vs_sdpa.csv, prefill_vs_sdpa.csv"
+fi
+
+if want memcheck; then
+  : >"$out/memcheck.log"
+  for t in $gpu_tests; do
+    timeout 240 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 "$t" --gtest_color=no \
+      >>"$out/memcheck.log" 2>&1
+    rc=$?
+    note "memcheck $(basename "$t"): rc=$rc, $(grep -E 'ERROR SUMMARY' "$out/memcheck.log" | tail -n 1)"
+  done
+fi
+
+if want e2e; then
+  : >"$out/e2e.log"
+  if [ -z "$model" ] || [ ! -f "$model" ]; then
+    note "e2e: no model (--model FILE.gguf)"
+  else
+    KVSHARD_MODEL="$model" timeout 300 "$build/tests/gpu_gpu_model_test" --gtest_color=no >>"$out/e2e.log" 2>&1
+    note "e2e gpu_gpu_model_test: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/e2e.log" | tail -n 1)"
+    grep -E "divergence|greedy:|refusal" "$out/e2e.log"
+    if [ -z "$document" ]; then
+      document="$out/document.txt"
+      for i in $(seq 40); do cat "$root/README.md" 2>/dev/null || echo "A short paragraph of text."; done >"$document"
+    fi
+    for device in cpu gpu; do
+      timeout 300 "$build/kvshard" summarize --model "$model" --input "$document" --max_tokens 64 --device=$device \
+        >"$out/summary-$device.txt" 2>>"$out/e2e.log"
+      note "e2e summarize --device=$device: rc=$? $(grep -E '^kvshard: prompt' "$out/e2e.log" | tail -n 1)"
+    done
+    if cmp -s "$out/summary-cpu.txt" "$out/summary-gpu.txt"; then
+      note "e2e: kvshard summarize prints the same 64 greedy tokens on GPU and CPU"
+    else
+      note "e2e: the GPU and CPU summaries differ (see summary-cpu.txt, summary-gpu.txt)"
+    fi
+    head -c 600 "$out/summary-gpu.txt"; echo
+  fi
+fi
+
+echo
+echo "== summary"
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,127 @@
+// Attention on the GPU over an unquantized (fp16/bf16) KV cache: split-KV decode, causal flash-style
+// prefill, and the merge of partials. Host launchers; pointers are device memory; launches are
+// asynchronous on `stream`. CPU twins: kernels/attention.h (AttentionPartialsCpu, MergePartialsCpu).
+//
+// Conventions (DESIGN.md, "Attention partials"), shared with the CPU twins:
+// - scores are scale * q.k in fp32, with q unscaled on input and keys stored after RoPE;
+// - every output row is a partial: o = softmax-weighted mean of the visible values (fp32), and
+//   lse = ln sum_t exp(score_t), the NATURAL log, fp32;
+// - a row that sees no key has o = 0 and lse = -inf, and merges as a no-op.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "absl/status/status.h"
+#include "kernels/cuda/dtype.h"
+
+namespace kvshard {
+
+// The keys (after RoPE) and values of one layer, in pages of `page_size` tokens:
+//   k, v: [n_pages][n_kv_heads][page_size][head_dim] of `dtype` (kF16 or kBF16), 16-byte aligned.
+//   Request b's token t lives in page page_table[b * pages_per_request + t / page_size], at row
+//   t % page_size. page_table == nullptr means pages are laid out in request order: page index
+//   b * pages_per_request + t / page_size. A contiguous cache [batch][n_kv_heads][capacity][head_dim]
+//   is page_table = nullptr, pages_per_request = 1, page_size = capacity.
+// page_size must be a multiple of 64 (a kernel tile never straddles two pages).
+struct PagedKv {
+  DType dtype = DType::kF16;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t page_size = 0;
+  const int32_t* page_table = nullptr;
+  int64_t pages_per_request = 0;
+};
+
+// Decode: one query token per request, a batch of requests with different context lengths.
+//   q:       fp32 [batch][n_heads][head_dim], RoPE applied, unscaled.
+//   kv_lens: int32 [batch], tokens of each request in `kv` (0 is allowed: an empty shard).
+//   max_kv_len: host-side upper bound of kv_lens (plans the split; larger is safe, only slower).
+//   out:     fp32 [batch][n_heads][head_dim];  lse: fp32 [batch][n_heads].
+//   workspace: device scratch of at least DecodeAttentionWorkspaceBytes(...) bytes (may be null when
+//   that is 0); it holds the per-split partials, merged on the GPU by MergePartialsCuda.
+// GQA: query head h reads KV head h / (n_heads / n_kv_heads); one block reads each KV tile once for
+// the whole query group. Supported head_dim: 64, 128.
+struct DecodeAttentionArgs {
+  const float* q = nullptr;
+  PagedKv kv;
+  const int32_t* kv_lens = nullptr;
+  int64_t max_kv_len = 0;
+  int batch = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  float scale = 0.0f;  // usually 1/sqrt(head_dim)
+  float* out = nullptr;
+  float* lse = nullptr;
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+  int max_splits = 0;  // 0: choose; otherwise an upper bound on the KV splits per request (tests, tuning)
+};
+
+// Bytes of workspace that DecodeAttentionCuda may use for this batch shape (an upper bound).
+int64_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim);
+
+absl::Status DecodeAttentionCuda(const DecodeAttentionArgs& args, cudaStream_t stream);
+
+// The KV split DecodeAttentionCuda would choose (for benchmarks and tests): splits per request.
+int DecodeAttentionSplits(const DecodeAttentionArgs& args);
+
+// Prefill: a chunk of `n_queries` consecutive query tokens of ONE request, causal.
+//   q:    [n_queries][n_heads][head_dim] of kv.dtype, RoPE applied, unscaled; query i sits at absolute
+//         position query_first_position + i.
+//   kv:   the request's keys/values (use page_table / pages_per_request for this one request, as for
+//         batch index 0); key j (< n_keys) sits at absolute position key_first_position + j.
+//   Query i sees key j iff key_first_position + j <= query_first_position + i.
+//   out:  fp32 [n_queries][n_heads][head_dim];  lse: fp32 [n_queries][n_heads].
+// Tiled with an online softmax on tensor cores (no n_queries x n_keys matrix); a tile of 64 rows packs
+// the query heads of one KV head so each K/V tile read serves the whole group. Supported head_dim: 64, 128.
+struct PrefillAttentionArgs {
+  const void* q = nullptr;
+  PagedKv kv;
+  int64_t n_queries = 0;
+  int64_t n_keys = 0;
+  int64_t query_first_position = 0;
+  int64_t key_first_position = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  float scale = 0.0f;
+  float* out = nullptr;
+  float* lse = nullptr;
+};
+
+absl::Status PrefillAttentionCuda(const PrefillAttentionArgs& args, cudaStream_t stream);
+
+// Appends n_tokens tokens' keys and values to a paged cache, at token indices first_index.. of request
+// `request` (the page-table row; see PagedKv). cache.k / cache.v are written (16-bit, round to nearest
+// even). k, v: fp32, token t's KV head h at k + t * row_stride + h * head_dim. When inv_freq is not null
+// the keys are pre-RoPE and are rotated ("rotate_half", positions[t], the same angles as RopeCuda and
+// ApplyRopeCpu) before they are stored; values are stored as given. positions: int64 [n_tokens] (device).
+struct KvWriteArgs {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t row_stride = 0;
+  int n_tokens = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  const int64_t* positions = nullptr;
+  const float* inv_freq = nullptr;
+  PagedKv cache;
+  int request = 0;
+  int64_t first_index = 0;
+};
+
+absl::Status WriteKvCacheCuda(const KvWriteArgs& args, cudaStream_t stream);
+
+// Merges partials of `n_sources` sources for `n_rows` rows of head_dim values (the GPU twin of
+// MergePartialsCpu):  lse = ln sum_s exp(lse_s);  out = sum_s exp(lse_s - lse) out_s.
+//   outs: fp32 [n_sources][n_rows][head_dim]; lses: fp32 [n_sources][n_rows] (an all-gather's layout);
+//   out: fp32 [n_rows][head_dim]; lse: fp32 [n_rows]. Must not alias the sources. head_dim: a multiple
+//   of 4, at most 256; pointers 16-byte aligned.
+// Sources with lse = -inf are skipped; a row where all are -inf gets out = 0, lse = -inf.
+absl::Status MergePartialsCuda(const float* outs, const float* lses, int n_sources, int64_t n_rows,
+                               int head_dim, float* out, float* lse, cudaStream_t stream);
+
+}  // namespace kvshard

@@ -1,0 +1,69 @@
+// Warp and block reductions in a fixed order (deterministic results), for the kernels in kernels/cuda/.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace kvshard {
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float WarpMax(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ int WarpSumInt(int v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds one value per warp; the call
+// ends with a barrier, so scratch can be reused by the next call.
+template <typename T, typename WarpOp, typename Combine>
+__device__ __forceinline__ T BlockReduce(T v, T* scratch, WarpOp warp_op, Combine combine) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int n_warps = (blockDim.x + 31) >> 5;
+  v = warp_op(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T total = scratch[0];
+  for (int w = 1; w < n_warps; ++w) total = combine(total, scratch[w]);
+  return total;
+}
+
+struct WarpSumOp {
+  __device__ __forceinline__ float operator()(float v) const { return WarpSum(v); }
+};
+struct WarpMaxOp {
+  __device__ __forceinline__ float operator()(float v) const { return WarpMax(v); }
+};
+struct WarpSumIntOp {
+  __device__ __forceinline__ int operator()(int v) const { return WarpSumInt(v); }
+};
+struct AddOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+__device__ __forceinline__ float BlockSum(float v, float* scratch) {
+  return BlockReduce(v, scratch, WarpSumOp{}, AddOp{});
+}
+__device__ __forceinline__ float BlockMax(float v, float* scratch) {
+  return BlockReduce(v, scratch, WarpMaxOp{}, MaxOp{});
+}
+__device__ __forceinline__ int BlockSumInt(int v, int* scratch) {
+  return BlockReduce(v, scratch, WarpSumIntOp{}, AddOp{});
+}
+
+}  // namespace kvshard

@@ -1,0 +1,272 @@
+// The GPU forward pass (worker/cuda/gpu_model.h) against the CPU forward pass (worker/forward.h): logits
+// of a prompt, then 64 greedy tokens. On a synthetic Llama-shaped model with seeded random weights that
+// are exact in bf16 (so both backends hold identical weights), and on the demo model when it is cached.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/half.h"
+#include "coordinator/tokenizer.h"
+#include "gpu_test_util.h"
+#include "gtest/gtest.h"
+#include "kvstore/kv_shard.h"
+#include "tests/test_util.h"
+#include "worker/cuda/gpu_model.h"
+#include "worker/forward.h"
+#include "worker/model_loader.h"
+#include "worker/sampler.h"
+
+namespace kvshard {
+namespace {
+
+constexpr int kGreedyTokens = 64;
+
+HostTensor RandomTensor(std::vector<int64_t> shape, float lo, float hi, std::mt19937_64& rng) {
+  HostTensor t;
+  t.shape = std::move(shape);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  t.data.resize(t.numel());
+  for (float& x : t.data) x = Bf16ToFloat(FloatToBf16(dist(rng)));  // exact in bf16
+  return t;
+}
+
+ModelWeights SyntheticModel(bool qkv_bias, bool tied, uint64_t seed) {
+  ModelWeights w;
+  ModelConfig& c = w.config;
+  c.architecture = "llama";
+  c.name = "synthetic";
+  c.n_layers = 4;
+  c.hidden = 256;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 64;
+  c.ffn_hidden = 512;
+  c.vocab_size = 2048;
+  c.max_context = 4096;
+  c.rope_theta = 10000.0f;
+  c.norm_eps = 1e-5f;
+  c.tied_embeddings = tied;
+  c.qkv_bias = qkv_bias;
+  std::mt19937_64 rng(seed);
+  const int64_t q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+  auto linear = [&](int64_t out, int64_t in) {
+    const float a = std::sqrt(3.0f / in);  // unit-variance outputs for unit-variance inputs
+    return RandomTensor({out, in}, -a, a, rng);
+  };
+  w.token_embedding = RandomTensor({c.vocab_size, c.hidden}, -1.0f, 1.0f, rng);
+  for (int i = 0; i < c.n_layers; ++i) {
+    LayerWeights L;
+    L.attn_norm = RandomTensor({c.hidden}, 0.8f, 1.2f, rng);
+    L.ffn_norm = RandomTensor({c.hidden}, 0.8f, 1.2f, rng);
+    L.wq = linear(q_dim, c.hidden);
+    L.wk = linear(kv_dim, c.hidden);
+    L.wv = linear(kv_dim, c.hidden);
+    L.wo = linear(c.hidden, q_dim);
+    if (qkv_bias) {
+      L.bq = RandomTensor({q_dim}, -0.1f, 0.1f, rng);
+      L.bk = RandomTensor({kv_dim}, -0.1f, 0.1f, rng);
+      L.bv = RandomTensor({kv_dim}, -0.1f, 0.1f, rng);
+    }
+    L.w_gate = linear(c.ffn_hidden, c.hidden);
+    L.w_up = linear(c.ffn_hidden, c.hidden);
+    L.w_down = linear(c.hidden, c.ffn_hidden);
+    w.layers.push_back(std::move(L));
+  }
+  w.output_norm = RandomTensor({c.hidden}, 0.8f, 1.2f, rng);
+  if (!tied) w.output = linear(c.vocab_size, c.hidden);
+  return w;
+}
+
+struct Comparison {
+  double step0_relative_l2 = 0;   // ||gpu - cpu|| / ||cpu|| of the prompt's last logits
+  double step0_max_abs = 0;
+  int matched = 0;                // greedy tokens equal before the first divergence
+  int first_divergence = -1;      // -1: all kGreedyTokens equal
+  double cpu_gap = 0;             // at the divergence: cpu_logit[cpu token] - cpu_logit[gpu token]
+  double max_abs_at_divergence = 0;
+  double logit_range = 0;         // max - min of the CPU logits at the divergence (or step 0)
+};
+
+double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  return m;
+}
+
+// Greedy decoding on both backends from the same prompt, with the CLI's repetition penalty when
+// `repetition_penalty` != 1; logits of every step (before the penalty) are kept for the report.
+Comparison CompareGreedy(const ModelWeights& weights, const std::vector<int32_t>& prompt,
+                         float repetition_penalty = 1.0f) {
+  Comparison result;
+  const int vocab = weights.config.vocab_size;
+
+  CpuModel cpu(weights);
+  auto shard = MakeFullPrecisionKvShard(cpu.kv_geometry(), 0, FullPrecision::kFp16);
+  ShardAttentionContext cpu_context(*shard);
+  std::vector<std::vector<float>> cpu_logits;
+  std::vector<int32_t> cpu_tokens;
+  std::vector<float> logits;
+  for (size_t begin = 0; begin < prompt.size(); begin += CpuModel::max_chunk()) {
+    const size_t n = std::min<size_t>(CpuModel::max_chunk(), prompt.size() - begin);
+    EXPECT_TRUE(cpu.Forward(std::span<const int32_t>(prompt.data() + begin, n), begin, cpu_context, false, logits).ok());
+  }
+  SamplingParams greedy_params;
+  greedy_params.repetition_penalty = repetition_penalty;
+  Sampler greedy(greedy_params);
+  int64_t pos = static_cast<int64_t>(prompt.size());
+  for (int step = 0; step < kGreedyTokens; ++step) {
+    cpu_logits.push_back(logits);
+    const int32_t token = greedy.Sample(logits.data(), vocab);
+    greedy.Accept(token);
+    cpu_tokens.push_back(token);
+    EXPECT_TRUE(cpu.Forward(std::span<const int32_t>(&token, 1), pos++, cpu_context, false, logits).ok());
+  }
+
+  auto gpu = GpuModel::Create(weights, GpuModelOptions{});
+  EXPECT_TRUE(gpu.ok()) << gpu.status();
+  if (!gpu.ok()) return result;
+  auto cache = GpuKvCache::Create((*gpu)->kv_geometry(), prompt.size() + kGreedyTokens + 1);
+  EXPECT_TRUE(cache.ok()) << cache.status();
+  if (!cache.ok()) return result;
+  TokenSampling sampling;  // greedy
+  sampling.repetition_penalty = repetition_penalty;
+  std::vector<int32_t> recent;  // Sampler's window of accepted tokens
+  std::vector<std::vector<float>> gpu_logits;
+  std::vector<int32_t> gpu_tokens;
+  absl::StatusOr<int32_t> next = -1;
+  for (size_t begin = 0; begin < prompt.size(); begin += (*gpu)->max_chunk()) {
+    const size_t n = std::min<size_t>((*gpu)->max_chunk(), prompt.size() - begin);
+    next = (*gpu)->Forward(std::span<const int32_t>(prompt.data() + begin, n), begin, **cache, &sampling, &logits);
+    EXPECT_TRUE(next.ok()) << next.status();
+    if (!next.ok()) return result;
+  }
+  pos = static_cast<int64_t>(prompt.size());
+  for (int step = 0; step < kGreedyTokens; ++step) {
+    gpu_logits.push_back(logits);
+    gpu_tokens.push_back(*next);
+    const int32_t token = *next;
+    recent.push_back(token);
+    if (recent.size() > static_cast<size_t>(greedy_params.repetition_window)) recent.erase(recent.begin());
+    sampling.step = step + 1;
+    next = (*gpu)->Forward(std::span<const int32_t>(&token, 1), pos++, **cache, &sampling, &logits, recent);
+    EXPECT_TRUE(next.ok()) << next.status();
+    if (!next.ok()) return result;
+  }
+
+  double diff2 = 0, ref2 = 0;
+  for (int i = 0; i < vocab; ++i) {
+    const double d = static_cast<double>(gpu_logits[0][i]) - cpu_logits[0][i];
+    diff2 += d * d;
+    ref2 += static_cast<double>(cpu_logits[0][i]) * cpu_logits[0][i];
+  }
+  result.step0_relative_l2 = std::sqrt(diff2 / ref2);
+  result.step0_max_abs = MaxAbsDiff(gpu_logits[0], cpu_logits[0]);
+  int step = 0;
+  while (step < kGreedyTokens && cpu_tokens[step] == gpu_tokens[step]) ++step;
+  result.matched = step;
+  const int at = step < kGreedyTokens ? step : 0;
+  const auto [lo, hi] = std::minmax_element(cpu_logits[at].begin(), cpu_logits[at].end());
+  result.logit_range = *hi - *lo;
+  if (step < kGreedyTokens) {
+    result.first_divergence = step;
+    result.cpu_gap = cpu_logits[step][cpu_tokens[step]] - cpu_logits[step][gpu_tokens[step]];
+    result.max_abs_at_divergence = MaxAbsDiff(gpu_logits[step], cpu_logits[step]);
+    std::printf("  first divergence at greedy step %d: CPU token %d, GPU token %d\n", step, cpu_tokens[step],
+                gpu_tokens[step]);
+  }
+  std::printf("  step 0 logits: relative L2 %.3g, max |diff| %.4g; greedy: %d/%d equal; logit range %.3g\n",
+              result.step0_relative_l2, result.step0_max_abs, result.matched, kGreedyTokens, result.logit_range);
+  if (result.first_divergence >= 0) {
+    std::printf("  at the divergence: CPU margin of its token over the GPU's %.4g, max |logit diff| %.4g\n",
+                result.cpu_gap, result.max_abs_at_divergence);
+  }
+  return result;
+}
+
+// Checks shared by both models. The GPU rounds each GEMM input (weights and activations) to bf16, 2^-9
+// relative; through a few layers that keeps the logits within ~1e-2 relative (L2) of the fp32 CPU pass
+// (bf16 operands: between 1e-3 and 1e-2). A greedy divergence is acceptable only as a near-tie: the CPU's
+// margin between the two tokens is smaller than the logit deviation at that step, which itself is at the
+// rounding level of step 0.
+void ExpectAgreement(const Comparison& r, double max_relative_l2) {
+  EXPECT_LE(r.step0_relative_l2, max_relative_l2);
+  if (r.first_divergence >= 0) {
+    EXPECT_LE(r.cpu_gap, 2 * r.max_abs_at_divergence) << "not a near-tie";
+    EXPECT_LE(r.max_abs_at_divergence, 3 * r.step0_max_abs + 1e-3) << "deviation grew beyond rounding level";
+  }
+}
+
+class GpuModelTest : public ::testing::Test {
+ protected:
+  void SetUp() override { KV_SKIP_WITHOUT_GPU(); }
+};
+
+TEST_F(GpuModelTest, SyntheticModelMatchesCpu) {
+  const ModelWeights weights = SyntheticModel(/*qkv_bias=*/false, /*tied=*/false, 1);
+  std::vector<int32_t> prompt(700);  // two prefill chunks of the GPU model (512 + 188)
+  std::mt19937_64 rng(2);
+  for (int32_t& id : prompt) id = static_cast<int32_t>(rng() % weights.config.vocab_size);
+  ExpectAgreement(CompareGreedy(weights, prompt), 2e-2);
+}
+
+TEST_F(GpuModelTest, SyntheticModelWithBiasAndTiedEmbeddingsMatchesCpu) {
+  const ModelWeights weights = SyntheticModel(/*qkv_bias=*/true, /*tied=*/true, 3);
+  std::vector<int32_t> prompt(37);
+  std::mt19937_64 rng(4);
+  for (int32_t& id : prompt) id = static_cast<int32_t>(rng() % weights.config.vocab_size);
+  ExpectAgreement(CompareGreedy(weights, prompt, /*repetition_penalty=*/1.3f), 2e-2);
+}
+
+TEST_F(GpuModelTest, DemoModelGreedyTokensMatchCpu) {
+  KVSHARD_REQUIRE_DEMO_MODEL(model_path);
+  auto weights = LoadModel(model_path);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  auto gguf = GgufFile::Open(model_path);
+  ASSERT_TRUE(gguf.ok()) << gguf.status();
+  auto tokenizer = Tokenizer::FromGguf(**gguf);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  const std::string text =
+      "<|im_start|>user\nSummarize the following text.\n\nThe GNU General Public License is a free, copyleft "
+      "license for software and other kinds of works. The licenses for most software and other practical works "
+      "are designed to take away your freedom to share and change the works. By contrast, the GNU General Public "
+      "License is intended to guarantee your freedom to share and change all versions of a program--to make "
+      "sure it remains free software for all its users.<|im_end|>\n<|im_start|>assistant\n";
+  const std::vector<int32_t> prompt = (*tokenizer)->Encode(text, /*parse_special=*/true);
+  ASSERT_GT(prompt.size(), 50u);
+  const Comparison r = CompareGreedy(*weights, prompt, /*repetition_penalty=*/1.1f);  // the CLI default
+  // 30 layers of bf16 rounding of Q4_1-dequantized weights (not exact in bf16) and activations.
+  ExpectAgreement(r, 5e-2);
+}
+
+TEST_F(GpuModelTest, RefusesWhatDoesNotFit) {
+  ModelWeights weights = SyntheticModel(false, true, 5);
+  // A KV cache far beyond any GPU's memory is refused with the sizes, not an out-of-memory crash.
+  auto gpu = GpuModel::Create(weights, GpuModelOptions{});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cache = GpuKvCache::Create((*gpu)->kv_geometry(), int64_t{1} << 40);
+  ASSERT_FALSE(cache.ok());
+  EXPECT_EQ(cache.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(std::string(cache.status().message()).find("GPU has"), std::string::npos) << cache.status();
+  // A request longer than the cache is refused at the append.
+  auto small = GpuKvCache::Create((*gpu)->kv_geometry(), 64);
+  ASSERT_TRUE(small.ok());
+  std::vector<int32_t> tokens(65, 1);
+  TokenSampling sampling;
+  auto next = (*gpu)->Forward(tokens, 0, **small, &sampling, nullptr);
+  EXPECT_EQ(next.status().code(), absl::StatusCode::kResourceExhausted) << next.status();
+  // A model whose weights exceed the GPU is refused at load, naming the bytes needed and free.
+  weights.config.n_layers = 1;
+  weights.layers.resize(1);
+  weights.config.vocab_size = 1 << 30;  // 1G x 256 bf16 = 512 GiB of embeddings
+  auto huge = GpuModel::Create(weights, GpuModelOptions{});
+  ASSERT_FALSE(huge.ok());
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted) << huge.status();
+  std::printf("  refusal: %s\n", std::string(huge.status().message()).c_str());
+}
+
+}  // namespace
+}  // namespace kvshard

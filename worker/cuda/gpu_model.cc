@@ -1,0 +1,421 @@
+#include "worker/cuda/gpu_model.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/half.h"
+#include "common/status.h"
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/sampling.h"
+#include "kernels/rope.h"
+
+namespace kvshard {
+namespace {
+
+constexpr int64_t kCapacityAlign = 64;  // the attention kernels' page granularity
+constexpr int64_t kMemoryReserve = 256ll << 20;  // left free for cuBLAS, the CUDA context's growth
+
+std::string GiB(int64_t bytes) { return absl::StrFormat("%.2f GiB", bytes / 1073741824.0); }
+
+absl::Status CheckFreeMemory(int64_t needed, const std::string& what) {
+  size_t free_bytes = 0, total_bytes = 0;
+  CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  if (needed + kMemoryReserve > static_cast<int64_t>(free_bytes)) {
+    return absl::ResourceExhaustedError(absl::StrCat(what, " needs ", GiB(needed), " of GPU memory (", needed,
+                                                     " bytes) plus ", GiB(kMemoryReserve), " reserve; the GPU has ",
+                                                     GiB(free_bytes), " free of ", GiB(total_bytes)));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DeviceMemory> UploadBf16(const std::vector<const HostTensor*>& parts, const char* what) {
+  int64_t n = 0;
+  for (const HostTensor* t : parts) n += static_cast<int64_t>(t->data.size());
+  KV_ASSIGN_OR_RETURN(DeviceMemory mem, DeviceMemory::Allocate(n * 2, what));
+  std::vector<uint16_t> host(n);
+  int64_t offset = 0;
+  for (const HostTensor* t : parts) {
+    for (float f : t->data) host[offset++] = FloatToBf16(f);
+  }
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(mem.get(), host.data(), n * 2, cudaMemcpyHostToDevice));
+  return mem;
+}
+
+absl::StatusOr<DeviceMemory> UploadF32(const std::vector<const HostTensor*>& parts, const char* what) {
+  int64_t n = 0;
+  for (const HostTensor* t : parts) n += static_cast<int64_t>(t->data.size());
+  KV_ASSIGN_OR_RETURN(DeviceMemory mem, DeviceMemory::Allocate(n * 4, what));
+  int64_t offset = 0;
+  for (const HostTensor* t : parts) {
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(mem.as<float>() + offset, t->data.data(), t->data.size() * 4,
+                                    cudaMemcpyHostToDevice));
+    offset += static_cast<int64_t>(t->data.size());
+  }
+  return mem;
+}
+
+absl::StatusOr<DeviceMemory> UploadInvFreq(const RopeParams& rope) {
+  const std::vector<float> inv_freq = RopeInverseFrequencies(rope);
+  KV_ASSIGN_OR_RETURN(DeviceMemory mem, DeviceMemory::Allocate(inv_freq.size() * 4, "RoPE frequencies"));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(mem.get(), inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice));
+  return mem;
+}
+
+absl::Status ExpectShape(const HostTensor& t, int64_t rows, int64_t cols, const char* name) {
+  if (static_cast<int64_t>(t.data.size()) != rows * cols) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " has ", t.data.size(), " values, expected ", rows, " x ",
+                                                   cols));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+absl::StatusOr<DeviceMemory> DeviceMemory::Allocate(int64_t bytes, const char* what) {
+  DeviceMemory mem;
+  if (bytes <= 0) return mem;
+  const cudaError_t err = cudaMalloc(&mem.ptr_, bytes);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    mem.ptr_ = nullptr;
+    return absl::ResourceExhaustedError(absl::StrCat("cudaMalloc of ", bytes, " bytes for ", what, " failed: ",
+                                                     cudaGetErrorString(err)));
+  }
+  mem.bytes_ = bytes;
+  return mem;
+}
+
+DeviceMemory::DeviceMemory(DeviceMemory&& other) noexcept
+    : ptr_(std::exchange(other.ptr_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+DeviceMemory& DeviceMemory::operator=(DeviceMemory&& other) noexcept {
+  if (this != &other) {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = std::exchange(other.ptr_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+DeviceMemory::~DeviceMemory() {
+  if (ptr_ != nullptr) cudaFree(ptr_);
+}
+
+// ---------------------------------------------------------------------------------------------------
+absl::StatusOr<std::unique_ptr<GpuKvCache>> GpuKvCache::Create(const KvGeometry& geometry, int64_t capacity) {
+  if (capacity <= 0) return absl::InvalidArgumentError("GpuKvCache: capacity must be positive");
+  std::unique_ptr<GpuKvCache> cache(new GpuKvCache());
+  cache->geometry_ = geometry;
+  cache->capacity_ = (capacity + kCapacityAlign - 1) / kCapacityAlign * kCapacityAlign;
+  const int64_t per_tensor = static_cast<int64_t>(geometry.n_layers) * geometry.n_kv_heads * cache->capacity_ *
+                             geometry.head_dim * 2;
+  KV_RETURN_IF_ERROR(CheckFreeMemory(2 * per_tensor, absl::StrCat("an fp16 KV cache of ", cache->capacity_, " tokens")));
+  KV_ASSIGN_OR_RETURN(cache->keys_, DeviceMemory::Allocate(per_tensor, "KV cache keys"));
+  KV_ASSIGN_OR_RETURN(cache->values_, DeviceMemory::Allocate(per_tensor, "KV cache values"));
+  KV_ASSIGN_OR_RETURN(cache->inv_freq_, UploadInvFreq(geometry.rope));
+  KV_ASSIGN_OR_RETURN(cache->kv_len_, DeviceMemory::Allocate(4, "KV length"));
+  KV_ASSIGN_OR_RETURN(cache->decode_workspace_,
+                      DeviceMemory::Allocate(DecodeAttentionWorkspaceBytes(1, geometry.n_heads, geometry.head_dim),
+                                             "decode workspace"));
+  cache->lengths_.assign(geometry.n_layers, 0);
+  return cache;
+}
+
+void GpuKvCache::Clear() { std::fill(lengths_.begin(), lengths_.end(), 0); }
+
+absl::Status GpuKvCache::EnsureScratch(int n_queries) {
+  if (n_queries <= scratch_rows_) return absl::OkStatus();
+  const int64_t rows = static_cast<int64_t>(n_queries) * geometry_.n_heads;
+  KV_ASSIGN_OR_RETURN(query16_, DeviceMemory::Allocate(rows * geometry_.head_dim * 2, "prefill queries"));
+  KV_ASSIGN_OR_RETURN(lse_, DeviceMemory::Allocate(rows * 4, "attention lse"));
+  scratch_rows_ = n_queries;
+  return absl::OkStatus();
+}
+
+absl::Status GpuKvCache::AppendKv(int layer, int n_tokens, const float* k, const float* v, int64_t row_stride,
+                                  const int64_t* positions, cudaStream_t stream) {
+  if (layer < 0 || layer >= geometry_.n_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  }
+  if (lengths_[layer] + n_tokens > capacity_) {
+    return absl::ResourceExhaustedError(absl::StrCat("the request needs ", lengths_[layer] + n_tokens,
+                                                     " tokens of KV cache; the GPU cache holds ", capacity_));
+  }
+  const int64_t layer_elems = static_cast<int64_t>(geometry_.n_kv_heads) * capacity_ * geometry_.head_dim;
+  KvWriteArgs w;
+  w.k = k;
+  w.v = v;
+  w.row_stride = row_stride;
+  w.n_tokens = n_tokens;
+  w.n_kv_heads = geometry_.n_kv_heads;
+  w.head_dim = geometry_.head_dim;
+  w.positions = positions;
+  w.inv_freq = inv_freq_.as<float>();
+  w.cache.dtype = DType::kF16;
+  w.cache.k = keys_.as<uint16_t>() + layer * layer_elems;
+  w.cache.v = values_.as<uint16_t>() + layer * layer_elems;
+  w.cache.page_size = capacity_;
+  w.cache.pages_per_request = 1;
+  w.first_index = lengths_[layer];
+  KV_RETURN_IF_ERROR(WriteKvCacheCuda(w, stream));
+  lengths_[layer] += n_tokens;
+  return absl::OkStatus();
+}
+
+absl::Status GpuKvCache::Attend(int layer, int n_queries, const float* q, int64_t q_stride, int64_t first_position,
+                                float* out, cudaStream_t stream) {
+  if (layer < 0 || layer >= geometry_.n_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  }
+  const int64_t layer_elems = static_cast<int64_t>(geometry_.n_kv_heads) * capacity_ * geometry_.head_dim;
+  PagedKv kv;
+  kv.dtype = DType::kF16;
+  kv.k = keys_.as<uint16_t>() + layer * layer_elems;
+  kv.v = values_.as<uint16_t>() + layer * layer_elems;
+  kv.page_size = capacity_;
+  kv.pages_per_request = 1;
+  const int64_t visible = std::min(lengths_[layer], first_position + n_queries);
+  KV_RETURN_IF_ERROR(EnsureScratch(n_queries));
+  if (n_queries == 1) {
+    // One query sees every stored token up to its position: the split-KV decode kernel.
+    KV_RETURN_IF_ERROR(FillInt32Cuda(kv_len_.as<int32_t>(), static_cast<int32_t>(visible), 1, stream));
+    DecodeAttentionArgs a;
+    a.q = q;
+    a.kv = kv;
+    a.kv_lens = kv_len_.as<int32_t>();
+    a.max_kv_len = visible;
+    a.batch = 1;
+    a.n_heads = geometry_.n_heads;
+    a.n_kv_heads = geometry_.n_kv_heads;
+    a.head_dim = geometry_.head_dim;
+    a.scale = geometry_.scale();
+    a.out = out;
+    a.lse = lse_.as<float>();
+    a.workspace = decode_workspace_.get();
+    a.workspace_bytes = decode_workspace_.bytes();
+    return DecodeAttentionCuda(a, stream);
+  }
+  const int64_t q_dim = static_cast<int64_t>(geometry_.n_heads) * geometry_.head_dim;
+  KV_RETURN_IF_ERROR(ConvertRowsCuda(q, DType::kF32, q_stride, query16_.get(), DType::kF16, q_dim, n_queries, q_dim,
+                                     stream));
+  PrefillAttentionArgs a;
+  a.q = query16_.get();
+  a.kv = kv;
+  a.n_queries = n_queries;
+  a.n_keys = visible;
+  a.query_first_position = first_position;
+  a.key_first_position = 0;
+  a.n_heads = geometry_.n_heads;
+  a.n_kv_heads = geometry_.n_kv_heads;
+  a.head_dim = geometry_.head_dim;
+  a.scale = geometry_.scale();
+  a.out = out;
+  a.lse = lse_.as<float>();
+  return PrefillAttentionCuda(a, stream);
+}
+
+// ---------------------------------------------------------------------------------------------------
+int64_t GpuModelBytes(const ModelConfig& c, const GpuModelOptions& options) {
+  const int64_t q_dim = static_cast<int64_t>(c.n_heads) * c.head_dim;
+  const int64_t kv_dim = static_cast<int64_t>(c.n_kv_heads) * c.head_dim;
+  const int64_t per_layer = 2 * ((q_dim + 2 * kv_dim) * c.hidden + c.hidden * q_dim + 3LL * c.ffn_hidden * c.hidden) +
+                            4 * (2LL * c.hidden + (c.qkv_bias ? q_dim + 2 * kv_dim : 0));
+  const int64_t embeddings = 2LL * c.vocab_size * c.hidden * (c.tied_embeddings ? 1 : 2) + 4LL * c.hidden;
+  const int64_t rows = options.max_chunk;
+  const int64_t activations =
+      rows * (4 + 8 + 4LL * c.hidden + 2LL * c.hidden + 4 * (q_dim + 2 * kv_dim) + 4 * q_dim + 2 * q_dim +
+              4 * 2LL * c.ffn_hidden + 2LL * c.ffn_hidden) +
+      4LL * c.vocab_size + 64;
+  return per_layer * c.n_layers + embeddings + activations;
+}
+
+GpuModel::GpuModel(const ModelConfig& config, const GpuModelOptions& options, CublasHandle cublas, cudaStream_t stream)
+    : config_(config), options_(options), cublas_(std::move(cublas)), stream_(stream) {}
+
+GpuModel::~GpuModel() {
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+KvGeometry GpuModel::kv_geometry() const {
+  KvGeometry g;
+  g.n_layers = config_.n_layers;
+  g.n_heads = config_.n_heads;
+  g.n_kv_heads = config_.n_kv_heads;
+  g.head_dim = config_.head_dim;
+  g.rope = RopeParams{config_.head_dim, config_.rope_theta, config_.rope_scaling};
+  return g;
+}
+
+absl::StatusOr<std::unique_ptr<GpuModel>> GpuModel::Create(const ModelWeights& weights,
+                                                           const GpuModelOptions& options) {
+  const ModelConfig& c = weights.config;
+  if (options.max_chunk <= 0 || options.max_chunk > 65535) {
+    return absl::InvalidArgumentError("GpuModel: max_chunk must be in 1..65535");
+  }
+  if (c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads != 0 ||
+      static_cast<int>(weights.layers.size()) != c.n_layers) {
+    return absl::InvalidArgumentError("GpuModel: inconsistent model configuration");
+  }
+  const int64_t needed = GpuModelBytes(c, options);
+  KV_RETURN_IF_ERROR(CheckFreeMemory(needed, absl::StrCat("the model (bf16 weights and activations of ",
+                                                          options.max_chunk, " tokens)")));
+  KV_ASSIGN_OR_RETURN(CublasHandle cublas, CublasHandle::Create());
+  cudaStream_t stream = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::unique_ptr<GpuModel> model(new GpuModel(c, options, std::move(cublas), stream));
+  KV_RETURN_IF_ERROR(model->Upload(weights));
+  KV_RETURN_IF_ERROR(model->AllocateActivations());
+  return model;
+}
+
+absl::Status GpuModel::Upload(const ModelWeights& w) {
+  const ModelConfig& c = config_;
+  const int64_t q_dim = static_cast<int64_t>(c.n_heads) * c.head_dim;
+  const int64_t kv_dim = static_cast<int64_t>(c.n_kv_heads) * c.head_dim;
+  KV_RETURN_IF_ERROR(ExpectShape(w.token_embedding, c.vocab_size, c.hidden, "token_embedding"));
+  layers_.resize(c.n_layers);
+  for (int i = 0; i < c.n_layers; ++i) {
+    const LayerWeights& L = w.layers[i];
+    Layer& D = layers_[i];
+    KV_RETURN_IF_ERROR(ExpectShape(L.wq, q_dim, c.hidden, "wq"));
+    KV_RETURN_IF_ERROR(ExpectShape(L.wk, kv_dim, c.hidden, "wk"));
+    KV_RETURN_IF_ERROR(ExpectShape(L.wv, kv_dim, c.hidden, "wv"));
+    KV_RETURN_IF_ERROR(ExpectShape(L.wo, c.hidden, q_dim, "wo"));
+    KV_RETURN_IF_ERROR(ExpectShape(L.w_gate, c.ffn_hidden, c.hidden, "w_gate"));
+    KV_RETURN_IF_ERROR(ExpectShape(L.w_up, c.ffn_hidden, c.hidden, "w_up"));
+    KV_RETURN_IF_ERROR(ExpectShape(L.w_down, c.hidden, c.ffn_hidden, "w_down"));
+    KV_ASSIGN_OR_RETURN(D.attn_norm, UploadF32({&L.attn_norm}, "attn_norm"));
+    KV_ASSIGN_OR_RETURN(D.ffn_norm, UploadF32({&L.ffn_norm}, "ffn_norm"));
+    KV_ASSIGN_OR_RETURN(D.w_qkv, UploadBf16({&L.wq, &L.wk, &L.wv}, "wqkv"));
+    if (c.qkv_bias) {
+      KV_ASSIGN_OR_RETURN(D.b_qkv, UploadF32({&L.bq, &L.bk, &L.bv}, "bqkv"));
+    }
+    KV_ASSIGN_OR_RETURN(D.w_o, UploadBf16({&L.wo}, "wo"));
+    KV_ASSIGN_OR_RETURN(D.w_gate_up, UploadBf16({&L.w_gate, &L.w_up}, "w_gate_up"));
+    KV_ASSIGN_OR_RETURN(D.w_down, UploadBf16({&L.w_down}, "w_down"));
+  }
+  KV_ASSIGN_OR_RETURN(embedding_, UploadBf16({&w.token_embedding}, "token_embedding"));
+  if (!c.tied_embeddings) {
+    KV_RETURN_IF_ERROR(ExpectShape(w.output, c.vocab_size, c.hidden, "output"));
+    KV_ASSIGN_OR_RETURN(output_, UploadBf16({&w.output}, "output"));
+  }
+  KV_ASSIGN_OR_RETURN(output_norm_, UploadF32({&w.output_norm}, "output_norm"));
+  KV_ASSIGN_OR_RETURN(inv_freq_, UploadInvFreq(kv_geometry().rope));
+  weight_bytes_ = embedding_.bytes() + output_.bytes() + output_norm_.bytes();
+  for (const Layer& D : layers_) {
+    weight_bytes_ += D.attn_norm.bytes() + D.ffn_norm.bytes() + D.w_qkv.bytes() + D.b_qkv.bytes() + D.w_o.bytes() +
+                     D.w_gate_up.bytes() + D.w_down.bytes();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GpuModel::AllocateActivations() {
+  const ModelConfig& c = config_;
+  const int64_t rows = options_.max_chunk;
+  const int64_t q_dim = static_cast<int64_t>(c.n_heads) * c.head_dim;
+  const int64_t kv_dim = static_cast<int64_t>(c.n_kv_heads) * c.head_dim;
+  KV_ASSIGN_OR_RETURN(ids_, DeviceMemory::Allocate(rows * 4, "token ids"));
+  KV_ASSIGN_OR_RETURN(positions_, DeviceMemory::Allocate(rows * 8, "positions"));
+  KV_ASSIGN_OR_RETURN(x_, DeviceMemory::Allocate(rows * c.hidden * 4, "residual"));
+  KV_ASSIGN_OR_RETURN(h_, DeviceMemory::Allocate(rows * c.hidden * 2, "normed"));
+  KV_ASSIGN_OR_RETURN(qkv_, DeviceMemory::Allocate(rows * (q_dim + 2 * kv_dim) * 4, "qkv"));
+  KV_ASSIGN_OR_RETURN(attn_, DeviceMemory::Allocate(rows * q_dim * 4, "attention output"));
+  KV_ASSIGN_OR_RETURN(attn16_, DeviceMemory::Allocate(rows * q_dim * 2, "attention output bf16"));
+  KV_ASSIGN_OR_RETURN(gate_up_, DeviceMemory::Allocate(rows * 2 * c.ffn_hidden * 4, "gate|up"));
+  KV_ASSIGN_OR_RETURN(act_, DeviceMemory::Allocate(rows * c.ffn_hidden * 2, "SwiGLU output"));
+  KV_ASSIGN_OR_RETURN(logits_, DeviceMemory::Allocate(static_cast<int64_t>(c.vocab_size) * 4, "logits"));
+  KV_ASSIGN_OR_RETURN(sampling_, DeviceMemory::Allocate(sizeof(TokenSampling), "sampling params"));
+  KV_ASSIGN_OR_RETURN(token_, DeviceMemory::Allocate(4, "token"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int32_t> GpuModel::Forward(std::span<const int32_t> tokens, int64_t first_position,
+                                          GpuAttentionContext& context, const TokenSampling* sampling,
+                                          std::vector<float>* logits, std::span<const int32_t> recent) {
+  const ModelConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n == 0) return absl::InvalidArgumentError("forward pass over zero tokens");
+  if (n > options_.max_chunk) {
+    return absl::InvalidArgumentError(absl::StrCat("forward pass over ", n, " tokens; the GPU model takes at most ",
+                                                   options_.max_chunk, " per call"));
+  }
+  for (int32_t id : tokens) {
+    if (id < 0 || id >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " outside the vocabulary of ", c.vocab_size));
+    }
+  }
+  const int64_t hidden = c.hidden;
+  const int64_t q_dim = static_cast<int64_t>(c.n_heads) * c.head_dim;
+  const int64_t kv_dim = static_cast<int64_t>(c.n_kv_heads) * c.head_dim;
+  const int64_t qkv_dim = q_dim + 2 * kv_dim;
+  const int64_t ffn = c.ffn_hidden;
+  cudaStream_t s = stream_;
+
+  std::vector<int64_t> positions(n);
+  for (int64_t i = 0; i < n; ++i) positions[i] = first_position + i;
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.get(), tokens.data(), n * 4, cudaMemcpyHostToDevice, s));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(positions_.get(), positions.data(), n * 8, cudaMemcpyHostToDevice, s));
+  float* x = x_.as<float>();
+  float* qkv = qkv_.as<float>();
+  float* gate_up = gate_up_.as<float>();
+  KV_RETURN_IF_ERROR(EmbeddingGatherCuda(embedding_.get(), DType::kBF16, c.vocab_size, hidden, ids_.as<int32_t>(), n,
+                                         x, s));
+
+  for (int layer = 0; layer < c.n_layers; ++layer) {
+    const Layer& L = layers_[layer];
+    KV_RETURN_IF_ERROR(RmsNormCuda(x, L.attn_norm.as<float>(), n, hidden, c.norm_eps, h_.get(), DType::kBF16, s));
+    KV_RETURN_IF_ERROR(GemmBf16(cublas_, h_.get(), L.w_qkv.get(), n, qkv_dim, hidden, qkv, DType::kF32, 1.0f, 0.0f, s));
+    if (c.qkv_bias) KV_RETURN_IF_ERROR(AddBiasCuda(qkv, L.b_qkv.as<float>(), n, qkv_dim, s));
+    KV_RETURN_IF_ERROR(context.AppendKv(layer, static_cast<int>(n), qkv + q_dim, qkv + q_dim + kv_dim, qkv_dim,
+                                        positions_.as<int64_t>(), s));
+    KV_RETURN_IF_ERROR(RopeCuda(qkv, qkv_dim, positions_.as<int64_t>(), inv_freq_.as<float>(), n, c.n_heads,
+                                c.head_dim, s));
+    KV_RETURN_IF_ERROR(context.Attend(layer, static_cast<int>(n), qkv, qkv_dim, first_position, attn_.as<float>(), s));
+    KV_RETURN_IF_ERROR(ConvertCuda(attn_.get(), DType::kF32, attn16_.get(), DType::kBF16, n * q_dim, s));
+    KV_RETURN_IF_ERROR(GemmBf16(cublas_, attn16_.get(), L.w_o.get(), n, hidden, q_dim, x, DType::kF32, 1.0f, 1.0f, s));
+
+    KV_RETURN_IF_ERROR(RmsNormCuda(x, L.ffn_norm.as<float>(), n, hidden, c.norm_eps, h_.get(), DType::kBF16, s));
+    KV_RETURN_IF_ERROR(
+        GemmBf16(cublas_, h_.get(), L.w_gate_up.get(), n, 2 * ffn, hidden, gate_up, DType::kF32, 1.0f, 0.0f, s));
+    KV_RETURN_IF_ERROR(SwiGluCuda(gate_up, gate_up + ffn, 2 * ffn, n, ffn, act_.get(), DType::kBF16, s));
+    KV_RETURN_IF_ERROR(GemmBf16(cublas_, act_.get(), L.w_down.get(), n, hidden, ffn, x, DType::kF32, 1.0f, 1.0f, s));
+  }
+
+  const void* w_out = c.tied_embeddings ? embedding_.get() : output_.get();
+  KV_RETURN_IF_ERROR(FinalNormLogitsCuda(cublas_, x + (n - 1) * hidden, output_norm_.as<float>(), w_out, 1, hidden,
+                                         c.vocab_size, c.norm_eps, h_.get(), logits_.as<float>(), s));
+  if (logits != nullptr) {  // queued before the penalty changes them
+    logits->resize(c.vocab_size);
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(logits->data(), logits_.get(), static_cast<int64_t>(c.vocab_size) * 4, cudaMemcpyDeviceToHost, s));
+  }
+  int32_t token = -1;
+  if (sampling != nullptr) {
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sampling_.get(), sampling, sizeof(TokenSampling), cudaMemcpyHostToDevice, s));
+    if (sampling->repetition_penalty != 1.0f && !recent.empty()) {
+      const int64_t bytes = static_cast<int64_t>(recent.size()) * 4;
+      if (recent_.bytes() < bytes) {
+        KV_ASSIGN_OR_RETURN(recent_, DeviceMemory::Allocate(bytes, "recent tokens"));
+      }
+      if (recent_count_.get() == nullptr) {
+        KV_ASSIGN_OR_RETURN(recent_count_, DeviceMemory::Allocate(4, "recent count"));
+      }
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(recent_.get(), recent.data(), bytes, cudaMemcpyHostToDevice, s));
+      KV_RETURN_IF_ERROR(FillInt32Cuda(recent_count_.as<int32_t>(), static_cast<int32_t>(recent.size()), 1, s));
+      KV_RETURN_IF_ERROR(ApplyRepetitionPenaltyCuda(logits_.as<float>(), c.vocab_size, c.vocab_size, 1,
+                                                    recent_.as<int32_t>(), static_cast<int>(recent.size()),
+                                                    recent_count_.as<int32_t>(), sampling_.as<TokenSampling>(), s));
+    }
+    KV_RETURN_IF_ERROR(SampleTokensCuda(logits_.as<float>(), c.vocab_size, c.vocab_size, 1,
+                                        sampling_.as<TokenSampling>(), token_.as<int32_t>(), s));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&token, token_.get(), 4, cudaMemcpyDeviceToHost, s));
+  }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  return token;
+}
+
+}  // namespace kvshard
