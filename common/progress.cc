@@ -8,10 +8,12 @@
 
 namespace kvshard {
 
-ProgressLine::ProgressLine(std::string label, std::string unit, int64_t total)
+ProgressLine::ProgressLine(std::string label, std::string unit, int64_t total, int64_t already_done)
     : label_(std::move(label)),
       unit_(std::move(unit)),
       total_(total),
+      already_done_(already_done),
+      done_(already_done),
       is_tty_(isatty(STDERR_FILENO) == 1),
       start_(std::chrono::steady_clock::now()),
       last_draw_(start_) {}
@@ -36,13 +38,14 @@ void ProgressLine::Finish() {
 void ProgressLine::Draw(bool final) {
   last_draw_ = std::chrono::steady_clock::now();
   const double elapsed = elapsed_seconds();
-  const double rate = elapsed > 0 ? done_ / elapsed : 0.0;
+  const double rate = elapsed > 0 ? (done_ - already_done_) / elapsed : 0.0;
   std::string eta = "--:--";
   if (rate > 0 && total_ > done_) eta = FormatDuration((total_ - done_) / rate);
   if (final) eta = FormatDuration(elapsed) + " total";
   const double percent = total_ > 0 ? 100.0 * done_ / total_ : 100.0;
-  std::string line = absl::StrFormat("%s %lld/%lld %s (%.0f%%)  %.1f %s/s  %s %s", label_, done_, total_, unit_,
-                                     percent, rate, unit_, final ? "in" : "ETA", eta);
+  std::string line = absl::StrFormat("%s %lld/%lld %s (%.0f%%)  %.1f %s/s%s%s  %s %s", label_, done_, total_,
+                                     unit_, percent, rate, unit_, detail_.empty() ? "" : "  ", detail_,
+                                     final ? "in" : "ETA", eta);
   if (is_tty_) {
     std::fprintf(stderr, "\r\033[K%s%s", line.c_str(), final ? "\n" : "");
   } else {

@@ -36,7 +36,9 @@ ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
 ABSL_FLAG(double, repetition_penalty, 1.1,
           "Penalty on recently generated tokens (1: none); keeps small models from looping");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
-ABSL_FLAG(std::string, kv_scheme, "fp16", "KV cache scheme");
+ABSL_FLAG(std::string, kv_scheme, "fp16",
+          "KV cache scheme: fp16, fp32, int8, int4, kivi2, kvq3, wkv4, deco, ... with optional parameters "
+          "(kvq3:outliers=0.01,sink=4,residual=32); kvq and wkv need --calibration");
 ABSL_FLAG(std::string, device, "auto", "Where the model runs: auto (the GPU when present), gpu, or cpu");
 ABSL_DECLARE_FLAG(int64_t, synthetic_fill_tokens);
 

@@ -20,6 +20,14 @@ const std::vector<Command>& AllCommands();
 
 absl::Status RunGenerate(const std::vector<std::string>& args);
 absl::Status RunSummarize(const std::vector<std::string>& args);
+absl::Status RunCalibrate(const std::vector<std::string>& args);   // coordinator/quality_commands.cc
+absl::Status RunPerplexity(const std::vector<std::string>& args);  // coordinator/quality_commands.cc
+absl::Status RunServeCommand(const std::vector<std::string>& args);
+absl::Status RunBatchCommand(const std::vector<std::string>& args);
+// `summarize --input-dir DIR`: every document of a folder as a resumable batch.
+absl::Status RunSummarizeDirCommand(const std::vector<std::string>& args);
+// `summarize`: RunSummarizeDirCommand with --input-dir, else RunSummarize.
+absl::Status RunSummarizeCommand(const std::vector<std::string>& args);
 
 // The model path: --model, or the cached demo model. An error says how to fetch the demo model.
 absl::StatusOr<std::string> ResolveModelPath();

@@ -161,6 +161,24 @@ std::string DistributedEngine::device_name() const {
   return absl::StrCat(n_workers(), n_workers() == 1 ? " worker" : " workers", " (CPU)");
 }
 
+std::vector<WorkerKvMemory> DistributedEngine::kv_memory() const {
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  std::vector<WorkerKvMemory> memory;
+  for (int w = 0; w < n_workers(); ++w) {
+    WorkerKvMemory m;
+    m.worker = w;
+    m.scheme = options_.default_kv_scheme;
+    m.bytes_capacity = budgets_[w];
+    if (w < static_cast<int>(stats_.worker_kv_bytes.size())) {
+      m.bytes_used = stats_.worker_kv_bytes[w];
+      const int64_t elements = stats_.worker_kv_elements[w];
+      m.bits_per_element = elements > 0 ? 8.0 * m.bytes_used / elements : 0.0;
+    }
+    memory.push_back(m);
+  }
+  return memory;
+}
+
 DistributedEngineStats DistributedEngine::stats() const {
   std::lock_guard<std::mutex> lock(stats_mu_);
   return stats_;
@@ -457,10 +475,18 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
     take_token(r);
   }
 
+  if (EngineObserver* observer = observer_.load(); observer != nullptr && !plan.decode.empty()) {
+    for (size_t w = 0; w < reports.size(); ++w) observer->OnDecodeStep(static_cast<int>(w), reports[w].decode_seconds);
+    if (reports[0].merges > 0) observer->OnMerge(reports[0].merge_seconds / reports[0].merges);
+  }
   std::lock_guard<std::mutex> lock(stats_mu_);
   ++stats_.steps;
   stats_.worker_kv_bytes.resize(reports.size());
-  for (size_t w = 0; w < reports.size(); ++w) stats_.worker_kv_bytes[w] = reports[w].kv_bytes;
+  stats_.worker_kv_elements.resize(reports.size());
+  for (size_t w = 0; w < reports.size(); ++w) {
+    stats_.worker_kv_bytes[w] = reports[w].kv_bytes;
+    stats_.worker_kv_elements[w] = reports[w].kv_elements;
+  }
   if (!plan.decode.empty()) {
     ++stats_.decode_steps;
     stats_.decode_rows += static_cast<int64_t>(plan.decode.size());

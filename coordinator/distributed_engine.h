@@ -60,7 +60,8 @@ struct DistributedEngineStats {
   int64_t decode_steps = 0;
   double decode_step_seconds = 0;  // summed over decode steps (whole step: plan, compute, reports)
   int64_t decode_rows = 0;
-  std::vector<int64_t> worker_kv_bytes;  // KV bytes each worker held after the last step (for metrics)
+  std::vector<int64_t> worker_kv_bytes;     // KV bytes each worker held after the last step (for metrics)
+  std::vector<int64_t> worker_kv_elements;  // the K and V elements they represent
 };
 
 class DistributedEngine final : public Engine {
@@ -79,6 +80,11 @@ class DistributedEngine final : public Engine {
   int n_workers() const { return static_cast<int>(budgets_.size()); }
   const DistributedEngineOptions& options() const { return options_; }
   DistributedEngineStats stats() const;
+
+  // Per worker: KV bytes held after the last step, the budget, bits per element.
+  std::vector<WorkerKvMemory> kv_memory() const override;
+  // Decode-step and merge times reach the observer from the engine's scheduler thread.
+  void set_observer(EngineObserver* observer) override { observer_ = observer; }
 
   // Thread-safe: concurrent calls are batched together.
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
@@ -114,6 +120,7 @@ class DistributedEngine final : public Engine {
   bool stop_ = false;                              // guarded by mu_
   mutable std::mutex stats_mu_;
   DistributedEngineStats stats_;
+  std::atomic<EngineObserver*> observer_{nullptr};
 
   // Scheduler thread only.
   std::deque<std::shared_ptr<Request>> queued_;

@@ -46,6 +46,32 @@ struct PrefillProgress {
 using TokenCallback = std::function<bool(int32_t token_id, const std::string& text_piece)>;
 using PrefillCallback = std::function<void(const PrefillProgress&)>;
 
+// KV memory of one worker's store, for the metrics endpoint. Bytes count everything the store holds
+// (codes, scales, outliers with their indices, sink, residual); capacity is what it may grow to.
+struct WorkerKvMemory {
+  int worker = 0;
+  std::string scheme;
+  int64_t bytes_used = 0;
+  int64_t bytes_capacity = 0;
+  double bits_per_element = 0;
+};
+
+// Timings only the engine sees, reported as they happen. The metrics layer implements it; every call
+// comes from the thread that runs Generate.
+class EngineObserver {
+ public:
+  virtual ~EngineObserver() = default;
+  virtual void OnDecodeStep(int worker, double seconds) {}
+  virtual void OnMerge(double seconds) {}  // one cross-worker merge of attention partials
+};
+
+// The KV schemes of DESIGN.md, by the names requests and config files use.
+inline const std::vector<std::string>& KnownKvSchemes() {
+  static const std::vector<std::string> schemes = {"fp32", "fp16", "int8",  "int4", "kivi2", "kivi4",
+                                                   "kvq2", "kvq3", "kvq4",  "wkv4", "deco"};
+  return schemes;
+}
+
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -58,6 +84,12 @@ class Engine {
   virtual absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request,
                                                     const TokenCallback& on_token,
                                                     const PrefillCallback& on_prefill) = 0;
+
+  // Optional hooks for metrics; the defaults report nothing. Called from the thread that runs Generate.
+  virtual std::vector<WorkerKvMemory> kv_memory() const { return {}; }
+  virtual void set_observer(EngineObserver* observer) {}
+  // Names a request may give as kv_scheme.
+  virtual std::vector<std::string> kv_schemes() const { return KnownKvSchemes(); }
 };
 
 }  // namespace kvshard

@@ -8,6 +8,7 @@
 #include "common/status.h"
 #include "coordinator/byte_tokenizer.h"
 #include "coordinator/commands.h"
+#include "coordinator/quality.h"
 #include "coordinator/single_process_engine.h"
 #include "worker/model_loader.h"
 #include "worker/mpi_runtime.h"
@@ -53,6 +54,7 @@ ABSL_FLAG(int, debug_fault_worker_rank, 1, "Test only: the MPI rank (1..N) of th
 
 ABSL_DECLARE_FLAG(std::string, kv_scheme);
 ABSL_DECLARE_FLAG(std::string, device);
+ABSL_DECLARE_FLAG(std::string, calibration);
 
 namespace kvshard {
 
@@ -104,8 +106,11 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags() {
     KV_ASSIGN_OR_RETURN(w.model_path, ResolveModelPath());
     w.model_path = std::filesystem::absolute(w.model_path).string();
   }
-  // The coordinator measures each scheme's bytes per token with the same factory the workers make.
-  KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(w.calibration_path));
+  w.calibration_path = absl::GetFlag(FLAGS_calibration);
+  if (!w.calibration_path.empty()) w.calibration_path = std::filesystem::absolute(w.calibration_path).string();
+  // The coordinator measures each scheme's bytes per token with the same factory the workers make (they
+  // check the calibration against the weights they load).
+  KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(w.calibration_path, nullptr));
   const int64_t budget_mb = absl::GetFlag(FLAGS_worker_kv_budget_mb);
   if (budget_mb <= 0) return absl::InvalidArgumentError("--worker_kv_budget_mb must be positive");
   w.kv_budget_bytes = budget_mb << 20;
@@ -129,7 +134,19 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags() {
   return options;
 }
 
-KvShardFactoryMaker KvShardFactoryMakerForThisBuild() { return DefaultKvShardFactoryMaker(); }
+KvShardFactoryMaker KvShardFactoryMakerForThisBuild() {
+  return [](const std::string& calibration_path, const ModelWeights* weights) -> absl::StatusOr<KvShardFactory> {
+    std::shared_ptr<const Calibration> calibration;
+    if (!calibration_path.empty()) {
+      KV_ASSIGN_OR_RETURN(Calibration c, LoadCalibration(calibration_path));
+      if (weights != nullptr) {
+        KV_RETURN_IF_ERROR(Annotate(CheckCalibrationForModel(c, ModelIdentityOf(*weights)), calibration_path));
+      }
+      calibration = std::make_shared<const Calibration>(std::move(c));
+    }
+    return AllSchemesKvShardFactory(std::move(calibration));
+  };
+}
 
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
   MpiRuntime* mpi = MpiRuntime::Get();
@@ -150,15 +167,20 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
   EngineOptions options;
   options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
   options.device = absl::GetFlag(FLAGS_device);
-  KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(""));
+  const std::string calibration_path = absl::GetFlag(FLAGS_calibration);
+  KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(calibration_path, nullptr));
+  std::unique_ptr<SingleProcessEngine> engine;
   if (auto synthetic = SyntheticSpecFromFlags()) {
     KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
     KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(weights.config.vocab_size));
-    KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(std::move(weights), std::move(tokenizer), options));
-    return std::unique_ptr<Engine>(std::move(engine));
+    KV_ASSIGN_OR_RETURN(engine, SingleProcessEngine::Create(std::move(weights), std::move(tokenizer), options));
+  } else {
+    KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
+    KV_ASSIGN_OR_RETURN(engine, SingleProcessEngine::Create(model_path, options));
   }
-  KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
-  KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(model_path, options));
+  if (!calibration_path.empty()) {  // checked against the model once it is loaded
+    KV_RETURN_IF_ERROR(KvShardFactoryMakerForThisBuild()(calibration_path, &engine->weights()).status());
+  }
   return std::unique_ptr<Engine>(std::move(engine));
 }
 

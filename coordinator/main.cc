@@ -7,6 +7,7 @@
 #include "coordinator/commands.h"
 #include "coordinator/distributed_engine.h"
 #include "coordinator/engine_factory.h"
+#include "coordinator/serving_flags.h"
 #include "worker/kv_shard_factory.h"
 #include "worker/mpi_runtime.h"
 #include "worker/worker_runtime.h"
@@ -16,7 +17,13 @@ namespace kvshard {
 const std::vector<Command>& AllCommands() {
   static const std::vector<Command> commands = {
       {"generate", "complete a prompt: --prompt TEXT [--chat]", RunGenerate},
-      {"summarize", "summarize a document: --input FILE", RunSummarize},
+      {"summarize", "summarize a document (--input FILE) or a folder of them (--input-dir DIR)",
+       RunSummarizeCommand},
+      {"serve", "OpenAI-compatible HTTP API: [--host H] [--port P] [--api_key_file F]", RunServeCommand},
+      {"run-batch", "run an OpenAI batch file, resumably: -i IN.jsonl -o OUT.jsonl", RunBatchCommand},
+      {"calibrate", "calibrate the kvq/wkv KV schemes: --text FILE --out FILE", RunCalibrate},
+      {"perplexity", "perplexity with a KV scheme: --text FILE --ctx N --kv SCHEME [--calibration FILE]",
+       RunPerplexity},
   };
   return commands;
 }
@@ -36,7 +43,11 @@ std::string Usage() {
 // down, whatever the command.
 int Main(int argc, char** argv, kvshard::MpiRuntime* mpi) {
   const bool is_worker = mpi != nullptr && !mpi->is_coordinator();
-  auto parsed = kvshard::ParseFlagsAndConfig(argc, argv, Usage());
+  // "-i IN -o OUT" and "--input-dir DIR" are spelled as their flags before Abseil parses them.
+  std::vector<std::string> expanded = kvshard::ExpandServingShortFlags(std::vector<std::string>(argv, argv + argc));
+  std::vector<char*> expanded_argv;
+  for (std::string& arg : expanded) expanded_argv.push_back(arg.data());
+  auto parsed = kvshard::ParseFlagsAndConfig(static_cast<int>(expanded_argv.size()), expanded_argv.data(), Usage());
   if (!parsed.ok()) {
     // Every rank parses the same command line; one message is enough.
     if (!is_worker) std::fprintf(stderr, "kvshard: %s\n", std::string(parsed.status().message()).c_str());

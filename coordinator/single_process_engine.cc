@@ -54,6 +54,16 @@ SingleProcessEngine::SingleProcessEngine(ModelWeights weights, std::unique_ptr<T
       options_(std::move(options)),
       model_(weights_) {}
 
+void SingleProcessEngine::NoteKvMemory(const KvShard& shard, const std::string& scheme, int64_t tokens) {
+  const KvMemory memory = shard.Memory();
+  kv_memory_.worker = 0;
+  kv_memory_.scheme = scheme;
+  kv_memory_.bytes_used = memory.bytes;
+  kv_memory_.bits_per_element = memory.bits_per_element();
+  // What the request's cache would take at the full context, at the same bytes per token.
+  if (tokens > 0) kv_memory_.bytes_capacity = memory.bytes / tokens * max_context();
+}
+
 absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationRequest& request,
                                                                const TokenCallback& on_token,
                                                                const PrefillCallback& on_prefill) {
@@ -89,6 +99,11 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
     }
   }
   result.prefill_seconds = std::chrono::duration<double>(Clock::now() - prefill_start).count();
+  NoteKvMemory(*shard, scheme, n_prompt);
+  struct FreeKvOnExit {  // the shard goes with this call; so does its memory
+    WorkerKvMemory& memory;
+    ~FreeKvOnExit() { memory.bytes_used = 0; }
+  } free_kv_on_exit{kv_memory_};
 
   // Generation stops at max_tokens or at the end of the context, whichever comes first.
   const int64_t budget = std::min<int64_t>(request.max_tokens, max_context() - n_prompt);
@@ -101,8 +116,13 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
     sampler.Accept(token);
     if (!stream.Push(token)) break;
     if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
+    const auto step_start = Clock::now();
     KV_RETURN_IF_ERROR(model_.Forward(std::span<const int32_t>(&token, 1), pos, context, false, logits));
+    if (observer_ != nullptr) {
+      observer_->OnDecodeStep(0, std::chrono::duration<double>(Clock::now() - step_start).count());
+    }
     ++pos;
+    NoteKvMemory(*shard, scheme, pos);
   }
   stream.Finish();
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - decode_start).count();

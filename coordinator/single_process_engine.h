@@ -44,6 +44,10 @@ class SingleProcessEngine final : public Engine {
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
                                             const PrefillCallback& on_prefill) override;
 
+  // The KV memory of the running request (none between requests) and per-step timings, for metrics.
+  std::vector<WorkerKvMemory> kv_memory() const override { return {kv_memory_}; }
+  void set_observer(EngineObserver* observer) override { observer_ = observer; }
+
  private:
   SingleProcessEngine(ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer, std::string model_name,
                       EngineOptions options);
@@ -56,6 +60,9 @@ class SingleProcessEngine final : public Engine {
   CpuModel model_;
   std::unique_ptr<GpuBackend> gpu_;  // null: requests run on the CPU
   std::string last_device_ = "CPU";
+  EngineObserver* observer_ = nullptr;
+  WorkerKvMemory kv_memory_;
+  void NoteKvMemory(const KvShard& shard, const std::string& scheme, int64_t tokens);
 };
 
 }  // namespace kvshard

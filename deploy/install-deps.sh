@@ -14,6 +14,7 @@ packages=(
   libopenblas-openmp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libcivetweb-dev
+  prometheus
 )
 
 missing=()

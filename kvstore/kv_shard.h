@@ -59,6 +59,11 @@ class KvShard {
 
   // Drops every token (the shard keeps its start position), so a finished request's memory is reused.
   virtual void Clear() = 0;
+
+  // The shard will get no more tokens: another shard now holds the sequence's tail. Quantized stores
+  // then quantize their fp16 residual window, so the sequence split over shards is stored as one store
+  // would store it. Full-precision stores have nothing to do.
+  virtual void Seal() {}
 };
 
 // The unquantized cache: keys after RoPE and values, held as fp32 or fp16 (round to nearest even).

@@ -245,6 +245,10 @@ std::string EncodeReport(const StepReport& r) {
                {"sampled", sampled},
                {"failed", failed},
                {"kv_bytes", r.kv_bytes},
+               {"kv_elements", r.kv_elements},
+               {"decode_seconds", r.decode_seconds},
+               {"merge_seconds", r.merge_seconds},
+               {"merges", r.merges},
                {"fatal", r.fatal}});
 }
 
@@ -257,6 +261,10 @@ absl::StatusOr<StepReport> DecodeReport(const std::string& bytes) {
     for (const json& s : j.at("sampled")) r.sampled.push_back({s.at(0), s.at(1)});
     for (const json& f : j.at("failed")) r.failed.push_back({f.at("id"), f.at("message")});
     r.kv_bytes = j.at("kv_bytes");
+    r.kv_elements = j.at("kv_elements");
+    r.decode_seconds = j.at("decode_seconds");
+    r.merge_seconds = j.at("merge_seconds");
+    r.merges = j.at("merges");
     r.fatal = j.at("fatal");
     return r;
   });

@@ -107,7 +107,11 @@ struct StepReport {
   int worker = 0;
   std::vector<SampledToken> sampled;
   std::vector<FailedRequest> failed;
-  int64_t kv_bytes = 0;  // KV bytes this worker holds after the step
+  int64_t kv_bytes = 0;     // KV bytes this worker holds after the step
+  int64_t kv_elements = 0;  // K and V elements they represent
+  double decode_seconds = 0;  // the decode forward pass on this worker
+  double merge_seconds = 0;   // of which cross-worker merges
+  int64_t merges = 0;
   std::string fatal;     // non-empty: the worker cannot go on (a collective failed); the job ends
 };
 

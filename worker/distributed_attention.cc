@@ -1,6 +1,7 @@
 #include "worker/distributed_attention.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -324,7 +325,14 @@ absl::Status DistributedDecodeContext::Attend(int layer, int n_queries, const fl
     }
     if (!visible || !request->error.ok()) NeutralPartials(h, d, row_out, row_lse);
   }
-  absl::Status merged = MergePartialsAcrossWorkers(collectives_, merge_, rows, d, out, lse_.data());
+  return Merge(rows, out, lse_.data());
+}
+
+absl::Status DistributedDecodeContext::Merge(int64_t rows, float* out, float* lse) {
+  const auto start = std::chrono::steady_clock::now();
+  absl::Status merged = MergePartialsAcrossWorkers(collectives_, merge_, rows, geometry_.head_dim, out, lse);
+  merge_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ++merges_;
   if (!merged.ok() && fatal_.ok()) fatal_ = merged;
   return merged;
 }
@@ -339,11 +347,7 @@ absl::Status DistributedDecodeContext::Drain() {
   }
   for (int layer = next_layer_; layer < geometry_.n_layers; ++layer) {
     NeutralPartials(rows, geometry_.head_dim, out.data(), lse.data());
-    absl::Status merged = MergePartialsAcrossWorkers(collectives_, merge_, rows, geometry_.head_dim, out.data(), lse.data());
-    if (!merged.ok()) {
-      if (fatal_.ok()) fatal_ = merged;
-      return merged;
-    }
+    KV_RETURN_IF_ERROR(Merge(rows, out.data(), lse.data()));
   }
   next_layer_ = geometry_.n_layers;
   return absl::OkStatus();

@@ -130,9 +130,15 @@ class DistributedDecodeContext final : public AttentionContext {
   absl::Status Drain();
   // The first failed merge: the job cannot go on. OK while the workers are in step.
   const absl::Status& fatal() const { return fatal_; }
+  // Time spent in cross-worker merges, and their number (one per layer).
+  double merge_seconds() const { return merge_seconds_; }
+  int64_t merges() const { return merges_; }
 
  private:
+  absl::Status Merge(int64_t rows, float* out, float* lse);
   absl::Status fatal_;
+  double merge_seconds_ = 0;
+  int64_t merges_ = 0;
   Collectives& collectives_;
   KvGeometry geometry_;
   std::vector<DecodeRow> rows_;

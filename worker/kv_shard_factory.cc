@@ -16,7 +16,7 @@ KvShardFactory FullPrecisionKvShardFactory() {
 KvShardFactory DefaultKvShardFactory() { return FullPrecisionKvShardFactory(); }
 
 KvShardFactoryMaker DefaultKvShardFactoryMaker() {
-  return [](const std::string& calibration_path) -> absl::StatusOr<KvShardFactory> {
+  return [](const std::string& calibration_path, const ModelWeights*) -> absl::StatusOr<KvShardFactory> {
     if (!calibration_path.empty()) {
       return absl::InvalidArgumentError("this build has no calibrated KV schemes to use a calibration file with");
     }

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "kvstore/kv_shard.h"
+#include "worker/model.h"
 
 namespace kvshard {
 
@@ -24,9 +25,11 @@ KvShardFactory FullPrecisionKvShardFactory();
 KvShardFactory DefaultKvShardFactory();
 
 // Makes a factory from the job's KV settings: the calibration file of the calibrated schemes (empty:
-// none). Workers get their settings from the coordinator at run time and make their factory with the
-// maker their main() hands them, so they know every scheme the binary does.
-using KvShardFactoryMaker = std::function<absl::StatusOr<KvShardFactory>(const std::string& calibration_path)>;
+// none), checked against `weights` when given (the coordinator of a distributed job holds none).
+// Workers get their settings from the coordinator at run time and make their factory with the maker
+// their main() hands them, so they know every scheme the binary does.
+using KvShardFactoryMaker = std::function<absl::StatusOr<KvShardFactory>(const std::string& calibration_path,
+                                                                         const ModelWeights* weights)>;
 
 // DefaultKvShardFactory(); refuses a calibration file.
 KvShardFactoryMaker DefaultKvShardFactoryMaker();

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <optional>
@@ -31,6 +32,7 @@ struct LocalRequest {
   std::optional<Sampler> sampler;
   uint64_t fill_seed = 0;
   bool reported = false;  // its failure went to the coordinator already
+  bool sealed = false;    // the shard is full: later positions live on other workers
 };
 
 class Worker {
@@ -85,7 +87,7 @@ class Worker {
       hello.error = absl::StrCat(Who(), ": ", loaded.message());
       return hello;
     }
-    auto factory = kv_factories_(config.calibration_path);
+    auto factory = kv_factories_(config.calibration_path, weights_.get());
     if (!factory.ok()) {
       hello.error = absl::StrCat(Who(), ": ", factory.status().message());
       return hello;
@@ -203,8 +205,12 @@ class Worker {
       for (const DecodeWork& row : plan.decode) touched.insert(row.id);
     }
 
+    SealFullShards();
     for (const auto& [id, request] : requests_) {
-      if (request.state.shard) report.kv_bytes += request.state.shard->Memory().bytes;
+      if (!request.state.shard) continue;
+      const KvMemory memory = request.state.shard->Memory();
+      report.kv_bytes += memory.bytes;
+      report.kv_elements += memory.elements;
     }
     if (config_.kv_budget_bytes > 0 && report.kv_bytes > config_.kv_budget_bytes) {
       for (int64_t id : touched) {
@@ -225,6 +231,22 @@ class Worker {
     // Placeholders of requests the coordinator never announced (reported failed above) go now.
     std::erase_if(requests_, [](const auto& entry) { return entry.second.state.ranges.empty(); });
     return report;
+  }
+
+  // A shard whose range is full will get no more tokens (the sequence goes on on a later worker): sealed,
+  // a quantized store stores it as one store of the whole sequence would (its residual is quantized).
+  void SealFullShards() {
+    const int last_layer = model_->config().n_layers - 1;
+    for (auto& [id, request] : requests_) {
+      KvShard* shard = request.state.shard.get();
+      if (request.sealed || shard == nullptr || !request.state.error.ok()) continue;
+      const TokenRange mine = request.state.ranges[me_];
+      if (shard->start_position() + shard->length(last_layer) == mine.end &&
+          mine.end < request.state.ranges.back().end) {
+        shard->Seal();
+        request.sealed = true;
+      }
+    }
   }
 
   // The request's local state; one the coordinator never announced gets a failed placeholder so the step
@@ -320,7 +342,11 @@ class Worker {
     }
     DistributedDecodeContext context(*collectives_, model_->kv_geometry(), rows, config_.merge, fault);
     std::vector<float> logits;
+    const auto start = std::chrono::steady_clock::now();
     const absl::Status forward = model_->Forward(tokens, positions, context, /*all_logits=*/true, logits);
+    report.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    report.merge_seconds = context.merge_seconds();
+    report.merges = context.merges();
     if (!context.fatal().ok()) return context.fatal();
     if (!forward.ok()) {
       for (DecodeRow& row : rows) row.request->Fail(forward);

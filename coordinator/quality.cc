@@ -1,0 +1,255 @@
+#include "coordinator/quality.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "common/half.h"
+#include "common/progress.h"
+#include "common/status.h"
+#include "kvstore/quantized_shard.h"
+
+namespace kvshard {
+namespace {
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+// log softmax(logits)[target], in double.
+double LogProbability(const float* logits, int vocab, int32_t target) {
+  float max_logit = logits[0];
+  for (int i = 1; i < vocab; ++i) max_logit = std::max(max_logit, logits[i]);
+  double sum = 0;
+  for (int i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+  return static_cast<double>(logits[target]) - max_logit - std::log(sum);
+}
+
+}  // namespace
+
+KvShardFactory AllSchemesKvShardFactory(std::shared_ptr<const Calibration> calibration) {
+  return [calibration](const std::string& scheme, const KvGeometry& geometry,
+                       int64_t start) -> absl::StatusOr<std::unique_ptr<KvShard>> {
+    if (scheme == "fp32") return MakeFullPrecisionKvShard(geometry, start, FullPrecision::kFp32);
+    KV_ASSIGN_OR_RETURN(KvSchemeConfig config, ParseKvScheme(scheme));
+    return MakeKvShard(config, geometry, start, calibration.get());
+  };
+}
+
+ModelIdentity ModelIdentityOf(const ModelWeights& weights) {
+  const ModelConfig& c = weights.config;
+  ModelIdentity id;
+  id.name = c.name;
+  id.n_layers = c.n_layers;
+  id.n_heads = c.n_heads;
+  id.n_kv_heads = c.n_kv_heads;
+  id.head_dim = c.head_dim;
+  uint64_t h = kFnvOffsetBasis;
+  if (!weights.layers.empty()) {
+    const HostTensor& wk = weights.layers.front().wk;
+    const HostTensor& wv = weights.layers.back().wv;
+    h = Fnv1a64(wk.data.data(), wk.data.size() * sizeof(float), h);
+    h = Fnv1a64(wv.data.data(), wv.data.size() * sizeof(float), h);
+  }
+  id.fingerprint = h;
+  return id;
+}
+
+absl::StatusOr<PerplexityResult> EvaluatePerplexity(CpuModel& model, std::span<const int32_t> tokens,
+                                                    const KvSchemeConfig& scheme, const Calibration* calibration,
+                                                    const PerplexityOptions& options) {
+  if (options.ctx < 2) return absl::InvalidArgumentError("the perplexity window (--ctx) must be at least 2 tokens");
+  if (model.config().max_context > 0 && options.ctx > model.config().max_context) {
+    return absl::InvalidArgumentError(absl::StrCat("--ctx ", options.ctx, " exceeds the model's context of ",
+                                                   model.config().max_context, " tokens"));
+  }
+  int64_t usable = static_cast<int64_t>(tokens.size());
+  if (options.max_tokens > 0) usable = std::min(usable, options.max_tokens);
+  const int64_t windows = usable / options.ctx;
+  if (windows == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("the text has ", tokens.size(), " tokens",
+                                                   options.max_tokens > 0 ? " (within --max_tokens)" : "",
+                                                   ", shorter than one window of ", options.ctx, " tokens"));
+  }
+  KvSchemeConfig config = scheme;
+  config.exact_decode_view = true;
+  const KvGeometry geometry = model.kv_geometry();
+  KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, MakeKvShard(config, geometry, 0, calibration));
+
+  const int vocab = model.config().vocab_size;
+  const int64_t chunk = CpuModel::max_chunk();
+  std::unique_ptr<ProgressLine> progress;
+  if (options.show_progress) {
+    progress = std::make_unique<ProgressLine>(absl::StrCat("perplexity ", config.name(), " ctx ", options.ctx),
+                                              "tokens", windows * options.ctx);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  PerplexityResult result;
+  double nll_sum = 0, bits_sum = 0;
+  std::vector<float> logits;
+  for (int64_t w = 0; w < windows; ++w) {
+    shard->Clear();
+    ShardAttentionContext context(*shard);
+    const int32_t* window = tokens.data() + w * options.ctx;
+    for (int64_t c0 = 0; c0 < options.ctx; c0 += chunk) {
+      const int64_t n = std::min(chunk, options.ctx - c0);
+      KV_RETURN_IF_ERROR(model.Forward(std::span<const int32_t>(window + c0, n), c0, context, true, logits));
+      for (int64_t i = 0; i < n; ++i) {
+        if (c0 + i + 1 >= options.ctx) break;  // the window's last token predicts nothing inside it
+        nll_sum -= LogProbability(logits.data() + i * vocab, vocab, window[c0 + i + 1]);
+        ++result.scored_tokens;
+      }
+      if (progress) progress->Update(w * options.ctx + c0 + n);
+    }
+    bits_sum += shard->Memory().bits_per_element();
+  }
+  if (progress) progress->Finish();
+  result.windows = windows;
+  result.mean_nll = nll_sum / static_cast<double>(result.scored_tokens);
+  result.perplexity = std::exp(result.mean_nll);
+  result.bits_per_element = bits_sum / static_cast<double>(windows);
+  result.seconds = Seconds(start);
+  return result;
+}
+
+absl::StatusOr<FisherWeights> LoadFisherWeights(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return absl::NotFoundError(absl::StrCat("cannot open Fisher weights file ", path));
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string bytes = ss.str();
+  size_t at = 0;
+  auto take = [&](void* dst, size_t n) {
+    if (bytes.size() - at < n) return false;
+    std::memcpy(dst, bytes.data() + at, n);
+    at += n;
+    return true;
+  };
+  auto corrupt = [&](const char* what) {
+    return absl::DataLossError(absl::StrCat("Fisher weights file ", path, ": ", what));
+  };
+  char magic[8];
+  uint32_t version = 0;
+  int32_t n_layers = 0, channels = 0;
+  int64_t n_tokens = 0, ctx = 0;
+  if (!take(magic, 8) || std::memcmp(magic, "KVSHFSH\n", 8) != 0) return corrupt("bad magic");
+  if (!take(&version, 4) || version != 1) return corrupt("unsupported version");
+  if (!take(&n_layers, 4) || !take(&channels, 4) || !take(&n_tokens, 8) || !take(&ctx, 8)) {
+    return corrupt("truncated header");
+  }
+  if (n_layers <= 0 || n_layers > 4096 || channels <= 0 || channels > (1 << 20) || n_tokens <= 0 || ctx <= 0) {
+    return corrupt("header values out of range");
+  }
+  const size_t per_layer = static_cast<size_t>(n_tokens) * channels * sizeof(uint16_t) * 2;
+  const size_t expected = 36 + static_cast<size_t>(n_tokens) * 4 + per_layer * n_layers;
+  if (bytes.size() != expected) {
+    return corrupt(absl::StrCat("size ", bytes.size(), " bytes, the header implies ", expected).c_str());
+  }
+  FisherWeights fw;
+  fw.n_layers = n_layers;
+  fw.channels = channels;
+  fw.ctx = ctx;
+  fw.tokens.resize(n_tokens);
+  take(fw.tokens.data(), fw.tokens.size() * 4);
+  fw.key.resize(n_layers);
+  fw.value.resize(n_layers);
+  for (int l = 0; l < n_layers; ++l) {
+    fw.key[l].resize(static_cast<size_t>(n_tokens) * channels);
+    fw.value[l].resize(static_cast<size_t>(n_tokens) * channels);
+    take(fw.key[l].data(), fw.key[l].size() * 2);
+    take(fw.value[l].data(), fw.value[l].size() * 2);
+  }
+  return fw;
+}
+
+absl::StatusOr<Calibration> CalibrateKv(CpuModel& model, const ModelIdentity& identity,
+                                        std::span<const int32_t> tokens, const CalibrateOptions& options) {
+  const FisherWeights* fisher = options.fisher;
+  int64_t ctx = options.ctx;
+  if (fisher != nullptr) {
+    const KvGeometry g = model.kv_geometry();
+    if (fisher->n_layers != g.n_layers || fisher->channels != static_cast<int64_t>(g.n_kv_heads) * g.head_dim) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the Fisher weights are for ", fisher->n_layers, " layers of ", fisher->channels,
+                       " KV channels; this model has ", g.n_layers, " of ", g.n_kv_heads * g.head_dim));
+    }
+    tokens = fisher->tokens;
+    ctx = fisher->ctx;  // the gradients were taken over windows of this length
+  }
+  if (ctx < 1) return absl::InvalidArgumentError("calibration window must be at least 1 token");
+  int64_t usable = static_cast<int64_t>(tokens.size());
+  if (options.max_tokens > 0) usable = std::min(usable, options.max_tokens);
+  const int64_t windows = usable / ctx;
+  if (windows == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("the calibration text has ", tokens.size(),
+                                                   " tokens, shorter than one window of ", ctx, " tokens"));
+  }
+  const int64_t n_tokens = windows * ctx;
+  const KvGeometry geometry = model.kv_geometry();
+  CalibrationBuilder builder(identity, n_tokens, options.outlier_fractions, options.codebook_bits);
+  const int64_t channels = static_cast<int64_t>(geometry.n_kv_heads) * geometry.head_dim;
+
+  absl::Status observer_status;
+  int64_t chunk_first = 0;  // calibration-token index of the chunk being run
+  std::vector<float> key_weights, value_weights;
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 0) {
+      model.set_kv_observer([&](int layer, int n, const float* k, const float* v) {
+        if (observer_status.ok()) observer_status = builder.ObserveThresholds(layer, n, k, v);
+      });
+    } else {
+      model.set_kv_observer([&](int layer, int n, const float* k, const float* v) {
+        if (!observer_status.ok()) return;
+        const float* kw = nullptr;
+        const float* vw = nullptr;
+        if (fisher != nullptr) {
+          key_weights.resize(static_cast<size_t>(n) * channels);
+          value_weights.resize(static_cast<size_t>(n) * channels);
+          const size_t off = static_cast<size_t>(chunk_first) * channels;
+          for (size_t i = 0; i < key_weights.size(); ++i) {
+            key_weights[i] = Bf16ToFloat(fisher->key[layer][off + i]);
+            value_weights[i] = Bf16ToFloat(fisher->value[layer][off + i]);
+          }
+          kw = key_weights.data();
+          vw = value_weights.data();
+        }
+        observer_status = builder.ObserveSamples(layer, n, k, v, kw, vw);
+      });
+    }
+    std::unique_ptr<ProgressLine> progress;
+    if (options.show_progress) {
+      progress = std::make_unique<ProgressLine>(
+          pass == 0 ? "calibrate: thresholds" : "calibrate: codebook samples", "tokens", n_tokens);
+    }
+    std::vector<float> logits;
+    for (int64_t w = 0; w < windows; ++w) {
+      std::unique_ptr<KvShard> shard = MakeFullPrecisionKvShard(geometry, 0, FullPrecision::kFp16);
+      ShardAttentionContext context(*shard);
+      for (int64_t c0 = 0; c0 < ctx; c0 += CpuModel::max_chunk()) {
+        const int64_t n = std::min<int64_t>(CpuModel::max_chunk(), ctx - c0);
+        chunk_first = w * ctx + c0;
+        const absl::Status st =
+            model.Forward(tokens.subspan(static_cast<size_t>(chunk_first), static_cast<size_t>(n)), c0, context,
+                          false, logits);
+        if (!st.ok()) {
+          model.set_kv_observer(nullptr);
+          return st;
+        }
+        if (!observer_status.ok()) {
+          model.set_kv_observer(nullptr);
+          return observer_status;
+        }
+        if (progress) progress->Update(chunk_first + n);
+      }
+    }
+    if (progress) progress->Finish();
+    if (pass == 0) KV_RETURN_IF_ERROR(builder.FinishThresholds());
+  }
+  model.set_kv_observer(nullptr);
+  return builder.Finish(fisher != nullptr ? "fisher" : "uniform");
+}
+
+}  // namespace kvshard

@@ -1,0 +1,146 @@
+// `kvshard calibrate` and `kvshard perplexity`: KV-cache calibration and quality on real text.
+#include <cstdio>
+#include <memory>
+
+#include "absl/flags/declare.h"
+#include "absl/flags/flag.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "common/status.h"
+#include "coordinator/commands.h"
+#include "coordinator/quality.h"
+#include "coordinator/single_process_engine.h"
+#include "nlohmann/json.hpp"
+
+ABSL_DECLARE_FLAG(std::string, kv_scheme);
+ABSL_FLAG(std::string, text, "", "calibrate, perplexity: the text file");
+ABSL_FLAG(std::string, out, "", "calibrate: the calibration file to write");
+ABSL_FLAG(int64_t, ctx, 2048, "perplexity, calibrate: tokens per window");
+ABSL_FLAG(std::string, kv, "",
+          "perplexity: KV scheme with optional parameters, e.g. kvq3 or kvq3:outliers=0.005,residual=0 "
+          "(default: --kv_scheme)");
+ABSL_FLAG(std::string, calibration, "", "KV calibration file (kvq and wkv schemes need one)");
+ABSL_FLAG(int64_t, max_eval_tokens, 0, "perplexity: evaluate at most this many tokens (0: the whole text)");
+ABSL_FLAG(int64_t, calibration_tokens, 16384, "calibrate: tokens of --text to calibrate on");
+ABSL_FLAG(std::string, outlier_fractions, "0.005,0.01,0.02",
+          "calibrate: outlier fractions to make kvq tables for, comma-separated");
+ABSL_FLAG(std::string, fisher_weights, "",
+          "calibrate: Fisher weights from bench/fisher_weights.py; k-means samples are weighted by them "
+          "(default: every sample weighs 1)");
+
+namespace kvshard {
+namespace {
+
+struct LoadedModel {
+  std::unique_ptr<SingleProcessEngine> engine;  // owns the weights and the tokenizer
+  std::unique_ptr<CpuModel> model;
+  ModelIdentity identity;
+};
+
+absl::StatusOr<LoadedModel> LoadForQuality() {
+  KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
+  LoadedModel m;
+  KV_ASSIGN_OR_RETURN(m.engine, SingleProcessEngine::Create(model_path, EngineOptions()));
+  m.model = std::make_unique<CpuModel>(m.engine->weights());
+  m.identity = ModelIdentityOf(m.engine->weights());
+  return m;
+}
+
+absl::StatusOr<std::vector<int32_t>> TokenizeTextFlag(const Tokenizer& tokenizer, const char* command) {
+  const std::string path = absl::GetFlag(FLAGS_text);
+  if (path.empty()) return absl::InvalidArgumentError(absl::StrCat(command, " needs --text FILE"));
+  KV_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path));
+  // Plain text: special-token strings inside it stay text.
+  return tokenizer.Encode(text, /*parse_special=*/false);
+}
+
+}  // namespace
+
+absl::Status RunCalibrate(const std::vector<std::string>& args) {
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (out.empty()) return absl::InvalidArgumentError("calibrate needs --out FILE");
+  CalibrateOptions options;
+  options.ctx = absl::GetFlag(FLAGS_ctx);
+  options.max_tokens = absl::GetFlag(FLAGS_calibration_tokens);
+  options.outlier_fractions.clear();
+  for (absl::string_view item : absl::StrSplit(absl::GetFlag(FLAGS_outlier_fractions), ',', absl::SkipWhitespace())) {
+    double f = 0;
+    if (!absl::SimpleAtod(item, &f) || !(f >= 0.0 && f <= 0.25)) {
+      return absl::InvalidArgumentError(absl::StrCat("--outlier_fractions: \"", std::string(item.data(), item.size()),
+                                                     "\" is not a fraction in [0, 0.25]"));
+    }
+    options.outlier_fractions.push_back(f);
+  }
+  if (options.outlier_fractions.empty()) return absl::InvalidArgumentError("--outlier_fractions is empty");
+  FisherWeights fisher;
+  if (const std::string path = absl::GetFlag(FLAGS_fisher_weights); !path.empty()) {
+    KV_ASSIGN_OR_RETURN(fisher, LoadFisherWeights(path));
+    options.fisher = &fisher;
+  }
+  KV_ASSIGN_OR_RETURN(LoadedModel m, LoadForQuality());
+  KV_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, TokenizeTextFlag(m.engine->tokenizer(), "calibrate"));
+  if (options.fisher != nullptr) {
+    // The weights carry their own tokens; they must be the text's, so activations and gradients agree.
+    const size_t n = std::min(tokens.size(), fisher.tokens.size());
+    if (tokens.size() < fisher.tokens.size() || !std::equal(fisher.tokens.begin(), fisher.tokens.begin() + n, tokens.begin())) {
+      return absl::FailedPreconditionError(
+          "the Fisher weights were computed on other tokens than the start of --text (another text or tokenizer)");
+    }
+  }
+  KV_ASSIGN_OR_RETURN(Calibration calibration, CalibrateKv(*m.model, m.identity, tokens, options));
+  KV_RETURN_IF_ERROR(SaveCalibration(calibration, out));
+  std::fprintf(stderr, "kvshard calibrate: %lld tokens, %s weighting, wrote %s\n",
+               static_cast<long long>(calibration.tokens), calibration.weighting.c_str(), out.c_str());
+  return absl::OkStatus();
+}
+
+absl::Status RunPerplexity(const std::vector<std::string>& args) {
+  std::string spec = absl::GetFlag(FLAGS_kv);
+  if (spec.empty()) spec = absl::GetFlag(FLAGS_kv_scheme);
+  KV_ASSIGN_OR_RETURN(KvSchemeConfig scheme, ParseKvScheme(spec));
+  PerplexityOptions options;
+  options.ctx = absl::GetFlag(FLAGS_ctx);
+  options.max_tokens = absl::GetFlag(FLAGS_max_eval_tokens);
+  if (options.ctx < 2) return absl::InvalidArgumentError("--ctx must be at least 2");
+
+  std::unique_ptr<Calibration> calibration;
+  const std::string calibration_path = absl::GetFlag(FLAGS_calibration);
+  if (!calibration_path.empty()) {
+    KV_ASSIGN_OR_RETURN(Calibration c, LoadCalibration(calibration_path));
+    calibration = std::make_unique<Calibration>(std::move(c));
+  } else if (scheme.needs_calibration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV scheme ", scheme.name(), " needs --calibration FILE (make one with kvshard calibrate)"));
+  }
+  KV_ASSIGN_OR_RETURN(LoadedModel m, LoadForQuality());
+  if (calibration) {
+    KV_RETURN_IF_ERROR(Annotate(CheckCalibrationForModel(*calibration, m.identity), calibration_path));
+  }
+  KV_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, TokenizeTextFlag(m.engine->tokenizer(), "perplexity"));
+  KV_ASSIGN_OR_RETURN(PerplexityResult r,
+                      EvaluatePerplexity(*m.model, tokens, scheme, calibration.get(), options));
+  nlohmann::json j;
+  j["text"] = absl::GetFlag(FLAGS_text);
+  j["ctx"] = options.ctx;
+  j["kv"] = scheme.ToString();
+  j["scheme"] = scheme.name();
+  j["windows"] = r.windows;
+  j["scored_tokens"] = r.scored_tokens;
+  j["mean_nll"] = r.mean_nll;
+  j["perplexity"] = r.perplexity;
+  j["bits_per_element"] = r.bits_per_element;
+  j["calibration"] = calibration ? calibration->weighting : "";
+  j["seconds"] = r.seconds;
+  std::printf("%s\n", j.dump().c_str());
+  std::fprintf(stderr, "%s\n",
+               absl::StrFormat("kvshard perplexity: %s ctx %d: perplexity %.4f over %d tokens (%d windows), "
+                               "%.3f bits/element, %.0f s",
+                               scheme.ToString(), options.ctx, r.perplexity, r.scored_tokens, r.windows,
+                               r.bits_per_element, r.seconds)
+                   .c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace kvshard

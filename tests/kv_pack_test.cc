@@ -1,0 +1,106 @@
+// Dense code packing (kernels/kv_pack.h): exact round trips, the documented byte layout, block alignment.
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/kv_pack.h"
+
+namespace kvshard {
+namespace {
+
+std::vector<uint8_t> RandomCodes(int64_t n, int bits, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<uint8_t> codes(n);
+  for (auto& c : codes) c = static_cast<uint8_t>(rng() & ((1u << bits) - 1u));
+  return codes;
+}
+
+// (bits, head_dim, tokens): streams of head_dim * tokens codes, odd sizes and block boundaries +-1.
+class PackTest : public ::testing::TestWithParam<std::tuple<int, int, int>> {};
+
+TEST_P(PackTest, RoundTripIsExact) {
+  const auto [bits, head_dim, tokens] = GetParam();
+  const int64_t n = static_cast<int64_t>(head_dim) * tokens;
+  const std::vector<uint8_t> codes = RandomCodes(n, bits, static_cast<uint32_t>(n * 31 + bits));
+  std::vector<uint8_t> stream(PackedBytes(n, bits), 0xAB);
+  PackCodesCpu(codes.data(), n, bits, stream.data());
+
+  // Dense: b bits per code, rounded up to whole 128-code blocks of 16*b bytes; padding is zero.
+  EXPECT_EQ(static_cast<int64_t>(stream.size()), (n + 127) / 128 * 16 * bits);
+  for (int64_t bit = n * bits; bit < static_cast<int64_t>(stream.size()) * 8; ++bit) {
+    ASSERT_EQ((stream[bit / 8] >> (bit % 8)) & 1, 0) << "padding bit " << bit;
+  }
+
+  std::vector<uint8_t> unpacked(n, 0xFF);
+  UnpackCodesCpu(stream.data(), 0, n, bits, unpacked.data());
+  int64_t mismatches = 0;
+  for (int64_t i = 0; i < n; ++i) mismatches += unpacked[i] != codes[i];
+  EXPECT_EQ(mismatches, 0);
+
+  // Partial unpack from an odd offset.
+  if (n > 3) {
+    const int64_t first = n / 3, count = n - first - 1;
+    std::vector<uint8_t> part(count);
+    UnpackCodesCpu(stream.data(), first, count, bits, part.data());
+    for (int64_t i = 0; i < count; ++i) ASSERT_EQ(part[i], codes[first + i]) << "code " << first + i;
+  }
+
+  // Writing codes one by one, in any order, gives the same bytes.
+  std::vector<uint8_t> one_by_one(stream.size(), 0);
+  for (int64_t i = n - 1; i >= 0; --i) SetPackedCode(one_by_one.data(), i, bits, codes[i]);
+  EXPECT_EQ(one_by_one, stream);
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(GetPackedCode(stream.data(), i, bits), codes[i]) << "code " << i;
+}
+
+TEST_P(PackTest, BlocksAreIndependentSixteenByteUnits) {
+  const auto [bits, head_dim, tokens] = GetParam();
+  const int64_t n = static_cast<int64_t>(head_dim) * tokens;
+  std::vector<uint8_t> codes = RandomCodes(n, bits, 7);
+  std::vector<uint8_t> a(PackedBytes(n, bits)), b(PackedBytes(n, bits));
+  PackCodesCpu(codes.data(), n, bits, a.data());
+  // Change the last code of a block: only that block's 16*bits bytes change.
+  const int64_t i = std::min<int64_t>(n - 1, 127);
+  codes[i] ^= 1;
+  PackCodesCpu(codes.data(), n, bits, b.data());
+  const int64_t block_bytes = 16 * bits, block = i / 128;
+  for (int64_t byte = 0; byte < static_cast<int64_t>(a.size()); ++byte) {
+    if (byte / block_bytes != block) {
+      ASSERT_EQ(a[byte], b[byte]) << "byte " << byte;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    BitsDimsTokens, PackTest,
+    ::testing::Combine(::testing::Values(1, 2, 3, 4, 5, 8), ::testing::Values(1, 37, 63, 64, 65, 128),
+                       ::testing::Values(1, 2, 37, 127, 128, 129)));
+
+TEST(PackLayout, ThreeBitGolden) {
+  // Codes 0..7 at 3 bits, little-endian bit stream: 000 001 010 011 100 101 110 111 (LSB first)
+  // -> bytes 0x88 0xC6 0xFA, the rest of the 48-byte block zero.
+  std::vector<uint8_t> codes = {0, 1, 2, 3, 4, 5, 6, 7};
+  std::vector<uint8_t> stream(PackedBytes(8, 3));
+  ASSERT_EQ(stream.size(), 48u);
+  PackCodesCpu(codes.data(), 8, 3, stream.data());
+  EXPECT_EQ(stream[0], 0x88);
+  EXPECT_EQ(stream[1], 0xC6);
+  EXPECT_EQ(stream[2], 0xFA);
+  for (size_t i = 3; i < stream.size(); ++i) EXPECT_EQ(stream[i], 0) << i;
+}
+
+TEST(PackLayout, FourBitNibblesLowFirst) {
+  std::vector<uint8_t> codes = {0x1, 0x2, 0xF, 0x3};
+  std::vector<uint8_t> stream(PackedBytes(4, 4));
+  PackCodesCpu(codes.data(), 4, 4, stream.data());
+  EXPECT_EQ(stream[0], 0x21);
+  EXPECT_EQ(stream[1], 0x3F);
+}
+
+TEST(PackLayout, EmptyStream) {
+  EXPECT_EQ(PackedBytes(0, 3), 0);
+  PackCodesCpu(nullptr, 0, 3, nullptr);
+}
+
+}  // namespace
+}  // namespace kvshard
