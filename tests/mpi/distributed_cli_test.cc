@@ -58,6 +58,16 @@ TEST(DistributedCliTest, GeneratesUnderMpirun) {
   EXPECT_NE(r.output.find("prefill 11/11 tokens"), std::string::npos) << r.output;
 }
 
+TEST(DistributedCliTest, ServesHttpUnderMpirunWithKvMetricsPerWorker) {
+  const RunResult r = RunCommand("timeout 120 python3 " + std::string(KVSHARD_SOURCE_DIR) +
+                                 "/tests/mpi/serve_under_mpirun.py " + KVSHARD_MPIEXEC + " " + KVSHARD_MPIRUN_FLAGS +
+                                 " -np 3 " + Kvshard() + " serve" + kTinyModel);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("\"completion_tokens\": 5"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("worker=\\\"0\\\""), std::string::npos) << r.output;  // metrics of both workers
+  EXPECT_NE(r.output.find("worker=\\\"1\\\""), std::string::npos) << r.output;
+}
+
 TEST(DistributedCliTest, EveryLineAboutTheFillSaysSyntheticFill) {
   const RunResult r = RunCommand(Mpirun(
       3, std::string("generate --prompt hi --max_tokens 4 --synthetic_fill_tokens 5000") + kTinyModel));
