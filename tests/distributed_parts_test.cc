@@ -1,11 +1,15 @@
 // The pieces of the distributed runtime that need no MPI: synthetic models and fill, the byte tokenizer
-// of synthetic models, and the control messages' encoding.
+// of synthetic models, the control messages' encoding, and quantized contexts split over sealed shards.
 #include <cmath>
 #include <string>
 #include <vector>
 
 #include "coordinator/byte_tokenizer.h"
+#include "coordinator/quality.h"
 #include "gtest/gtest.h"
+#include "kernels/attention.h"
+#include "tests/test_util.h"
+#include "worker/forward.h"
 #include "worker/control.h"
 #include "worker/synthetic.h"
 
@@ -203,6 +207,71 @@ TEST(ControlMessagesTest, GarbageIsAnErrorNotACrash) {
   EXPECT_FALSE(DecodeCommand("").ok());
   EXPECT_FALSE(DecodeReport(std::string("\x81\xa4type\xa6report", 13)).ok());  // fields missing
 }
+
+}  // namespace
+}  // namespace kvshard
+
+namespace kvshard {
+namespace {
+
+// A quantized context split over two shards (the first sealed when the second starts) attends like one
+// shard holding it all: same stored codes, only the softmax sums split differently.
+class SplitShardTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(SplitShardTest, SealedSplitAttendsLikeOneShard) {
+  SyntheticModelSpec spec = TinySpec();
+  spec.head_dim = 32;
+  auto weights = MakeSyntheticModel(spec);
+  ASSERT_TRUE(weights.ok());
+  CpuModel model(*weights);
+  CalibrateOptions options;
+  options.ctx = 64;
+  options.max_tokens = 128;
+  options.outlier_fractions = {0.01};
+  options.codebook_bits = {3};
+  options.show_progress = false;
+  std::vector<int32_t> tokens(128);
+  for (int i = 0; i < 128; ++i) tokens[i] = (i * 37) % spec.vocab_size;
+  auto calibration = CalibrateKv(model, ModelIdentityOf(*weights), tokens, options);
+  ASSERT_TRUE(calibration.ok()) << calibration.status();
+  const KvShardFactory factory =
+      AllSchemesKvShardFactory(std::make_shared<const Calibration>(std::move(*calibration)));
+  const KvGeometry g = model.kv_geometry();
+  const std::string scheme = GetParam();
+  constexpr int64_t kTotal = 700, kCut = 512;
+  auto one = factory(scheme, g, 0);
+  auto first = factory(scheme, g, 0);
+  auto second = factory(scheme, g, kCut);
+  ASSERT_TRUE(one.ok() && first.ok() && second.ok()) << one.status();
+  ASSERT_TRUE(SyntheticFill(**one, 0, kTotal, 5).ok());
+  ASSERT_TRUE(SyntheticFill(**first, 0, kCut, 5).ok());
+  (*first)->Seal();
+  ASSERT_TRUE(SyntheticFill(**second, kCut, kTotal, 5).ok());
+  EXPECT_EQ((*one)->Memory().bytes, (*first)->Memory().bytes + (*second)->Memory().bytes) << "stored differently";
+
+  const int64_t q_row = static_cast<int64_t>(g.n_heads) * g.head_dim;
+  std::vector<float> q(3 * q_row);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>((i * 7919) % 200) / 50.0f - 2.0f;
+  const int64_t positions[3] = {kTotal - 1, kTotal - 40, kCut + 3};
+  for (int layer = 0; layer < g.n_layers; ++layer) {
+    std::vector<float> want(3 * q_row), want_lse(3 * g.n_heads);
+    ASSERT_TRUE((*one)->Attend(layer, 3, q.data(), positions, want.data(), want_lse.data()).ok());
+    std::vector<float> a(3 * q_row), a_lse(3 * g.n_heads), b(3 * q_row), b_lse(3 * g.n_heads);
+    ASSERT_TRUE((*first)->Attend(layer, 3, q.data(), positions, a.data(), a_lse.data()).ok());
+    ASSERT_TRUE((*second)->Attend(layer, 3, q.data(), positions, b.data(), b_lse.data()).ok());
+    const float* outs[2] = {a.data(), b.data()};
+    const float* lses[2] = {a_lse.data(), b_lse.data()};
+    std::vector<float> got(3 * q_row), got_lse(3 * g.n_heads);
+    MergePartialsCpu(2, outs, lses, 3 * g.n_heads, g.head_dim, got.data(), got_lse.data());
+    const std::vector<double> want_d(want.begin(), want.end());
+    // Same K/V in both: only fp32 summation order differs.
+    EXPECT_EQ(testing::CountMismatches(got.data(), want_d.data(), 3 * q_row, 1e-5, 1e-5,
+                                       scheme + " layer " + std::to_string(layer)),
+              0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Schemes, SplitShardTest, ::testing::Values("fp16", "kvq3", "int4", "kivi2"));
 
 }  // namespace
 }  // namespace kvshard
