@@ -36,7 +36,7 @@ struct BatchOptions {
   bool fsync = true;          // fdatasync after every record
   bool show_progress = true;  // progress lines on stderr
   // Prompts at least this long show their own prefill progress line.
-  int64_t prefill_progress_min_tokens = 8192;
+  int64_t prefill_progress_min_tokens = 2048;
   ApiOptions api;
 };
 

@@ -135,14 +135,14 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<Engine>> MakeEngine() { return CreateEngineFromFlags(); }
-
 }  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngineFromFlags() { return CreateEngineFromFlags(); }
 
 absl::Status RunGenerate(const std::vector<std::string>& args) {
   const std::string prompt = absl::GetFlag(FLAGS_prompt);
   if (prompt.empty()) return absl::InvalidArgumentError("generate needs --prompt TEXT");
-  KV_ASSIGN_OR_RETURN(auto engine, MakeEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
   GenerationRequest request = RequestFromFlags();
   const Tokenizer& tok = engine->tokenizer();
   const std::string text =
@@ -155,7 +155,7 @@ absl::Status RunSummarize(const std::vector<std::string>& args) {
   const std::string input = absl::GetFlag(FLAGS_input);
   if (input.empty()) return absl::InvalidArgumentError("summarize needs --input FILE");
   KV_ASSIGN_OR_RETURN(std::string document, ReadTextFile(input));
-  KV_ASSIGN_OR_RETURN(auto engine, MakeEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
   const Tokenizer& tok = engine->tokenizer();
   const std::string user = absl::StrCat(absl::GetFlag(FLAGS_summary_instruction), "\n\n", document);
   GenerationRequest request = RequestFromFlags();

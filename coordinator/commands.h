@@ -2,12 +2,17 @@
 // parsed) and returns a Status that main() reports once, as one line, with a non-zero exit.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "coordinator/engine.h"
 
 namespace kvshard {
+
+class SingleProcessEngine;
 
 struct Command {
   const char* name;
@@ -28,6 +33,10 @@ absl::Status RunBatchCommand(const std::vector<std::string>& args);
 absl::Status RunSummarizeDirCommand(const std::vector<std::string>& args);
 // `summarize`: RunSummarizeDirCommand with --input-dir, else RunSummarize.
 absl::Status RunSummarizeCommand(const std::vector<std::string>& args);
+
+// The engine the flags describe: --model (or --synthetic_model), --device, --kv_scheme, --calibration
+// (checked against the model); the distributed engine on rank 0 under mpirun (CreateEngineFromFlags).
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngineFromFlags();
 
 // The model path: --model, or the cached demo model. An error says how to fetch the demo model.
 absl::StatusOr<std::string> ResolveModelPath();

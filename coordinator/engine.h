@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "coordinator/tokenizer.h"
+#include "kvstore/kv_scheme.h"
 #include "worker/sampler.h"
 
 namespace kvshard {
@@ -65,13 +66,6 @@ class EngineObserver {
   virtual void OnMerge(double seconds) {}  // one cross-worker merge of attention partials
 };
 
-// The KV schemes of DESIGN.md, by the names requests and config files use.
-inline const std::vector<std::string>& KnownKvSchemes() {
-  static const std::vector<std::string> schemes = {"fp32", "fp16", "int8",  "int4", "kivi2", "kivi4",
-                                                   "kvq2", "kvq3", "kvq4",  "wkv4", "deco"};
-  return schemes;
-}
-
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -88,8 +82,12 @@ class Engine {
   // Optional hooks for metrics; the defaults report nothing. Called from the thread that runs Generate.
   virtual std::vector<WorkerKvMemory> kv_memory() const { return {}; }
   virtual void set_observer(EngineObserver* observer) {}
-  // Names a request may give as kv_scheme.
-  virtual std::vector<std::string> kv_schemes() const { return KnownKvSchemes(); }
+  // Whether a request may name `spec` as its kv_scheme ("kvq3", "int4", "kvq3:outliers=0.005", "fp32"):
+  // InvalidArgument saying why not. A scheme can still fail at Generate (kvq without calibration).
+  virtual absl::Status CheckKvScheme(const std::string& spec) const {
+    if (spec == "fp32") return absl::OkStatus();
+    return ParseKvScheme(spec).status();
+  }
 };
 
 }  // namespace kvshard

@@ -9,7 +9,6 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "common/status.h"
 
 namespace kvshard {
@@ -383,11 +382,12 @@ absl::StatusOr<ApiRequest> ParseApiRequest(ApiEndpoint endpoint, const json& bod
   if (const json* scheme = Field(body, "kv_scheme")) {
     if (!scheme->is_string()) return BadField("kv_scheme", "kv_scheme must be a string");
     kv_scheme = scheme->get<std::string>();
-    const std::vector<std::string> schemes = engine.kv_schemes();
-    if (std::find(schemes.begin(), schemes.end(), kv_scheme) == schemes.end()) {
+    absl::Status known = kv_scheme.empty() ? absl::OkStatus() : engine.CheckKvScheme(kv_scheme);
+    if (!known.ok()) {
       return ApiError(absl::StatusCode::kInvalidArgument,
-                      absl::StrCat("unknown kv_scheme \"", kv_scheme, "\"; this server offers ",
-                                   absl::StrJoin(schemes, ", ")),
+                      absl::StrCat("unknown kv_scheme \"", kv_scheme, "\": ", known.message(),
+                                   " (schemes: fp16, fp32, int<b>, kivi<b>, kvq<b>, wkv<b>, deco<b>, optionally "
+                                   "with parameters, e.g. kvq3:outliers=0.005)"),
                       "kv_scheme", "invalid_kv_scheme");
     }
   }

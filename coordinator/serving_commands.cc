@@ -12,7 +12,6 @@
 #include "coordinator/engine_factory.h"
 
 ABSL_DECLARE_FLAG(std::string, input_dir);
-ABSL_DECLARE_FLAG(std::string, kv_scheme);
 
 namespace kvshard {
 namespace {
@@ -23,15 +22,12 @@ absl::Status NoPositionalArguments(const char* command, const std::vector<std::s
       absl::StrCat(command, " takes no positional arguments; got '", absl::StrJoin(args, " "), "'"));
 }
 
-// Single-process, or the distributed engine under mpirun (coordinator/engine_factory.h).
-absl::StatusOr<std::unique_ptr<Engine>> MakeServingEngine() { return CreateEngineFromFlags(); }
-
 }  // namespace
 
 absl::Status RunServeCommand(const std::vector<std::string>& args) {
   KV_RETURN_IF_ERROR(NoPositionalArguments("serve", args));
   KV_ASSIGN_OR_RETURN(ServeOptions options, ServeOptionsFromFlags());
-  KV_ASSIGN_OR_RETURN(auto engine, MakeServingEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
   return RunServe(*engine, options);
 }
 
@@ -41,7 +37,7 @@ absl::Status RunBatchCommand(const std::vector<std::string>& args) {
   if (options.input_path.empty() || options.output_path.empty()) {
     return absl::InvalidArgumentError("run-batch needs -i IN.jsonl -o OUT.jsonl");
   }
-  KV_ASSIGN_OR_RETURN(auto engine, MakeServingEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
   return RunBatch(*engine, options).status();
 }
 
@@ -53,7 +49,7 @@ absl::Status RunSummarizeCommand(const std::vector<std::string>& args) {
 absl::Status RunSummarizeDirCommand(const std::vector<std::string>& args) {
   KV_RETURN_IF_ERROR(NoPositionalArguments("summarize", args));
   KV_ASSIGN_OR_RETURN(SummarizeDirOptions options, SummarizeDirOptionsFromFlags());
-  KV_ASSIGN_OR_RETURN(auto engine, MakeServingEngine());
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
   return RunSummarizeDir(*engine, options).status();
 }
 

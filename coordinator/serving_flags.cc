@@ -40,7 +40,7 @@ ABSL_FLAG(std::string, batch_input, "", "run-batch: OpenAI batch input JSONL (-i
 ABSL_FLAG(std::string, batch_output, "", "run-batch: output JSONL; rerunning resumes it (-o)");
 ABSL_FLAG(bool, batch_fsync, true, "run-batch: fdatasync after every output record");
 ABSL_FLAG(bool, show_progress, true, "run-batch, summarize: progress lines on stderr");
-ABSL_FLAG(int64_t, prefill_progress_min_tokens, 8192,
+ABSL_FLAG(int64_t, prefill_progress_min_tokens, 2048,
           "run-batch, summarize: prompts at least this long show their own prefill progress");
 
 // ---- summarize --input-dir ----

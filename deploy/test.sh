@@ -9,6 +9,10 @@ bash deploy/install-deps.sh
 bash deploy/fetch-demo-model.sh >/dev/null
 bash deploy/build.sh build
 
-cd build
-ctest --output-on-failure --parallel "$(nproc)" --timeout 1200
+(cd build && ctest --output-on-failure --parallel "$(nproc)" --timeout 1200)
+
+# The serving tests drive the real binary with the official OpenAI client and a real Prometheus.
+if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+KVSHARD_BINARY="$PWD/build/kvshard" .venv/bin/python -m pytest -q tests/serving
 echo "deploy/test.sh: all tests passed in $(( $(date +%s) - start )) s"

@@ -610,6 +610,27 @@ class DecoCodec final : public PartCodec {
   PagedCodes codes_;
 };
 
+// A part the scheme leaves unquantized (the "parts" ablation): fp16, 16 bits per element.
+class Fp16PartCodec final : public PartCodec {
+ public:
+  explicit Fp16PartCodec(int d) : d_(d), codes_(d, 8, PagedCodes::Order::kTokenMajor) {}
+  void Encode(int n, const float* x) override {
+    for (int64_t i = 0; i < static_cast<int64_t>(n) * d_; ++i) values_.push_back(FloatToHalf(x[i]));
+  }
+  void Decode(int64_t first, int64_t n, float* x) const override {
+    for (int64_t i = 0; i < n * d_; ++i) x[i] = HalfToFloat(values_[first * d_ + i]);
+  }
+  int64_t size() const override { return static_cast<int64_t>(values_.size()) / d_; }
+  int64_t bits() const override { return static_cast<int64_t>(values_.size()) * kHalfBits; }
+  const PagedCodes& codes() const override { return codes_; }  // no codes
+  void Clear() override { values_.clear(); }
+
+ private:
+  int d_;
+  std::vector<uint16_t> values_;
+  PagedCodes codes_;
+};
+
 std::vector<float> Slice(const std::vector<float>& v, int64_t offset, int64_t n) {
   return std::vector<float>(v.begin() + offset, v.begin() + offset + n);
 }
@@ -619,6 +640,7 @@ std::vector<float> Slice(const std::vector<float>& v, int64_t offset, int64_t n)
 absl::StatusOr<std::unique_ptr<PartCodec>> MakePartCodec(const KvSchemeConfig& config, KvPart part, int d, int layer,
                                                          int kv_head, const Calibration* calibration) {
   const bool key = part == KvPart::kKey;
+  if (!config.quantizes(part)) return std::make_unique<Fp16PartCodec>(d);
   switch (config.kind) {
     case KvSchemeKind::kFp16:
       return absl::InvalidArgumentError("fp16 has no quantized part");

@@ -10,6 +10,18 @@
 //         b * T * head_dim + ((r1 * T + t) * m + j2) * l + r2        (see DecoCodec)
 // A page stream is 16 * bits * head_dim bytes; channel-major, each channel's 128 tokens are one
 // 16*bits-byte block. Pages are full-size from their first token; codes of absent tokens are 0.
+//
+// Metadata, per part, in token order (fp16 is IEEE half, round to nearest even, common/half.h):
+//   int<b>    scale[token][group]                       x = (code - 2^(b-1)) * scale
+//   kivi keys scale[group][channel], zero[group][channel] (group_size tokens)  x = code * scale + zero
+//   kivi vals scale[token][group], zero[token][group]  (group_size channels)
+//   wkv       scale[token], zero[token]                 x = (code * scale + zero) * s_c + shift_c
+//   kvq keys  count[token] (u8), then per outlier (channel u8, value fp16) in channel order;
+//             x = low_c + (cb[code] + 1) / 2 * (high_c - low_c), outliers replace x
+//   kvq vals  low[token], high[token] (fp16); round(outlier_fraction * head_dim) outliers per token, (channel
+//             u8, value fp16) ascending; x = low + (cb[code] + 1) / 2 * (high - low), outliers replace x
+//   deco      per block: A[l][l], B[l][l], scale[r1][r2] (fp16)
+// Every input is rounded to fp16 before it is quantized, so CPU and GPU packers see the same values.
 #pragma once
 
 #include <cstdint>
@@ -65,8 +77,8 @@ class PartCodec {
   virtual void Clear() = 0;
 };
 
-// The codec of one part. `calibration` (kvq, wkv) must already be checked for the scheme.
-enum class KvPart { kKey, kValue };
+// The codec of one part (fp16 storage when the scheme leaves the part unquantized). `calibration`
+// (kvq, wkv) must already be checked for the scheme.
 absl::StatusOr<std::unique_ptr<PartCodec>> MakePartCodec(const KvSchemeConfig& config, KvPart part, int head_dim,
                                                          int layer, int kv_head, const Calibration* calibration);
 

@@ -105,6 +105,20 @@ absl::Status SetParameter(KvSchemeConfig& c, absl::string_view key, absl::string
     c.outlier_fraction = real;
     return absl::OkStatus();
   }
+  if (key == "parts") {
+    if (value == "kv") {
+      c.quantize_keys = c.quantize_values = true;
+    } else if (value == "k") {
+      c.quantize_keys = true;
+      c.quantize_values = false;
+    } else if (value == "v") {
+      c.quantize_keys = false;
+      c.quantize_values = true;
+    } else {
+      return bad_value("parts must be kv, k (keys only) or v (values only)");
+    }
+    return absl::OkStatus();
+  }
   if (!is_integer) return bad_value("not an integer");
   if (key == "bits") {
     const FamilyInfo& f = Family(c.kind);
@@ -132,7 +146,7 @@ absl::Status SetParameter(KvSchemeConfig& c, absl::string_view key, absl::string
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown KV scheme parameter \"", key,
-        "\"; known: bits, group, sink, residual, outliers, block, local_channels"));
+        "\"; known: bits, group, sink, residual, outliers, block, local_channels, parts"));
   }
   return absl::OkStatus();
 }
@@ -167,6 +181,7 @@ std::string KvSchemeConfig::ToString() const {
   }
   params.push_back(absl::StrCat("sink=", sink_tokens));
   params.push_back(absl::StrCat("residual=", residual_tokens));
+  if (!quantize_keys || !quantize_values) params.push_back(quantize_keys ? "parts=k" : "parts=v");
   return absl::StrCat(name(), ":", absl::StrJoin(params, ","));
 }
 
@@ -253,70 +268,77 @@ int KvqValueOutliersPerToken(const KvSchemeConfig& c, int head_dim) {
   return static_cast<int>(std::lround(c.outlier_fraction * head_dim));
 }
 
-int64_t KvStreamBits(const KvSchemeConfig& c, int d, int64_t start_position, int64_t n_tokens, bool sealed,
-                     int64_t key_outliers) {
-  const KvStreamLayout l = StreamLayout(c, start_position, n_tokens, sealed);
-  const int64_t q = l.quantized();
-  const int64_t fp_bits = l.full_precision() * 2 * d * kHalfBits;
-  const int64_t code_bits = 2 * q * d * c.bits;
-  auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+namespace {
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Bits of q quantized tokens of one part, all-in (kvq keys: key_outliers of them).
+int64_t PartBits(const KvSchemeConfig& c, KvPart part, int d, int64_t q, int64_t key_outliers) {
+  if (!c.quantizes(part)) return q * d * kHalfBits;
+  const bool key = part == KvPart::kKey;
+  const int64_t codes = q * d * c.bits;
   switch (c.kind) {
     case KvSchemeKind::kFp16:
-      return 2 * n_tokens * d * kHalfBits;
-    case KvSchemeKind::kInt:
-      // One fp16 scale per group of channels, per token, for K and for V.
-      return fp_bits + code_bits + 2 * q * ceil_div(d, c.group_size) * kHalfBits;
-    case KvSchemeKind::kKivi:
-      // Keys: fp16 scale + zero per channel per group of tokens; values: per token per channel group.
-      return fp_bits + code_bits + ceil_div(q, c.group_size) * d * 2 * kHalfBits +
-             q * ceil_div(d, c.group_size) * 2 * kHalfBits;
+      return q * d * kHalfBits;
+    case KvSchemeKind::kInt:  // one fp16 scale per group of channels, per token
+      return codes + q * CeilDiv(d, c.group_size) * kHalfBits;
+    case KvSchemeKind::kKivi:  // fp16 scale + zero: keys per channel per token group, values per token per channel group
+      return codes + (key ? CeilDiv(q, c.group_size) * d : q * CeilDiv(d, c.group_size)) * 2 * kHalfBits;
     case KvSchemeKind::kKvq: {
       const int64_t outlier_bits = kHalfBits + kOutlierIndexBits;
-      const int64_t key_bits = q * kOutlierCountBits + key_outliers * outlier_bits;
-      const int64_t value_bits = q * (2 * kHalfBits + KvqValueOutliersPerToken(c, d) * outlier_bits);
-      return fp_bits + code_bits + key_bits + value_bits;
+      if (key) return codes + q * kOutlierCountBits + key_outliers * outlier_bits;
+      return codes + q * (2 * kHalfBits + KvqValueOutliersPerToken(c, d) * outlier_bits);
     }
-    case KvSchemeKind::kWkv:
-      // Per token fp16 scale + zero, for K and for V.
-      return fp_bits + code_bits + 2 * q * 2 * kHalfBits;
-    case KvSchemeKind::kDeco: {
-      // Per block and part: the two local tensors (l x l each) and one scale per (r1, r2) core slice.
+    case KvSchemeKind::kWkv:  // per token fp16 scale + zero
+      return codes + q * 2 * kHalfBits;
+    case KvSchemeKind::kDeco: {  // per block: local tensors A, B (l x l) and one scale per (r1, r2) slice
       const int64_t l2 = static_cast<int64_t>(c.deco_local_channels) * c.deco_local_channels;
-      return fp_bits + code_bits + 2 * ceil_div(q, c.deco_block_tokens) * 3 * l2 * kHalfBits;
+      return codes + CeilDiv(q, c.deco_block_tokens) * 3 * l2 * kHalfBits;
     }
   }
   return 0;
 }
 
-double KvAsymptoticBitsPerElement(const KvSchemeConfig& c, int d) {
-  const double per_token_elements = 2.0 * d;
-  double bits = 0;
+// The same per token for a long stream, kvq key outliers at the configured fraction.
+double PartBitsPerToken(const KvSchemeConfig& c, KvPart part, int d) {
+  if (!c.quantizes(part)) return static_cast<double>(d) * kHalfBits;
+  const bool key = part == KvPart::kKey;
+  const double codes = static_cast<double>(d) * c.bits;
   switch (c.kind) {
     case KvSchemeKind::kFp16:
-      return kHalfBits;
+      return static_cast<double>(d) * kHalfBits;
     case KvSchemeKind::kInt:
-      bits = 2.0 * d * c.bits + 2.0 * std::ceil(static_cast<double>(d) / c.group_size) * kHalfBits;
-      break;
+      return codes + CeilDiv(d, c.group_size) * kHalfBits;
     case KvSchemeKind::kKivi:
-      bits = 2.0 * d * c.bits + static_cast<double>(d) * 2 * kHalfBits / c.group_size +
-             std::ceil(static_cast<double>(d) / c.group_size) * 2 * kHalfBits;
-      break;
+      return codes + (key ? static_cast<double>(d) / c.group_size : CeilDiv(d, c.group_size)) * 2 * kHalfBits;
     case KvSchemeKind::kKvq: {
       const double outlier_bits = kHalfBits + kOutlierIndexBits;
-      bits = 2.0 * d * c.bits + kOutlierCountBits + c.outlier_fraction * d * outlier_bits + 2 * kHalfBits +
-             KvqValueOutliersPerToken(c, d) * outlier_bits;
-      break;
+      if (key) return codes + kOutlierCountBits + c.outlier_fraction * d * outlier_bits;
+      return codes + 2 * kHalfBits + KvqValueOutliersPerToken(c, d) * outlier_bits;
     }
     case KvSchemeKind::kWkv:
-      bits = 2.0 * d * c.bits + 2 * 2 * kHalfBits;
-      break;
+      return codes + 2 * kHalfBits;
     case KvSchemeKind::kDeco: {
       const double l2 = static_cast<double>(c.deco_local_channels) * c.deco_local_channels;
-      bits = 2.0 * d * c.bits + 2 * 3 * l2 * kHalfBits / c.deco_block_tokens;
-      break;
+      return codes + 3 * l2 * kHalfBits / c.deco_block_tokens;
     }
   }
-  return bits / per_token_elements;
+  return 0;
+}
+
+}  // namespace
+
+int64_t KvStreamBits(const KvSchemeConfig& c, int d, int64_t start_position, int64_t n_tokens, bool sealed,
+                     int64_t key_outliers) {
+  if (c.kind == KvSchemeKind::kFp16) return 2 * n_tokens * d * kHalfBits;
+  const KvStreamLayout l = StreamLayout(c, start_position, n_tokens, sealed);
+  const int64_t q = l.quantized();
+  return l.full_precision() * 2 * d * kHalfBits + PartBits(c, KvPart::kKey, d, q, key_outliers) +
+         PartBits(c, KvPart::kValue, d, q, 0);
+}
+
+double KvAsymptoticBitsPerElement(const KvSchemeConfig& c, int d) {
+  return (PartBitsPerToken(c, KvPart::kKey, d) + PartBitsPerToken(c, KvPart::kValue, d)) / (2.0 * d);
 }
 
 }  // namespace kvshard

@@ -35,6 +35,8 @@ enum class KvSchemeKind {
   kDeco,  // DecoQuant: per block of tokens an MPO (tensor-train) decomposition, low-bit core
 };
 
+enum class KvPart { kKey, kValue };
+
 struct KvSchemeConfig {
   KvSchemeKind kind = KvSchemeKind::kKvq;
   int bits = 3;
@@ -44,6 +46,9 @@ struct KvSchemeConfig {
   double outlier_fraction = 0.01; // kvq: fraction of each vector kept exactly (dense-and-sparse)
   int deco_block_tokens = 64;     // deco: tokens per decomposed block (divides 128)
   int deco_local_channels = 4;    // deco: channel factor of each small local tensor (head_dim % it^2 == 0)
+  // Ablations ("parts=k" / "parts=v"): quantize only keys or only values; the other part stays fp16.
+  bool quantize_keys = true;
+  bool quantize_values = true;
   // Keeps an fp16 copy of every token so that each query of a chunk sees exactly what decode at its
   // position would see (the residual window as it was then). For perplexity runs; the copy is not part
   // of the store's memory and never used in serving.
@@ -57,6 +62,7 @@ struct KvSchemeConfig {
   int flush_unit() const;
   // Keys are quantized before RoPE (and rotated after dequantization, inside attention).
   bool keys_pre_rope() const { return kind == KvSchemeKind::kKvq || kind == KvSchemeKind::kWkv; }
+  bool quantizes(KvPart part) const { return part == KvPart::kKey ? quantize_keys : quantize_values; }
   bool needs_calibration() const { return kind == KvSchemeKind::kKvq || kind == KvSchemeKind::kWkv; }
 };
 
@@ -67,7 +73,7 @@ struct KvSchemeConfig {
 //   wkv<b>   b in 2..8, residual 1 (past-only: a token sees its own K/V unquantized)
 //   deco<b>  b in 2..8 ("deco" is deco4), block 64 tokens, local channels 4
 absl::StatusOr<KvSchemeConfig> ParseKvScheme(absl::string_view spec);
-// {scheme: NAME, bits?, group?, sink?, residual?, outliers?, block?, local_channels?}
+// {scheme: NAME, bits?, group?, sink?, residual?, outliers?, block?, local_channels?, parts?}
 absl::StatusOr<KvSchemeConfig> KvSchemeFromYaml(const YAML::Node& node);
 // Checks a configuration against a head dim (deco's factorization, group sizes, index widths).
 absl::Status ValidateKvScheme(const KvSchemeConfig& config, int head_dim);

@@ -109,6 +109,10 @@ TEST(KvScheme, FormulaMatchesHandCounts) {
   const int64_t expected = (4 + 32) * 2 * 64 * 16 + 2 * q * 64 * 3 + q * 8 + 3 * 24 + q * (32 + 1 * 24);
   EXPECT_EQ(KvStreamBits(*ParseKvScheme("kvq3"), 64, 0, 100, false, 3), expected);
   EXPECT_EQ(KvStreamBits(*ParseKvScheme("fp16"), 64, 0, 100, false), 2 * 100 * 64 * 16);
+  // Ablations: the part left unquantized costs 16 bits per element.
+  EXPECT_EQ(KvStreamBits(*ParseKvScheme("int4:parts=k"), 64, 0, 10, false), 10 * 64 * 4 + 10 * 2 * 16 + 10 * 64 * 16);
+  EXPECT_EQ(ParseKvScheme("kvq3:parts=v")->ToString(), "kvq3:outliers=0.01,sink=4,residual=32,parts=v");
+  EXPECT_FALSE(ParseKvScheme("kvq3:parts=q").ok());
 }
 
 TEST(KvScheme, Kvq3MeetsTheBitBudgetAtHeadDim128) {

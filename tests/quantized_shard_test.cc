@@ -25,7 +25,8 @@ using ::kvshard::testing::SmallGeometry;
 using ::kvshard::testing::SyntheticKv;
 
 const std::vector<std::string> kSchemes = {"int8", "int4", "int3", "kivi2", "kivi4", "kvq2", "kvq3", "kvq4",
-                                           "wkv4", "deco", "deco2", "kvq3:outliers=0.005,sink=1,residual=0"};
+                                           "wkv4", "deco", "deco2", "kvq3:outliers=0.005,sink=1,residual=0",
+                                           "kvq3:parts=k", "kivi2:parts=v"};
 
 const Calibration& SharedCalibration(const KvGeometry& g) {
   static const Calibration* c64 = new Calibration(MakeSyntheticCalibration(SmallGeometry(64)));
@@ -145,10 +146,11 @@ TEST_P(StoreTest, CodesDoNotDependOnAppendChunking) {
     EXPECT_EQ(ka, kb);
     EXPECT_EQ(va, vb);
     for (int h = 0; h < g.n_kv_heads; ++h) {
-      ASSERT_EQ(a->key_codes(l, h).pages(), b->key_codes(l, h).pages());
-      for (int64_t p = 0; p < a->key_codes(l, h).pages(); ++p) {
-        EXPECT_EQ(a->key_codes(l, h).page(p), b->key_codes(l, h).page(p));
-        EXPECT_EQ(a->value_codes(l, h).page(p), b->value_codes(l, h).page(p));
+      for (const bool key : {true, false}) {
+        const PagedCodes& ca = key ? a->key_codes(l, h) : a->value_codes(l, h);
+        const PagedCodes& cb = key ? b->key_codes(l, h) : b->value_codes(l, h);
+        ASSERT_EQ(ca.pages(), cb.pages());
+        for (int64_t p = 0; p < ca.pages(); ++p) EXPECT_EQ(ca.page(p), cb.page(p)) << (key ? "key" : "value") << " page " << p;
       }
     }
   }

@@ -1,5 +1,7 @@
 // deploy/kvshard.example.yaml names every setting of the binary with its default, and the serving flags
 // turn into options.
+#include <unistd.h>
+
 #include <filesystem>
 #include <set>
 #include <string>
@@ -58,7 +60,7 @@ TEST(ServingFlagsTest, DefaultsBindLoopback) {
 }
 
 TEST(ServingFlagsTest, ApiKeyFileIsRead) {
-  const auto path = std::filesystem::temp_directory_path() / "kvshard_serving_config_test_key";
+  const auto path = std::filesystem::temp_directory_path() / ("kvshard_serving_config_test_key_" + std::to_string(getpid()));
   {
     std::FILE* f = std::fopen(path.c_str(), "w");
     std::fputs("  s3cret \nsecond line ignored\n", f);

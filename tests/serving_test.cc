@@ -91,6 +91,22 @@ TEST_F(ParseRequestTest, AcceptsAFullRequest) {
   EXPECT_EQ(r->model, "fake-model");
 }
 
+TEST_F(ParseRequestTest, KvSchemesWithParameters) {
+  // Empty means the server's default; names are case-insensitive.
+  for (const char* scheme : {"fp16", "fp32", "int6", "kivi2", "kvq3:outliers=0.005,sink=4", "deco", "", "KVQ3"}) {
+    absl::StatusOr<ApiRequest> r =
+        Parse(ApiEndpoint::kCompletions, json{{"prompt", "a"}, {"kv_scheme", scheme}}.dump());
+    ASSERT_TRUE(r.ok()) << scheme << ": " << r.status();
+    EXPECT_EQ(r->generation.kv_scheme, scheme);
+  }
+  for (const char* scheme : {"kvq9", "int1", "kvq3:colour=blue", "zip"}) {
+    absl::StatusOr<ApiRequest> r =
+        Parse(ApiEndpoint::kCompletions, json{{"prompt", "a"}, {"kv_scheme", scheme}}.dump());
+    EXPECT_FALSE(r.ok()) << scheme;
+    EXPECT_EQ(ToHttpError(r.status()).body["error"]["code"], "invalid_kv_scheme") << scheme;
+  }
+}
+
 TEST_F(ParseRequestTest, DefaultsFollowOpenAi) {
   options_.default_max_tokens = 50;
   absl::StatusOr<ApiRequest> r = Parse(ApiEndpoint::kCompletions, R"({"prompt": [104, 105], "stop": "s"})");
