@@ -16,8 +16,7 @@
 #include "common/progress.h"
 #include "common/status.h"
 #include "coordinator/commands.h"
-#include "coordinator/quality.h"
-#include "coordinator/single_process_engine.h"
+#include "coordinator/engine_factory.h"
 
 ABSL_FLAG(std::string, model, "",
           "Model: a .gguf file or a Hugging Face directory. Default: the cached demo model "
@@ -40,8 +39,8 @@ ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
 ABSL_FLAG(std::string, kv_scheme, "fp16",
           "KV cache scheme: fp16, fp32, int8, int4, kivi2, kvq3, wkv4, deco, ... with optional parameters "
           "(kvq3:outliers=0.01,sink=4,residual=32); kvq and wkv need --calibration");
-ABSL_DECLARE_FLAG(std::string, calibration);
 ABSL_FLAG(std::string, device, "auto", "Where the model runs: auto (the GPU when present), gpu, or cpu");
+ABSL_DECLARE_FLAG(int64_t, synthetic_fill_tokens);
 
 namespace kvshard {
 
@@ -103,11 +102,10 @@ std::vector<ChatMessage> ChatWith(const std::string& user_text) {
 }
 
 // Runs one request with streamed output and progress; prints a one-line summary on stderr.
-absl::Status RunStreaming(SingleProcessEngine& engine, GenerationRequest request) {
-  // Started before the request so its clock covers the first chunk too.
-  auto progress = std::make_unique<ProgressLine>("prefill", "tokens",
-                                                 static_cast<int64_t>(request.prompt_ids.size()));
+absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
+  // Started before the first chunk, so its rate and ETA count the first chunk too.
+  auto progress = std::make_unique<ProgressLine>("prefill", "tokens", n_prompt);
   auto on_prefill = [&](const PrefillProgress& p) {
     progress->Update(p.done);
     if (p.done == p.total) progress->Finish();
@@ -122,10 +120,13 @@ absl::Status RunStreaming(SingleProcessEngine& engine, GenerationRequest request
   std::fflush(stdout);
   const double prefill_rate = result.prefill_seconds > 0 ? n_prompt / result.prefill_seconds : 0;
   const double decode_rate = result.decode_seconds > 0 ? result.token_ids.size() / result.decode_seconds : 0;
+  const int64_t fill = absl::GetFlag(FLAGS_synthetic_fill_tokens);
+  const std::string fill_note =
+      fill > 0 ? absl::StrFormat("SYNTHETIC FILL of %d tokens before the prompt (their K/V is random); ", fill) : "";
   std::fprintf(stderr, "%s\n",
-               absl::StrFormat("kvshard: prompt %d tokens, prefill %.1f s (%.1f tokens/s); generated %d tokens "
+               absl::StrFormat("kvshard: %sprompt %d tokens, prefill %.1f s (%.1f tokens/s); generated %d tokens "
                                "in %.1f s (%.1f tokens/s); kv %s; finish %s; on %s",
-                               n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
+                               fill_note, n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
                                result.decode_seconds, decode_rate,
                                request.kv_scheme.empty() ? "default" : request.kv_scheme,
                                result.finish_reason == FinishReason::kStop ? "stop" : "length",
@@ -136,26 +137,7 @@ absl::Status RunStreaming(SingleProcessEngine& engine, GenerationRequest request
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngineFromFlags() {
-  KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
-  // Every KV scheme; kvq and wkv use --calibration, checked against the model once it is loaded.
-  std::shared_ptr<const Calibration> calibration;
-  const std::string calibration_path = absl::GetFlag(FLAGS_calibration);
-  if (!calibration_path.empty()) {
-    KV_ASSIGN_OR_RETURN(Calibration c, LoadCalibration(calibration_path));
-    calibration = std::make_shared<const Calibration>(std::move(c));
-  }
-  EngineOptions options;
-  options.device = absl::GetFlag(FLAGS_device);
-  options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);  // for requests that name none
-  options.kv_factory = AllSchemesKvShardFactory(calibration);
-  KV_ASSIGN_OR_RETURN(auto engine, SingleProcessEngine::Create(model_path, std::move(options)));
-  if (calibration) {
-    KV_RETURN_IF_ERROR(
-        Annotate(CheckCalibrationForModel(*calibration, ModelIdentityOf(engine->weights())), calibration_path));
-  }
-  return engine;
-}
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngineFromFlags() { return CreateEngineFromFlags(); }
 
 absl::Status RunGenerate(const std::vector<std::string>& args) {
   const std::string prompt = absl::GetFlag(FLAGS_prompt);

@@ -8,7 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "coordinator/single_process_engine.h"
+#include "coordinator/engine.h"
 
 namespace kvshard {
 
@@ -34,9 +34,9 @@ absl::Status RunSummarizeDirCommand(const std::vector<std::string>& args);
 // `summarize`: RunSummarizeDirCommand with --input-dir, else RunSummarize.
 absl::Status RunSummarizeCommand(const std::vector<std::string>& args);
 
-// The single-process engine the flags describe: --model, --device, --kv_scheme, --calibration (checked
-// against the model).
-absl::StatusOr<std::unique_ptr<SingleProcessEngine>> MakeEngineFromFlags();
+// The engine the flags describe: --model (or --synthetic_model), --device, --kv_scheme, --calibration
+// (checked against the model); the distributed engine on rank 0 under mpirun (CreateEngineFromFlags).
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngineFromFlags();
 
 // The model path: --model, or the cached demo model. An error says how to fetch the demo model.
 absl::StatusOr<std::string> ResolveModelPath();

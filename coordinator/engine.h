@@ -72,6 +72,8 @@ class Engine {
   virtual const Tokenizer& tokenizer() const = 0;
   virtual std::string model_name() const = 0;
   virtual int64_t max_context() const = 0;
+  // Where requests run, for the closing summary line: "CPU", a GPU's name, "2 workers (CPU)".
+  virtual std::string device_name() const { return "CPU"; }
   // Runs one request to completion. Thread-compatible: callers serialize, or use a scheduler.
   virtual absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request,
                                                     const TokenCallback& on_token,

@@ -5,7 +5,12 @@
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
 #include "coordinator/commands.h"
+#include "coordinator/distributed_engine.h"
+#include "coordinator/engine_factory.h"
 #include "coordinator/serving_flags.h"
+#include "worker/kv_shard_factory.h"
+#include "worker/mpi_runtime.h"
+#include "worker/worker_runtime.h"
 
 namespace kvshard {
 
@@ -34,18 +39,21 @@ std::string Usage() {
   return usage;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+// Rank 0 (or the only process) runs the command; worker ranks serve the coordinator until it shuts them
+// down, whatever the command.
+int Main(int argc, char** argv, kvshard::MpiRuntime* mpi) {
+  const bool is_worker = mpi != nullptr && !mpi->is_coordinator();
   // "-i IN -o OUT" and "--input-dir DIR" are spelled as their flags before Abseil parses them.
   std::vector<std::string> expanded = kvshard::ExpandServingShortFlags(std::vector<std::string>(argv, argv + argc));
   std::vector<char*> expanded_argv;
   for (std::string& arg : expanded) expanded_argv.push_back(arg.data());
   auto parsed = kvshard::ParseFlagsAndConfig(static_cast<int>(expanded_argv.size()), expanded_argv.data(), Usage());
   if (!parsed.ok()) {
-    std::fprintf(stderr, "kvshard: %s\n", std::string(parsed.status().message()).c_str());
+    // Every rank parses the same command line; one message is enough.
+    if (!is_worker) std::fprintf(stderr, "kvshard: %s\n", std::string(parsed.status().message()).c_str());
     return 2;
   }
+  if (is_worker) return kvshard::RunWorker(*mpi, kvshard::KvShardFactoryMakerForThisBuild());
   const std::vector<std::string>& args = *parsed;
   if (args.size() < 2) {
     std::fprintf(stderr, "%s\n", Usage().c_str());
@@ -62,4 +70,24 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr, "kvshard: unknown command '%s'\n\n%s\n", args[1].c_str(), Usage().c_str());
   return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  kvshard::MpiRuntime* mpi = nullptr;
+  if (kvshard::LaunchedByMpirunWithPeers()) {
+    auto runtime = kvshard::MpiRuntime::Initialize(&argc, &argv);
+    if (!runtime.ok()) {
+      std::fprintf(stderr, "kvshard: %s\n", std::string(runtime.status().message()).c_str());
+      return 2;
+    }
+    mpi = *runtime;
+  }
+  const int code = Main(argc, argv, mpi);
+  if (mpi != nullptr) {
+    if (mpi->is_coordinator()) kvshard::ShutdownWorkers(*mpi);
+    mpi->Finalize();
+  }
+  return code;
 }

@@ -1,5 +1,5 @@
 // `kvshard serve`, `kvshard run-batch` and `kvshard summarize --input-dir`: the front ends over the
-// single-process engine.
+// engine the flags ask for (single-process, or distributed under mpirun).
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
@@ -9,7 +9,7 @@
 #include "coordinator/commands.h"
 #include "coordinator/http_server.h"
 #include "coordinator/serving_flags.h"
-#include "coordinator/single_process_engine.h"
+#include "coordinator/engine_factory.h"
 
 ABSL_DECLARE_FLAG(std::string, input_dir);
 

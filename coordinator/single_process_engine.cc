@@ -6,20 +6,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
-#include "coordinator/stop_strings.h"
+#include "coordinator/generation_stream.h"
 #include "kernels/gemm_cpu.h"
 #include "worker/model_loader.h"
 
 namespace kvshard {
-
-KvShardFactory FullPrecisionKvShardFactory() {
-  return [](const std::string& scheme, const KvGeometry& geometry,
-            int64_t start) -> absl::StatusOr<std::unique_ptr<KvShard>> {
-    if (scheme == "fp32") return MakeFullPrecisionKvShard(geometry, start, FullPrecision::kFp32);
-    if (scheme == "fp16") return MakeFullPrecisionKvShard(geometry, start, FullPrecision::kFp16);
-    return absl::InvalidArgumentError(absl::StrCat("unknown KV scheme '", scheme, "'"));
-  };
-}
 
 absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create(const std::string& model_path,
                                                                                   EngineOptions options) {
@@ -32,12 +23,17 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create
     KV_ASSIGN_OR_RETURN(auto gguf, GgufFile::Open(model_path));
     KV_ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromGguf(*gguf));
   }
-  std::string name = weights.config.name.empty() ? std::filesystem::path(model_path).stem().string()
-                                                 : weights.config.name;
+  if (weights.config.name.empty()) weights.config.name = std::filesystem::path(model_path).stem().string();
+  return Create(std::move(weights), std::move(tokenizer), std::move(options));
+}
+
+absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create(
+    ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer, EngineOptions options) {
   const std::string device = options.device;
   if (device != "auto" && device != "cpu" && device != "gpu") {
     return absl::InvalidArgumentError(absl::StrCat("unknown device '", device, "' (auto, cpu, gpu)"));
   }
+  std::string name = weights.config.name;
   std::unique_ptr<SingleProcessEngine> engine(
       new SingleProcessEngine(std::move(weights), std::move(tokenizer), std::move(name), std::move(options)));
   if (device != "cpu") {
@@ -112,27 +108,14 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
 
   // Generation stops at max_tokens or at the end of the context, whichever comes first.
   const int64_t budget = std::min<int64_t>(request.max_tokens, max_context() - n_prompt);
-  const std::vector<int32_t> stop_ids = tokenizer_->stop_ids();
   Sampler sampler(request.sampling);
-  Utf8StreamDecoder utf8;
-  StopStringFilter stops(request.stop);
-  result.finish_reason = FinishReason::kLength;
+  GenerationStream stream(*tokenizer_, request, on_token, result);
   const auto decode_start = Clock::now();
   int64_t pos = n_prompt;
   for (int64_t step = 0; step < budget; ++step) {
     const int32_t token = sampler.Sample(logits.data(), weights_.config.vocab_size);
     sampler.Accept(token);
-    if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
-      result.finish_reason = FinishReason::kStop;
-      break;
-    }
-    result.token_ids.push_back(token);
-    std::string piece = stops.Push(utf8.Push(tokenizer_->TokenBytes(token)));
-    if (on_token && !on_token(token, piece)) break;
-    if (stops.stopped()) {
-      result.finish_reason = FinishReason::kStop;
-      break;
-    }
+    if (!stream.Push(token)) break;
     if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
     const auto step_start = Clock::now();
     KV_RETURN_IF_ERROR(model_.Forward(std::span<const int32_t>(&token, 1), pos, context, false, logits));
@@ -142,12 +125,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
     ++pos;
     NoteKvMemory(*shard, scheme, pos);
   }
-  if (!stops.stopped()) {
-    std::string tail = stops.Push(utf8.Flush());
-    tail += stops.Flush();
-    if (!tail.empty() && on_token) on_token(-1, tail);
-  }
-  result.text = stops.text();
+  stream.Finish();
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - decode_start).count();
   return result;
 }
@@ -176,35 +154,17 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const Genera
   ++draws;
   result.prefill_seconds = std::chrono::duration<double>(Clock::now() - prefill_start).count();
 
-  const std::vector<int32_t> stop_ids = tokenizer_->stop_ids();
-  Utf8StreamDecoder utf8;
-  StopStringFilter stops(request.stop);
-  result.finish_reason = FinishReason::kLength;
+  GenerationStream stream(*tokenizer_, request, on_token, result);
   const auto decode_start = Clock::now();
   int64_t pos = n_prompt;
   for (int64_t step = 0; step < budget; ++step) {
     gpu_->Accept(token);
-    if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
-      result.finish_reason = FinishReason::kStop;
-      break;
-    }
-    result.token_ids.push_back(token);
-    std::string piece = stops.Push(utf8.Push(tokenizer_->TokenBytes(token)));
-    if (on_token && !on_token(token, piece)) break;
-    if (stops.stopped()) {
-      result.finish_reason = FinishReason::kStop;
-      break;
-    }
+    if (!stream.Push(token)) break;
     if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
     KV_ASSIGN_OR_RETURN(token, gpu_->Feed(std::span<const int32_t>(&token, 1), pos, draws++));
     ++pos;
   }
-  if (!stops.stopped()) {
-    std::string tail = stops.Push(utf8.Flush());
-    tail += stops.Flush();
-    if (!tail.empty() && on_token) on_token(-1, tail);
-  }
-  result.text = stops.text();
+  stream.Finish();
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - decode_start).count();
   return result;
 }

@@ -10,20 +10,14 @@
 #include "kvstore/kv_shard.h"
 #include "worker/forward.h"
 #include "worker/gpu_backend.h"
+#include "worker/kv_shard_factory.h"
 #include "worker/model.h"
 
 namespace kvshard {
 
-// Makes the KV shard of one request for a scheme name ("fp16", "kvq3", ...).
-using KvShardFactory = std::function<absl::StatusOr<std::unique_ptr<KvShard>>(
-    const std::string& scheme, const KvGeometry& geometry, int64_t start_position)>;
-
-// The factory of the unquantized schemes only ("fp32", "fp16").
-KvShardFactory FullPrecisionKvShardFactory();
-
 struct EngineOptions {
   std::string default_kv_scheme = "fp16";
-  KvShardFactory kv_factory = FullPrecisionKvShardFactory();
+  KvShardFactory kv_factory = DefaultKvShardFactory();
   // "auto": the GPU when this build and host have one (fp16 KV), else the CPU; "gpu": the GPU or an
   // error; "cpu": the CPU backend.
   std::string device = "auto";
@@ -34,6 +28,10 @@ class SingleProcessEngine final : public Engine {
   // Loads the model and tokenizer from `model_path` (GGUF file or Hugging Face directory).
   static absl::StatusOr<std::unique_ptr<SingleProcessEngine>> Create(const std::string& model_path,
                                                                       EngineOptions options);
+  // From weights already in memory (a synthetic model) and a tokenizer.
+  static absl::StatusOr<std::unique_ptr<SingleProcessEngine>> Create(ModelWeights weights,
+                                                                      std::unique_ptr<Tokenizer> tokenizer,
+                                                                      EngineOptions options);
 
   const Tokenizer& tokenizer() const override { return *tokenizer_; }
   std::string model_name() const override { return model_name_; }
@@ -41,7 +39,7 @@ class SingleProcessEngine final : public Engine {
   const ModelConfig& config() const { return weights_.config; }
   const ModelWeights& weights() const { return weights_; }
   // Where the last request ran: "CPU", or the GPU's name.
-  const std::string& device_name() const { return last_device_; }
+  std::string device_name() const override { return last_device_; }
 
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
                                             const PrefillCallback& on_prefill) override;

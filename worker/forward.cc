@@ -48,7 +48,18 @@ void AddBias(float* y, const HostTensor& bias, int64_t rows, int64_t cols) {
 
 absl::Status CpuModel::Forward(std::span<const int32_t> tokens, int64_t first_position, AttentionContext& context,
                                bool all_logits, std::vector<float>& logits) {
+  std::vector<int64_t> positions(tokens.size());
+  for (size_t i = 0; i < positions.size(); ++i) positions[i] = first_position + static_cast<int64_t>(i);
+  return Forward(tokens, positions, context, all_logits, logits);
+}
+
+absl::Status CpuModel::Forward(std::span<const int32_t> tokens, std::span<const int64_t> token_positions,
+                               AttentionContext& context, bool all_logits, std::vector<float>& logits) {
   const ModelConfig& c = weights_.config;
+  if (token_positions.size() != tokens.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("forward pass over ", tokens.size(), " tokens with ",
+                                                   token_positions.size(), " positions"));
+  }
   const int64_t n_total = static_cast<int64_t>(tokens.size());
   if (n_total == 0) return absl::InvalidArgumentError("forward pass over zero tokens");
   for (int32_t id : tokens) {
@@ -71,7 +82,7 @@ absl::Status CpuModel::Forward(std::span<const int32_t> tokens, int64_t first_po
 
   for (int64_t c0 = 0; c0 < n_total; c0 += chunk) {
     const int64_t n = std::min(chunk, n_total - c0);
-    for (int64_t i = 0; i < n; ++i) positions[i] = first_position + c0 + i;
+    for (int64_t i = 0; i < n; ++i) positions[i] = token_positions[c0 + i];
     EmbeddingGatherCpu(weights_.token_embedding.data.data(), tokens.data() + c0, n, hidden, x.data());
 
     for (int layer = 0; layer < c.n_layers; ++layer) {

@@ -55,6 +55,11 @@ class CpuModel {
   // token only ([vocab]). Large inputs should be fed in chunks (see max_chunk()).
   absl::Status Forward(std::span<const int32_t> tokens, int64_t first_position, AttentionContext& context,
                        bool all_logits, std::vector<float>& logits);
+  // The same with an explicit position per token (positions.size() == tokens.size()). Rows need not be
+  // consecutive nor of one sequence: batched decode runs one row per request, and `context` knows which
+  // request each row belongs to.
+  absl::Status Forward(std::span<const int32_t> tokens, std::span<const int64_t> positions,
+                       AttentionContext& context, bool all_logits, std::vector<float>& logits);
 
   void set_kv_observer(KvObserver observer) { kv_observer_ = std::move(observer); }
   static constexpr int max_chunk() { return 512; }

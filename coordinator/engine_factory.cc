@@ -1,0 +1,187 @@
+#include "coordinator/engine_factory.h"
+
+#include <filesystem>
+
+#include "absl/flags/declare.h"
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "coordinator/byte_tokenizer.h"
+#include "coordinator/commands.h"
+#include "coordinator/quality.h"
+#include "coordinator/single_process_engine.h"
+#include "worker/model_loader.h"
+#include "worker/mpi_runtime.h"
+
+ABSL_FLAG(bool, synthetic_model, false,
+          "Use a synthetic model (seeded random weights, geometry from --synthetic_*) instead of --model; "
+          "for speed and capacity runs, its outputs mean nothing");
+ABSL_FLAG(int, synthetic_layers, 30, "Synthetic model: layers");
+ABSL_FLAG(int, synthetic_hidden, 576, "Synthetic model: hidden size");
+ABSL_FLAG(int, synthetic_heads, 9, "Synthetic model: query heads");
+ABSL_FLAG(int, synthetic_kv_heads, 3, "Synthetic model: KV heads");
+ABSL_FLAG(int, synthetic_head_dim, 64, "Synthetic model: head dim");
+ABSL_FLAG(int, synthetic_ffn, 1536, "Synthetic model: FFN hidden size");
+ABSL_FLAG(int, synthetic_vocab, 49152, "Synthetic model: vocabulary size (at least 256)");
+ABSL_FLAG(int64_t, synthetic_max_context, int64_t{1} << 24, "Synthetic model: context length");
+ABSL_FLAG(double, synthetic_rope_theta, 10000.0, "Synthetic model: RoPE theta");
+ABSL_FLAG(uint64_t, synthetic_seed, 1, "Synthetic model: weight seed");
+ABSL_FLAG(int64_t, synthetic_fill_tokens, 0,
+          "SYNTHETIC FILL: write this many tokens of synthetic K/V into the shards before every prompt "
+          "(capacity and decode-speed runs; needs mpirun); every report of it says SYNTHETIC FILL");
+ABSL_FLAG(uint64_t, synthetic_fill_seed, 1, "SYNTHETIC FILL: value seed");
+ABSL_FLAG(int64_t, worker_kv_budget_mb, 4096, "KV cache memory each worker may hold, in MiB");
+ABSL_FLAG(int64_t, single_worker_threshold_tokens, 2048,
+          "Contexts of at most this many tokens (fill + prompt + max_tokens) go whole to one worker. Below "
+          "about 3K tokens the demo model's attention costs less than its dense layers, so splitting gains "
+          "little; where workers share cores (the CPU tests) splitting never paid, up to 8K tokens");
+ABSL_FLAG(std::string, merge, "allgather",
+          "How decode merges attention partials across workers: allgather (one allgather, local merge) or "
+          "tree (allreduce-max of lse, then allreduce-sum)");
+ABSL_FLAG(std::string, partials_wire, "fp32", "Wire precision of attention partials' outputs: fp32 or bf16");
+ABSL_FLAG(int, worker_threads, 0, "CPU threads per worker (0: the node's cores / its ranks)");
+ABSL_FLAG(int, max_batch, 64, "Most requests in one decode step");
+ABSL_FLAG(double, collective_timeout_s, 300,
+          "A worker whose peers do not join a collective within this many seconds ends the job");
+ABSL_FLAG(double, worker_timeout_s, 600,
+          "The coordinator ends the job when a worker does not report a step within this many seconds");
+ABSL_FLAG(int64_t, debug_fail_worker_at_step, -1,
+          "Test only: worker --debug_fault_worker_rank fails its requests at this step (from 0)");
+ABSL_FLAG(int64_t, debug_kill_worker_at_step, -1,
+          "Test only: worker --debug_fault_worker_rank kills itself (SIGKILL) at this step");
+ABSL_FLAG(int64_t, debug_hang_worker_at_step, -1, "Test only: worker --debug_fault_worker_rank hangs at this step");
+ABSL_FLAG(int, debug_fault_worker_rank, 1, "Test only: the MPI rank (1..N) of the faulty worker");
+
+ABSL_DECLARE_FLAG(std::string, kv_scheme);
+ABSL_DECLARE_FLAG(std::string, device);
+ABSL_DECLARE_FLAG(std::string, calibration);
+
+namespace kvshard {
+
+std::optional<SyntheticModelSpec> SyntheticSpecFromFlags() {
+  if (!absl::GetFlag(FLAGS_synthetic_model)) return std::nullopt;
+  SyntheticModelSpec spec;
+  spec.n_layers = absl::GetFlag(FLAGS_synthetic_layers);
+  spec.hidden = absl::GetFlag(FLAGS_synthetic_hidden);
+  spec.n_heads = absl::GetFlag(FLAGS_synthetic_heads);
+  spec.n_kv_heads = absl::GetFlag(FLAGS_synthetic_kv_heads);
+  spec.head_dim = absl::GetFlag(FLAGS_synthetic_head_dim);
+  spec.ffn_hidden = absl::GetFlag(FLAGS_synthetic_ffn);
+  spec.vocab_size = absl::GetFlag(FLAGS_synthetic_vocab);
+  spec.max_context = absl::GetFlag(FLAGS_synthetic_max_context);
+  spec.rope_theta = static_cast<float>(absl::GetFlag(FLAGS_synthetic_rope_theta));
+  spec.seed = absl::GetFlag(FLAGS_synthetic_seed);
+  return spec;
+}
+
+absl::StatusOr<std::pair<ModelConfig, std::unique_ptr<Tokenizer>>> LoadModelDescription(
+    const std::string& model_path, const std::optional<SyntheticModelSpec>& synthetic) {
+  if (synthetic) {
+    KV_ASSIGN_OR_RETURN(ModelConfig config, SyntheticModelConfig(*synthetic));
+    KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(config.vocab_size));
+    return std::make_pair(std::move(config), std::move(tokenizer));
+  }
+  ModelConfig config;
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (std::filesystem::is_directory(model_path)) {
+    const std::filesystem::path dir(model_path);
+    KV_ASSIGN_OR_RETURN(std::string json, ReadTextFile((dir / "config.json").string()));
+    KV_ASSIGN_OR_RETURN(config, ModelConfigFromHfJson(json));
+    KV_ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromJsonFile((dir / "tokenizer.json").string()));
+  } else {
+    KV_ASSIGN_OR_RETURN(auto gguf, GgufFile::Open(model_path));
+    KV_ASSIGN_OR_RETURN(config, ModelConfigFromGguf(*gguf));
+    KV_ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromGguf(*gguf));
+  }
+  if (config.name.empty()) config.name = std::filesystem::path(model_path).stem().string();
+  return std::make_pair(std::move(config), std::move(tokenizer));
+}
+
+absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags() {
+  DistributedEngineOptions options;
+  options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
+  WorkerConfig& w = options.worker;
+  w.synthetic = SyntheticSpecFromFlags();
+  if (!w.synthetic) {
+    KV_ASSIGN_OR_RETURN(w.model_path, ResolveModelPath());
+    w.model_path = std::filesystem::absolute(w.model_path).string();
+  }
+  w.calibration_path = absl::GetFlag(FLAGS_calibration);
+  if (!w.calibration_path.empty()) w.calibration_path = std::filesystem::absolute(w.calibration_path).string();
+  // The coordinator measures each scheme's bytes per token with the same factory the workers make (they
+  // check the calibration against the weights they load).
+  KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(w.calibration_path, nullptr));
+  const int64_t budget_mb = absl::GetFlag(FLAGS_worker_kv_budget_mb);
+  if (budget_mb <= 0) return absl::InvalidArgumentError("--worker_kv_budget_mb must be positive");
+  w.kv_budget_bytes = budget_mb << 20;
+  w.threads = absl::GetFlag(FLAGS_worker_threads);
+  KV_ASSIGN_OR_RETURN(w.merge.mode, ParseMergeMode(absl::GetFlag(FLAGS_merge)));
+  KV_ASSIGN_OR_RETURN(w.merge.wire, ParseWireType(absl::GetFlag(FLAGS_partials_wire)));
+  w.collective_timeout_s = absl::GetFlag(FLAGS_collective_timeout_s);
+  w.faults.fail_step = absl::GetFlag(FLAGS_debug_fail_worker_at_step);
+  w.faults.kill_step = absl::GetFlag(FLAGS_debug_kill_worker_at_step);
+  w.faults.hang_step = absl::GetFlag(FLAGS_debug_hang_worker_at_step);
+  w.faults.worker = absl::GetFlag(FLAGS_debug_fault_worker_rank) - 1;
+  options.placement.single_worker_threshold = absl::GetFlag(FLAGS_single_worker_threshold_tokens);
+  options.synthetic_fill_tokens = absl::GetFlag(FLAGS_synthetic_fill_tokens);
+  if (options.synthetic_fill_tokens < 0) return absl::InvalidArgumentError("--synthetic_fill_tokens must not be negative");
+  options.synthetic_fill_seed = absl::GetFlag(FLAGS_synthetic_fill_seed);
+  options.max_batch = absl::GetFlag(FLAGS_max_batch);
+  options.worker_timeout_s = absl::GetFlag(FLAGS_worker_timeout_s);
+  if (options.worker_timeout_s <= 0 || w.collective_timeout_s <= 0) {
+    return absl::InvalidArgumentError("--worker_timeout_s and --collective_timeout_s must be positive");
+  }
+  return options;
+}
+
+KvShardFactoryMaker KvShardFactoryMakerForThisBuild() {
+  return [](const std::string& calibration_path, const ModelWeights* weights) -> absl::StatusOr<KvShardFactory> {
+    std::shared_ptr<const Calibration> calibration;
+    if (!calibration_path.empty()) {
+      KV_ASSIGN_OR_RETURN(Calibration c, LoadCalibration(calibration_path));
+      if (weights != nullptr) {
+        KV_RETURN_IF_ERROR(Annotate(CheckCalibrationForModel(c, ModelIdentityOf(*weights)), calibration_path));
+      }
+      calibration = std::make_shared<const Calibration>(std::move(c));
+    }
+    return AllSchemesKvShardFactory(std::move(calibration));
+  };
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
+  MpiRuntime* mpi = MpiRuntime::Get();
+  if (mpi != nullptr && mpi->n_workers() > 0) {
+    if (absl::GetFlag(FLAGS_device) == "gpu") {
+      return absl::UnimplementedError("--device gpu: workers under mpirun have only the CPU backend so far");
+    }
+    KV_ASSIGN_OR_RETURN(DistributedEngineOptions options, DistributedOptionsFromFlags());
+    KV_ASSIGN_OR_RETURN(auto description, LoadModelDescription(options.worker.model_path, options.worker.synthetic));
+    KV_ASSIGN_OR_RETURN(auto engine, DistributedEngine::Create(*mpi, std::move(description.first),
+                                                               std::move(description.second), std::move(options)));
+    return std::unique_ptr<Engine>(std::move(engine));
+  }
+  if (absl::GetFlag(FLAGS_synthetic_fill_tokens) > 0) {
+    return absl::InvalidArgumentError(
+        "--synthetic_fill_tokens needs the distributed runtime: run under mpirun with at least one worker");
+  }
+  EngineOptions options;
+  options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
+  options.device = absl::GetFlag(FLAGS_device);
+  const std::string calibration_path = absl::GetFlag(FLAGS_calibration);
+  KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(calibration_path, nullptr));
+  std::unique_ptr<SingleProcessEngine> engine;
+  if (auto synthetic = SyntheticSpecFromFlags()) {
+    KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
+    KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(weights.config.vocab_size));
+    KV_ASSIGN_OR_RETURN(engine, SingleProcessEngine::Create(std::move(weights), std::move(tokenizer), options));
+  } else {
+    KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
+    KV_ASSIGN_OR_RETURN(engine, SingleProcessEngine::Create(model_path, options));
+  }
+  if (!calibration_path.empty()) {  // checked against the model once it is loaded
+    KV_RETURN_IF_ERROR(KvShardFactoryMakerForThisBuild()(calibration_path, &engine->weights()).status());
+  }
+  return std::unique_ptr<Engine>(std::move(engine));
+}
+
+}  // namespace kvshard

@@ -1,0 +1,51 @@
+// main() of the multi-rank tests that run the same code on every rank (*_spmd_test.cc): every rank runs
+// every test; rank 0 prints the usual report, the other ranks print only their failures. The exit code
+// is non-zero when any rank failed.
+#include <mpi.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "worker/mpi_runtime.h"
+
+namespace {
+
+class FailuresOnly : public ::testing::EmptyTestEventListener {
+ public:
+  explicit FailuresOnly(int rank) : rank_(rank) {}
+  void OnTestPartResult(const ::testing::TestPartResult& result) override {
+    if (!result.failed()) return;
+    std::fprintf(stderr, "[rank %d] %s:%d: %s\n", rank_, result.file_name() ? result.file_name() : "?",
+                 result.line_number(), result.summary());
+  }
+
+ private:
+  int rank_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  auto mpi = kvshard::MpiRuntime::Initialize(&argc, &argv);
+  if (!mpi.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(mpi.status().message()).c_str());
+    return 2;
+  }
+  const int rank = (*mpi)->world_rank();
+  // The ranks share the node's cores, as workers do (worker_runtime.cc).
+  omp_set_num_threads(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / (*mpi)->ranks_on_node()));
+  if (rank != 0) {
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new FailuresOnly(rank));
+  }
+  int failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
+  int any_failed = 0;
+  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  (*mpi)->Finalize();
+  return any_failed;
+}

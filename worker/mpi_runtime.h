@@ -1,0 +1,76 @@
+// Process roles under mpirun and the MPI plumbing of both planes.
+//
+// `mpirun -np N+1 kvshard COMMAND ...` starts rank 0 as the coordinator and ranks 1..N as workers.
+// Without mpirun (or with a single rank) kvshard runs in single-process mode and never touches MPI.
+//
+// Control plane: messages of bytes over MPI_COMM_WORLD with a tag per kind (worker/control.h).
+// Data plane: a communicator of the workers only (MPI_Comm_split leaving rank 0 out), behind the
+// Collectives interface (worker/collectives.h).
+//
+// Waiting never busy-spins for long: requests are polled with MPI_Test and a short sleep that grows to
+// a cap, so idle ranks leave the cores to the busy ones (tests run many ranks on two cores).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "worker/collectives.h"
+
+namespace kvshard {
+
+// True when this process was started by mpirun/mpiexec (Open MPI, PMIx or PMI launch variables), and
+// the job has more than one rank.
+bool LaunchedByMpirunWithPeers();
+
+class MpiRuntime {
+ public:
+  static constexpr int kAnySource = -1;
+
+  // Initializes MPI once per process (thread level "serialized": one thread at a time calls MPI) and
+  // builds the workers' communicator. Later calls return the same runtime.
+  static absl::StatusOr<MpiRuntime*> Initialize(int* argc, char*** argv);
+  // The runtime, or nullptr when MPI was not initialized (single-process mode).
+  static MpiRuntime* Get();
+
+  int world_rank() const { return world_rank_; }
+  int world_size() const { return world_size_; }
+  int n_workers() const { return world_size_ - 1; }
+  // Ranks of this job on this node (the coordinator included): workers size their CPU thread pools by it.
+  int ranks_on_node() const { return ranks_on_node_; }
+  bool is_coordinator() const { return world_rank_ == 0; }
+
+  // Control plane. Sends `bytes` to world rank `dest` with `tag`; waits at most `timeout` for the
+  // receiver to take it.
+  absl::Status SendMessage(int dest, int tag, std::string_view bytes, absl::Duration timeout);
+  struct Message {
+    int source = -1;
+    std::string bytes;
+  };
+  // The next message with `tag` from `source` (kAnySource: from any rank). DeadlineExceeded after
+  // `timeout` (absl::InfiniteDuration(): wait for ever).
+  absl::StatusOr<Message> ReceiveMessage(int source, int tag, absl::Duration timeout);
+
+  // The data plane of the workers (call on workers only). Operations fail with DeadlineExceeded when
+  // peers do not take part within `timeout`.
+  absl::StatusOr<std::unique_ptr<Collectives>> MakeWorkerCollectives(absl::Duration timeout);
+  // Collectives over every rank of the job, the coordinator included: for multi-rank unit tests that
+  // run the same code on every rank.
+  std::unique_ptr<Collectives> MakeWorldCollectivesForTesting(absl::Duration timeout);
+
+  // Prints "kvshard: rank R: MESSAGE" on stderr and ends the whole job (MPI_Abort).
+  [[noreturn]] void Abort(std::string_view message);
+  // Ends MPI for this process (after every message is done).
+  void Finalize();
+
+ private:
+  MpiRuntime() = default;
+  int world_rank_ = 0;
+  int world_size_ = 1;
+  int ranks_on_node_ = 1;
+  bool finalized_ = false;
+};
+
+}  // namespace kvshard

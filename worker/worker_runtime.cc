@@ -1,0 +1,387 @@
+#include "worker/worker_runtime.h"
+
+#include <omp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/status.h"
+#include "worker/control.h"
+#include "worker/distributed_attention.h"
+#include "worker/forward.h"
+#include "worker/model_loader.h"
+#include "worker/sampler.h"
+#include "worker/synthetic.h"
+
+namespace kvshard {
+namespace {
+
+constexpr absl::Duration kReplyTimeout = absl::Minutes(5);
+
+struct LocalRequest {
+  LocalRequestState state;
+  std::optional<Sampler> sampler;
+  uint64_t fill_seed = 0;
+  bool reported = false;  // its failure went to the coordinator already
+  bool sealed = false;    // the shard is full: later positions live on other workers
+};
+
+class Worker {
+ public:
+  Worker(MpiRuntime& mpi, KvShardFactoryMaker kv_factories)
+      : mpi_(mpi), kv_factories_(std::move(kv_factories)), me_(mpi.world_rank() - 1) {}
+
+  int Run() {
+    while (true) {
+      auto message = mpi_.ReceiveMessage(0, kCommandTag, absl::InfiniteDuration());
+      if (!message.ok()) mpi_.Abort(absl::StrCat("worker lost the coordinator: ", message.status().message()));
+      auto command = DecodeCommand(message->bytes);
+      if (!command.ok()) mpi_.Abort(absl::StrCat("bad command from the coordinator: ", command.status().message()));
+      switch (command->kind) {
+        case CommandKind::kConfigure:
+          Reply(EncodeHello(Configure(command->config)));
+          break;
+        case CommandKind::kStep:
+          Reply(EncodeReport(Step(command->plan)));
+          break;
+        case CommandKind::kReset:
+          requests_.clear();
+          break;
+        case CommandKind::kShutdown:
+          return 0;
+      }
+    }
+  }
+
+ private:
+  void Reply(const std::string& bytes) {
+    const absl::Status sent = mpi_.SendMessage(0, kReplyTag, bytes, kReplyTimeout);
+    if (!sent.ok()) mpi_.Abort(absl::StrCat("cannot answer the coordinator: ", sent.message()));
+  }
+
+  std::string Who() const { return absl::StrCat("worker rank ", mpi_.world_rank()); }
+
+  WorkerHello Configure(const WorkerConfig& config) {
+    WorkerHello hello;
+    hello.worker = me_;
+    config_ = config;
+    requests_.clear();
+    steps_since_configure_ = 0;
+    threads_ = config.threads > 0 ? config.threads
+                                  : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
+                                                    std::max(1, mpi_.ranks_on_node()));
+    omp_set_num_threads(threads_);
+    hello.threads = threads_;
+    hello.kv_budget_bytes = config.kv_budget_bytes;
+    const absl::Status loaded = LoadModelOnce(config);
+    if (!loaded.ok()) {
+      hello.error = absl::StrCat(Who(), ": ", loaded.message());
+      return hello;
+    }
+    auto factory = kv_factories_(config.calibration_path, weights_.get());
+    if (!factory.ok()) {
+      hello.error = absl::StrCat(Who(), ": ", factory.status().message());
+      return hello;
+    }
+    factory_ = std::move(*factory);
+    auto collectives = mpi_.MakeWorkerCollectives(absl::Seconds(config.collective_timeout_s));
+    if (!collectives.ok()) {
+      hello.error = absl::StrCat(Who(), ": ", collectives.status().message());
+      return hello;
+    }
+    collectives_ = std::move(*collectives);
+    hello.model_name = weights_->config.name;
+    hello.n_layers = weights_->config.n_layers;
+    hello.vocab_size = weights_->config.vocab_size;
+    return hello;
+  }
+
+  absl::Status LoadModelOnce(const WorkerConfig& config) {
+    const std::string key = config.synthetic ? config.synthetic->Name() : config.model_path;
+    if (weights_ != nullptr && key == model_key_) return absl::OkStatus();
+    model_.reset();
+    weights_.reset();
+    model_key_.clear();
+    ModelWeights weights;
+    if (config.synthetic) {
+      KV_ASSIGN_OR_RETURN(weights, MakeSyntheticModel(*config.synthetic));
+    } else {
+      KV_ASSIGN_OR_RETURN(weights, LoadModel(config.model_path));
+    }
+    weights_ = std::make_unique<ModelWeights>(std::move(weights));
+    model_ = std::make_unique<CpuModel>(*weights_);
+    model_key_ = key;
+    return absl::OkStatus();
+  }
+
+  // Faults that end or stall this process, for the tests of the coordinator's and mpirun's handling.
+  void MaybeDieOrHang(int64_t step) {
+    const FaultInjection& f = config_.faults;
+    if (f.worker != me_) return;
+    if (f.kill_step == step) {
+      std::fprintf(stderr, "kvshard: %s: killing itself at step %lld (--debug_kill_worker_at_step)\n",
+                   Who().c_str(), static_cast<long long>(step));
+      std::fflush(stderr);
+      raise(SIGKILL);
+    }
+    if (f.hang_step == step) {
+      std::fprintf(stderr, "kvshard: %s: hanging at step %lld (--debug_hang_worker_at_step)\n", Who().c_str(),
+                   static_cast<long long>(step));
+      std::fflush(stderr);
+      while (true) sleep(1);
+    }
+  }
+
+  StepReport Step(const StepPlan& plan) {
+    StepReport report;
+    report.step = plan.step;
+    report.worker = me_;
+    const int64_t local_step = steps_since_configure_++;
+    if (model_ == nullptr || collectives_ == nullptr) {
+      report.fatal = absl::StrCat(Who(), ": a step arrived before a successful configure");
+      return report;
+    }
+    MaybeDieOrHang(local_step);
+    InjectedFault fault;
+    if (config_.faults.fail_step == local_step && config_.faults.worker == me_) {
+      fault.layer = model_->config().n_layers / 2;
+      fault.status = absl::InternalError(absl::StrCat("injected failure at step ", local_step,
+                                                      " (--debug_fail_worker_at_step)"));
+    }
+    std::set<int64_t> touched;  // requests this step concerns, for the failure report
+    for (int64_t id : plan.frees) requests_.erase(id);
+    if (fault.layer >= 0) {
+      // The worker is broken at this step: every request it holds fails, whatever part it plays in
+      // the step (the contexts also fail mid-layer, to exercise the neutral partials).
+      for (auto& [id, request] : requests_) {
+        request.state.Fail(fault.status);
+        touched.insert(id);
+      }
+    }
+
+    for (const RequestAlloc& alloc : plan.allocs) {
+      LocalRequest& request = requests_[alloc.id];
+      request.state.ranges = alloc.ranges;
+      request.fill_seed = alloc.fill_seed;
+      touched.insert(alloc.id);
+      if (me_ < static_cast<int>(alloc.ranges.size()) && !alloc.ranges[me_].empty()) {
+        auto shard = factory_(alloc.scheme, model_->kv_geometry(), alloc.ranges[me_].start);
+        if (shard.ok()) {
+          request.state.shard = std::move(*shard);
+        } else {
+          request.state.Fail(shard.status());
+        }
+      }
+      if (alloc.sampler == me_) request.sampler.emplace(alloc.sampling);
+    }
+    for (const FillWork& fill : plan.fills) {
+      LocalRequest& request = Lookup(fill.id);
+      touched.insert(fill.id);
+      Fill(request, fill);
+    }
+    if (plan.prefill) {
+      const absl::Status s = Prefill(*plan.prefill, fault, report);
+      if (!s.ok()) {
+        report.fatal = absl::StrCat(Who(), ": ", s.message());
+        return report;
+      }
+      touched.insert(plan.prefill->id);
+    }
+    if (!plan.decode.empty()) {
+      const absl::Status s = Decode(plan.decode, fault, report);
+      if (!s.ok()) {
+        report.fatal = absl::StrCat(Who(), ": ", s.message());
+        return report;
+      }
+      for (const DecodeWork& row : plan.decode) touched.insert(row.id);
+    }
+
+    SealFullShards();
+    for (const auto& [id, request] : requests_) {
+      if (!request.state.shard) continue;
+      const KvMemory memory = request.state.shard->Memory();
+      report.kv_bytes += memory.bytes;
+      report.kv_elements += memory.elements;
+    }
+    if (config_.kv_budget_bytes > 0 && report.kv_bytes > config_.kv_budget_bytes) {
+      for (int64_t id : touched) {
+        Lookup(id).state.Fail(absl::ResourceExhaustedError(absl::StrFormat(
+            "holds %.1f MiB of KV, over its budget of %.1f MiB", report.kv_bytes / 1048576.0,
+            config_.kv_budget_bytes / 1048576.0)));
+      }
+    }
+    for (int64_t id : touched) {
+      LocalRequest& request = Lookup(id);
+      if (!request.state.error.ok() && !request.reported) {
+        request.reported = true;
+        report.failed.push_back({id, absl::StrCat(Who(), ": ", request.state.error.message())});
+      }
+    }
+    // Sampled tokens of failed requests are dropped: the request is over.
+    std::erase_if(report.sampled, [&](const SampledToken& s) { return !Lookup(s.id).state.error.ok(); });
+    // Placeholders of requests the coordinator never announced (reported failed above) go now.
+    std::erase_if(requests_, [](const auto& entry) { return entry.second.state.ranges.empty(); });
+    return report;
+  }
+
+  // A shard whose range is full will get no more tokens (the sequence goes on on a later worker): sealed,
+  // a quantized store stores it as one store of the whole sequence would (its residual is quantized).
+  void SealFullShards() {
+    const int last_layer = model_->config().n_layers - 1;
+    for (auto& [id, request] : requests_) {
+      KvShard* shard = request.state.shard.get();
+      if (request.sealed || shard == nullptr || !request.state.error.ok()) continue;
+      const TokenRange mine = request.state.ranges[me_];
+      if (shard->start_position() + shard->length(last_layer) == mine.end &&
+          mine.end < request.state.ranges.back().end) {
+        shard->Seal();
+        request.sealed = true;
+      }
+    }
+  }
+
+  // The request's local state; one the coordinator never announced gets a failed placeholder so the step
+  // still runs its collectives.
+  LocalRequest& Lookup(int64_t id) {
+    auto it = requests_.find(id);
+    if (it != requests_.end()) return it->second;
+    LocalRequest& request = requests_[id];
+    request.state.Fail(absl::InternalError(absl::StrCat("request ", id, " is unknown on this worker")));
+    return request;
+  }
+
+  void Fill(LocalRequest& request, const FillWork& fill) {
+    if (!request.state.error.ok() || request.state.shard == nullptr) return;
+    KvShard& shard = *request.state.shard;
+    const TokenRange mine = request.state.ranges[me_];
+    const int64_t part_end = std::min(mine.end, fill.end);
+    const int64_t begin = shard.start_position() + shard.length(0);
+    const int64_t end = std::min(part_end, begin + fill.tokens_per_worker);
+    if (end > begin) request.state.Fail(SyntheticFill(shard, begin, end, request.fill_seed));
+  }
+
+  // Every sampled token is accepted (the repetition penalty's memory), as in single-process mode.
+  int32_t SampleAndAccept(Sampler& sampler, const float* logits) {
+    const int32_t token = sampler.Sample(logits, model_->config().vocab_size);
+    sampler.Accept(token);
+    return token;
+  }
+
+  bool ValidTokens(LocalRequest& request, std::vector<int32_t>& tokens) {
+    const int vocab = model_->config().vocab_size;
+    for (int32_t& t : tokens) {
+      if (t < 0 || t >= vocab) {
+        request.state.Fail(absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary of ", vocab)));
+        t = 0;  // the step still runs, in step with the other workers
+      }
+    }
+    return request.state.error.ok();
+  }
+
+  absl::Status Prefill(const PrefillWork& work, const InjectedFault& fault, StepReport& report) {
+    LocalRequest& request = Lookup(work.id);
+    const KvGeometry geometry = model_->kv_geometry();
+    const int n = static_cast<int>(work.tokens.size());
+    const std::vector<TokenRange>& ranges = request.state.ranges;
+    if (work.owner == me_) {
+      std::vector<int> sources;
+      for (int w = 0; w < work.owner && w < static_cast<int>(ranges.size()); ++w) {
+        if (!ranges[w].empty() && ranges[w].start < work.first_position) sources.push_back(w);
+      }
+      std::vector<int32_t> tokens = work.tokens;
+      ValidTokens(request, tokens);
+      PassQPrefillContext context(*collectives_, request.state, geometry, sources, config_.merge.wire, fault);
+      std::vector<float> logits;
+      // Forward covers the layers once only for chunks of at most max_chunk() tokens (the sources
+      // serve exactly one pass).
+      const absl::Status forward =
+          n > CpuModel::max_chunk()
+              ? absl::InvalidArgumentError(absl::StrCat("a prefill chunk of ", n, " tokens; at most ",
+                                                        CpuModel::max_chunk(), " go in one step"))
+              : model_->Forward(tokens, work.first_position, context, false, logits);
+      if (!context.fatal().ok()) return context.fatal();
+      if (!forward.ok()) {
+        request.state.Fail(forward);
+        KV_RETURN_IF_ERROR(context.Drain(n, work.first_position));
+      }
+      if (work.sample && request.state.error.ok()) {
+        if (!request.sampler) {
+          request.state.Fail(absl::InternalError("the last prompt chunk ran on a worker that is not the sampler"));
+        } else {
+          report.sampled.push_back({work.id, SampleAndAccept(*request.sampler, logits.data())});
+        }
+      }
+      return absl::OkStatus();
+    }
+    const bool source = me_ < work.owner && me_ < static_cast<int>(ranges.size()) && !ranges[me_].empty() &&
+                        ranges[me_].start < work.first_position;
+    if (source) return ServePassQ(*collectives_, request.state, geometry, work.owner, n, config_.merge.wire, fault);
+    return absl::OkStatus();
+  }
+
+  absl::Status Decode(const std::vector<DecodeWork>& work, const InjectedFault& fault, StepReport& report) {
+    std::vector<DecodeRow> rows;
+    std::vector<int32_t> tokens;
+    std::vector<int64_t> positions;
+    for (const DecodeWork& row : work) {
+      LocalRequest& request = Lookup(row.id);
+      std::vector<int32_t> token = {row.token};
+      ValidTokens(request, token);
+      rows.push_back({&request.state, row.position});
+      tokens.push_back(token[0]);
+      positions.push_back(row.position);
+    }
+    DistributedDecodeContext context(*collectives_, model_->kv_geometry(), rows, config_.merge, fault);
+    std::vector<float> logits;
+    const auto start = std::chrono::steady_clock::now();
+    const absl::Status forward = model_->Forward(tokens, positions, context, /*all_logits=*/true, logits);
+    report.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    report.merge_seconds = context.merge_seconds();
+    report.merges = context.merges();
+    if (!context.fatal().ok()) return context.fatal();
+    if (!forward.ok()) {
+      for (DecodeRow& row : rows) row.request->Fail(forward);
+      KV_RETURN_IF_ERROR(context.Drain());
+      return absl::OkStatus();
+    }
+    const int vocab = model_->config().vocab_size;
+    for (size_t i = 0; i < work.size(); ++i) {
+      LocalRequest& request = Lookup(work[i].id);
+      if (request.sampler && request.state.error.ok()) {
+        report.sampled.push_back({work[i].id, SampleAndAccept(*request.sampler, logits.data() + i * vocab)});
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  MpiRuntime& mpi_;
+  KvShardFactoryMaker kv_factories_;
+  KvShardFactory factory_;
+  const int me_;
+  WorkerConfig config_;
+  int threads_ = 1;
+  std::string model_key_;
+  std::unique_ptr<ModelWeights> weights_;
+  std::unique_ptr<CpuModel> model_;
+  std::unique_ptr<Collectives> collectives_;
+  std::map<int64_t, LocalRequest> requests_;
+  int64_t steps_since_configure_ = 0;
+};
+
+}  // namespace
+
+int RunWorker(MpiRuntime& mpi, KvShardFactoryMaker kv_factories) {
+  Worker worker(mpi, std::move(kv_factories));
+  return worker.Run();
+}
+
+}  // namespace kvshard
