@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "coordinator/generation_stream.h"
+#include "kernels/gemm_cpu.h"
 #include "worker/model_loader.h"
 
 namespace kvshard {
@@ -81,7 +82,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
     last_device_ = gpu_->device_name();
     return GenerateOnGpu(request, on_token, on_prefill);
   }
-  last_device_ = "CPU";
+  last_device_ = absl::StrCat("CPU (", CpuGemmLibrary(), ")");
   KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, options_.kv_factory(scheme, model_.kv_geometry(), 0));
   ShardAttentionContext context(*shard);
 

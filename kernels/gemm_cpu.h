@@ -1,10 +1,14 @@
-// fp32 GEMM on the CPU (OpenBLAS when the build found it, else a portable blocked loop).
+// fp32 GEMM on the CPU: OpenBLAS, opened at run time, when it is installed (Debian: libopenblas0-openmp),
+// else a portable loop.
 // Row-major throughout.
 #pragma once
 
 #include <cstdint>
 
 namespace kvshard {
+
+// "OpenBLAS" or "portable loop": what GemmCpu uses in this process.
+const char* CpuGemmLibrary();
 
 // C[m, n] = alpha * sum_k A[m, k] * op(B)[k, n] + beta * C[m, n]
 // op(B) = B [k, n] (ldb >= n) when !transpose_b, else B^T with B stored [n, k] (ldb >= k).

@@ -17,10 +17,11 @@ inline absl::Status CudaStatus(cudaError_t err, const char* expr, const char* fi
                                          cudaGetErrorString(err), ") in ", expr));
 }
 
+// cuBLAS is opened at run time (kernels/cuda/cublas_library.h), so its status is reported by number.
 inline absl::Status CublasStatus(cublasStatus_t err, const char* expr, const char* file, int line) {
   if (err == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   return absl::InternalError(
-      absl::StrCat(file, ":", line, ": cuBLAS error ", cublasGetStatusName(err), " in ", expr));
+      absl::StrCat(file, ":", line, ": cuBLAS error ", static_cast<int>(err), " in ", expr));
 }
 
 // Number of usable GPUs; 0 when there is no driver or device (never an error).

@@ -3,6 +3,7 @@
 #include <climits>
 #include <utility>
 
+#include "common/status.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/dispatch.cuh"
 #include "kernels/cuda/reduce.cuh"
@@ -176,18 +177,22 @@ dim3 RowGrid(int64_t rows, int64_t dim) {
 // ---------------------------------------------------------------------------------------------------
 absl::StatusOr<CublasHandle> CublasHandle::Create() {
   CublasHandle h;
-  CUBLAS_RETURN_IF_ERROR(cublasCreate(&h.handle_));
+  KV_ASSIGN_OR_RETURN(h.library_, LoadCublas());
+  CUBLAS_RETURN_IF_ERROR(h.library_->create(&h.handle_));
   CUDA_RETURN_IF_ERROR(cudaMalloc(&h.workspace_, kCublasWorkspaceBytes));
-  CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(h.handle_, h.workspace_, kCublasWorkspaceBytes));
+  CUBLAS_RETURN_IF_ERROR(h.library_->set_workspace(h.handle_, h.workspace_, kCublasWorkspaceBytes));
   return h;
 }
 
 CublasHandle::CublasHandle(CublasHandle&& other) noexcept
-    : handle_(std::exchange(other.handle_, nullptr)), workspace_(std::exchange(other.workspace_, nullptr)) {}
+    : library_(other.library_),
+      handle_(std::exchange(other.handle_, nullptr)),
+      workspace_(std::exchange(other.workspace_, nullptr)) {}
 
 CublasHandle& CublasHandle::operator=(CublasHandle&& other) noexcept {
   if (this != &other) {
     this->~CublasHandle();
+    library_ = other.library_;
     handle_ = std::exchange(other.handle_, nullptr);
     workspace_ = std::exchange(other.workspace_, nullptr);
   }
@@ -195,7 +200,7 @@ CublasHandle& CublasHandle::operator=(CublasHandle&& other) noexcept {
 }
 
 CublasHandle::~CublasHandle() {
-  if (handle_ != nullptr) cublasDestroy(handle_);
+  if (handle_ != nullptr) library_->destroy(handle_);
   if (workspace_ != nullptr) cudaFree(workspace_);
 }
 
@@ -209,9 +214,10 @@ absl::Status GemmBf16(CublasHandle& handle, const void* x, const void* w, int64_
         absl::StrCat("GemmBf16: output type ", DTypeName(y_dtype), " is not supported (f32, bf16)"));
   }
   if (m == 0) return absl::OkStatus();
-  CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle.get(), stream));
+  const CublasLibrary& cublas = handle.library();
+  CUBLAS_RETURN_IF_ERROR(cublas.set_stream(handle.get(), stream));
   // Row-major y[m][n] is column-major y^T (n x m) = w (n x k, i.e. column-major [k][n] transposed) * x^T.
-  CUBLAS_RETURN_IF_ERROR(cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+  CUBLAS_RETURN_IF_ERROR(cublas.gemm_ex(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
                                       static_cast<int>(m), static_cast<int>(k), &alpha, w, CUDA_R_16BF,
                                       static_cast<int>(k), x, CUDA_R_16BF, static_cast<int>(k), &beta, y,
                                       CudaDataType(y_dtype), static_cast<int>(n), CUBLAS_COMPUTE_32F,

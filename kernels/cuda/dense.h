@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/cuda/cublas_library.h"
 #include "kernels/cuda/dtype.h"
 
 namespace kvshard {
@@ -32,9 +33,11 @@ class CublasHandle {
   ~CublasHandle();
 
   cublasHandle_t get() const { return handle_; }
+  const CublasLibrary& library() const { return *library_; }
 
  private:
   CublasHandle() = default;
+  const CublasLibrary* library_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
 };
