@@ -5,8 +5,12 @@
 # also compares GPU and CPU greedy decoding (the GPU model test, and `kvshard summarize` on both devices).
 # Logs go to $OUT (default: ./device-check-out).
 #
-#   deploy/device-check.sh [--build-dir DIR] [--model FILE.gguf] [--document FILE] [phase ...]
-#   phases: build test bench memcheck e2e (default: all but e2e, plus e2e when --model is given)
+#   deploy/device-check.sh [--build-dir DIR] [--quick] [--model FILE.gguf] [--document FILE] [phase ...]
+#   phases: build test bench memcheck e2e nccl (default: build test bench memcheck, plus e2e when --model
+#   is given). --quick configures with KVSHARD_QUICK_KERNELS=ON.
+#   nccl: on a host with 2+ GPUs, builds only the NCCL data plane's test and benchmark and runs both under
+#   mpirun with a coordinator and one worker per GPU (at most --workers N), NVLink multicast off
+#   (NCCL_NVLS_ENABLE=0); logs nccl_test.log and nccl_bench.log.
 #
 # Dependencies the host lacks come from .deps/ (deploy/fetch-device-debs.sh); the build directory keeps a
 # copy, so later runs against the same build need no .deps/. Ends with a summary.
@@ -19,12 +23,16 @@ mkdir -p "$out"
 build="$root/build-device"
 model=""
 document=""
+quick=OFF
+max_workers=8
 phases=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --build-dir) build="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
     --model) model="$2"; shift 2 ;;
     --document) document="$2"; shift 2 ;;
+    --quick) quick=ON; shift ;;
+    --workers) max_workers="$2"; shift 2 ;;
     *) phases+=("$1"); shift ;;
   esac
 done
@@ -39,7 +47,7 @@ jobs=$(nproc)
 
 # The build directory keeps its own copy of .deps/, which CMake's cache then points at, so a later run
 # (or a run without .deps/) can reconfigure and run the binaries.
-if [ -d "$root/.deps" ] && want build; then
+if [ -d "$root/.deps" ] && { want build || want nccl; }; then
   mkdir -p "$build"
   rm -rf "$build/deps" && cp -a "$root/.deps" "$build/deps"
 fi
@@ -62,10 +70,26 @@ export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   c++ --version | head -n 1
 } | tee "$out/build.log"
 
+# NCCL: the CUDA toolkit's, else the one PyTorch's wheels bring (nvidia-nccl-*, no libnccl.so link).
+nccl_args=()
+if ! ls "$(dirname "$(command -v nvcc)")"/../lib*/libnccl.so >/dev/null 2>&1; then
+  wheel=$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null ||
+          python3 -c 'import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null)
+  if [ -n "$wheel" ] && [ -f "$wheel/include/nccl.h" ]; then
+    lib=$(ls "$wheel"/lib/libnccl.so* | head -n 1)
+    nccl_args=(-DKVSHARD_NCCL_LIB="$lib" -DKVSHARD_NCCL_INCLUDE="$wheel/include")
+    export LD_LIBRARY_PATH="$wheel/lib:$LD_LIBRARY_PATH"
+    note "NCCL: from the Python wheel ($lib)"
+  fi
+fi
+configure() {
+  cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVSHARD_ENABLE_CUDA=ON \
+    -DKVSHARD_QUICK_KERNELS=$quick -DCMAKE_PREFIX_PATH="$prefix" "${nccl_args[@]}" >>"$out/build.log" 2>&1
+}
+
 if want build; then
   start=$(date +%s)
-  cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVSHARD_ENABLE_CUDA=ON \
-    -DCMAKE_PREFIX_PATH="$prefix" >>"$out/build.log" 2>&1
+  configure
   targets=$(ninja -C "$build" -t targets all 2>/dev/null | grep -oE '^(gpu_[A-Za-z0-9_]+_test|[A-Za-z0-9_]+_bench):' | grep -v '^cmake_' |
             tr -d ':' | sort -u | tr '\n' ' ')
   if ninja -C "$build" -j "$jobs" $targets kvshard >>"$out/build.log" 2>&1; then
@@ -138,6 +162,29 @@ if want e2e; then
     fi
     head -c 600 "$out/summary-gpu.txt"; echo
   fi
+fi
+
+if want nccl; then
+  start=$(date +%s)
+  configure
+  if ninja -C "$build" -j "$jobs" nccl_workers_test nccl_merge_bench >>"$out/build.log" 2>&1; then
+    note "nccl build: ok ($(($(date +%s) - start)) s)"
+  else
+    note "nccl build: FAILED (see build.log)"
+    grep -E "error|FAILED" "$out/build.log" | head -n 20
+  fi
+  gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+  workers=$((gpus < max_workers ? gpus : max_workers))
+  export NCCL_NVLS_ENABLE=0
+  mpirun_flags=(--allow-run-as-root --oversubscribe --mca btl_vader_single_copy_mechanism none
+                -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH -np $((workers + 1)))
+  timeout 240 mpirun "${mpirun_flags[@]}" "$build/tests/mpi/nccl_workers_test" --gtest_color=no \
+    >"$out/nccl_test.log" 2>&1
+  note "nccl test, $workers workers: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]|SKIPPED' "$out/nccl_test.log" | tail -n 1)"
+  grep -E "^\[  FAILED  \]|gpu merge|missing peer" "$out/nccl_test.log" | head -n 40
+  timeout 200 mpirun "${mpirun_flags[@]}" "$build/bench/nccl_merge_bench" >"$out/nccl_bench.log" 2>&1
+  note "nccl bench: rc=$?"
+  cat "$out/nccl_bench.log"
 fi
 
 echo

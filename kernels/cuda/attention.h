@@ -124,4 +124,33 @@ absl::Status WriteKvCacheCuda(const KvWriteArgs& args, cudaStream_t stream);
 absl::Status MergePartialsCuda(const float* outs, const float* lses, int n_sources, int64_t n_rows,
                                int head_dim, float* out, float* lse, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------------------
+// Partials on the wire between workers (the cross-worker merge, worker/cuda/nccl_merge.h). CPU twins:
+// MergeByAllGather and MergeByTree in worker/distributed_attention.cc; `wire` is kF32 or kBF16 (round to
+// nearest even, as common/half.h), and lse always travels as fp32. Same shape rules as MergePartialsCuda.
+
+// One worker's partials as one record: [n_rows * head_dim out in `wire`][n_rows lse fp32], zero-padded
+// to a multiple of 16 bytes so that records laid end to end (an all-gather) keep 16-byte alignment.
+int64_t PartialsRecordBytes(int64_t n_rows, int head_dim, DType wire);
+absl::Status PackPartialsCuda(const float* out, const float* lse, int64_t n_rows, int head_dim, DType wire,
+                              void* record, cudaStream_t stream);
+// MergePartialsCuda over `n_sources` records laid end to end (`records`, each PartialsRecordBytes long):
+// the merge after an all-gather. Every caller that passes the same records gets bit-identical results.
+absl::Status MergePartialRecordsCuda(const void* records, DType wire, int n_sources, int64_t n_rows, int head_dim,
+                                     float* out, float* lse, cudaStream_t stream);
+
+// The tree merge around its two all-reduces: with max_lse = max over workers of lse (all-reduce max),
+//   scale:  a = exp(lse - max_lse) (0 for an empty row or source), numerators = a * out in `wire`,
+//           weights = a;
+//   (all-reduce sum of numerators and of weights)
+//   finish: out = numerators / weights, lse = max_lse + ln(weights); weights == 0 gives out = 0,
+//           lse = -inf.
+// numerators: [n_rows][head_dim] of `wire`; weights, max_lse: fp32 [n_rows]. finish may write `out` and
+// `lse` over the inputs of scale.
+absl::Status TreeMergeScaleCuda(const float* out, const float* lse, const float* max_lse, int64_t n_rows,
+                                int head_dim, DType wire, void* numerators, float* weights, cudaStream_t stream);
+absl::Status TreeMergeFinishCuda(const void* numerators, const float* weights, const float* max_lse,
+                                 int64_t n_rows, int head_dim, DType wire, float* out, float* lse,
+                                 cudaStream_t stream);
+
 }  // namespace kvshard

@@ -3,6 +3,10 @@
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#if __has_include(<nccl.h>)
+#include <nccl.h>
+#define KVSHARD_HAVE_NCCL_HEADER 1
+#endif
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -24,6 +28,19 @@ inline absl::Status CublasStatus(cublasStatus_t err, const char* expr, const cha
       absl::StrCat(file, ":", line, ": cuBLAS error ", static_cast<int>(err), " in ", expr));
 }
 
+#ifdef KVSHARD_HAVE_NCCL_HEADER
+// `rank` is the caller's rank in the communicator (-1 before it has one). ncclInProgress is not an error
+// for a non-blocking communicator, but callers must poll it out (ncclCommGetAsyncError) before they get
+// here; it is reported like any other code.
+inline absl::Status NcclStatus(ncclResult_t err, const char* expr, int rank, const char* file, int line) {
+  if (err == ncclSuccess) return absl::OkStatus();
+  const char* last = ncclGetLastError(nullptr);
+  return absl::InternalError(absl::StrCat(file, ":", line, ": NCCL error ", ncclGetErrorString(err), " (", static_cast<int>(err),
+                                          ") on rank ", rank, " in ", expr,
+                                          last != nullptr && *last != '\0' ? absl::StrCat(": ", last) : ""));
+}
+#endif
+
 // Number of usable GPUs; 0 when there is no driver or device (never an error).
 int CudaDeviceCount();
 
@@ -42,4 +59,11 @@ int CudaDeviceCount();
   do {                                                                                          \
     ::absl::Status kv_cublas_status_ = ::kvshard::CublasStatus((expr), #expr, __FILE__, __LINE__); \
     if (!kv_cublas_status_.ok()) return kv_cublas_status_;                                      \
+  } while (0)
+
+// NCCL_RETURN_IF_ERROR(rank, ncclCall(...)): `rank` names the caller in the message.
+#define NCCL_RETURN_IF_ERROR(rank, expr)                                                                 \
+  do {                                                                                                   \
+    ::absl::Status kv_nccl_status_ = ::kvshard::NcclStatus((expr), #expr, (rank), __FILE__, __LINE__);   \
+    if (!kv_nccl_status_.ok()) return kv_nccl_status_;                                                   \
   } while (0)

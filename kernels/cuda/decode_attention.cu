@@ -246,71 +246,6 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeMinBlocksPerSm<GROUP_TIL
   }
 }
 
-// One block per row. Thread t owns the float4 channel group t % (head_dim / 4) and the sources
-// s = t / (head_dim / 4) + k * slots, so the walk over many splits runs `slots` ways in parallel; the
-// slots are then summed in shared memory in a fixed order.
-constexpr int kMergeThreads = 256;
-constexpr int kMergeMaxHeadDim = 256;
-
-__global__ void __launch_bounds__(kMergeThreads) MergePartialsKernel(const float* __restrict__ outs,
-                                                                     const float* __restrict__ lses,
-                                                                     int n_sources, int64_t n_rows,
-                                                                     int head_dim, float* __restrict__ out,
-                                                                     float* __restrict__ lse) {
-  __shared__ float scratch[kMergeThreads / 32];
-  __shared__ __align__(16) float partial[kMergeThreads * 4];
-  __shared__ float partial_weight[kMergeThreads];
-  const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x;
-  float max_lse = -INFINITY;
-  for (int s = tid; s < n_sources; s += kMergeThreads) max_lse = fmaxf(max_lse, lses[s * n_rows + row]);
-  max_lse = BlockMax(max_lse, scratch);
-  if (max_lse == -INFINITY) {
-    for (int c = tid; c < head_dim; c += kMergeThreads) out[row * head_dim + c] = 0.0f;
-    if (tid == 0) lse[row] = -INFINITY;
-    return;
-  }
-  const int groups = head_dim / 4;
-  const int slots = kMergeThreads / groups;
-  const int group = tid % groups;
-  const int slot = tid / groups;
-  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  float weight = 0.0f;
-  if (slot < slots) {
-    for (int s = slot; s < n_sources; s += slots) {
-      const float source_lse = lses[s * n_rows + row];
-      if (source_lse == -INFINITY) continue;
-      const float w = expf(source_lse - max_lse);
-      weight += w;
-      const float4 o = reinterpret_cast<const float4*>(outs + (s * n_rows + row) * head_dim)[group];
-      acc.x = fmaf(w, o.x, acc.x);
-      acc.y = fmaf(w, o.y, acc.y);
-      acc.z = fmaf(w, o.z, acc.z);
-      acc.w = fmaf(w, o.w, acc.w);
-    }
-    reinterpret_cast<float4*>(partial)[slot * groups + group] = acc;
-    if (group == 0) partial_weight[slot] = weight;
-  }
-  __syncthreads();
-  float total = 0.0f;
-  for (int k = 0; k < slots; ++k) total += partial_weight[k];
-  for (int c = tid; c < head_dim; c += kMergeThreads) {
-    float value = 0.0f;
-    for (int k = 0; k < slots; ++k) value += partial[k * head_dim + c];
-    out[row * head_dim + c] = value / total;
-  }
-  if (tid == 0) lse[row] = max_lse + logf(total);
-}
-
-absl::Status LaunchMerge(const float* outs, const float* lses, int n_sources, int64_t n_rows, int head_dim,
-                         float* out, float* lse, cudaStream_t stream) {
-  if (n_rows > INT_MAX) return absl::InvalidArgumentError("MergePartialsCuda: too many rows");
-  MergePartialsKernel<<<static_cast<unsigned>(n_rows), kMergeThreads, 0, stream>>>(
-      outs, lses, n_sources, n_rows, head_dim, out, lse);
-  CUDA_RETURN_IF_LAUNCH_ERROR();
-  return absl::OkStatus();
-}
-
 absl::Status ValidateDecode(const DecodeAttentionArgs& a) {
   if (a.batch < 0 || a.n_heads <= 0 || a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat("DecodeAttentionCuda: bad heads n_heads=", a.n_heads,
@@ -412,7 +347,7 @@ absl::Status LaunchDecode(const DecodeAttentionArgs& a, cudaStream_t stream, int
   kernel<<<grid, kDecodeThreads, 0, stream>>>(p);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   if (plan.splits > 1) {
-    return LaunchMerge(partial_out, partial_lse, plan.splits, p.rows, HEAD_DIM, a.out, a.lse, stream);
+    return MergePartialsCuda(partial_out, partial_lse, plan.splits, p.rows, HEAD_DIM, a.out, a.lse, stream);
   }
   return absl::OkStatus();
 }
@@ -447,17 +382,6 @@ int DecodeAttentionSplits(const DecodeAttentionArgs& args) {
   int splits = 0;
   if (!DispatchDecode(args, nullptr, &splits).ok()) return 0;
   return splits;
-}
-
-absl::Status MergePartialsCuda(const float* outs, const float* lses, int n_sources, int64_t n_rows,
-                               int head_dim, float* out, float* lse, cudaStream_t stream) {
-  if (n_sources < 0 || n_rows < 0 || head_dim <= 0 || head_dim > kMergeMaxHeadDim || head_dim % 4 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("MergePartialsCuda: bad shape n_sources=", n_sources,
-                                                   " n_rows=", n_rows, " head_dim=", head_dim,
-                                                   " (head_dim a multiple of 4, at most 256)"));
-  }
-  if (n_rows == 0) return absl::OkStatus();
-  return LaunchMerge(outs, lses, n_sources, n_rows, head_dim, out, lse, stream);
 }
 
 }  // namespace kvshard

@@ -1,0 +1,221 @@
+// The per-layer cross-worker merge of attention partials on GPUs (worker/cuda/nccl_merge.h), under
+// `mpirun -np 1+N` (rank 0 is the coordinator and idles; workers 1..N, one GPU each):
+//
+//   mpirun -x NCCL_NVLS_ENABLE=0 -np 3 build/bench/nccl_merge_bench
+//
+// One line per (mode, wire, batch): 32 query heads, head_dim 128, rows = batch x 32. gpu_us is the median
+// over --iters merges (CUDA events on worker 0 around one merge; before each, the workers' streams are
+// idle and the workers meet at an MPI barrier, so it includes no launch skew beyond the barrier's);
+// warm-up first, until worker 0 has merged for 0.3 s. mpi_cpu_us is the same merge of host buffers
+// through the CPU backend (MergePartialsAcrossWorkers over MPI), median of wall-clock times, in the same
+// run. #wrong: values of every worker's final merge outside the bounds of MergeOutTolerance against
+// MergePartialsCpu over all workers' partials (as in nccl-tests, it should read 0).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_format.h"
+#include "bench/bench_util.h"
+#include "common/status.h"
+#include "kernels/cuda/cuda_status.h"
+#include "tests/mpi/seeded_partials.h"
+#include "worker/cuda/nccl_collectives.h"
+#include "worker/cuda/nccl_merge.h"
+#include "worker/distributed_attention.h"
+#include "worker/mpi_runtime.h"
+
+ABSL_FLAG(int, iters, 200, "timed merges per line");
+ABSL_FLAG(double, warmup_seconds, 0.3, "warm-up time per line (worker 0's clock)");
+
+namespace kvshard {
+namespace {
+
+constexpr int kHeads = 32;
+constexpr int kHeadDim = 128;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Host barrier of the workers (a one-value MPI all-reduce).
+absl::Status Barrier(Collectives& mpi) {
+  float x = 0;
+  return mpi.AllReduce(&x, 1, WireType::kF32, ReduceOp::kSum);
+}
+
+struct Line {
+  double gpu_us = 0;
+  double mpi_cpu_us = 0;
+  int64_t wrong = 0;
+};
+
+absl::StatusOr<Line> RunLine(Collectives& mpi, NcclCollectives& nccl, const MergeOptions& options, int batch,
+                             int iters, double warmup_seconds) {
+  const int64_t rows = static_cast<int64_t>(batch) * kHeads;
+  const int n = nccl.size();
+  const testing::Partials mine = testing::SeededPartials(nccl.rank(), rows, kHeadDim, -1);
+  cudaStream_t stream = nccl.stream();
+  float *in_out = nullptr, *in_lse = nullptr, *out = nullptr, *lse = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaMalloc(&in_out, mine.out.size() * sizeof(float)));
+  CUDA_RETURN_IF_ERROR(cudaMalloc(&in_lse, mine.lse.size() * sizeof(float)));
+  CUDA_RETURN_IF_ERROR(cudaMalloc(&out, mine.out.size() * sizeof(float)));
+  CUDA_RETURN_IF_ERROR(cudaMalloc(&lse, mine.lse.size() * sizeof(float)));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(in_out, mine.out.data(), mine.out.size() * sizeof(float), cudaMemcpyHostToDevice));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(in_lse, mine.lse.data(), mine.lse.size() * sizeof(float), cudaMemcpyHostToDevice));
+  NcclPartialsMerger merger(nccl);
+  auto reset_inputs = [&]() -> absl::Status {
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out, in_out, mine.out.size() * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(lse, in_lse, mine.lse.size() * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+    return absl::OkStatus();
+  };
+
+  // Warm-up in rounds of 20 merges until worker 0 has spent warmup_seconds (its decision is broadcast,
+  // so every worker runs the same number of collectives).
+  const auto warm_start = std::chrono::steady_clock::now();
+  for (bool more = true; more;) {
+    for (int i = 0; i < 20; ++i) {
+      KV_RETURN_IF_ERROR(reset_inputs());
+      KV_RETURN_IF_ERROR(merger.Merge(options, rows, kHeadDim, out, lse));
+    }
+    KV_RETURN_IF_ERROR(nccl.Synchronize());
+    uint8_t go = std::chrono::duration<double>(std::chrono::steady_clock::now() - warm_start).count() < warmup_seconds;
+    KV_RETURN_IF_ERROR(mpi.Broadcast(&go, 1, 0));
+    more = go != 0;
+  }
+
+  Line line;
+  cudaEvent_t start, stop;
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
+  std::vector<double> times;
+  for (int i = 0; i < iters; ++i) {
+    KV_RETURN_IF_ERROR(reset_inputs());
+    KV_RETURN_IF_ERROR(nccl.Synchronize());
+    KV_RETURN_IF_ERROR(Barrier(mpi));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(start, stream));
+    KV_RETURN_IF_ERROR(merger.Merge(options, rows, kHeadDim, out, lse));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(stop, stream));
+    KV_RETURN_IF_ERROR(nccl.Synchronize());
+    float ms = 0;
+    CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms * 1e3);
+  }
+  line.gpu_us = Median(times);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+
+  // The last merge's result on every worker, against the CPU merge of all workers' partials.
+  testing::Partials got;
+  got.out.resize(mine.out.size());
+  got.lse.resize(mine.lse.size());
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(got.out.data(), out, got.out.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(got.lse.data(), lse, got.lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  const testing::Partials want = testing::ReferenceMerge(n, rows, kHeadDim, -1);
+  float wrong = static_cast<float>(
+      testing::CountMergeMismatches(got, want, testing::MergeOutTolerance(options.mode, options.wire, n)));
+  KV_RETURN_IF_ERROR(mpi.AllReduce(&wrong, 1, WireType::kF32, ReduceOp::kSum));
+  line.wrong = static_cast<int64_t>(wrong);
+  cudaFree(in_out);
+  cudaFree(in_lse);
+  cudaFree(out);
+  cudaFree(lse);
+
+  // The CPU backend's merge of the same partials over MPI, for comparison.
+  std::vector<double> cpu_times;
+  for (int i = 0; i < std::min(iters, 100); ++i) {
+    std::vector<float> o = mine.out, l = mine.lse;
+    KV_RETURN_IF_ERROR(Barrier(mpi));
+    const auto t0 = std::chrono::steady_clock::now();
+    KV_RETURN_IF_ERROR(MergePartialsAcrossWorkers(mpi, options, rows, kHeadDim, o.data(), l.data()));
+    cpu_times.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+  }
+  line.mpi_cpu_us = Median(cpu_times);
+  return line;
+}
+
+int RunWorker(MpiRuntime& runtime) {
+  auto mpi = runtime.MakeWorkerCollectives(absl::Seconds(120));
+  if (!mpi.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(mpi.status().message()).c_str());
+    return 1;
+  }
+  const bool report = (*mpi)->rank() == 0;
+  const int gpus = CudaDeviceCount();
+  if (gpus < (*mpi)->size()) {
+    if (report) std::printf("SKIPPED: %d workers need as many GPUs; this machine has %d\n", (*mpi)->size(), gpus);
+    return 0;
+  }
+  cudaSetDevice((*mpi)->rank() % gpus);  // one node: worker i on GPU i
+  cudaStream_t stream;
+  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  auto nccl = NcclCollectives::Create(**mpi, stream, absl::Seconds(60));
+  if (!nccl.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(nccl.status().message()).c_str());
+    return 1;
+  }
+  int nccl_version = 0;
+  ncclGetVersion(&nccl_version);
+  if (report) {
+    std::printf("# %s; %d workers, one GPU each; NCCL %d; NCCL_NVLS_ENABLE=%s\n", bench::DeviceSummary().c_str(),
+                (*mpi)->size(), nccl_version, std::getenv("NCCL_NVLS_ENABLE") ? std::getenv("NCCL_NVLS_ENABLE") : "unset");
+    std::printf("# per-layer merge, %d query heads, head_dim %d; gpu_us: median of %d (CUDA events)\n", kHeads,
+                kHeadDim, absl::GetFlag(FLAGS_iters));
+    std::printf("%-9s %-4s %5s %5s %11s %9s %7s %11s\n", "mode", "wire", "batch", "rows", "bytes/wkr", "gpu_us",
+                "#wrong", "mpi_cpu_us");
+  }
+  int failures = 0;
+  for (int batch : {1, 16}) {
+    for (MergeMode mode : {MergeMode::kAllGather, MergeMode::kTree}) {
+      for (WireType wire : {WireType::kF32, WireType::kBf16}) {
+        const MergeOptions options{mode, wire};
+        auto line = RunLine(**mpi, **nccl, options, batch, absl::GetFlag(FLAGS_iters),
+                            absl::GetFlag(FLAGS_warmup_seconds));
+        if (!line.ok()) {
+          std::fprintf(stderr, "worker %d: %s\n", (*mpi)->rank(), std::string(line.status().message()).c_str());
+          return 1;
+        }
+        failures += line->wrong > 0;
+        if (report) {
+          const int64_t rows = static_cast<int64_t>(batch) * kHeads;
+          std::printf("%-9s %-4s %5d %5lld %11lld %9.2f %7lld %11.2f\n", MergeModeName(mode).c_str(),
+                      WireTypeName(wire).c_str(), batch, static_cast<long long>(rows),
+                      static_cast<long long>(NcclPartialsMerger::WireBytesPerWorker(options, rows, kHeadDim)),
+                      line->gpu_us, static_cast<long long>(line->wrong), line->mpi_cpu_us);
+          std::fflush(stdout);
+        }
+      }
+    }
+  }
+  nccl->reset();
+  cudaStreamDestroy(stream);
+  return failures > 0 ? 3 : 0;
+}
+
+}  // namespace
+}  // namespace kvshard
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  auto runtime = kvshard::MpiRuntime::Initialize(&argc, &argv);
+  if (!runtime.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(runtime.status().message()).c_str());
+    return 2;
+  }
+  int code = 0;
+  if ((*runtime)->world_size() < 2) {
+    std::printf("SKIPPED: no workers (start under mpirun with 1 + N ranks)\n");
+  } else if (!(*runtime)->is_coordinator()) {
+    code = kvshard::RunWorker(**runtime);
+  }
+  (*runtime)->Finalize();
+  return code;
+}

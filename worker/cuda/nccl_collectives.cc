@@ -1,0 +1,258 @@
+#include "worker/cuda/nccl_collectives.h"
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/cuda/cuda_status.h"
+
+namespace kvshard {
+namespace {
+
+// Polling: spin (yielding) for the first 200 us, then sleep, doubling up to 1 ms; waits for collectives
+// are short when peers are in step, and an idle worker leaves the cores to the busy ones.
+class Backoff {
+ public:
+  void Wait() {
+    const auto elapsed = std::chrono::steady_clock::now() - start_;
+    if (elapsed < std::chrono::microseconds(200)) {
+      std::this_thread::yield();
+      return;
+    }
+    std::this_thread::sleep_for(sleep_);
+    sleep_ = std::min(sleep_ * 2, std::chrono::microseconds(1000));
+  }
+
+ private:
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  std::chrono::microseconds sleep_{20};
+};
+
+absl::Time Now() { return absl::Now(); }
+
+absl::Status CheckBytes(int64_t bytes, const char* what) {
+  if (bytes < 0) return absl::InvalidArgumentError(absl::StrCat("nccl ", what, ": negative size ", bytes));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+NcclCollectives::NcclCollectives(ncclComm_t comm, int rank, int size, cudaStream_t stream, absl::Duration timeout)
+    : comm_(comm), rank_(rank), size_(size), stream_(stream), timeout_(timeout) {}
+
+absl::StatusOr<std::unique_ptr<NcclCollectives>> NcclCollectives::Create(Collectives& bootstrap, cudaStream_t stream,
+                                                                          absl::Duration timeout) {
+  const int rank = bootstrap.rank();
+  const int size = bootstrap.size();
+  ncclUniqueId id{};
+  if (rank == 0) NCCL_RETURN_IF_ERROR(rank, ncclGetUniqueId(&id));
+  KV_RETURN_IF_ERROR(bootstrap.Broadcast(&id, sizeof(id), 0));
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;  // every wait is polled, so a missing peer gives DeadlineExceeded, not a hang
+  ncclComm_t comm = nullptr;
+  const ncclResult_t result = ncclCommInitRankConfig(&comm, size, id, rank, &config);
+  if (comm == nullptr) NCCL_RETURN_IF_ERROR(rank, result);
+  std::unique_ptr<NcclCollectives> collectives(new NcclCollectives(comm, rank, size, stream, timeout));
+  KV_RETURN_IF_ERROR(collectives->Complete(result, "ncclCommInitRankConfig(&comm, size, id, rank, &config)",
+                                           absl::StrCat("join of a communicator of ", size, " workers"), __FILE__,
+                                           __LINE__));
+  return collectives;
+}
+
+NcclCollectives::~NcclCollectives() {
+  if (comm_ != nullptr) {
+    absl::Status status = Synchronize();
+    if (status.ok()) {
+      status = Complete(ncclCommFinalize(comm_), "ncclCommFinalize(comm_)", "finalize", __FILE__, __LINE__);
+    }
+    if (status.ok() && comm_ != nullptr) {
+      ncclCommDestroy(comm_);  // local once finalized
+      comm_ = nullptr;
+    }
+    if (comm_ != nullptr) Abort(status).IgnoreError();  // a destructor has no one to report to
+  }
+  for (Pending& p : pending_) cudaEventDestroy(p.event);
+  for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+}
+
+std::string NcclCollectives::Describe(const std::string& what) const {
+  return absl::StrCat("worker ", rank_, " of ", size_, ": nccl ", what);
+}
+
+absl::Status NcclCollectives::Usable(const std::string& what) const {
+  if (!aborted_) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(Describe(what), ": the communicator was aborted after: ",
+                                                    abort_status_.message()));
+}
+
+absl::Status NcclCollectives::Abort(absl::Status status) {
+  if (comm_ != nullptr) {
+    ncclCommAbort(comm_);  // stops this communicator's kernels, so the stream drains
+    comm_ = nullptr;
+  }
+  // Events of aborted work are released once the stream passes them.
+  for (Pending& p : pending_) cudaEventDestroy(p.event);
+  pending_.clear();
+  if (!aborted_) {
+    aborted_ = true;
+    abort_status_ = status;
+  }
+  return status;
+}
+
+absl::Status NcclCollectives::Complete(ncclResult_t result, const char* expr, const std::string& what,
+                                       const char* file, int line) {
+  if (result != ncclSuccess && result != ncclInProgress) {
+    return Abort(NcclStatus(result, absl::StrCat(expr, " (", what, ")").c_str(), rank_, file, line));
+  }
+  const absl::Time deadline = Now() + timeout_;
+  Backoff backoff;
+  while (true) {
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t query = ncclCommGetAsyncError(comm_, &state);
+    if (query != ncclSuccess) return Abort(NcclStatus(query, "ncclCommGetAsyncError", rank_, file, line));
+    if (state == ncclSuccess) return absl::OkStatus();
+    if (state != ncclInProgress) {
+      return Abort(NcclStatus(state, absl::StrCat(expr, " (", what, ")").c_str(), rank_, file, line));
+    }
+    if (Now() > deadline) {
+      return Abort(absl::DeadlineExceededError(
+          absl::StrCat(file, ":", line, ": ", Describe(what), " did not complete within ",
+                       absl::FormatDuration(timeout_), ": a peer did not take part")));
+    }
+    backoff.Wait();
+  }
+}
+
+absl::Status NcclCollectives::Track(const std::string& what) {
+  while (!pending_.empty()) {  // recycle the events the stream has passed
+    const cudaError_t e = cudaEventQuery(pending_.front().event);
+    if (e == cudaErrorNotReady) break;
+    CUDA_RETURN_IF_ERROR(e);
+    free_events_.push_back(pending_.front().event);
+    pending_.pop_front();
+  }
+  cudaEvent_t event;
+  if (free_events_.empty()) {
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  } else {
+    event = free_events_.back();
+    free_events_.pop_back();
+  }
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(event, stream_));
+  pending_.push_back({event, what});
+  return absl::OkStatus();
+}
+
+absl::Status NcclCollectives::Synchronize() {
+  KV_RETURN_IF_ERROR(Usable("synchronize"));
+  KV_RETURN_IF_ERROR(Track("stream work after the last collective"));
+  absl::Time deadline = Now() + timeout_;
+  Backoff backoff;
+  while (!pending_.empty()) {
+    const cudaError_t e = cudaEventQuery(pending_.front().event);
+    if (e == cudaSuccess) {
+      free_events_.push_back(pending_.front().event);
+      pending_.pop_front();
+      deadline = Now() + timeout_;  // progress
+      backoff = Backoff();
+      continue;
+    }
+    if (e != cudaErrorNotReady) CUDA_RETURN_IF_ERROR(e);
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t query = ncclCommGetAsyncError(comm_, &state);
+    if (query != ncclSuccess) return Abort(NcclStatus(query, "ncclCommGetAsyncError", rank_, __FILE__, __LINE__));
+    if (state != ncclSuccess && state != ncclInProgress) {
+      return Abort(NcclStatus(state, absl::StrCat("(asynchronous) ", pending_.front().what).c_str(), rank_,
+                              __FILE__, __LINE__));
+    }
+    if (Now() > deadline) {
+      return Abort(absl::DeadlineExceededError(absl::StrCat(Describe(pending_.front().what),
+                                                            " did not complete within ",
+                                                            absl::FormatDuration(timeout_),
+                                                            ": a peer did not take part")));
+    }
+    backoff.Wait();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NcclCollectives::AllReduce(void* data, int64_t count, WireType type, ReduceOp op) {
+  KV_RETURN_IF_ERROR(CheckBytes(count, "allreduce"));
+  const std::string what = absl::StrCat("allreduce ", op == ReduceOp::kSum ? "sum" : "max", " of ", count,
+                                        type == WireType::kBf16 ? " bf16" : " fp32", " values");
+  KV_RETURN_IF_ERROR(Usable(what));
+  if (count == 0) return absl::OkStatus();
+  const ncclDataType_t dtype = type == WireType::kBf16 ? ncclBfloat16 : ncclFloat32;
+  const ncclRedOp_t nccl_op = op == ReduceOp::kSum ? ncclSum : ncclMax;
+  KV_RETURN_IF_ERROR(Complete(ncclAllReduce(data, data, static_cast<size_t>(count), dtype, nccl_op, comm_, stream_),
+                              "ncclAllReduce", what, __FILE__, __LINE__));
+  return Track(what);
+}
+
+absl::Status NcclCollectives::AllGather(const void* send, void* recv, int64_t bytes_per_rank) {
+  KV_RETURN_IF_ERROR(CheckBytes(bytes_per_rank, "allgather"));
+  const std::string what = absl::StrCat("allgather of ", bytes_per_rank, " bytes per worker");
+  KV_RETURN_IF_ERROR(Usable(what));
+  if (bytes_per_rank == 0) return absl::OkStatus();
+  KV_RETURN_IF_ERROR(Complete(
+      ncclAllGather(send, recv, static_cast<size_t>(bytes_per_rank), ncclUint8, comm_, stream_), "ncclAllGather",
+      what, __FILE__, __LINE__));
+  return Track(what);
+}
+
+absl::Status NcclCollectives::Broadcast(void* data, int64_t bytes, int root) {
+  KV_RETURN_IF_ERROR(CheckBytes(bytes, "broadcast"));
+  if (root < 0 || root >= size_) {
+    return absl::InvalidArgumentError(absl::StrCat(Describe("broadcast"), ": root ", root, " of ", size_));
+  }
+  const std::string what = absl::StrCat("broadcast of ", bytes, " bytes from worker ", root);
+  KV_RETURN_IF_ERROR(Usable(what));
+  if (bytes == 0) return absl::OkStatus();
+  KV_RETURN_IF_ERROR(Complete(
+      ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, comm_, stream_), "ncclBroadcast",
+      what, __FILE__, __LINE__));
+  return Track(what);
+}
+
+absl::Status NcclCollectives::Exchange(std::span<const SendBuffer> sends, std::span<const RecvBuffer> recvs) {
+  const std::string what = absl::StrCat("exchange of ", sends.size(), " sends and ", recvs.size(), " receives");
+  for (const SendBuffer& s : sends) {
+    KV_RETURN_IF_ERROR(CheckBytes(s.bytes, "send"));
+    if (s.peer < 0 || s.peer >= size_) {
+      return absl::InvalidArgumentError(absl::StrCat(Describe(what), ": send to worker ", s.peer));
+    }
+  }
+  for (const RecvBuffer& r : recvs) {
+    KV_RETURN_IF_ERROR(CheckBytes(r.bytes, "receive"));
+    if (r.peer < 0 || r.peer >= size_) {
+      return absl::InvalidArgumentError(absl::StrCat(Describe(what), ": receive from worker ", r.peer));
+    }
+  }
+  KV_RETURN_IF_ERROR(Usable(what));
+  if (sends.empty() && recvs.empty()) return absl::OkStatus();
+  // Inside a group, the calls only record the operations (ncclSuccess or, non-blocking, ncclInProgress);
+  // ncclGroupEnd launches them all together.
+  ncclResult_t first_error = ncclSuccess;
+  auto note = [&](ncclResult_t r) {
+    if (r != ncclSuccess && r != ncclInProgress && first_error == ncclSuccess) first_error = r;
+  };
+  note(ncclGroupStart());
+  for (const RecvBuffer& r : recvs) {
+    if (r.bytes > 0) note(ncclRecv(r.data, static_cast<size_t>(r.bytes), ncclUint8, r.peer, comm_, stream_));
+  }
+  for (const SendBuffer& s : sends) {
+    if (s.bytes > 0) note(ncclSend(s.data, static_cast<size_t>(s.bytes), ncclUint8, s.peer, comm_, stream_));
+  }
+  const ncclResult_t end = ncclGroupEnd();
+  if (first_error != ncclSuccess) {
+    return Abort(NcclStatus(first_error, absl::StrCat("ncclSend/ncclRecv (", what, ")").c_str(), rank_, __FILE__,
+                            __LINE__));
+  }
+  KV_RETURN_IF_ERROR(Complete(end, "ncclGroupEnd", what, __FILE__, __LINE__));
+  return Track(what);
+}
+
+}  // namespace kvshard

@@ -1,0 +1,89 @@
+// The GPU data plane: the Collectives interface (worker/collectives.h) over NCCL. Buffers are device
+// memory of the calling thread's current CUDA device; every operation is enqueued on the stream the
+// communicator was made with, and returns once it is enqueued (later work on that stream sees the result).
+//
+// Never a hang. The communicator is non-blocking (ncclConfig_t::blocking = 0): making it, enqueuing and
+// tearing it down are polled with ncclCommGetAsyncError, and a collective that cannot complete because a
+// peer does not take part shows up when the stream is waited for: Synchronize() polls the operations'
+// completion events and the communicator's asynchronous error, and after `timeout` without progress
+// aborts the communicator (ncclCommAbort, which also stops its kernels) and returns DeadlineExceeded
+// naming the operation that did not complete. Callers wait for the stream through Synchronize() only,
+// never with cudaStreamSynchronize. After an abort every call fails: the job cannot go on (collectives.h).
+//
+// One communicator serves one thread at a time, like the MPI backend.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "worker/collectives.h"
+
+namespace kvshard {
+
+class NcclCollectives final : public Collectives {
+ public:
+  // Collective over the workers of `bootstrap` (the MPI backend over the workers): worker 0 makes an
+  // ncclUniqueId and broadcasts it through `bootstrap`, then every worker joins with
+  // ncclCommInitRank(size, id, rank) on its current CUDA device. `stream` is the worker's stream (not
+  // owned). `timeout` bounds the join and every later wait for peers.
+  static absl::StatusOr<std::unique_ptr<NcclCollectives>> Create(Collectives& bootstrap, cudaStream_t stream,
+                                                                 absl::Duration timeout);
+  // Finalizes the communicator when its work is done (bounded by the timeout), else aborts it.
+  ~NcclCollectives() override;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "nccl"; }
+
+  absl::Status AllReduce(void* data, int64_t count, WireType type, ReduceOp op) override;
+  absl::Status AllGather(const void* send, void* recv, int64_t bytes_per_rank) override;
+  absl::Status Broadcast(void* data, int64_t bytes, int root) override;
+  absl::Status Exchange(std::span<const SendBuffer> sends, std::span<const RecvBuffer> recvs) override;
+
+  // Waits until everything enqueued on the stream so far has completed. DeadlineExceeded (after aborting
+  // the communicator) when no enqueued operation completes within the timeout; the error of the
+  // communicator when NCCL reports one.
+  absl::Status Synchronize();
+
+  cudaStream_t stream() const { return stream_; }
+  absl::Duration timeout() const { return timeout_; }
+  // Set once the communicator was aborted (a timeout or an asynchronous NCCL error).
+  bool aborted() const { return aborted_; }
+
+ private:
+  NcclCollectives(ncclComm_t comm, int rank, int size, cudaStream_t stream, absl::Duration timeout);
+
+  // Polls a non-blocking NCCL call that returned ncclInProgress until it is done; `what` names it.
+  absl::Status Complete(ncclResult_t result, const char* expr, const std::string& what, const char* file,
+                        int line);
+  // After an operation was enqueued: records its completion event, named `what`.
+  absl::Status Track(const std::string& what);
+  // Fails when the communicator was aborted.
+  absl::Status Usable(const std::string& what) const;
+  // Aborts the communicator and returns `status` (remembered for later calls).
+  absl::Status Abort(absl::Status status);
+  std::string Describe(const std::string& what) const;
+
+  ncclComm_t comm_ = nullptr;
+  int rank_ = 0;
+  int size_ = 1;
+  cudaStream_t stream_ = nullptr;
+  absl::Duration timeout_;
+  bool aborted_ = false;
+  absl::Status abort_status_;
+  struct Pending {
+    cudaEvent_t event;
+    std::string what;
+  };
+  std::deque<Pending> pending_;        // enqueued, not yet seen complete (in stream order)
+  std::vector<cudaEvent_t> free_events_;
+};
+
+}  // namespace kvshard
