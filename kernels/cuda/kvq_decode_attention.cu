@@ -19,7 +19,8 @@
 //      values' per-token terms: x = (low + half) + u * half with half = (high - low) / 2, so the
 //      channel-independent part p * (low + half) is summed here and E gets alpha = p * half;
 //   E. accumulates values: each code costs a table read and the group's FMAs with alpha;
-//   F. adds the value outliers (p * (outlier - dequantized)) through a shared per-warp correction row.
+//   F. adds the value outliers (p * (outlier - dequantized)) through a shared per-warp correction row,
+//      without atomics: lanes sharing a channel are summed over the warp first.
 // One more block per (KV head, tile, request) takes the fp16 sink (after RoPE) and residual (rotated
 // here). The block's warps combine in shared memory; MergePartialsCuda merges the splits.
 #include <algorithm>
@@ -198,7 +199,7 @@ __device__ __forceinline__ void AddAngle(float2 anchor, float cb, float sb, floa
 }
 
 template <int HEAD_DIM, int BITS>
-__global__ void __launch_bounds__(kThreads, 3) KvqDecodeKernel(const KvqParams p) {
+__global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
   using L = Smem<HEAD_DIM, BITS>;
   constexpr int kHalf = HEAD_DIM / 2;
   constexpr int kLanesPerToken = HEAD_DIM / 8;       // 16 (d=128) or 8 (d=64)
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 3) KvqDecodeKernel(const KvqParams p
   constexpr float kNegInf = -INFINITY;
   static_assert(kGroupTokens % 32 == 0, "chunks of 32 tokens");
   constexpr int kLevels = kLanesPerToken == 16 ? 4 : 3;  // log2(kLanesPerToken)
-  static_assert((1 << kLevels) == kLanesPerToken && kLanesPerToken <= 4 * kGroupTile, "butterfly levels");
+  static_assert((1 << kLevels) == kLanesPerToken && 4 * kGroupTile == 16, "butterfly levels");
 
   extern __shared__ __align__(16) unsigned char smem[];
   float* q_s = reinterpret_cast<float*>(smem + L::kQ);
@@ -432,17 +433,31 @@ __global__ void __launch_bounds__(kThreads, 3) KvqDecodeKernel(const KvqParams p
               cs[j] = nc;
             }
           }
-          // Transposing butterfly over the kLanesPerToken lanes of a token (xor offsets below 16).
+          // Transposing butterfly over the kLanesPerToken lanes of a token (xor offsets below 16). Each
+          // level is its own loop with a constant trip count, so s stays in registers.
+          {
+            const bool up1 = (lane & (kLanesPerToken / 2)) != 0;
 #pragma unroll
-          for (int level = 0; level < kLevels; ++level) {
-            const int off = kLanesPerToken >> (level + 1);
-            const int n = (4 * kGroupTile) >> level;
-            const bool upper = (lane & off) != 0;
+            for (int k = 0; k < 8; ++k) {
+              const float send = up1 ? s[k] : s[k + 8];
+              s[k] = (up1 ? s[k + 8] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 2);
+            }
+            const bool up2 = (lane & (kLanesPerToken / 4)) != 0;
 #pragma unroll
-            for (int k = 0; k < n / 2; ++k) {
-              const float send = upper ? s[k] : s[k + n / 2];
-              const float keep = upper ? s[k + n / 2] : s[k];
-              s[k] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+            for (int k = 0; k < 4; ++k) {
+              const float send = up2 ? s[k] : s[k + 4];
+              s[k] = (up2 ? s[k + 4] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 4);
+            }
+            const bool up3 = (lane & (kLanesPerToken / 8)) != 0;
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              const float send = up3 ? s[k] : s[k + 2];
+              s[k] = (up3 ? s[k + 2] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 8);
+            }
+            if constexpr (kLevels == 4) {
+              const bool up4 = (lane & 1) != 0;
+              const float send = up4 ? s[0] : s[1];
+              s[0] = (up4 ? s[1] : s[0]) + __shfl_xor_sync(0xffffffffu, send, 1);
             }
           }
           // Lane kg holds entries kg * kPer .. of the 16 (token-major, then query head).
@@ -566,18 +581,57 @@ __global__ void __launch_bounds__(kThreads, 3) KvqDecodeKernel(const KvqParams p
           reinterpret_cast<float4*>(corr_s)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
         __syncwarp();
-        for (int e = lane; e < n_valid * n_out; e += 32) {
-          const int tok = e / n_out;
-          const int ch = och_s[e];
-          const float lo = __half2float(low_s[tok]);
-          const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
-          const uint32_t code = CodeAt<BITS>(vcodes, tok * HEAD_DIM + ch);
-          const float delta = __half2float(oval_s[e]) - fmaf(cbv_s[code], hh, lo + hh);
-          const float4 pr = reinterpret_cast<const float4*>(scores_s)[tok];
-          atomicAdd(&corr_s[0 * HEAD_DIM + ch], pr.x * delta);
-          atomicAdd(&corr_s[1 * HEAD_DIM + ch], pr.y * delta);
-          atomicAdd(&corr_s[2 * HEAD_DIM + ch], pr.z * delta);
-          atomicAdd(&corr_s[3 * HEAD_DIM + ch], pr.w * delta);
+        // Outlier channels repeat across tokens (and in the benchmark's store every token's is the same),
+        // so shared atomics would serialise the warp on one address. Instead a lane whose channel no
+        // other lane has adds on its own; each channel held by several lanes is summed over the warp
+        // once and added by its first lane.
+        const int n_entries = n_valid * n_out;
+        for (int e0 = 0; e0 < n_entries; e0 += 32) {
+          const int e = e0 + lane;
+          const bool valid = e < n_entries;
+          int ch = -1 - lane;  // distinct from every channel and from the other lanes' placeholders
+          float4 add = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (valid) {
+            const int tok = e / n_out;
+            ch = och_s[e];
+            const float lo = __half2float(low_s[tok]);
+            const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
+            const uint32_t code = CodeAt<BITS>(vcodes, tok * HEAD_DIM + ch);
+            const float delta = __half2float(oval_s[e]) - fmaf(cbv_s[code], hh, lo + hh);
+            const float4 pr = reinterpret_cast<const float4*>(scores_s)[tok];
+            add = make_float4(pr.x * delta, pr.y * delta, pr.z * delta, pr.w * delta);
+          }
+          const unsigned peers = __match_any_sync(0xffffffffu, ch);
+          const bool alone = __popc(peers) == 1;
+          if (valid && alone) {
+            corr_s[0 * HEAD_DIM + ch] += add.x;
+            corr_s[1 * HEAD_DIM + ch] += add.y;
+            corr_s[2 * HEAD_DIM + ch] += add.z;
+            corr_s[3 * HEAD_DIM + ch] += add.w;
+          }
+          __syncwarp();
+          unsigned shared_lanes = __ballot_sync(0xffffffffu, valid && !alone);
+          while (shared_lanes != 0) {
+            const int leader = __ffs(shared_lanes) - 1;
+            const int key = __shfl_sync(0xffffffffu, ch, leader);
+            const bool mine = ch == key;
+            float4 sum = mine ? add : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+              sum.x += __shfl_xor_sync(0xffffffffu, sum.x, off);
+              sum.y += __shfl_xor_sync(0xffffffffu, sum.y, off);
+              sum.z += __shfl_xor_sync(0xffffffffu, sum.z, off);
+              sum.w += __shfl_xor_sync(0xffffffffu, sum.w, off);
+            }
+            if (lane == leader) {
+              corr_s[0 * HEAD_DIM + key] += sum.x;
+              corr_s[1 * HEAD_DIM + key] += sum.y;
+              corr_s[2 * HEAD_DIM + key] += sum.z;
+              corr_s[3 * HEAD_DIM + key] += sum.w;
+            }
+            shared_lanes &= ~__ballot_sync(0xffffffffu, mine);
+            __syncwarp();
+          }
         }
         __syncwarp();
         if (tg == 0) {
