@@ -2,19 +2,25 @@
 //
 // One thread block owns (split, KV head, group tile of up to 4 query heads, request); its four warps
 // take the split's 128-token pages in turn. Per page a warp
-//   A. stages the page's key and value codes and their per-token metadata into its shared memory with
-//      16-byte cp.async loads (a b-bit page stream is 16 * b * head_dim bytes);
+//   A. has the page's key codes and outlier counts (one cp.async group) and value codes and per-token
+//      metadata (another) staged into its shared memory with 16-byte cp.async loads; each group of the
+//      next page is issued as soon as this page is done with it, so loads overlap the math; computes
+//      the page's RoPE anchor cos/sin(position0 * f_i) in double once per frequency;
 //   B. computes the dense key scores: head_dim/8 lanes share a token, each lane owns 4 RoPE pairs
 //      (i, i + head_dim/2), reads its channels' codes of 32 tokens as b whole 32-bit words (keys are
 //      channel-major), dequantizes through the key codebook and the per-channel thresholds, rotates
-//      (angles from double at every 32nd token, stepped in fp32 in between) and dots with the query
-//      group held in registers;
-//   C. adds the key outliers: a stored outlier replaces the pre-RoPE key value, so its score changes by
-//      (outlier - dequantized) times the query rotated back at that channel (RoPE is linear);
-//   D. runs the online softmax over the page (log2 domain);
-//   E. accumulates values: x = (low + half) + u * half with half = (high - low) / 2, so the
-//      channel-independent part is one sum per token and each code costs a table read and the group's FMAs;
-//   F. adds the value outliers (p * (outlier - dequantized)) through a shared per-warp correction row.
+//      (chunk start from the page anchor and a small fp32 angle, stepped in fp32 in between) and dots
+//      with the query group held in registers; four tokens' partial sums are reduced at once by a
+//      transposing butterfly (15 shuffles per 4 tokens instead of 64);
+//   C. adds the key outliers (the first of each token prefetched before B): a stored outlier replaces the
+//      pre-RoPE key value, so its score changes by (outlier - dequantized) times the query rotated back at
+//      that channel (RoPE is linear);
+//   D. runs the online softmax over the page (log2 domain), one lane per 4 tokens, and prepares the
+//      values' per-token terms: x = (low + half) + u * half with half = (high - low) / 2, so the
+//      channel-independent part p * (low + half) is summed here and E gets alpha = p * half;
+//   E. accumulates values: each code costs a table read and the group's FMAs with alpha;
+//   F. adds the value outliers (p * (outlier - dequantized)) through a shared per-warp correction row,
+//      without atomics: lanes sharing a channel are summed over the warp first.
 // One more block per (KV head, tile, request) takes the fp16 sink (after RoPE) and residual (rotated
 // here). The block's warps combine in shared memory; MergePartialsCuda merges the splits.
 #include <algorithm>
@@ -96,13 +102,16 @@ struct Smem {
   static constexpr int kHigh = kLow + 2 * kPage;                   // fp16 [128]
   static constexpr int kCount = kHigh + 2 * kPage;                 // u8 [128]
   static constexpr int kScores = kCount + kPage;                   // float [128][4]
-  static constexpr int kCorr = kScores + 4 * kPage * kGroupTile;   // float [4][HEAD_DIM]
-  static constexpr int kOutlierChannel = kCorr + 4 * kGroupTile * HEAD_DIM;  // u8 [128][n_out]
+  // float [128][4] alpha = p * half for E, then float [4][HEAD_DIM] value outlier corrections for F.
+  static constexpr int kAlpha = kScores + 4 * kPage * kGroupTile;
+  static constexpr int kCorr = kAlpha;
+  static constexpr int kAnchor = kAlpha + 4 * kGroupTile * (HEAD_DIM > kPage ? HEAD_DIM : kPage);  // float2 [HEAD_DIM / 2]
+  static constexpr int kOutlierChannel = kAnchor + 4 * HEAD_DIM;    // u8 [128][n_out]
   __host__ __device__ static int OutlierValue(int n_out) { return kOutlierChannel + kPage * n_out; }
   __host__ __device__ static int WarpBytes(int n_out) { return OutlierValue(n_out) + 2 * kPage * n_out; }
   __host__ __device__ static int Total(int n_out) { return kWarpBase + kWarps * WarpBytes(n_out); }
   static_assert(kWarpBase % 16 == 0 && kValueCodes % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
-                    kOutlierChannel % 16 == 0,
+                    kOutlierChannel % 16 == 0 && kAnchor % 16 == 0,
                 "cp.async destinations must be 16-byte aligned");
   // The block's combine reuses the warp area: float [kWarps][4][HEAD_DIM].
   static_assert(kWarps * kGroupTile * HEAD_DIM * 4 <= kWarps * kOutlierChannel, "combine state must fit");
@@ -146,6 +155,49 @@ __device__ __forceinline__ void RopeAngle(int64_t position, float inv_freq, floa
   *s = static_cast<float>(sn);
 }
 
+// sin and cos of 0 <= x < 128 in fp32 with explicit operations, so --use_fast_math (which turns sincosf
+// into the hardware approximation, ~1e-5 off at 100 rad) does not touch them: three-part Cody-Waite
+// reduction by pi/2 (FMA), then the Cephes minimax polynomials on [-pi/4, pi/4]. Within 1e-7 of the
+// double results over [0, 128).
+__device__ __forceinline__ void SinCosSmall(float x, float* s, float* c) {
+  const float k = rintf(x * 0.636619772f);
+  float r = fmaf(-k, 1.57079637050628662109375f, x);
+  r = fmaf(-k, -4.3711388286737929e-8f, r);
+  r = fmaf(-k, -1.7150994166548195e-15f, r);
+  const float r2 = __fmul_rn(r, r);
+  float ps = fmaf(r2, -1.9515295891e-4f, 8.3321608736e-3f);
+  ps = fmaf(r2, ps, -1.6666654611e-1f);
+  const float sr = fmaf(__fmul_rn(r, r2), ps, r);
+  float pc = fmaf(r2, 2.443315711809948e-5f, -1.388731625493765e-3f);
+  pc = fmaf(r2, pc, 4.166664568298827e-2f);
+  const float cr = fmaf(__fmul_rn(r2, r2), pc, fmaf(-0.5f, r2, 1.0f));
+  const int q = static_cast<int>(k) & 3;
+  const float sa = (q & 1) ? cr : sr, ca = (q & 1) ? sr : cr;
+  *s = (q & 2) ? -sa : sa;
+  *c = ((q + 1) & 2) ? -ca : ca;
+}
+
+// cos/sin(t * inv_freq) for a token offset 0 <= t < 128 inside a page (|angle| < 128 rad): the product is
+// split exactly into fp32 h + l (FMA), SinCosSmall(h) is corrected to first order by l (|l| < 4e-6, so
+// the dropped term is < 1e-11). Within 1.1e-7 of cos/sin(double(t) * double(inv_freq)) for every t and
+// frequency of RoPE bases 1e4 .. 1e6, head_dim 64 and 128 (checked exhaustively against libm).
+__device__ __forceinline__ void SmallAngle(int t, float inv_freq, float* c, float* s) {
+  const float x = static_cast<float>(t);
+  const float h = __fmul_rn(x, inv_freq);
+  const float l = fmaf(x, inv_freq, -h);
+  float sh, ch;
+  SinCosSmall(h, &sh, &ch);
+  *c = fmaf(-l, sh, ch);
+  *s = fmaf(l, ch, sh);
+}
+
+// cos/sin(A + B) from anchor (cos A, sin A) and cos/sin B, in fp32: with inputs within 1.1e-7 and two
+// roundings per output the result is within 4e-7 absolute.
+__device__ __forceinline__ void AddAngle(float2 anchor, float cb, float sb, float* c, float* s) {
+  *c = fmaf(anchor.x, cb, -anchor.y * sb);
+  *s = fmaf(anchor.y, cb, anchor.x * sb);
+}
+
 template <int HEAD_DIM, int BITS>
 __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
   using L = Smem<HEAD_DIM, BITS>;
@@ -157,6 +209,8 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   constexpr float kNegInf = -INFINITY;
   static_assert(kGroupTokens % 32 == 0, "chunks of 32 tokens");
+  constexpr int kLevels = kLanesPerToken == 16 ? 4 : 3;  // log2(kLanesPerToken)
+  static_assert((1 << kLevels) == kLanesPerToken && 4 * kGroupTile == 16, "butterfly levels");
 
   extern __shared__ __align__(16) unsigned char smem[];
   float* q_s = reinterpret_cast<float*>(smem + L::kQ);
@@ -180,6 +234,7 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
   unsigned char* wbase = smem + L::kWarpBase + warp * L::WarpBytes(n_out);
   float* scores_s = reinterpret_cast<float*>(wbase + L::kScores);
   float* corr_s = reinterpret_cast<float*>(wbase + L::kCorr);
+  float* alpha_s = reinterpret_cast<float*>(wbase + L::kAlpha);
 
   for (int i = threadIdx.x; i < kGroupTile * HEAD_DIM; i += kThreads) {
     const int g = i / HEAD_DIM;
@@ -199,7 +254,6 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
     cbv_s[threadIdx.x] = p.kv.value_codebook[threadIdx.x];
   }
   for (int i = threadIdx.x; i < kHalf; i += kThreads) invf_s[i] = p.kv.inv_freq[i];
-  for (int i = lane; i < kGroupTile * HEAD_DIM; i += 32) corr_s[i] = 0.0f;
   __syncthreads();
 
   const int sink_len = p.kv.sink_lens[request];
@@ -250,31 +304,90 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
     const uint8_t* count_s = wbase + L::kCount;
     const uint8_t* och_s = wbase + L::kOutlierChannel;
     const __half* oval_s = reinterpret_cast<const __half*>(wbase + L::OutlierValue(n_out));
+    float2* anchor_s = reinterpret_cast<float2*>(wbase + L::kAnchor);
 
-    for (int64_t pg = page_begin + warp; pg < page_end; pg += kWarps) {
+    // Software pipeline over the warp's pages with one staging area: the key group (key codes, outlier
+    // counts) of the next page loads while this page's softmax and values run, and the value group
+    // (value codes, thresholds, outliers) of the next page while its keys run. Every stage commits one
+    // group (possibly empty), so "wait until one group is pending" always means "this stage's data".
+    auto page_head = [&](int64_t pg) -> int64_t {
       const int64_t phys = p.kv.page_table[static_cast<int64_t>(request) * p.kv.pages_per_request + pg];
-      const int64_t ph = phys * p.n_kv_heads + kv_head;
-      const int n_valid = static_cast<int>(min(static_cast<int64_t>(kPage), quantized_len - pg * kPage));
-      const int64_t position0 = start_position + sink_len + pg * kPage;
-
-      // A. Stage the page.
-      __syncwarp();
-      StageAsync(wbase + L::kKeyCodes, p.kv.key_codes + ph * L::kCodeBytes, L::kCodeBytes, lane);
-      StageAsync(wbase + L::kValueCodes, p.kv.value_codes + ph * L::kCodeBytes, L::kCodeBytes, lane);
-      StageAsync(wbase + L::kLow, p.kv.value_low + ph * kPage, 2 * kPage, lane);
-      StageAsync(wbase + L::kHigh, p.kv.value_high + ph * kPage, 2 * kPage, lane);
-      StageAsync(wbase + L::kCount, p.kv.key_outlier_count + ph * kPage, kPage, lane);
-      if (n_out > 0) {
-        StageAsync(wbase + L::kOutlierChannel, p.kv.value_outlier_channel + ph * kPage * n_out, kPage * n_out,
-                   lane);
-        StageAsync(wbase + L::OutlierValue(n_out), p.kv.value_outlier_value + ph * kPage * n_out,
-                   2 * kPage * n_out, lane);
+      return phys * p.n_kv_heads + kv_head;
+    };
+    auto stage_keys = [&](int64_t pg) {
+      if (pg < page_end) {
+        const int64_t ph = page_head(pg);
+        StageAsync(wbase + L::kKeyCodes, p.kv.key_codes + ph * L::kCodeBytes, L::kCodeBytes, lane);
+        StageAsync(wbase + L::kCount, p.kv.key_outlier_count + ph * kPage, kPage, lane);
       }
       CpAsyncCommit();
-      CpAsyncWait<0>();
+    };
+    auto stage_values = [&](int64_t pg) {
+      if (pg < page_end) {
+        const int64_t ph = page_head(pg);
+        StageAsync(wbase + L::kValueCodes, p.kv.value_codes + ph * L::kCodeBytes, L::kCodeBytes, lane);
+        StageAsync(wbase + L::kLow, p.kv.value_low + ph * kPage, 2 * kPage, lane);
+        StageAsync(wbase + L::kHigh, p.kv.value_high + ph * kPage, 2 * kPage, lane);
+        if (n_out > 0) {
+          StageAsync(wbase + L::kOutlierChannel, p.kv.value_outlier_channel + ph * kPage * n_out, kPage * n_out,
+                     lane);
+          StageAsync(wbase + L::OutlierValue(n_out), p.kv.value_outlier_value + ph * kPage * n_out,
+                     2 * kPage * n_out, lane);
+        }
+      }
+      CpAsyncCommit();
+    };
+    stage_keys(page_begin + warp);
+    stage_values(page_begin + warp);
+
+    for (int64_t pg = page_begin + warp; pg < page_end; pg += kWarps) {
+      const int64_t ph = page_head(pg);
+      const int n_valid = static_cast<int>(min(static_cast<int64_t>(kPage), quantized_len - pg * kPage));
+      const int64_t position0 = start_position + sink_len + pg * kPage;
+      const int64_t outlier_base = p.kv.key_outlier_offset[ph];
+
+      // A. The page's RoPE anchor: cos/sin(position0 * f_i) in double, once per frequency and page (the
+      // angles reach ~1e6 rad; the CPU twin takes every angle in double). Token t of the page then only
+      // needs the small angle t f_i (SmallAngle) and the angle addition formula in fp32 (AddAngle):
+      // < 4e-7 absolute in cos and sin, against the test's 2e-5 relative bound on the scores.
+      for (int i = lane; i < kHalf; i += 32) {
+        float c, sn;
+        RopeAngle(position0, invf_s[i], &c, &sn);
+        anchor_s[i] = make_float2(c, sn);
+      }
+      CpAsyncWait<1>();  // this page's key group
       __syncwarp();
 
-      // B. Dense key scores of this lane group's tokens, 32 at a time.
+      // Key outliers of this lane's tokens 4 * lane .. 4 * lane + 3: the first one of each token is
+      // loaded now, so its latency hides behind the dense scores.
+      int counts[4], local = 0;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        counts[u] = (4 * lane + u < n_valid) ? count_s[4 * lane + u] : 0;
+        local += counts[u];
+      }
+      int incl = local;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int other = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += other;
+      }
+      const int64_t lane_first = outlier_base + (incl - local);
+      int first_ch[4];
+      uint16_t first_val[4];
+      {
+        int64_t idx = lane_first;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          first_ch[u] = counts[u] > 0 ? p.kv.key_outlier_channel[idx] : 0;
+          first_val[u] = counts[u] > 0 ? p.kv.key_outlier_value[idx] : 0;
+          idx += counts[u];
+        }
+      }
+
+      // B. Dense key scores of this lane group's tokens, 32 at a time, four tokens per reduction: the
+      // lanes of a token exchange halves of their 16 partial sums (4 tokens x 4 query heads) at each
+      // butterfly level, so a lane ends with 16 / kLanesPerToken finished scores.
 #pragma unroll 1
       for (int chunk = 0; chunk < kChunks; ++chunk) {
         const int t0 = tg * kGroupTokens + chunk * 32;
@@ -289,64 +402,89 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
         }
         float cs[4], sn[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) RopeAngle(position0 + t0, invf_s[kg + kLanesPerToken * j], &cs[j], &sn[j]);
+        for (int j = 0; j < 4; ++j) {
+          const int i = kg + kLanesPerToken * j;
+          float tc, ts;
+          SmallAngle(t0, invf_s[i], &tc, &ts);
+          AddAngle(anchor_s[i], tc, ts, &cs[j], &sn[j]);
+        }
 #pragma unroll
-        for (int t = 0; t < 32; ++t) {
-          float s[kGroupTile];
+        for (int tq = 0; tq < 8; ++tq) {
+          float s[4 * kGroupTile];
 #pragma unroll
-          for (int g = 0; g < kGroupTile; ++g) s[g] = 0.0f;
+          for (int v = 0; v < 4 * kGroupTile; ++v) s[v] = 0.0f;
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int bit = t * BITS;
-            const uint32_t ca = __funnelshift_r(words[j][bit >> 5], words[j][(bit >> 5) + 1], bit & 31) & kMask;
-            const uint32_t cb = __funnelshift_r(words[j + 4][bit >> 5], words[j + 4][(bit >> 5) + 1], bit & 31) & kMask;
-            const float a = fmaf(half[j], cbk_s[ca], mid[j]);
-            const float b = fmaf(half[j + 4], cbk_s[cb], mid[j + 4]);
-            const float ra = a * cs[j] - b * sn[j];
-            const float rb = b * cs[j] + a * sn[j];
+          for (int tt = 0; tt < 4; ++tt) {
+            const int t = 4 * tq + tt;
 #pragma unroll
-            for (int g = 0; g < kGroupTile; ++g) s[g] = fmaf(qr[g][j], ra, fmaf(qr[g][j + 4], rb, s[g]));
-            const float nc = cs[j] * step_c[j] - sn[j] * step_s[j];
-            sn[j] = sn[j] * step_c[j] + cs[j] * step_s[j];
-            cs[j] = nc;
+            for (int j = 0; j < 4; ++j) {
+              const int bit = t * BITS;
+              const uint32_t ca = __funnelshift_r(words[j][bit >> 5], words[j][(bit >> 5) + 1], bit & 31) & kMask;
+              const uint32_t cb = __funnelshift_r(words[j + 4][bit >> 5], words[j + 4][(bit >> 5) + 1], bit & 31) & kMask;
+              const float a = fmaf(half[j], cbk_s[ca], mid[j]);
+              const float b = fmaf(half[j + 4], cbk_s[cb], mid[j + 4]);
+              const float ra = a * cs[j] - b * sn[j];
+              const float rb = b * cs[j] + a * sn[j];
+#pragma unroll
+              for (int g = 0; g < kGroupTile; ++g)
+                s[tt * kGroupTile + g] = fmaf(qr[g][j], ra, fmaf(qr[g][j + 4], rb, s[tt * kGroupTile + g]));
+              const float nc = cs[j] * step_c[j] - sn[j] * step_s[j];
+              sn[j] = sn[j] * step_c[j] + cs[j] * step_s[j];
+              cs[j] = nc;
+            }
           }
+          // Transposing butterfly over the kLanesPerToken lanes of a token (xor offsets below 16). Each
+          // level is its own loop with a constant trip count, so s stays in registers.
+          {
+            const bool up1 = (lane & (kLanesPerToken / 2)) != 0;
 #pragma unroll
-          for (int off = kLanesPerToken / 2; off > 0; off >>= 1)
+            for (int k = 0; k < 8; ++k) {
+              const float send = up1 ? s[k] : s[k + 8];
+              s[k] = (up1 ? s[k + 8] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 2);
+            }
+            const bool up2 = (lane & (kLanesPerToken / 4)) != 0;
 #pragma unroll
-            for (int g = 0; g < kGroupTile; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], off);
-          if (kg == 0) {
-            reinterpret_cast<float4*>(scores_s)[t0 + t] = make_float4(s[0], s[1], s[2], s[3]);
+            for (int k = 0; k < 4; ++k) {
+              const float send = up2 ? s[k] : s[k + 4];
+              s[k] = (up2 ? s[k + 4] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 4);
+            }
+            const bool up3 = (lane & (kLanesPerToken / 8)) != 0;
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              const float send = up3 ? s[k] : s[k + 2];
+              s[k] = (up3 ? s[k + 2] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 8);
+            }
+            if constexpr (kLevels == 4) {
+              const bool up4 = (lane & 1) != 0;
+              const float send = up4 ? s[0] : s[1];
+              s[0] = (up4 ? s[1] : s[0]) + __shfl_xor_sync(0xffffffffu, send, 1);
+            }
           }
+          // Lane kg holds entries kg * kPer .. of the 16 (token-major, then query head).
+          constexpr int kPer = 4 * kGroupTile / kLanesPerToken;
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) scores_s[(t0 + 4 * tq) * kGroupTile + kg * kPer + k] = s[k];
         }
       }
       __syncwarp();
 
-      // C. Key outliers; lane owns tokens 4 * lane .. 4 * lane + 3.
+      // C. Key outliers: a stored outlier replaces the pre-RoPE key value, so the score changes by
+      // (outlier - dequantized) times the query rotated back at that channel; its angle is the page anchor
+      // plus tok f_i.
       {
-        int counts[4], local = 0;
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          counts[u] = (4 * lane + u < n_valid) ? count_s[4 * lane + u] : 0;
-          local += counts[u];
-        }
-        int incl = local;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const int other = __shfl_up_sync(0xffffffffu, incl, off);
-          if (lane >= off) incl += other;
-        }
-        int64_t idx = p.kv.key_outlier_offset[ph] + (incl - local);
+        int64_t idx = lane_first;
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int tok = 4 * lane + u;
           for (int e = 0; e < counts[u]; ++e, ++idx) {
-            const int ch = p.kv.key_outlier_channel[idx];
-            const float value = __half2float(__ushort_as_half(p.kv.key_outlier_value[idx]));
+            const int ch = e == 0 ? first_ch[u] : p.kv.key_outlier_channel[idx];
+            const float value = __half2float(__ushort_as_half(e == 0 ? first_val[u] : p.kv.key_outlier_value[idx]));
             const uint32_t code = CodeAt<BITS>(kcodes, ch * kPage + tok);
             const float delta = value - fmaf(half_s[ch], cbk_s[code], mid_s[ch]);
             const int i = ch % kHalf;
-            float c, s;
-            RopeAngle(position0 + tok, invf_s[i], &c, &s);
+            float tc, ts, c, s;
+            SmallAngle(tok, invf_s[i], &tc, &ts);
+            AddAngle(anchor_s[i], tc, ts, &c, &s);
             float* sc = scores_s + tok * kGroupTile;
 #pragma unroll
             for (int g = 0; g < kGroupTile; ++g) {
@@ -358,8 +496,13 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
         }
       }
       __syncwarp();
+      stage_keys(pg + kWarps);  // the key codes and counts of this page are consumed
 
-      // D. Online softmax over the page (log2 domain).
+      CpAsyncWait<1>();  // this page's value group
+      __syncwarp();
+
+      // D. Online softmax over the page (log2 domain). Each lane also takes its tokens' value terms:
+      // alpha = p * half for E, and the channel-independent p * (low + half) into beta.
       {
         float4 sv[4];
 #pragma unroll
@@ -393,7 +536,22 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
           for (int c = 0; c < 8; ++c) acc[g][c] *= corr[g];
         }
 #pragma unroll
-        for (int u = 0; u < 4; ++u) reinterpret_cast<float4*>(scores_s)[4 * lane + u] = sv[u];
+        for (int u = 0; u < 4; ++u) {
+          const int tok = 4 * lane + u;
+          float4 al = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (tok < n_valid) {
+            const float lo = __half2float(low_s[tok]);
+            const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
+            const float base = lo + hh;
+            al = make_float4(sv[u].x * hh, sv[u].y * hh, sv[u].z * hh, sv[u].w * hh);
+            beta[0] = fmaf(sv[u].x, base, beta[0]);
+            beta[1] = fmaf(sv[u].y, base, beta[1]);
+            beta[2] = fmaf(sv[u].z, base, beta[2]);
+            beta[3] = fmaf(sv[u].w, base, beta[3]);
+          }
+          reinterpret_cast<float4*>(scores_s)[tok] = sv[u];
+          reinterpret_cast<float4*>(alpha_s)[tok] = al;
+        }
       }
       __syncwarp();
 
@@ -403,17 +561,8 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
         const int t_end = min(t_begin + kGroupTokens, n_valid);
 #pragma unroll 4
         for (int tok = t_begin; tok < t_end; ++tok) {
-          const float4 pr = reinterpret_cast<const float4*>(scores_s)[tok];
-          const float lo = __half2float(low_s[tok]);
-          const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
-          const float base = lo + hh;
-          const float pg4[4] = {pr.x, pr.y, pr.z, pr.w};
-          float alpha[kGroupTile];
-#pragma unroll
-          for (int g = 0; g < kGroupTile; ++g) {
-            alpha[g] = pg4[g] * hh;
-            beta[g] = fmaf(pg4[g], base, beta[g]);
-          }
+          const float4 al = reinterpret_cast<const float4*>(alpha_s)[tok];
+          const float alpha[kGroupTile] = {al.x, al.y, al.z, al.w};
           const int bit = (tok * (HEAD_DIM / 8) + kg) * 8 * BITS;
           const uint32_t packed = __funnelshift_r(vcodes[bit >> 5], vcodes[(bit >> 5) + 1], bit & 31);
 #pragma unroll
@@ -425,20 +574,64 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
         }
       }
 
-      // F. Value outliers, through the warp's correction row.
+      // F. Value outliers, through the warp's correction row (which reuses E's alpha rows).
       if (n_out > 0) {
-        for (int e = lane; e < n_valid * n_out; e += 32) {
-          const int tok = e / n_out;
-          const int ch = och_s[e];
-          const float lo = __half2float(low_s[tok]);
-          const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
-          const uint32_t code = CodeAt<BITS>(vcodes, tok * HEAD_DIM + ch);
-          const float delta = __half2float(oval_s[e]) - fmaf(cbv_s[code], hh, lo + hh);
-          const float4 pr = reinterpret_cast<const float4*>(scores_s)[tok];
-          atomicAdd(&corr_s[0 * HEAD_DIM + ch], pr.x * delta);
-          atomicAdd(&corr_s[1 * HEAD_DIM + ch], pr.y * delta);
-          atomicAdd(&corr_s[2 * HEAD_DIM + ch], pr.z * delta);
-          atomicAdd(&corr_s[3 * HEAD_DIM + ch], pr.w * delta);
+        __syncwarp();
+        for (int i = lane; i < kGroupTile * HEAD_DIM / 4; i += 32) {
+          reinterpret_cast<float4*>(corr_s)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+        __syncwarp();
+        // Outlier channels repeat across tokens (and in the benchmark's store every token's is the same),
+        // so shared atomics would serialise the warp on one address. Instead a lane whose channel no
+        // other lane has adds on its own; each channel held by several lanes is summed over the warp
+        // once and added by its first lane.
+        const int n_entries = n_valid * n_out;
+        for (int e0 = 0; e0 < n_entries; e0 += 32) {
+          const int e = e0 + lane;
+          const bool valid = e < n_entries;
+          int ch = -1 - lane;  // distinct from every channel and from the other lanes' placeholders
+          float4 add = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (valid) {
+            const int tok = e / n_out;
+            ch = och_s[e];
+            const float lo = __half2float(low_s[tok]);
+            const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
+            const uint32_t code = CodeAt<BITS>(vcodes, tok * HEAD_DIM + ch);
+            const float delta = __half2float(oval_s[e]) - fmaf(cbv_s[code], hh, lo + hh);
+            const float4 pr = reinterpret_cast<const float4*>(scores_s)[tok];
+            add = make_float4(pr.x * delta, pr.y * delta, pr.z * delta, pr.w * delta);
+          }
+          const unsigned peers = __match_any_sync(0xffffffffu, ch);
+          const bool alone = __popc(peers) == 1;
+          if (valid && alone) {
+            corr_s[0 * HEAD_DIM + ch] += add.x;
+            corr_s[1 * HEAD_DIM + ch] += add.y;
+            corr_s[2 * HEAD_DIM + ch] += add.z;
+            corr_s[3 * HEAD_DIM + ch] += add.w;
+          }
+          __syncwarp();
+          unsigned shared_lanes = __ballot_sync(0xffffffffu, valid && !alone);
+          while (shared_lanes != 0) {
+            const int leader = __ffs(shared_lanes) - 1;
+            const int key = __shfl_sync(0xffffffffu, ch, leader);
+            const bool mine = ch == key;
+            float4 sum = mine ? add : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+              sum.x += __shfl_xor_sync(0xffffffffu, sum.x, off);
+              sum.y += __shfl_xor_sync(0xffffffffu, sum.y, off);
+              sum.z += __shfl_xor_sync(0xffffffffu, sum.z, off);
+              sum.w += __shfl_xor_sync(0xffffffffu, sum.w, off);
+            }
+            if (lane == leader) {
+              corr_s[0 * HEAD_DIM + key] += sum.x;
+              corr_s[1 * HEAD_DIM + key] += sum.y;
+              corr_s[2 * HEAD_DIM + key] += sum.z;
+              corr_s[3 * HEAD_DIM + key] += sum.w;
+            }
+            shared_lanes &= ~__ballot_sync(0xffffffffu, mine);
+            __syncwarp();
+          }
         }
         __syncwarp();
         if (tg == 0) {
@@ -446,24 +639,29 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
           for (int g = 0; g < kGroupTile; ++g)
 #pragma unroll
             for (int c = 0; c < 8; ++c) {
-              float* x = &corr_s[g * HEAD_DIM + 8 * kg + c];
-              acc[g][c] += *x;
-              *x = 0.0f;
+              acc[g][c] += corr_s[g * HEAD_DIM + 8 * kg + c];
             }
         }
       }
+      __syncwarp();
+      stage_values(pg + kWarps);  // the value group of this page is consumed
     }
+    CpAsyncWait<0>();
 
-    // The warp's state: sum the token groups' accumulators (each plus its token-independent part).
+    // The warp's state: sum the token groups' accumulators, plus the token-independent part (every lane
+    // holds that of its own tokens).
 #pragma unroll
-    for (int g = 0; g < kGroupTile; ++g)
+    for (int g = 0; g < kGroupTile; ++g) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) beta[g] += __shfl_xor_sync(0xffffffffu, beta[g], off);
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        float x = acc[g][c] + beta[g];
+        float x = acc[g][c];
 #pragma unroll
         for (int off = kLanesPerToken; off < 32; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-        acc[g][c] = x;
+        acc[g][c] = x + beta[g];
       }
+    }
     __syncthreads();  // every warp is done with its staging area, which the combine state reuses
     if (tg == 0) {
 #pragma unroll

@@ -89,7 +89,8 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
     max_pages = std::max<int64_t>(max_pages, (layout.quantized() + kPageTokens - 1) / kPageTokens);
 
     // Tolerance per (request, head). The kernel differs from the CPU twin by fp32 rounding: RoPE angles
-    // come from double every 32 tokens and are stepped in fp32 in between (<= 32 steps of two roundings,
+    // come from a per-page anchor in double combined in fp32 with the angle of the page offset (< 4e-7
+    // absolute) every 32 tokens and are stepped in fp32 in between (<= 32 steps of two roundings,
     // < 4e-6 relative), dequantization is one FMA instead of the codec's three operations, and sums run
     // in another order (< head_dim ulps). So every score moves by at most
     // E = scale * max_t sum_c |q_c k_tc| * 2e-5; the lse then by at most E, and the output (a convex
