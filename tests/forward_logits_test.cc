@@ -68,7 +68,9 @@ TEST_P(ForwardLogitsTest, MatchesTransformersTop20) {
                 0);
       // The argmax agrees unless the reference top two are a near-tie.
       const int argmax = static_cast<int>(std::max_element(row.begin(), row.end()) - row.begin());
-      if (ref_logits[0] - ref_logits[1] > 2 * atol) EXPECT_EQ(argmax, ref_ids[0]);
+      if (ref_logits[0] - ref_logits[1] > 2 * atol) {
+        EXPECT_EQ(argmax, ref_ids[0]);
+      }
     }
   }
   std::printf("worst |logit - reference| / max|reference logit|: %.3g\n", worst_relative);
