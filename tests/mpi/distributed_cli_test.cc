@@ -61,11 +61,14 @@ TEST(DistributedCliTest, GeneratesUnderMpirun) {
 TEST(DistributedCliTest, ServesHttpUnderMpirunWithKvMetricsPerWorker) {
   const RunResult r = RunCommand("timeout 120 python3 " + std::string(KVSHARD_SOURCE_DIR) +
                                  "/tests/mpi/serve_under_mpirun.py " + KVSHARD_MPIEXEC + " " + KVSHARD_MPIRUN_FLAGS +
-                                 " -np 3 " + Kvshard() + " serve" + kTinyModel);
+                                 " -np 3 " + Kvshard() + " serve --single_worker_threshold_tokens 0" + kTinyModel);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("\"completion_tokens\": 5"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("worker=\\\"0\\\""), std::string::npos) << r.output;  // metrics of both workers
   EXPECT_NE(r.output.find("worker=\\\"1\\\""), std::string::npos) << r.output;
+  // The context spans both workers: each one's decode step time and the merges were observed.
+  EXPECT_NE(r.output.find("\"decode_step_workers\": [\"0\", \"1\"]"), std::string::npos) << r.output;
+  EXPECT_TRUE(std::regex_search(r.output, std::regex("\"merges\": [1-9]"))) << r.output;
 }
 
 TEST(DistributedCliTest, EveryLineAboutTheFillSaysSyntheticFill) {

@@ -4,6 +4,7 @@ metrics, then SIGTERM. Prints one JSON object with what it saw; exits non-zero w
 answered. Usage: serve_under_mpirun.py MPIRUN_COMMAND... (the kvshard command line without --port)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,7 +41,13 @@ def main():
         with urllib.request.urlopen(request, timeout=60) as r:
             seen["completion"] = json.load(r)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-            seen["metrics"] = [l for l in r.read().decode().splitlines() if l.startswith("kvshard_kv_bytes_capacity")]
+            text = r.read().decode()
+        seen["metrics"] = [l for l in text.splitlines() if l.startswith("kvshard_kv_bytes_capacity")]
+        # Workers whose decode step time was observed, and how many cross-worker merges were.
+        seen["decode_step_workers"] = sorted(set(re.findall(
+            r'^kvshard_decode_step_seconds_count\{worker="(\d+)"\} [1-9]', text, re.M)))
+        merges = re.search(r"^kvshard_merge_seconds_count (\S+)", text, re.M)
+        seen["merges"] = int(float(merges.group(1))) if merges else 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
