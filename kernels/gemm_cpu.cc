@@ -19,9 +19,9 @@ using CblasSgemm = void (*)(int layout, int trans_a, int trans_b, int m, int n, 
 CblasSgemm OpenBlasSgemm() {
   static const CblasSgemm sgemm = [] {
     const std::vector<std::string> candidates = {"libopenblas.so.0", "libopenblas.so"};
-    absl::StatusOr<void*> library = OpenSharedLibrary(candidates);
+    absl::StatusOr<void*> opened = OpenSharedLibrary(candidates);
     CblasSgemm function = nullptr;
-    if (!library.ok() || !ResolveFunction(*library, "cblas_sgemm", function).ok()) return CblasSgemm{nullptr};
+    if (!opened.ok() || !ResolveFunction(*opened, "cblas_sgemm", function).ok()) return CblasSgemm{nullptr};
     return function;
   }();
   return sgemm;

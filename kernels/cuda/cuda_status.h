@@ -21,7 +21,7 @@ inline absl::Status CudaStatus(cudaError_t err, const char* expr, const char* fi
                                          cudaGetErrorString(err), ") in ", expr));
 }
 
-// cuBLAS is opened at run time (kernels/cuda/cublas_library.h), so its status is reported by number.
+// cuBLAS is opened at run time (kernels/cuda/cublas_api.h), so its status is reported by number.
 inline absl::Status CublasStatus(cublasStatus_t err, const char* expr, const char* file, int line) {
   if (err == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   return absl::InternalError(

@@ -177,22 +177,22 @@ dim3 RowGrid(int64_t rows, int64_t dim) {
 // ---------------------------------------------------------------------------------------------------
 absl::StatusOr<CublasHandle> CublasHandle::Create() {
   CublasHandle h;
-  KV_ASSIGN_OR_RETURN(h.library_, LoadCublas());
-  CUBLAS_RETURN_IF_ERROR(h.library_->create(&h.handle_));
+  KV_ASSIGN_OR_RETURN(h.api_, LoadCublas());
+  CUBLAS_RETURN_IF_ERROR(h.api_->create(&h.handle_));
   CUDA_RETURN_IF_ERROR(cudaMalloc(&h.workspace_, kCublasWorkspaceBytes));
-  CUBLAS_RETURN_IF_ERROR(h.library_->set_workspace(h.handle_, h.workspace_, kCublasWorkspaceBytes));
+  CUBLAS_RETURN_IF_ERROR(h.api_->set_workspace(h.handle_, h.workspace_, kCublasWorkspaceBytes));
   return h;
 }
 
 CublasHandle::CublasHandle(CublasHandle&& other) noexcept
-    : library_(other.library_),
+    : api_(other.api_),
       handle_(std::exchange(other.handle_, nullptr)),
       workspace_(std::exchange(other.workspace_, nullptr)) {}
 
 CublasHandle& CublasHandle::operator=(CublasHandle&& other) noexcept {
   if (this != &other) {
     this->~CublasHandle();
-    library_ = other.library_;
+    api_ = other.api_;
     handle_ = std::exchange(other.handle_, nullptr);
     workspace_ = std::exchange(other.workspace_, nullptr);
   }
@@ -200,7 +200,7 @@ CublasHandle& CublasHandle::operator=(CublasHandle&& other) noexcept {
 }
 
 CublasHandle::~CublasHandle() {
-  if (handle_ != nullptr) library_->destroy(handle_);
+  if (handle_ != nullptr) api_->destroy(handle_);
   if (workspace_ != nullptr) cudaFree(workspace_);
 }
 
@@ -214,7 +214,7 @@ absl::Status GemmBf16(CublasHandle& handle, const void* x, const void* w, int64_
         absl::StrCat("GemmBf16: output type ", DTypeName(y_dtype), " is not supported (f32, bf16)"));
   }
   if (m == 0) return absl::OkStatus();
-  const CublasLibrary& cublas = handle.library();
+  const CublasApi& cublas = handle.api();
   CUBLAS_RETURN_IF_ERROR(cublas.set_stream(handle.get(), stream));
   // Row-major y[m][n] is column-major y^T (n x m) = w (n x k, i.e. column-major [k][n] transposed) * x^T.
   CUBLAS_RETURN_IF_ERROR(cublas.gemm_ex(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),

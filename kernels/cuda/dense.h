@@ -17,7 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "kernels/cuda/cublas_library.h"
+#include "kernels/cuda/cublas_api.h"
 #include "kernels/cuda/dtype.h"
 
 namespace kvshard {
@@ -33,11 +33,11 @@ class CublasHandle {
   ~CublasHandle();
 
   cublasHandle_t get() const { return handle_; }
-  const CublasLibrary& library() const { return *library_; }
+  const CublasApi& api() const { return *api_; }
 
  private:
   CublasHandle() = default;
-  const CublasLibrary* library_ = nullptr;
+  const CublasApi* api_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
 };

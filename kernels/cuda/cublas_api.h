@@ -9,7 +9,7 @@ namespace kvshard {
 
 // The cuBLAS entry points kvshard uses. Names follow cublas_v2.h (whose macros map cublasCreate to
 // cublasCreate_v2 and so on).
-struct CublasLibrary {
+struct CublasApi {
   decltype(&cublasCreate_v2) create = nullptr;
   decltype(&cublasDestroy_v2) destroy = nullptr;
   decltype(&cublasSetStream_v2) set_stream = nullptr;
@@ -23,6 +23,6 @@ struct CublasLibrary {
 // Opens libcublas.so.<major of the headers> once per process: first through the dynamic loader's search
 // path, then beside the CUDA runtime library this process uses. Unavailable, naming what was tried,
 // when it cannot be found or lacks an entry point. Thread-safe.
-absl::StatusOr<const CublasLibrary*> LoadCublas();
+absl::StatusOr<const CublasApi*> LoadCublas();
 
 }  // namespace kvshard

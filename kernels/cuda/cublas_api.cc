@@ -1,4 +1,4 @@
-#include "kernels/cuda/cublas_library.h"
+#include "kernels/cuda/cublas_api.h"
 
 #include <string>
 #include <vector>
@@ -12,7 +12,7 @@
 namespace kvshard {
 namespace {
 
-absl::StatusOr<CublasLibrary> Open() {
+absl::StatusOr<CublasApi> Open() {
   const std::string soname = absl::StrCat("libcublas.so.", CUBLAS_VER_MAJOR);
   std::vector<std::string> candidates = {soname};
   // A toolkit keeps cuBLAS beside the CUDA runtime.
@@ -20,27 +20,27 @@ absl::StatusOr<CublasLibrary> Open() {
   if (std::string dir = DirectoryOfLoadedObject(reinterpret_cast<const void*>(runtime_function)); !dir.empty()) {
     candidates.push_back(dir + soname);
   }
-  absl::StatusOr<void*> library = OpenSharedLibrary(candidates);
-  if (!library.ok()) {
-    return absl::UnavailableError(absl::StrCat("cuBLAS: ", library.status().message(),
+  absl::StatusOr<void*> opened = OpenSharedLibrary(candidates);
+  if (!opened.ok()) {
+    return absl::UnavailableError(absl::StrCat("cuBLAS: ", opened.status().message(),
                                                "; install the CUDA toolkit's cuBLAS or add its directory to "
                                                "the library path"));
   }
-  CublasLibrary lib;
-  for (absl::Status s : {ResolveFunction(*library, "cublasCreate_v2", lib.create),
-                         ResolveFunction(*library, "cublasDestroy_v2", lib.destroy),
-                         ResolveFunction(*library, "cublasSetStream_v2", lib.set_stream),
-                         ResolveFunction(*library, "cublasSetWorkspace_v2", lib.set_workspace),
-                         ResolveFunction(*library, "cublasGemmEx", lib.gemm_ex)}) {
+  CublasApi api;
+  for (absl::Status s : {ResolveFunction(*opened, "cublasCreate_v2", api.create),
+                         ResolveFunction(*opened, "cublasDestroy_v2", api.destroy),
+                         ResolveFunction(*opened, "cublasSetStream_v2", api.set_stream),
+                         ResolveFunction(*opened, "cublasSetWorkspace_v2", api.set_workspace),
+                         ResolveFunction(*opened, "cublasGemmEx", api.gemm_ex)}) {
     if (!s.ok()) return absl::UnavailableError(absl::StrCat(soname, ": ", s.message()));
   }
-  return lib;
+  return api;
 }
 
 }  // namespace
 
-absl::StatusOr<const CublasLibrary*> LoadCublas() {
-  static const absl::StatusOr<CublasLibrary>* const loaded = new absl::StatusOr<CublasLibrary>(Open());
+absl::StatusOr<const CublasApi*> LoadCublas() {
+  static const absl::StatusOr<CublasApi>* const loaded = new absl::StatusOr<CublasApi>(Open());
   if (!loaded->ok()) return loaded->status();
   return &loaded->value();
 }
