@@ -104,6 +104,7 @@ absl::StatusOr<std::unique_ptr<DistributedEngine>> DistributedEngine::Create(Mpi
   configure.config = options.worker;
   KV_RETURN_IF_ERROR(SendToAllWorkers(mpi, configure, timeout));
   std::vector<int64_t> budgets(mpi.n_workers(), 0);
+  std::vector<std::string> devices(mpi.n_workers());
   std::vector<std::string> errors;
   for (int i = 0; i < mpi.n_workers(); ++i) {
     auto message = mpi.ReceiveMessage(MpiRuntime::kAnySource, kReplyTag, timeout);
@@ -123,23 +124,27 @@ absl::StatusOr<std::unique_ptr<DistributedEngine>> DistributedEngine::Create(Mpi
       continue;
     }
     budgets[hello.worker] = hello.kv_budget_bytes;
+    devices[hello.worker] = hello.device;
   }
   if (!errors.empty()) {
     std::sort(errors.begin(), errors.end());
     return absl::FailedPreconditionError(absl::StrJoin(errors, "; "));
   }
   return std::unique_ptr<DistributedEngine>(
-      new DistributedEngine(mpi, std::move(config), std::move(tokenizer), std::move(options), std::move(budgets)));
+      new DistributedEngine(mpi, std::move(config), std::move(tokenizer), std::move(options), std::move(budgets),
+                            std::move(devices)));
 }
 
 DistributedEngine::DistributedEngine(MpiRuntime& mpi, ModelConfig config, std::unique_ptr<Tokenizer> tokenizer,
-                                     DistributedEngineOptions options, std::vector<int64_t> budgets)
+                                     DistributedEngineOptions options, std::vector<int64_t> budgets,
+                                     std::vector<std::string> devices)
     : mpi_(mpi),
       config_(std::move(config)),
       tokenizer_(std::move(tokenizer)),
       stop_ids_(tokenizer_->stop_ids()),
       options_(std::move(options)),
       budgets_(std::move(budgets)),
+      devices_(std::move(devices)),
       reserved_(budgets_.size(), 0) {
   scheduler_ = std::thread([this] { SchedulerLoop(); });
 }
@@ -158,7 +163,14 @@ DistributedEngine::~DistributedEngine() {
 }
 
 std::string DistributedEngine::device_name() const {
-  return absl::StrCat(n_workers(), n_workers() == 1 ? " worker" : " workers", " (CPU)");
+  // "2 workers (NVIDIA H200 (GPU 0), NVIDIA H200 (GPU 1))"; one name when all workers compute alike.
+  std::vector<std::string> names = devices_;
+  const bool alike = std::all_of(names.begin(), names.end(), [&](const std::string& d) {
+    return d.substr(0, d.find(" (GPU")) == names.front().substr(0, names.front().find(" (GPU"));
+  });
+  const std::string what = alike && !names.empty() ? names.front().substr(0, names.front().find(" (GPU"))
+                                                   : absl::StrJoin(names, ", ");
+  return absl::StrCat(n_workers(), n_workers() == 1 ? " worker" : " workers", " (", what, ")");
 }
 
 std::vector<WorkerKvMemory> DistributedEngine::kv_memory() const {

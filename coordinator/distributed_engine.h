@@ -94,7 +94,7 @@ class DistributedEngine final : public Engine {
 
  private:
   DistributedEngine(MpiRuntime& mpi, ModelConfig config, std::unique_ptr<Tokenizer> tokenizer,
-                    DistributedEngineOptions options, std::vector<int64_t> budgets);
+                    DistributedEngineOptions options, std::vector<int64_t> budgets, std::vector<std::string> devices);
   void SchedulerLoop();
   void Admit(StepPlan& plan);
   void BuildWork(StepPlan& plan);
@@ -112,6 +112,7 @@ class DistributedEngine final : public Engine {
   std::vector<int32_t> stop_ids_;
   DistributedEngineOptions options_;
   std::vector<int64_t> budgets_;   // per worker
+  std::vector<std::string> devices_;  // per worker: where it computes
   std::vector<int64_t> reserved_;  // per worker, bytes placed requests hold
 
   std::mutex mu_;

@@ -115,6 +115,7 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags() {
   if (budget_mb <= 0) return absl::InvalidArgumentError("--worker_kv_budget_mb must be positive");
   w.kv_budget_bytes = budget_mb << 20;
   w.threads = absl::GetFlag(FLAGS_worker_threads);
+  w.device = absl::GetFlag(FLAGS_device);
   KV_ASSIGN_OR_RETURN(w.merge.mode, ParseMergeMode(absl::GetFlag(FLAGS_merge)));
   KV_ASSIGN_OR_RETURN(w.merge.wire, ParseWireType(absl::GetFlag(FLAGS_partials_wire)));
   w.collective_timeout_s = absl::GetFlag(FLAGS_collective_timeout_s);
@@ -151,9 +152,6 @@ KvShardFactoryMaker KvShardFactoryMakerForThisBuild() {
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
   MpiRuntime* mpi = MpiRuntime::Get();
   if (mpi != nullptr && mpi->n_workers() > 0) {
-    if (absl::GetFlag(FLAGS_device) == "gpu") {
-      return absl::UnimplementedError("--device gpu: workers under mpirun have only the CPU backend so far");
-    }
     KV_ASSIGN_OR_RETURN(DistributedEngineOptions options, DistributedOptionsFromFlags());
     KV_ASSIGN_OR_RETURN(auto description, LoadModelDescription(options.worker.model_path, options.worker.synthetic));
     KV_ASSIGN_OR_RETURN(auto engine, DistributedEngine::Create(*mpi, std::move(description.first),

@@ -10,9 +10,12 @@
 #include "absl/strings/str_split.h"
 #include "common/status.h"
 #include "coordinator/commands.h"
+#include "coordinator/engine_factory.h"
 #include "coordinator/quality.h"
 #include "coordinator/single_process_engine.h"
 #include "nlohmann/json.hpp"
+#include "worker/forward.h"
+#include "worker/synthetic.h"
 
 ABSL_DECLARE_FLAG(std::string, kv_scheme);
 ABSL_FLAG(std::string, text, "", "calibrate, perplexity: the text file");
@@ -56,6 +59,31 @@ absl::StatusOr<std::vector<int32_t>> TokenizeTextFlag(const Tokenizer& tokenizer
   return tokenizer.Encode(text, /*parse_special=*/false);
 }
 
+// A synthetic model's calibration is made from the keys and values its synthetic fill writes (the KV that
+// scale runs store), not from text: options.max_tokens tokens from position 0, every sample weighing 1.
+absl::StatusOr<Calibration> CalibrateSyntheticFill(const SyntheticModelSpec& spec, const CalibrateOptions& options) {
+  KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(spec));
+  const CpuModel model(weights);
+  const KvGeometry g = model.kv_geometry();
+  const int64_t n = options.max_tokens;
+  if (n <= 0) return absl::InvalidArgumentError("--calibration_tokens must be positive");
+  CalibrationBuilder builder(ModelIdentityOf(weights), n, options.outlier_fractions);
+  const int64_t per_token = static_cast<int64_t>(g.n_kv_heads) * g.head_dim;
+  std::vector<float> k(n * per_token), v(n * per_token);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int layer = 0; layer < g.n_layers; ++layer) {
+      SyntheticKvTokens(g, layer, 0, n, /*seed=*/1, k.data(), v.data());
+      if (pass == 0) {
+        KV_RETURN_IF_ERROR(builder.ObserveThresholds(layer, static_cast<int>(n), k.data(), v.data()));
+      } else {
+        KV_RETURN_IF_ERROR(builder.ObserveSamples(layer, static_cast<int>(n), k.data(), v.data(), nullptr, nullptr));
+      }
+    }
+    if (pass == 0) KV_RETURN_IF_ERROR(builder.FinishThresholds());
+  }
+  return builder.Finish("uniform");
+}
+
 }  // namespace
 
 absl::Status RunCalibrate(const std::vector<std::string>& args) {
@@ -78,6 +106,14 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
   if (const std::string path = absl::GetFlag(FLAGS_fisher_weights); !path.empty()) {
     KV_ASSIGN_OR_RETURN(fisher, LoadFisherWeights(path));
     options.fisher = &fisher;
+  }
+  if (std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags()) {
+    if (options.fisher != nullptr) return absl::InvalidArgumentError("--fisher_weights: not for a synthetic model");
+    KV_ASSIGN_OR_RETURN(Calibration calibration, CalibrateSyntheticFill(*synthetic, options));
+    KV_RETURN_IF_ERROR(SaveCalibration(calibration, out));
+    std::fprintf(stderr, "kvshard calibrate: %lld tokens of SYNTHETIC FILL, wrote %s\n",
+                 static_cast<long long>(calibration.tokens), out.c_str());
+    return absl::OkStatus();
   }
   KV_ASSIGN_OR_RETURN(LoadedModel m, LoadForQuality());
   KV_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, TokenizeTextFlag(m.engine->tokenizer(), "calibrate"));

@@ -6,11 +6,12 @@
 # Logs go to $OUT (default: ./device-check-out).
 #
 #   deploy/device-check.sh [--build-dir DIR] [--quick] [--model FILE.gguf] [--document FILE] [phase ...]
-#   phases: build test bench memcheck e2e nccl (default: build test bench memcheck, plus e2e when --model
+#   phases: build test bench memcheck e2e nccl workers (default: build test bench memcheck, plus e2e when --model
 #   is given). --quick configures with KVSHARD_QUICK_KERNELS=ON.
 #   nccl: on a host with 2+ GPUs, builds only the NCCL data plane's test and benchmark and runs both under
 #   mpirun with a coordinator and one worker per GPU (at most --workers N), NVLink multicast off
 #   (NCCL_NVLS_ENABLE=0); logs nccl_test.log and nccl_bench.log.
+#   workers: the same for the GPU workers' test (tests/mpi/gpu_workers_test.cc); logs gpu_workers_test.log.
 #
 # Dependencies the host lacks come from .deps/ (deploy/fetch-device-debs.sh); the build directory keeps a
 # copy, so later runs against the same build need no .deps/. Ends with a summary.
@@ -185,6 +186,26 @@ if want nccl; then
   timeout 200 mpirun "${mpirun_flags[@]}" "$build/bench/nccl_merge_bench" >"$out/nccl_bench.log" 2>&1
   note "nccl bench: rc=$?"
   cat "$out/nccl_bench.log"
+fi
+
+if want workers; then
+  start=$(date +%s)
+  configure
+  if ninja -C "$build" -j "$jobs" gpu_workers_test >>"$out/build.log" 2>&1; then
+    note "workers build: ok ($(($(date +%s) - start)) s)"
+  else
+    note "workers build: FAILED (see build.log)"
+    grep -E "error|FAILED" "$out/build.log" | head -n 20
+  fi
+  gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+  workers=$((gpus < max_workers ? gpus : max_workers))
+  export NCCL_NVLS_ENABLE=0
+  mpirun_flags=(--allow-run-as-root --oversubscribe --mca btl_vader_single_copy_mechanism none
+                -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH -np $((workers + 1)))
+  timeout 240 mpirun "${mpirun_flags[@]}" "$build/tests/mpi/gpu_workers_test" --gtest_color=no \
+    >"$out/gpu_workers_test.log" 2>&1
+  note "GPU workers test, $workers workers: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]|SKIPPED' "$out/gpu_workers_test.log" | tail -n 1)"
+  grep -E "^\[  FAILED  \]|relative L2|Failure|error" "$out/gpu_workers_test.log" | head -n 40
 fi
 
 echo

@@ -56,6 +56,7 @@ json ToJson(const WorkerConfig& c) {
             {"calibration_path", c.calibration_path},
             {"kv_budget_bytes", c.kv_budget_bytes},
             {"threads", c.threads},
+            {"device", c.device},
             {"merge_mode", MergeModeName(c.merge.mode)},
             {"wire", WireTypeName(c.merge.wire)},
             {"collective_timeout_s", c.collective_timeout_s},
@@ -74,6 +75,7 @@ absl::StatusOr<WorkerConfig> ConfigFromJson(const json& j) {
   c.calibration_path = j.at("calibration_path");
   c.kv_budget_bytes = j.at("kv_budget_bytes");
   c.threads = j.at("threads");
+  c.device = j.at("device");
   auto mode = ParseMergeMode(j.at("merge_mode"));
   if (!mode.ok()) return mode.status();
   auto wire = ParseWireType(j.at("wire"));
@@ -216,6 +218,7 @@ std::string EncodeHello(const WorkerHello& h) {
                {"n_layers", h.n_layers},
                {"vocab_size", h.vocab_size},
                {"threads", h.threads},
+               {"device", h.device},
                {"kv_budget_bytes", h.kv_budget_bytes}});
 }
 
@@ -229,6 +232,7 @@ absl::StatusOr<WorkerHello> DecodeHello(const std::string& bytes) {
     h.n_layers = j.at("n_layers");
     h.vocab_size = j.at("vocab_size");
     h.threads = j.at("threads");
+    h.device = j.at("device");
     h.kv_budget_bytes = j.at("kv_budget_bytes");
     return h;
   });

@@ -38,6 +38,7 @@ struct WorkerConfig {
   std::string calibration_path;                   // of the calibrated KV schemes; empty: none
   int64_t kv_budget_bytes = 0;                    // KV memory each worker may hold
   int threads = 0;                                // CPU threads per worker; 0: cores / ranks on the node
+  std::string device = "auto";                    // auto (a GPU per worker when the node has enough), gpu, cpu
   MergeOptions merge;
   double collective_timeout_s = 300;
   FaultInjection faults;
@@ -50,7 +51,8 @@ struct WorkerHello {
   int n_layers = 0;
   int vocab_size = 0;
   int threads = 0;
-  int64_t kv_budget_bytes = 0;
+  std::string device;            // where the worker computes: "CPU (OpenBLAS)", "NVIDIA H200 (GPU 1)", ...
+  int64_t kv_budget_bytes = 0;   // the KV memory it offers (a GPU worker: at most what its GPU holds)
 };
 
 // A request the workers learn about: where its tokens go, its scheme and sampling.

@@ -196,7 +196,16 @@ absl::StatusOr<MpiRuntime*> MpiRuntime::Initialize(int* argc, char*** argv) {
   MPI_Comm_free(&node_comm);
   MPI_Comm_split(MPI_COMM_WORLD, runtime->world_rank_ == 0 ? MPI_UNDEFINED : 1, runtime->world_rank_,
                  &g_worker_comm);
-  if (g_worker_comm != MPI_COMM_NULL) MPI_Comm_set_errhandler(g_worker_comm, MPI_ERRORS_RETURN);
+  if (g_worker_comm != MPI_COMM_NULL) {
+    MPI_Comm_set_errhandler(g_worker_comm, MPI_ERRORS_RETURN);
+    // A worker's index among the workers of its node picks its GPU.
+    MPI_Comm worker_node_comm;
+    MPI_Comm_split_type(g_worker_comm, MPI_COMM_TYPE_SHARED, runtime->world_rank_, MPI_INFO_NULL,
+                        &worker_node_comm);
+    MPI_Comm_rank(worker_node_comm, &runtime->local_worker_index_);
+    MPI_Comm_size(worker_node_comm, &runtime->workers_on_node_);
+    MPI_Comm_free(&worker_node_comm);
+  }
   MPI_Op_create(&Bf16Sum, /*commute=*/1, &g_bf16_sum);
   MPI_Op_create(&Bf16Max, /*commute=*/1, &g_bf16_max);
   g_runtime = runtime;

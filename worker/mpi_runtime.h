@@ -40,6 +40,10 @@ class MpiRuntime {
   int n_workers() const { return world_size_ - 1; }
   // Ranks of this job on this node (the coordinator included): workers size their CPU thread pools by it.
   int ranks_on_node() const { return ranks_on_node_; }
+  // On a worker: its index among the workers of its node (0-based), and their number. A GPU worker
+  // takes the GPU of that index.
+  int local_worker_index() const { return local_worker_index_; }
+  int workers_on_node() const { return workers_on_node_; }
   bool is_coordinator() const { return world_rank_ == 0; }
 
   // Control plane. Sends `bytes` to world rank `dest` with `tag`; waits at most `timeout` for the
@@ -70,6 +74,8 @@ class MpiRuntime {
   int world_rank_ = 0;
   int world_size_ = 1;
   int ranks_on_node_ = 1;
+  int local_worker_index_ = 0;
+  int workers_on_node_ = 0;
   bool finalized_ = false;
 };
 

@@ -18,6 +18,9 @@
 #include "worker/control.h"
 #include "worker/distributed_attention.h"
 #include "worker/forward.h"
+#include "worker/gpu_worker.h"
+#include "kernels/gemm_cpu.h"
+#include "kvstore/calibration.h"
 #include "worker/model_loader.h"
 #include "worker/sampler.h"
 #include "worker/synthetic.h"
@@ -54,7 +57,7 @@ class Worker {
           Reply(EncodeReport(Step(command->plan)));
           break;
         case CommandKind::kReset:
-          requests_.clear();
+          while (!requests_.empty()) Forget(requests_.begin()->first);
           break;
         case CommandKind::kShutdown:
           return 0;
@@ -99,15 +102,68 @@ class Worker {
       return hello;
     }
     collectives_ = std::move(*collectives);
+    const absl::Status device = ChooseDevice(config, hello);
+    if (!device.ok()) {
+      hello.error = absl::StrCat(Who(), ": ", device.message());
+      return hello;
+    }
     hello.model_name = weights_->config.name;
     hello.n_layers = weights_->config.n_layers;
     hello.vocab_size = weights_->config.vocab_size;
     return hello;
   }
 
+  // A GPU per worker (by its index among the workers of its node) when config says gpu, or auto and the
+  // node has a GPU for each of its workers; else the CPU backend. Every worker of a node decides alike,
+  // so the GPU workers join their NCCL communicator together.
+  absl::Status ChooseDevice(const WorkerConfig& config, WorkerHello& hello) {
+    if (config.device != "auto" && config.device != "cpu" && config.device != "gpu") {
+      return absl::InvalidArgumentError(absl::StrCat("unknown device '", config.device, "' (auto, cpu, gpu)"));
+    }
+    const int gpus = config.device == "cpu" ? 0 : GpuWorker::DeviceCount();
+    const int needed = std::max(1, mpi_.workers_on_node());
+    if (config.device == "gpu" && gpus < needed) {
+      return absl::FailedPreconditionError(absl::StrCat("--device gpu: this node has ", gpus, " GPUs for ", needed,
+                                                        " workers (one GPU each)"));
+    }
+    hello.device = absl::StrCat("CPU (", CpuGemmLibrary(), ")");
+    if (gpus < needed) {
+      gpu_.reset();
+      gpu_key_.clear();
+      return absl::OkStatus();
+    }
+    const std::string key = absl::StrCat(model_key_, "|", config.calibration_path, "|", config.kv_budget_bytes, "|",
+                                         MergeModeName(config.merge.mode), WireTypeName(config.merge.wire));
+    if (gpu_ == nullptr || key != gpu_key_) {
+      gpu_.reset();
+      GpuWorkerOptions options;
+      options.device = mpi_.local_worker_index();
+      options.merge = config.merge;
+      options.collective_timeout = absl::Seconds(config.collective_timeout_s);
+      options.kv_budget_bytes = config.kv_budget_bytes;
+      if (!config.calibration_path.empty()) {
+        KV_ASSIGN_OR_RETURN(Calibration calibration, LoadCalibration(config.calibration_path));
+        options.calibration = std::make_shared<const Calibration>(std::move(calibration));
+      }
+      KV_ASSIGN_OR_RETURN(gpu_, GpuWorker::Create(*weights_, *collectives_, options));
+      gpu_key_ = key;
+    }
+    hello.device = gpu_->device_name();
+    // Placement sizes ranges by bits per element; page slack and per-request slots need the rest.
+    hello.kv_budget_bytes = gpu_->kv_budget_bytes() / 10 * 9;
+    return absl::OkStatus();
+  }
+
+  // Drops a request and its KV.
+  void Forget(int64_t id) {
+    requests_.erase(id);
+    if (gpu_ != nullptr) gpu_->RemoveRequest(id);
+  }
+
   absl::Status LoadModelOnce(const WorkerConfig& config) {
     const std::string key = config.synthetic ? config.synthetic->Name() : config.model_path;
     if (weights_ != nullptr && key == model_key_) return absl::OkStatus();
+    gpu_.reset();
     model_.reset();
     weights_.reset();
     model_key_.clear();
@@ -158,7 +214,7 @@ class Worker {
                                                       " (--debug_fail_worker_at_step)"));
     }
     std::set<int64_t> touched;  // requests this step concerns, for the failure report
-    for (int64_t id : plan.frees) requests_.erase(id);
+    for (int64_t id : plan.frees) Forget(id);
     if (fault.layer >= 0) {
       // The worker is broken at this step: every request it holds fails, whatever part it plays in
       // the step (the contexts also fail mid-layer, to exercise the neutral partials).
@@ -173,7 +229,10 @@ class Worker {
       request.state.ranges = alloc.ranges;
       request.fill_seed = alloc.fill_seed;
       touched.insert(alloc.id);
-      if (me_ < static_cast<int>(alloc.ranges.size()) && !alloc.ranges[me_].empty()) {
+      if (me_ < static_cast<int>(alloc.ranges.size()) && !alloc.ranges[me_].empty() && gpu_ != nullptr) {
+        request.state.Fail(
+            gpu_->AddRequest(alloc.id, alloc.scheme, alloc.ranges[me_].start, alloc.ranges[me_].size()));
+      } else if (me_ < static_cast<int>(alloc.ranges.size()) && !alloc.ranges[me_].empty()) {
         auto shard = factory_(alloc.scheme, model_->kv_geometry(), alloc.ranges[me_].start);
         if (shard.ok()) {
           request.state.shard = std::move(*shard);
@@ -186,7 +245,7 @@ class Worker {
     for (const FillWork& fill : plan.fills) {
       LocalRequest& request = Lookup(fill.id);
       touched.insert(fill.id);
-      Fill(request, fill);
+      Fill(fill.id, request, fill);
     }
     if (plan.prefill) {
       const absl::Status s = Prefill(*plan.prefill, fault, report);
@@ -206,6 +265,11 @@ class Worker {
     }
 
     SealFullShards();
+    if (gpu_ != nullptr) {
+      const KvMemory memory = gpu_->Memory();
+      report.kv_bytes += memory.bytes;
+      report.kv_elements += memory.elements;
+    }
     for (const auto& [id, request] : requests_) {
       if (!request.state.shard) continue;
       const KvMemory memory = request.state.shard->Memory();
@@ -229,7 +293,11 @@ class Worker {
     // Sampled tokens of failed requests are dropped: the request is over.
     std::erase_if(report.sampled, [&](const SampledToken& s) { return !Lookup(s.id).state.error.ok(); });
     // Placeholders of requests the coordinator never announced (reported failed above) go now.
-    std::erase_if(requests_, [](const auto& entry) { return entry.second.state.ranges.empty(); });
+    std::vector<int64_t> unannounced;
+    for (const auto& [id, request] : requests_) {
+      if (request.state.ranges.empty()) unannounced.push_back(id);
+    }
+    for (int64_t id : unannounced) Forget(id);
     return report;
   }
 
@@ -238,6 +306,15 @@ class Worker {
   void SealFullShards() {
     const int last_layer = model_->config().n_layers - 1;
     for (auto& [id, request] : requests_) {
+      if (gpu_ != nullptr) {
+        if (request.sealed || !gpu_->Holds(id) || !request.state.error.ok()) continue;
+        const TokenRange mine = request.state.ranges[me_];
+        if (mine.start + gpu_->length(id) == mine.end && mine.end < request.state.ranges.back().end) {
+          request.state.Fail(gpu_->Seal(id));
+          request.sealed = true;
+        }
+        continue;
+      }
       KvShard* shard = request.state.shard.get();
       if (request.sealed || shard == nullptr || !request.state.error.ok()) continue;
       const TokenRange mine = request.state.ranges[me_];
@@ -259,7 +336,15 @@ class Worker {
     return request;
   }
 
-  void Fill(LocalRequest& request, const FillWork& fill) {
+  void Fill(int64_t id, LocalRequest& request, const FillWork& fill) {
+    if (gpu_ != nullptr) {
+      if (!request.state.error.ok() || !gpu_->Holds(id)) return;
+      const TokenRange mine = request.state.ranges[me_];
+      const int64_t begin = mine.start + gpu_->length(id);
+      const int64_t end = std::min(std::min(mine.end, fill.end), begin + fill.tokens_per_worker);
+      if (end > begin) request.state.Fail(gpu_->Fill(id, end, request.fill_seed));
+      return;
+    }
     if (!request.state.error.ok() || request.state.shard == nullptr) return;
     KvShard& shard = *request.state.shard;
     const TokenRange mine = request.state.ranges[me_];
@@ -299,8 +384,20 @@ class Worker {
       }
       std::vector<int32_t> tokens = work.tokens;
       ValidTokens(request, tokens);
-      PassQPrefillContext context(*collectives_, request.state, geometry, sources, config_.merge.wire, fault);
       std::vector<float> logits;
+      if (gpu_ != nullptr) {
+        if (n > CpuModel::max_chunk()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("a prefill chunk of ", n, " tokens; at most ", CpuModel::max_chunk(), " go in one step"));
+        }
+        absl::Status error;
+        KV_RETURN_IF_ERROR(gpu_->PrefillOwner(work.id, tokens, work.first_position, sources, !request.state.error.ok(),
+                                              fault, work.sample ? &logits : nullptr, &error));
+        request.state.Fail(error);
+        SampleAfterPrefill(work, request, logits, report);
+        return absl::OkStatus();
+      }
+      PassQPrefillContext context(*collectives_, request.state, geometry, sources, config_.merge.wire, fault);
       // Forward covers the layers once only for chunks of at most max_chunk() tokens (the sources
       // serve exactly one pass).
       const absl::Status forward =
@@ -313,22 +410,68 @@ class Worker {
         request.state.Fail(forward);
         KV_RETURN_IF_ERROR(context.Drain(n, work.first_position));
       }
-      if (work.sample && request.state.error.ok()) {
-        if (!request.sampler) {
-          request.state.Fail(absl::InternalError("the last prompt chunk ran on a worker that is not the sampler"));
-        } else {
-          report.sampled.push_back({work.id, SampleAndAccept(*request.sampler, logits.data())});
-        }
-      }
+      SampleAfterPrefill(work, request, logits, report);
       return absl::OkStatus();
     }
     const bool source = me_ < work.owner && me_ < static_cast<int>(ranges.size()) && !ranges[me_].empty() &&
                         ranges[me_].start < work.first_position;
+    if (source && gpu_ != nullptr) {
+      absl::Status error;
+      KV_RETURN_IF_ERROR(gpu_->PrefillSource(work.id, work.owner, n, work.first_position, !request.state.error.ok(),
+                                             fault, &error));
+      request.state.Fail(error);
+      return absl::OkStatus();
+    }
     if (source) return ServePassQ(*collectives_, request.state, geometry, work.owner, n, config_.merge.wire, fault);
     return absl::OkStatus();
   }
 
+  void SampleAfterPrefill(const PrefillWork& work, LocalRequest& request, const std::vector<float>& logits,
+                          StepReport& report) {
+    if (!work.sample || !request.state.error.ok()) return;
+    if (!request.sampler) {
+      request.state.Fail(absl::InternalError("the last prompt chunk ran on a worker that is not the sampler"));
+    } else {
+      report.sampled.push_back({work.id, SampleAndAccept(*request.sampler, logits.data())});
+    }
+  }
+
+  absl::Status DecodeOnGpu(const std::vector<DecodeWork>& work, const InjectedFault& fault, StepReport& report) {
+    std::vector<GpuDecodeRow> rows;
+    std::vector<bool> want_logits;
+    for (const DecodeWork& w : work) {
+      LocalRequest& request = Lookup(w.id);
+      std::vector<int32_t> token = {w.token};
+      ValidTokens(request, token);
+      GpuDecodeRow row;
+      row.id = w.id;
+      row.token = token[0];
+      row.position = w.position;
+      row.held = gpu_->Holds(w.id);
+      row.appends = row.held && me_ < static_cast<int>(request.state.ranges.size()) &&
+                    request.state.ranges[me_].contains(w.position);
+      row.failed = !request.state.error.ok();
+      rows.push_back(row);
+      want_logits.push_back(request.sampler.has_value() && request.state.error.ok());
+    }
+    std::vector<float> logits;
+    std::vector<absl::Status> errors;
+    const auto start = std::chrono::steady_clock::now();
+    KV_RETURN_IF_ERROR(gpu_->Decode(rows, want_logits, fault, &logits, &errors, &report.merge_seconds, &report.merges));
+    report.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const int vocab = model_->config().vocab_size;
+    for (size_t i = 0; i < work.size(); ++i) {
+      LocalRequest& request = Lookup(work[i].id);
+      request.state.Fail(errors[i]);
+      if (want_logits[i] && request.state.error.ok()) {
+        report.sampled.push_back({work[i].id, SampleAndAccept(*request.sampler, logits.data() + i * vocab)});
+      }
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status Decode(const std::vector<DecodeWork>& work, const InjectedFault& fault, StepReport& report) {
+    if (gpu_ != nullptr) return DecodeOnGpu(work, fault, report);
     std::vector<DecodeRow> rows;
     std::vector<int32_t> tokens;
     std::vector<int64_t> positions;
@@ -373,6 +516,8 @@ class Worker {
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<CpuModel> model_;
   std::unique_ptr<Collectives> collectives_;
+  std::unique_ptr<GpuWorker> gpu_;  // set when this worker computes on a GPU
+  std::string gpu_key_;             // the settings gpu_ was made with
   std::map<int64_t, LocalRequest> requests_;
   int64_t steps_since_configure_ = 0;
 };

@@ -164,6 +164,7 @@ void ExpectSameTokensAsSingleProcess(const std::string& model, const std::string
   ASSERT_TRUE(factory.ok()) << factory.status();
   options.kv_factory = *factory;
   options.worker.kv_budget_bytes = int64_t{1} << 30;
+  options.worker.device = "cpu";  // the single-process reference runs on the CPU
   options.placement.single_worker_threshold = 0;  // span every worker, whatever the default
   auto engine = DistributedEngine::Create(*MpiRuntime::Get(), std::move(description->first),
                                           std::move(description->second), options);

@@ -39,6 +39,7 @@ SyntheticModelSpec SmallSpec() {
 DistributedEngineOptions SmallOptions() {
   DistributedEngineOptions options;
   options.worker.synthetic = SmallSpec();
+  options.worker.device = "cpu";  // the reference runs on the CPU; tests/mpi/gpu_workers_test.cc covers GPUs
   options.worker.kv_budget_bytes = int64_t{64} << 20;
   options.worker.collective_timeout_s = 120;
   options.worker_timeout_s = 300;

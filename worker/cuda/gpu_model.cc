@@ -237,6 +237,9 @@ GpuModel::GpuModel(const ModelConfig& config, const GpuModelOptions& options, Cu
     : config_(config), options_(options), cublas_(std::move(cublas)), stream_(stream) {}
 
 GpuModel::~GpuModel() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  if (staging_ids_ != nullptr) cudaFreeHost(staging_ids_);
+  if (staging_positions_ != nullptr) cudaFreeHost(staging_positions_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
@@ -328,17 +331,22 @@ absl::Status GpuModel::AllocateActivations() {
   KV_ASSIGN_OR_RETURN(gate_up_, DeviceMemory::Allocate(rows * 2 * c.ffn_hidden * 4, "gate|up"));
   KV_ASSIGN_OR_RETURN(act_, DeviceMemory::Allocate(rows * c.ffn_hidden * 2, "SwiGLU output"));
   KV_ASSIGN_OR_RETURN(logits_, DeviceMemory::Allocate(static_cast<int64_t>(c.vocab_size) * 4, "logits"));
+  CUDA_RETURN_IF_ERROR(cudaMallocHost(&staging_ids_, rows * 4));
+  CUDA_RETURN_IF_ERROR(cudaMallocHost(&staging_positions_, rows * 8));
   KV_ASSIGN_OR_RETURN(sampling_, DeviceMemory::Allocate(sizeof(TokenSampling), "sampling params"));
   KV_ASSIGN_OR_RETURN(token_, DeviceMemory::Allocate(4, "token"));
   return absl::OkStatus();
 }
 
-absl::StatusOr<int32_t> GpuModel::Forward(std::span<const int32_t> tokens, int64_t first_position,
-                                          GpuAttentionContext& context, const TokenSampling* sampling,
-                                          std::vector<float>* logits, std::span<const int32_t> recent) {
+absl::Status GpuModel::Enqueue(std::span<const int32_t> tokens, std::span<const int64_t> positions,
+                              GpuAttentionContext& context, bool logits_of_every_row) {
   const ModelConfig& c = config_;
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) return absl::InvalidArgumentError("forward pass over zero tokens");
+  if (static_cast<int64_t>(positions.size()) != n) {
+    return absl::InvalidArgumentError(absl::StrCat("forward pass over ", n, " tokens with ", positions.size(),
+                                                   " positions"));
+  }
   if (n > options_.max_chunk) {
     return absl::InvalidArgumentError(absl::StrCat("forward pass over ", n, " tokens; the GPU model takes at most ",
                                                    options_.max_chunk, " per call"));
@@ -353,12 +361,19 @@ absl::StatusOr<int32_t> GpuModel::Forward(std::span<const int32_t> tokens, int64
   const int64_t kv_dim = static_cast<int64_t>(c.n_kv_heads) * c.head_dim;
   const int64_t qkv_dim = q_dim + 2 * kv_dim;
   const int64_t ffn = c.ffn_hidden;
+  const int64_t logit_rows = logits_of_every_row ? n : 1;
   cudaStream_t s = stream_;
 
-  std::vector<int64_t> positions(n);
-  for (int64_t i = 0; i < n; ++i) positions[i] = first_position + i;
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.get(), tokens.data(), n * 4, cudaMemcpyHostToDevice, s));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(positions_.get(), positions.data(), n * 8, cudaMemcpyHostToDevice, s));
+  if (logits_.bytes() < logit_rows * c.vocab_size * 4) {
+    KV_RETURN_IF_ERROR(Synchronize());  // the old buffer may still be read by queued work
+    KV_ASSIGN_OR_RETURN(logits_, DeviceMemory::Allocate(logit_rows * c.vocab_size * 4, "logits"));
+  }
+  // Staged through pinned memory so the copies do not wait for the stream; the previous forward pass
+  // has been waited for by then (every caller synchronizes once per pass).
+  std::copy(tokens.begin(), tokens.end(), staging_ids_);
+  std::copy(positions.begin(), positions.end(), staging_positions_);
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.get(), staging_ids_, n * 4, cudaMemcpyHostToDevice, s));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(positions_.get(), staging_positions_, n * 8, cudaMemcpyHostToDevice, s));
   float* x = x_.as<float>();
   float* qkv = qkv_.as<float>();
   float* gate_up = gate_up_.as<float>();
@@ -374,7 +389,7 @@ absl::StatusOr<int32_t> GpuModel::Forward(std::span<const int32_t> tokens, int64
                                         positions_.as<int64_t>(), s));
     KV_RETURN_IF_ERROR(RopeCuda(qkv, qkv_dim, positions_.as<int64_t>(), inv_freq_.as<float>(), n, c.n_heads,
                                 c.head_dim, s));
-    KV_RETURN_IF_ERROR(context.Attend(layer, static_cast<int>(n), qkv, qkv_dim, first_position, attn_.as<float>(), s));
+    KV_RETURN_IF_ERROR(context.Attend(layer, static_cast<int>(n), qkv, qkv_dim, positions[0], attn_.as<float>(), s));
     KV_RETURN_IF_ERROR(ConvertCuda(attn_.get(), DType::kF32, attn16_.get(), DType::kBF16, n * q_dim, s));
     KV_RETURN_IF_ERROR(GemmBf16(cublas_, attn16_.get(), L.w_o.get(), n, hidden, q_dim, x, DType::kF32, 1.0f, 1.0f, s));
 
@@ -386,8 +401,24 @@ absl::StatusOr<int32_t> GpuModel::Forward(std::span<const int32_t> tokens, int64
   }
 
   const void* w_out = c.tied_embeddings ? embedding_.get() : output_.get();
-  KV_RETURN_IF_ERROR(FinalNormLogitsCuda(cublas_, x + (n - 1) * hidden, output_norm_.as<float>(), w_out, 1, hidden,
-                                         c.vocab_size, c.norm_eps, h_.get(), logits_.as<float>(), s));
+  return FinalNormLogitsCuda(cublas_, x + (n - logit_rows) * hidden, output_norm_.as<float>(), w_out, logit_rows,
+                             hidden, c.vocab_size, c.norm_eps, h_.get(), logits_.as<float>(), s);
+}
+
+absl::Status GpuModel::Synchronize() {
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int32_t> GpuModel::Forward(std::span<const int32_t> tokens, int64_t first_position,
+                                          GpuAttentionContext& context, const TokenSampling* sampling,
+                                          std::vector<float>* logits, std::span<const int32_t> recent) {
+  const ModelConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  std::vector<int64_t> positions(n);
+  for (int64_t i = 0; i < n; ++i) positions[i] = first_position + i;
+  KV_RETURN_IF_ERROR(Enqueue(tokens, positions, context, /*logits_of_every_row=*/false));
+  cudaStream_t s = stream_;
   if (logits != nullptr) {  // queued before the penalty changes them
     logits->resize(c.vocab_size);
     CUDA_RETURN_IF_ERROR(

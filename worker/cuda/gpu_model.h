@@ -119,6 +119,17 @@ class GpuModel {
                                   GpuAttentionContext& context, const TokenSampling* sampling,
                                   std::vector<float>* logits, std::span<const int32_t> recent = {});
 
+  // Enqueues the forward pass of `tokens` (at most max_chunk()) at `positions` (host, one per token) on
+  // stream() and returns without waiting. Rows need not be consecutive nor of one request (batched
+  // decode): the context knows which request each row belongs to, and Attend's first_position is
+  // positions[0]. Then the logits of the last row, or of every row when logits_of_every_row, are
+  // computed into logits() ([rows][vocab] fp32, before any penalty). Call Synchronize (or wait for the
+  // stream another way) before the next Enqueue.
+  absl::Status Enqueue(std::span<const int32_t> tokens, std::span<const int64_t> positions,
+                       GpuAttentionContext& context, bool logits_of_every_row);
+  const float* logits() const { return logits_.as<float>(); }
+  absl::Status Synchronize();
+
  private:
   struct Layer {
     DeviceMemory attn_norm, ffn_norm;  // fp32 [hidden]
@@ -148,6 +159,8 @@ class GpuModel {
   // Activations for max_chunk rows.
   DeviceMemory ids_, positions_, x_, h_, qkv_, attn_, attn16_, gate_up_, act_, logits_, sampling_, token_;
   DeviceMemory recent_, recent_count_;  // repetition-penalty ids, grown on demand
+  int32_t* staging_ids_ = nullptr;        // pinned host [max_chunk]
+  int64_t* staging_positions_ = nullptr;  // pinned host [max_chunk]
 };
 
 // Bytes of device memory a model of this configuration needs for its weights (bf16) and activations.

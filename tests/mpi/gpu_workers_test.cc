@@ -1,0 +1,193 @@
+// GPU workers (worker/gpu_worker.h) on the workers of `mpirun -np 1+N`, one GPU each (rank 0 is the
+// coordinator and runs nothing): a context sharded over every worker is prefilled chunk by chunk with
+// pass-Q over NCCL, then decoded in a batch with a request that lives on worker 0 only. The logits of
+// every step must match one CPU shard holding the whole context (CpuModel, fp16 store) within the
+// rounding of the GPU's bf16 activations. The weights are exact in bf16, so both backends hold the
+// same model; the tokens are fixed, so the comparison never follows a divergence. Skips when the
+// machine has fewer GPUs than workers (CI has none).
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/half.h"
+#include "gtest/gtest.h"
+#include "worker/forward.h"
+#include "worker/gpu_worker.h"
+#include "worker/mpi_runtime.h"
+#include "worker/synthetic.h"
+
+namespace kvshard {
+namespace {
+
+constexpr int64_t kPrompt = 700;      // request A: spans every worker
+constexpr int64_t kShortPrompt = 45;  // request B: worker 0 only
+constexpr int kSteps = 12;
+constexpr int kChunk = 256;
+// ||gpu - cpu|| / ||cpu|| of the logits: the GPU forward pass rounds activations to bf16 before every
+// GEMM (tests/gpu/gpu_model_test.cc measures about 1e-2 for one GPU).
+constexpr double kMaxRelativeL2 = 3e-2;
+
+void RoundToBf16(HostTensor& t) {
+  for (float& x : t.data) x = Bf16ToFloat(FloatToBf16(x));
+}
+
+ModelWeights Bf16ExactSyntheticModel() {
+  SyntheticModelSpec spec;
+  spec.n_layers = 3;
+  spec.hidden = 256;
+  spec.n_heads = 8;
+  spec.n_kv_heads = 2;
+  spec.head_dim = 64;
+  spec.ffn_hidden = 512;
+  spec.vocab_size = 512;
+  spec.seed = 9;
+  auto weights = MakeSyntheticModel(spec);
+  EXPECT_TRUE(weights.ok()) << weights.status();
+  ModelWeights w = std::move(*weights);
+  RoundToBf16(w.token_embedding);
+  RoundToBf16(w.output_norm);
+  RoundToBf16(w.output);
+  for (LayerWeights& L : w.layers) {
+    for (HostTensor* t : {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_norm, &L.w_gate, &L.w_up, &L.w_down}) {
+      RoundToBf16(*t);
+    }
+  }
+  return w;
+}
+
+double RelativeL2(const float* got, const std::vector<float>& want) {
+  double diff = 0, ref = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    diff += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
+    ref += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(diff / std::max(ref, 1e-30));
+}
+
+int32_t PromptToken(int64_t i, int64_t salt) { return static_cast<int32_t>((i * 131 + salt * 17 + 7) % 512); }
+
+// The logits of the last prompt token and of every decode step of one request, on one CPU shard.
+std::vector<std::vector<float>> ReferenceLogits(const ModelWeights& weights, int64_t prompt, int64_t salt) {
+  CpuModel model(weights);
+  auto shard = MakeFullPrecisionKvShard(model.kv_geometry(), 0, FullPrecision::kFp16);
+  ShardAttentionContext context(*shard);
+  std::vector<std::vector<float>> out;
+  std::vector<float> logits;
+  for (int64_t begin = 0; begin < prompt; begin += kChunk) {
+    const int64_t n = std::min<int64_t>(kChunk, prompt - begin);
+    std::vector<int32_t> tokens(n);
+    for (int64_t i = 0; i < n; ++i) tokens[i] = PromptToken(begin + i, salt);
+    EXPECT_TRUE(model.Forward(tokens, begin, context, false, logits).ok());
+  }
+  out.push_back(logits);
+  for (int step = 0; step < kSteps; ++step) {
+    const int32_t token = PromptToken(prompt + step, salt);
+    EXPECT_TRUE(model.Forward(std::span<const int32_t>(&token, 1), prompt + step, context, false, logits).ok());
+    out.push_back(logits);
+  }
+  return out;
+}
+
+class GpuWorkerTest : public ::testing::TestWithParam<MergeMode> {};
+
+TEST_P(GpuWorkerTest, ShardedPrefillAndBatchedDecodeMatchOneCpuShard) {
+  MpiRuntime* runtime = MpiRuntime::Get();
+  const int gpus = GpuWorker::DeviceCount();
+  if (gpus < runtime->n_workers()) {
+    GTEST_SKIP() << runtime->n_workers() << " workers need as many GPUs; this machine has " << gpus;
+  }
+  auto mpi = runtime->MakeWorkerCollectives(absl::Seconds(120));
+  ASSERT_TRUE(mpi.ok()) << mpi.status();
+  const int me = (*mpi)->rank(), n_workers = (*mpi)->size();
+  const ModelWeights weights = Bf16ExactSyntheticModel();
+  GpuWorkerOptions options;
+  options.device = me % gpus;
+  options.merge.mode = GetParam();
+  options.collective_timeout = absl::Seconds(60);
+  options.kv_budget_bytes = int64_t{256} << 20;
+  auto gpu = GpuWorker::Create(weights, **mpi, options);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  const int vocab = weights.config.vocab_size;
+
+  // Request A's ranges: contiguous and even; the last worker also takes the decoded tokens.
+  constexpr int64_t kA = 1, kB = 2;
+  std::vector<int64_t> begin(n_workers + 1);
+  for (int w = 0; w <= n_workers; ++w) begin[w] = kPrompt * w / n_workers;
+  const int64_t my_end = me == n_workers - 1 ? kPrompt + kSteps : begin[me + 1];
+  ASSERT_TRUE((*gpu)->AddRequest(kA, "fp16", begin[me], my_end - begin[me]).ok());
+  if (me == 0) {
+    ASSERT_TRUE((*gpu)->AddRequest(kB, "fp16", 0, kShortPrompt + kSteps).ok());
+  }
+
+  const std::vector<std::vector<float>> want_a = ReferenceLogits(weights, kPrompt, kA);
+  const std::vector<std::vector<float>> want_b = ReferenceLogits(weights, kShortPrompt, kB);
+
+  // Prefill A: chunks that never straddle two workers' ranges, each on its owner with pass-Q.
+  for (int owner = 0; owner < n_workers; ++owner) {
+    for (int64_t first = begin[owner]; first < begin[owner + 1]; first += kChunk) {
+      const int64_t n = std::min<int64_t>(kChunk, begin[owner + 1] - first);
+      std::vector<int> sources;
+      for (int w = 0; w < owner; ++w) sources.push_back(w);
+      absl::Status error;
+      if (me == owner) {
+        std::vector<int32_t> tokens(n);
+        for (int64_t i = 0; i < n; ++i) tokens[i] = PromptToken(first + i, kA);
+        std::vector<float> logits;
+        const bool last = first + n == kPrompt;
+        ASSERT_TRUE((*gpu)->PrefillOwner(kA, tokens, first, sources, false, {}, last ? &logits : nullptr, &error).ok());
+        EXPECT_TRUE(error.ok()) << error;
+        if (last) {
+          const double rel = RelativeL2(logits.data(), want_a[0]);
+          std::printf("worker %d: request A's prompt logits, relative L2 %.2e\n", me, rel);
+          EXPECT_LE(rel, kMaxRelativeL2);
+        }
+      } else if (me < owner) {
+        ASSERT_TRUE((*gpu)->PrefillSource(kA, owner, static_cast<int>(n), first, false, {}, &error).ok());
+        EXPECT_TRUE(error.ok()) << error;
+      }
+    }
+  }
+  if (me == 0) {  // request B: one worker, no sources
+    std::vector<int32_t> tokens(kShortPrompt);
+    for (int64_t i = 0; i < kShortPrompt; ++i) tokens[i] = PromptToken(i, kB);
+    std::vector<float> logits;
+    absl::Status error;
+    ASSERT_TRUE((*gpu)->PrefillOwner(kB, tokens, 0, {}, false, {}, &logits, &error).ok());
+    EXPECT_TRUE(error.ok()) << error;
+    EXPECT_LE(RelativeL2(logits.data(), want_b[0]), kMaxRelativeL2);
+  }
+
+  // Batched decode of A and B: every worker runs both rows.
+  double worst_a = 0, worst_b = 0;
+  for (int step = 0; step < kSteps; ++step) {
+    std::vector<GpuDecodeRow> rows(2);
+    rows[0] = {kA, PromptToken(kPrompt + step, kA), kPrompt + step, true, me == n_workers - 1, false};
+    rows[1] = {kB, PromptToken(kShortPrompt + step, kB), kShortPrompt + step, me == 0, me == 0, false};
+    const std::vector<bool> want_logits = {me == n_workers - 1, me == 0};
+    std::vector<float> logits;
+    std::vector<absl::Status> errors;
+    double merge_seconds = 0;
+    int64_t merges = 0;
+    ASSERT_TRUE((*gpu)->Decode(rows, want_logits, {}, &logits, &errors, &merge_seconds, &merges).ok());
+    EXPECT_TRUE(errors[0].ok() && errors[1].ok()) << errors[0] << " " << errors[1];
+    EXPECT_EQ(merges, weights.config.n_layers);
+    if (want_logits[0]) worst_a = std::max(worst_a, RelativeL2(logits.data(), want_a[step + 1]));
+    if (want_logits[1]) worst_b = std::max(worst_b, RelativeL2(logits.data() + vocab, want_b[step + 1]));
+  }
+  std::printf("worker %d of %d, merge %s: worst relative L2 of decode logits: A %.2e, B %.2e\n", me, n_workers,
+              MergeModeName(GetParam()).c_str(), worst_a, worst_b);
+  EXPECT_LE(worst_a, kMaxRelativeL2);
+  EXPECT_LE(worst_b, kMaxRelativeL2);
+  EXPECT_EQ((*gpu)->length(kA), my_end - begin[me]);
+  const KvMemory memory = (*gpu)->Memory();
+  EXPECT_GT(memory.bytes, 0);
+  EXPECT_DOUBLE_EQ(memory.bits_per_element(), 16.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(MergeModes, GpuWorkerTest, ::testing::Values(MergeMode::kAllGather, MergeMode::kTree),
+                         [](const ::testing::TestParamInfo<MergeMode>& info) { return MergeModeName(info.param); });
+
+}  // namespace
+}  // namespace kvshard
