@@ -48,7 +48,7 @@ jobs=$(nproc)
 
 # The build directory keeps its own copy of .deps/, which CMake's cache then points at, so a later run
 # (or a run without .deps/) can reconfigure and run the binaries.
-if [ -d "$root/.deps" ] && { want build || want nccl; }; then
+if [ -d "$root/.deps" ] && { want build || want nccl || want workers; }; then
   mkdir -p "$build"
   rm -rf "$build/deps" && cp -a "$root/.deps" "$build/deps"
 fi
