@@ -58,6 +58,24 @@ absl::StatusOr<std::unique_ptr<NcclCollectives>> NcclCollectives::Create(Collect
   KV_RETURN_IF_ERROR(collectives->Complete(result, "ncclCommInitRankConfig(&comm, size, id, rank, &config)",
                                            absl::StrCat("join of a communicator of ", size, " workers"), __FILE__,
                                            __LINE__));
+  // Every worker is there: split off the blocking working communicator (polled as the joined one is
+  // non-blocking), then drop the joined one (no work on it; an abort is local).
+  ncclConfig_t blocking = NCCL_CONFIG_INITIALIZER;
+  blocking.blocking = 1;
+  ncclComm_t joined = comm;
+  ncclComm_t working = nullptr;
+  const ncclResult_t split = ncclCommSplit(joined, 0, rank, &working, &blocking);
+  if (working == nullptr) {
+    absl::Status status = NcclStatus(split == ncclSuccess || split == ncclInProgress ? ncclInternalError : split,
+                                     "ncclCommSplit(joined, 0, rank, &working, &blocking)", rank, __FILE__, __LINE__);
+    return collectives->Abort(status);
+  }
+  collectives->comm_ = working;
+  const absl::Status made = collectives->Complete(split, "ncclCommSplit(joined, 0, rank, &working, &blocking)",
+                                                  "split of the blocking communicator", __FILE__, __LINE__);
+  ncclCommAbort(joined);
+  KV_RETURN_IF_ERROR(made);
+  collectives->watchdog_ = std::thread([c = collectives.get()] { c->Watch(); });
   return collectives;
 }
 
@@ -65,7 +83,8 @@ NcclCollectives::~NcclCollectives() {
   if (comm_ != nullptr) {
     absl::Status status = Synchronize();
     if (status.ok()) {
-      status = Complete(ncclCommFinalize(comm_), "ncclCommFinalize(comm_)", "finalize", __FILE__, __LINE__);
+      status = Guarded([this] { return ncclCommFinalize(comm_); }, "ncclCommFinalize(comm_)", "finalize", __FILE__,
+                       __LINE__);
     }
     if (status.ok() && comm_ != nullptr) {
       ncclCommDestroy(comm_);  // local once finalized
@@ -73,8 +92,59 @@ NcclCollectives::~NcclCollectives() {
     }
     if (comm_ != nullptr) Abort(status).IgnoreError();  // a destructor has no one to report to
   }
+  StopWatchdog();
   for (Pending& p : pending_) cudaEventDestroy(p.event);
   for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+}
+
+void NcclCollectives::StopWatchdog() {
+  if (!watchdog_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  stop_cv_.notify_all();
+  watchdog_.join();
+}
+
+void NcclCollectives::Watch() {
+  // Checks every timeout / 20 (1 ms to 100 ms), so a call is aborted at most that late. The calling
+  // thread only takes an uncontended lock around a call; it never wakes this thread.
+  const auto period = std::clamp(absl::ToChronoMilliseconds(timeout_) / 20, std::chrono::milliseconds(1),
+                                 std::chrono::milliseconds(100));
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    if (in_call_ && !fired_ && std::chrono::steady_clock::now() >= call_deadline_) {
+      fired_ = true;
+      // The calling thread is inside the call and touches comm_ only after taking mu_ again.
+      ncclCommAbort(comm_);
+    }
+    stop_cv_.wait_for(lock, period, [this] { return stop_; });
+  }
+}
+
+absl::Status NcclCollectives::Guarded(absl::FunctionRef<ncclResult_t()> call, const char* expr,
+                                      const std::string& what, const char* file, int line) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    in_call_ = true;
+    call_deadline_ = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(timeout_);
+  }
+  const ncclResult_t result = call();
+  bool fired;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    in_call_ = false;
+    fired = fired_;
+  }
+  if (fired) {
+    comm_ = nullptr;  // aborted (and freed) by the watchdog
+    return Abort(absl::DeadlineExceededError(
+        absl::StrCat(file, ":", line, ": ", Describe(what), " did not return within ",
+                     absl::FormatDuration(timeout_), ": a peer did not take part")));
+  }
+  if (result != ncclSuccess) return Abort(NcclStatus(result, absl::StrCat(expr, " (", what, ")").c_str(), rank_, file, line));
+  return absl::OkStatus();
 }
 
 std::string NcclCollectives::Describe(const std::string& what) const {
@@ -180,15 +250,39 @@ absl::Status NcclCollectives::Synchronize() {
 }
 
 absl::Status NcclCollectives::AllReduce(void* data, int64_t count, WireType type, ReduceOp op) {
-  KV_RETURN_IF_ERROR(CheckBytes(count, "allreduce"));
-  const std::string what = absl::StrCat("allreduce ", op == ReduceOp::kSum ? "sum" : "max", " of ", count,
-                                        type == WireType::kBf16 ? " bf16" : " fp32", " values");
+  const Reduction reduction{data, count, type, op};
+  return AllReduces(std::span<const Reduction>(&reduction, 1));
+}
+
+absl::Status NcclCollectives::AllReduces(std::span<const Reduction> reductions) {
+  std::string what;
+  bool any = false;
+  for (const Reduction& r : reductions) {
+    KV_RETURN_IF_ERROR(CheckBytes(r.count, "allreduce"));
+    absl::StrAppend(&what, what.empty() ? "" : " + ", "allreduce ", r.op == ReduceOp::kSum ? "sum" : "max", " of ",
+                    r.count, r.type == WireType::kBf16 ? " bf16" : " fp32", " values");
+    any = any || r.count > 0;
+  }
   KV_RETURN_IF_ERROR(Usable(what));
-  if (count == 0) return absl::OkStatus();
-  const ncclDataType_t dtype = type == WireType::kBf16 ? ncclBfloat16 : ncclFloat32;
-  const ncclRedOp_t nccl_op = op == ReduceOp::kSum ? ncclSum : ncclMax;
-  KV_RETURN_IF_ERROR(Complete(ncclAllReduce(data, data, static_cast<size_t>(count), dtype, nccl_op, comm_, stream_),
-                              "ncclAllReduce", what, __FILE__, __LINE__));
+  if (!any) return absl::OkStatus();
+  auto enqueue = [&] {
+    // Inside a group the calls only record the operations; ncclGroupEnd launches them together.
+    ncclResult_t first_error = ncclSuccess;
+    auto note = [&](ncclResult_t r) {
+      if (r != ncclSuccess && first_error == ncclSuccess) first_error = r;
+    };
+    const bool group = reductions.size() > 1;
+    if (group) note(ncclGroupStart());
+    for (const Reduction& r : reductions) {
+      if (r.count == 0) continue;
+      note(ncclAllReduce(r.data, r.data, static_cast<size_t>(r.count),
+                         r.type == WireType::kBf16 ? ncclBfloat16 : ncclFloat32,
+                         r.op == ReduceOp::kSum ? ncclSum : ncclMax, comm_, stream_));
+    }
+    if (group) note(ncclGroupEnd());
+    return first_error;
+  };
+  KV_RETURN_IF_ERROR(Guarded(enqueue, "ncclAllReduce", what, __FILE__, __LINE__));
   return Track(what);
 }
 
@@ -197,9 +291,9 @@ absl::Status NcclCollectives::AllGather(const void* send, void* recv, int64_t by
   const std::string what = absl::StrCat("allgather of ", bytes_per_rank, " bytes per worker");
   KV_RETURN_IF_ERROR(Usable(what));
   if (bytes_per_rank == 0) return absl::OkStatus();
-  KV_RETURN_IF_ERROR(Complete(
-      ncclAllGather(send, recv, static_cast<size_t>(bytes_per_rank), ncclUint8, comm_, stream_), "ncclAllGather",
-      what, __FILE__, __LINE__));
+  KV_RETURN_IF_ERROR(Guarded(
+      [&] { return ncclAllGather(send, recv, static_cast<size_t>(bytes_per_rank), ncclUint8, comm_, stream_); },
+      "ncclAllGather", what, __FILE__, __LINE__));
   return Track(what);
 }
 
@@ -211,9 +305,9 @@ absl::Status NcclCollectives::Broadcast(void* data, int64_t bytes, int root) {
   const std::string what = absl::StrCat("broadcast of ", bytes, " bytes from worker ", root);
   KV_RETURN_IF_ERROR(Usable(what));
   if (bytes == 0) return absl::OkStatus();
-  KV_RETURN_IF_ERROR(Complete(
-      ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, comm_, stream_), "ncclBroadcast",
-      what, __FILE__, __LINE__));
+  KV_RETURN_IF_ERROR(Guarded(
+      [&] { return ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, comm_, stream_); },
+      "ncclBroadcast", what, __FILE__, __LINE__));
   return Track(what);
 }
 
@@ -233,25 +327,23 @@ absl::Status NcclCollectives::Exchange(std::span<const SendBuffer> sends, std::s
   }
   KV_RETURN_IF_ERROR(Usable(what));
   if (sends.empty() && recvs.empty()) return absl::OkStatus();
-  // Inside a group, the calls only record the operations (ncclSuccess or, non-blocking, ncclInProgress);
-  // ncclGroupEnd launches them all together.
-  ncclResult_t first_error = ncclSuccess;
-  auto note = [&](ncclResult_t r) {
-    if (r != ncclSuccess && r != ncclInProgress && first_error == ncclSuccess) first_error = r;
+  // Inside a group the calls only record the operations; ncclGroupEnd launches them all together.
+  auto enqueue = [&] {
+    ncclResult_t first_error = ncclSuccess;
+    auto note = [&](ncclResult_t r) {
+      if (r != ncclSuccess && first_error == ncclSuccess) first_error = r;
+    };
+    note(ncclGroupStart());
+    for (const RecvBuffer& r : recvs) {
+      if (r.bytes > 0) note(ncclRecv(r.data, static_cast<size_t>(r.bytes), ncclUint8, r.peer, comm_, stream_));
+    }
+    for (const SendBuffer& s : sends) {
+      if (s.bytes > 0) note(ncclSend(s.data, static_cast<size_t>(s.bytes), ncclUint8, s.peer, comm_, stream_));
+    }
+    note(ncclGroupEnd());
+    return first_error;
   };
-  note(ncclGroupStart());
-  for (const RecvBuffer& r : recvs) {
-    if (r.bytes > 0) note(ncclRecv(r.data, static_cast<size_t>(r.bytes), ncclUint8, r.peer, comm_, stream_));
-  }
-  for (const SendBuffer& s : sends) {
-    if (s.bytes > 0) note(ncclSend(s.data, static_cast<size_t>(s.bytes), ncclUint8, s.peer, comm_, stream_));
-  }
-  const ncclResult_t end = ncclGroupEnd();
-  if (first_error != ncclSuccess) {
-    return Abort(NcclStatus(first_error, absl::StrCat("ncclSend/ncclRecv (", what, ")").c_str(), rank_, __FILE__,
-                            __LINE__));
-  }
-  KV_RETURN_IF_ERROR(Complete(end, "ncclGroupEnd", what, __FILE__, __LINE__));
+  KV_RETURN_IF_ERROR(Guarded(enqueue, "ncclSend/ncclRecv", what, __FILE__, __LINE__));
   return Track(what);
 }
 

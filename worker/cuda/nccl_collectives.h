@@ -2,13 +2,20 @@
 // memory of the calling thread's current CUDA device; every operation is enqueued on the stream the
 // communicator was made with, and returns once it is enqueued (later work on that stream sees the result).
 //
-// Never a hang. The communicator is non-blocking (ncclConfig_t::blocking = 0): making it, enqueuing and
-// tearing it down are polled with ncclCommGetAsyncError, and a collective that cannot complete because a
-// peer does not take part shows up when the stream is waited for: Synchronize() polls the operations'
-// completion events and the communicator's asynchronous error, and after `timeout` without progress
-// aborts the communicator (ncclCommAbort, which also stops its kernels) and returns DeadlineExceeded
-// naming the operation that did not complete. Callers wait for the stream through Synchronize() only,
-// never with cudaStreamSynchronize. After an abort every call fails: the job cannot go on (collectives.h).
+// Never a hang, at the cost of a plain NCCL call. Joining is non-blocking (ncclConfig_t::blocking = 0,
+// polled with ncclCommGetAsyncError), so a worker that never joins gives DeadlineExceeded. Once every
+// worker has joined, the working communicator is split off the joined one with blocking = 1, and the
+// joined one is dropped: in non-blocking mode NCCL launches every call from a new thread (~100 us a
+// call), in blocking mode a call is enqueued by the caller's thread. A blocking call can still wait for
+// peers (the connections of an algorithm are made on its first use), so every call into NCCL runs under
+// a watchdog thread that aborts the communicator (ncclCommAbort, allowed concurrently with a blocked call)
+// when the call has not returned within `timeout`; the call then fails with DeadlineExceeded naming the
+// operation. A collective that cannot complete because a peer does not take part shows up when the
+// stream is waited for: Synchronize() polls the operations' completion events and the communicator's
+// asynchronous error, and after `timeout` without progress aborts the communicator (which also stops
+// its kernels) and returns DeadlineExceeded naming the operation that did not complete. Callers wait for
+// the stream through Synchronize() only, never with cudaStreamSynchronize. After an abort every call
+// fails: the job cannot go on (collectives.h).
 //
 // One communicator serves one thread at a time, like the MPI backend.
 #pragma once
@@ -16,11 +23,17 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <deque>
 #include <memory>
+#include <mutex>
+#include <span>
+#include <thread>
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "worker/collectives.h"
@@ -47,6 +60,15 @@ class NcclCollectives final : public Collectives {
   absl::Status Broadcast(void* data, int64_t bytes, int root) override;
   absl::Status Exchange(std::span<const SendBuffer> sends, std::span<const RecvBuffer> recvs) override;
 
+  // Several all-reduces as one NCCL group (one launch); each as AllReduce would do it.
+  struct Reduction {
+    void* data;
+    int64_t count;
+    WireType type;
+    ReduceOp op;
+  };
+  absl::Status AllReduces(std::span<const Reduction> reductions);
+
   // Waits until everything enqueued on the stream so far has completed. DeadlineExceeded (after aborting
   // the communicator) when no enqueued operation completes within the timeout; the error of the
   // communicator when NCCL reports one.
@@ -60,6 +82,12 @@ class NcclCollectives final : public Collectives {
  private:
   NcclCollectives(ncclComm_t comm, int rank, int size, cudaStream_t stream, absl::Duration timeout);
 
+  // Runs `call` into the blocking communicator under the watchdog: DeadlineExceeded naming `what` (the
+  // communicator aborted) when it has not returned within the timeout; its NCCL error otherwise.
+  absl::Status Guarded(absl::FunctionRef<ncclResult_t()> call, const char* expr, const std::string& what,
+                       const char* file, int line);
+  void Watch();
+  void StopWatchdog();
   // Polls a non-blocking NCCL call that returned ncclInProgress until it is done; `what` names it.
   absl::Status Complete(ncclResult_t result, const char* expr, const std::string& what, const char* file,
                         int line);
@@ -84,6 +112,15 @@ class NcclCollectives final : public Collectives {
   };
   std::deque<Pending> pending_;        // enqueued, not yet seen complete (in stream order)
   std::vector<cudaEvent_t> free_events_;
+
+  // The watchdog: while a call runs (in_call_), aborts the communicator once call_deadline_ passes.
+  std::mutex mu_;
+  std::condition_variable stop_cv_;
+  bool stop_ = false;
+  bool in_call_ = false;
+  bool fired_ = false;
+  std::chrono::steady_clock::time_point call_deadline_;
+  std::thread watchdog_;
 };
 
 }  // namespace kvshard
