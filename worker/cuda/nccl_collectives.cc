@@ -65,6 +65,11 @@ absl::StatusOr<std::unique_ptr<NcclCollectives>> NcclCollectives::Create(Collect
   ncclComm_t joined = comm;
   ncclComm_t working = nullptr;
   const ncclResult_t split = ncclCommSplit(joined, 0, rank, &working, &blocking);
+  if (working == nullptr && split == ncclInProgress) {
+    // Non-blocking, the new communicator is handed out once the split is done: poll the joined one.
+    KV_RETURN_IF_ERROR(collectives->Complete(split, "ncclCommSplit(joined, 0, rank, &working, &blocking)",
+                                             "split of the blocking communicator", __FILE__, __LINE__));
+  }
   if (working == nullptr) {
     absl::Status status = NcclStatus(split == ncclSuccess || split == ncclInProgress ? ncclInternalError : split,
                                      "ncclCommSplit(joined, 0, rank, &working, &blocking)", rank, __FILE__, __LINE__);
