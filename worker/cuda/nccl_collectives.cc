@@ -58,30 +58,47 @@ absl::StatusOr<std::unique_ptr<NcclCollectives>> NcclCollectives::Create(Collect
   KV_RETURN_IF_ERROR(collectives->Complete(result, "ncclCommInitRankConfig(&comm, size, id, rank, &config)",
                                            absl::StrCat("join of a communicator of ", size, " workers"), __FILE__,
                                            __LINE__));
-  // Every worker is there: split off the blocking working communicator (polled as the joined one is
-  // non-blocking), then drop the joined one (no work on it; an abort is local).
-  ncclConfig_t blocking = NCCL_CONFIG_INITIALIZER;
-  blocking.blocking = 1;
-  ncclComm_t joined = comm;
-  ncclComm_t working = nullptr;
-  const ncclResult_t split = ncclCommSplit(joined, 0, rank, &working, &blocking);
-  if (working == nullptr && split == ncclInProgress) {
-    // Non-blocking, the new communicator is handed out once the split is done: poll the joined one.
-    KV_RETURN_IF_ERROR(collectives->Complete(split, "ncclCommSplit(joined, 0, rank, &working, &blocking)",
-                                             "split of the blocking communicator", __FILE__, __LINE__));
+  // Every worker is there: make the blocking working communicator from a fresh id, then drop the joined
+  // one (no work on it, so its abort is local).
+  ncclComm_t joined = collectives->comm_;
+  collectives->comm_ = nullptr;
+  ncclUniqueId working_id{};
+  absl::Status made = rank == 0 ? NcclStatus(ncclGetUniqueId(&working_id), "ncclGetUniqueId(&working_id)", rank,
+                                             __FILE__, __LINE__)
+                                : absl::OkStatus();
+  // Worker 0 broadcasts even after a failure (a zero id), so that the others fail in the init, bounded.
+  const absl::Status sent = bootstrap.Broadcast(&working_id, sizeof(working_id), 0);
+  if (made.ok()) made = sent;
+  if (made.ok()) {
+    collectives->watchdog_ = std::thread([c = collectives.get()] { c->Watch(); });
+    made = collectives->MakeWorkingCommunicator(working_id);
   }
-  if (working == nullptr) {
-    absl::Status status = NcclStatus(split == ncclSuccess || split == ncclInProgress ? ncclInternalError : split,
-                                     "ncclCommSplit(joined, 0, rank, &working, &blocking)", rank, __FILE__, __LINE__);
-    return collectives->Abort(status);
-  }
-  collectives->comm_ = working;
-  const absl::Status made = collectives->Complete(split, "ncclCommSplit(joined, 0, rank, &working, &blocking)",
-                                                  "split of the blocking communicator", __FILE__, __LINE__);
   ncclCommAbort(joined);
   KV_RETURN_IF_ERROR(made);
-  collectives->watchdog_ = std::thread([c = collectives.get()] { c->Watch(); });
   return collectives;
+}
+
+absl::Status NcclCollectives::MakeWorkingCommunicator(const ncclUniqueId& id) {
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 1;
+  // Inside a group the init only records the work and hands out the communicator, so the watchdog has
+  // it to abort while ncclGroupEnd waits for the other workers.
+  NCCL_RETURN_IF_ERROR(rank_, ncclGroupStart());
+  ncclComm_t working = nullptr;
+  const ncclResult_t init = ncclCommInitRankConfig(&working, size_, id, rank_, &config);
+  if (working == nullptr) {
+    ncclGroupEnd();  // closes the group; the init's error is the one to report
+    return NcclStatus(init == ncclSuccess ? ncclInternalError : init,
+                      "ncclCommInitRankConfig(&working, size_, id, rank_, &config)", rank_, __FILE__, __LINE__);
+  }
+  comm_ = working;  // published to the watchdog by the lock Guarded takes
+  return Guarded(
+      [&] {
+        const ncclResult_t end = ncclGroupEnd();  // makes the communicator
+        return init != ncclSuccess ? init : end;
+      },
+      "ncclCommInitRankConfig(blocking) + ncclGroupEnd",
+      absl::StrCat("init of the working communicator of ", size_, " workers"), __FILE__, __LINE__);
 }
 
 NcclCollectives::~NcclCollectives() {
@@ -202,6 +219,9 @@ absl::Status NcclCollectives::Complete(ncclResult_t result, const char* expr, co
 }
 
 absl::Status NcclCollectives::Track(const std::string& what) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream_, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return absl::OkStatus();  // the graph's replay is waited for
   while (!pending_.empty()) {  // recycle the events the stream has passed
     const cudaError_t e = cudaEventQuery(pending_.front().event);
     if (e == cudaErrorNotReady) break;

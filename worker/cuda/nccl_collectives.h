@@ -4,18 +4,30 @@
 //
 // Never a hang, at the cost of a plain NCCL call. Joining is non-blocking (ncclConfig_t::blocking = 0,
 // polled with ncclCommGetAsyncError), so a worker that never joins gives DeadlineExceeded. Once every
-// worker has joined, the working communicator is split off the joined one with blocking = 1, and the
-// joined one is dropped: in non-blocking mode NCCL launches every call from a new thread (~100 us a
-// call), in blocking mode a call is enqueued by the caller's thread. A blocking call can still wait for
-// peers (the connections of an algorithm are made on its first use), so every call into NCCL runs under
-// a watchdog thread that aborts the communicator (ncclCommAbort, allowed concurrently with a blocked call)
-// when the call has not returned within `timeout`; the call then fails with DeadlineExceeded naming the
-// operation. A collective that cannot complete because a peer does not take part shows up when the
-// stream is waited for: Synchronize() polls the operations' completion events and the communicator's
-// asynchronous error, and after `timeout` without progress aborts the communicator (which also stops
-// its kernels) and returns DeadlineExceeded naming the operation that did not complete. Callers wait for
-// the stream through Synchronize() only, never with cudaStreamSynchronize. After an abort every call
-// fails: the job cannot go on (collectives.h).
+// worker has joined, worker 0 broadcasts a second ncclUniqueId and every worker makes the working
+// communicator with it, blocking = 1, then drops the joined one: with blocking = 0 NCCL launches every
+// call from a new thread (~100 us a call), with blocking = 1 the caller's thread enqueues it. (The
+// working communicator cannot be split off the joined one: NCCL refuses blocking and non-blocking
+// communicators in one group, which a split is.)
+//
+// Two kinds of wait for peers, bounded in two ways:
+//   - inside a call: the working communicator's init, and a call that makes the connections of an
+//     algorithm on its first use, wait for peers on the calling thread. Every call into NCCL runs
+//     under a watchdog thread that aborts the communicator (ncclCommAbort) when the call has not
+//     returned within `timeout`; the call then fails with DeadlineExceeded naming the operation. NCCL
+//     documents an abort at any point only for non-blocking communicators: on a blocking one (NCCL
+//     2.28) the abort sets the abort flag that the blocked call polls, then frees the communicator while
+//     that call unwinds. So the watchdog fires only where the process would otherwise hang for good.
+//   - on the GPU: a collective that cannot complete because a peer does not take part shows up when the
+//     stream is waited for. Synchronize() polls the operations' completion events and the
+//     communicator's asynchronous error, and after `timeout` without progress aborts the communicator
+//     from the calling thread (which also stops its kernels) and returns DeadlineExceeded naming the
+//     operation that did not complete. Callers wait for the stream through Synchronize() only, never with
+//     cudaStreamSynchronize.
+// After an abort every call fails: the job cannot go on (collectives.h).
+//
+// CUDA graphs: operations enqueued while the stream is being captured are recorded into the graph and
+// not tracked here; a replay is stream work like any other, waited for with Synchronize().
 //
 // One communicator serves one thread at a time, like the MPI backend.
 #pragma once
@@ -44,8 +56,9 @@ class NcclCollectives final : public Collectives {
  public:
   // Collective over the workers of `bootstrap` (the MPI backend over the workers): worker 0 makes an
   // ncclUniqueId and broadcasts it through `bootstrap`, then every worker joins with
-  // ncclCommInitRank(size, id, rank) on its current CUDA device. `stream` is the worker's stream (not
-  // owned). `timeout` bounds the join and every later wait for peers.
+  // ncclCommInitRankConfig(size, id, rank) on its current CUDA device; then the same again for the
+  // blocking working communicator. `stream` is the worker's stream (not owned). `timeout` bounds each
+  // of the two inits and every later wait for peers.
   static absl::StatusOr<std::unique_ptr<NcclCollectives>> Create(Collectives& bootstrap, cudaStream_t stream,
                                                                  absl::Duration timeout);
   // Finalizes the communicator when its work is done (bounded by the timeout), else aborts it.
@@ -82,8 +95,10 @@ class NcclCollectives final : public Collectives {
  private:
   NcclCollectives(ncclComm_t comm, int rank, int size, cudaStream_t stream, absl::Duration timeout);
 
-  // Runs `call` into the blocking communicator under the watchdog: DeadlineExceeded naming `what` (the
-  // communicator aborted) when it has not returned within the timeout; its NCCL error otherwise.
+  // Makes the blocking working communicator from `id` (every worker calls it) under the watchdog.
+  absl::Status MakeWorkingCommunicator(const ncclUniqueId& id);
+  // Runs `call` into comm_ under the watchdog: DeadlineExceeded naming `what` (the communicator
+  // aborted) when it has not returned within the timeout; its NCCL error otherwise.
   absl::Status Guarded(absl::FunctionRef<ncclResult_t()> call, const char* expr, const std::string& what,
                        const char* file, int line);
   void Watch();
@@ -91,7 +106,8 @@ class NcclCollectives final : public Collectives {
   // Polls a non-blocking NCCL call that returned ncclInProgress until it is done; `what` names it.
   absl::Status Complete(ncclResult_t result, const char* expr, const std::string& what, const char* file,
                         int line);
-  // After an operation was enqueued: records its completion event, named `what`.
+  // After an operation was enqueued: records its completion event, named `what` (nothing while the
+  // stream is being captured).
   absl::Status Track(const std::string& what);
   // Fails when the communicator was aborted.
   absl::Status Usable(const std::string& what) const;
