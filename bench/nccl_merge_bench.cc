@@ -6,14 +6,14 @@
 // One line per (mode, wire, batch): 32 query heads, head_dim 128, rows = batch x 32. Times are CUDA
 // events on worker 0, medians over --iters; warm-up first, until worker 0 has merged for 0.3 s.
 //   gpu_us: one merge as the host enqueues it; before each, the workers' streams are idle and the
-//     workers meet at an MPI barrier, so it includes the host's enqueue time and no launch skew beyond
-//     the barrier's.
+//     workers start together (MeetAndRelease: within microseconds on one node), so it includes the
+//     host's enqueue time and next to no launch skew.
 //   graph_us: the same merge captured once into a CUDA graph (cudaStreamBeginCapture) and replayed, one
 //     replay per timing, same protocol.
 //   b2b_us: --layers merges enqueued back to back (as a decode step issues them, one per layer, without
 //     the layers' other work), divided by --layers; the host's enqueue overlaps the GPU's work.
 // mpi_cpu_us is the same merge of host buffers through the CPU backend (MergePartialsAcrossWorkers over
-// MPI), median of wall-clock times, in the same run. #wrong: values of every worker's last eager merge
+// MPI), median of wall-clock times from the same start, in the same run. #wrong: values of every worker's last eager merge
 // and last graph replay outside the bounds of MergeOutTolerance against MergePartialsCpu over all
 // workers' partials (as in nccl-tests, it should read 0).
 #include <algorithm>
@@ -54,10 +54,22 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Host barrier of the workers (a one-value MPI all-reduce).
-absl::Status Barrier(Collectives& mpi) {
+// Meets the other workers and returns at one instant on all of them: after a barrier, worker 0 names an
+// instant 1 ms ahead on the node's monotonic clock (the workers share one node), and every worker spins
+// until then. An MPI barrier alone lets the workers go up to ~200 us apart (its polls sleep between
+// tries), which a timing that starts on one worker would count.
+absl::Status MeetAndRelease(Collectives& mpi) {
   float x = 0;
-  return mpi.AllReduce(&x, 1, WireType::kF32, ReduceOp::kSum);
+  KV_RETURN_IF_ERROR(mpi.AllReduce(&x, 1, WireType::kF32, ReduceOp::kSum));
+  auto now_ns = [] {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  };
+  int64_t release_ns = mpi.rank() == 0 ? now_ns() + 1'000'000 : 0;
+  KV_RETURN_IF_ERROR(mpi.Broadcast(&release_ns, sizeof(release_ns), 0));
+  while (now_ns() < release_ns) {
+  }
+  return absl::OkStatus();
 }
 
 struct Line {
@@ -107,13 +119,13 @@ absl::StatusOr<Line> RunLine(Collectives& mpi, NcclCollectives& nccl, const Merg
   CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
   CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
   // Median over `reps` of the CUDA-event time around `enqueue`, each after (when `reset`) the inputs
-  // were reset, the stream drained and the workers met at a barrier.
+  // were reset, the stream drained and the workers released together.
   auto median_time = [&](absl::FunctionRef<absl::Status()> enqueue, int reps, bool reset) -> absl::StatusOr<double> {
     std::vector<double> times;
     for (int i = 0; i < reps; ++i) {
       if (reset) KV_RETURN_IF_ERROR(reset_inputs());
       KV_RETURN_IF_ERROR(nccl.Synchronize());
-      KV_RETURN_IF_ERROR(Barrier(mpi));
+      KV_RETURN_IF_ERROR(MeetAndRelease(mpi));
       CUDA_RETURN_IF_ERROR(cudaEventRecord(start, stream));
       KV_RETURN_IF_ERROR(enqueue());
       CUDA_RETURN_IF_ERROR(cudaEventRecord(stop, stream));
@@ -188,7 +200,7 @@ absl::StatusOr<Line> RunLine(Collectives& mpi, NcclCollectives& nccl, const Merg
   std::vector<double> cpu_times;
   for (int i = 0; i < std::min(iters, 100); ++i) {
     std::vector<float> o = mine.out, l = mine.lse;
-    KV_RETURN_IF_ERROR(Barrier(mpi));
+    KV_RETURN_IF_ERROR(MeetAndRelease(mpi));
     const auto t0 = std::chrono::steady_clock::now();
     KV_RETURN_IF_ERROR(MergePartialsAcrossWorkers(mpi, options, rows, kHeadDim, o.data(), l.data()));
     cpu_times.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
