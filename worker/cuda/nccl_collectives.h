@@ -6,9 +6,9 @@
 // polled with ncclCommGetAsyncError), so a worker that never joins gives DeadlineExceeded. Once every
 // worker has joined, worker 0 broadcasts a second ncclUniqueId and every worker makes the working
 // communicator with it, blocking = 1, then drops the joined one: with blocking = 0 NCCL launches every
-// call from a new thread (~100 us a call), with blocking = 1 the caller's thread enqueues it. (The
-// working communicator cannot be split off the joined one: NCCL refuses blocking and non-blocking
-// communicators in one group, which a split is.)
+// call from a new thread (~100 us a call), with blocking = 1 the caller's thread enqueues it. (A
+// blocking split of the joined communicator failed with ncclInternalError on NCCL 2.28.9; NCCL refuses
+// blocking and non-blocking communicators in one group, which may be why.)
 //
 // Two kinds of wait for peers, bounded in two ways:
 //   - inside a call: the working communicator's init, and a call that makes the connections of an
