@@ -1,8 +1,9 @@
 // The NCCL data plane on the workers of `mpirun -np 1+N` (one GPU each; rank 0 is the coordinator and
 // runs nothing): the collectives with seeded inputs whose results are exact (bit-exact for all-gather,
-// broadcast and exchange, and for sums and maxima of small integers in fp32 and bf16), the GPU
-// cross-worker merge of attention partials in both modes and wire types against MergePartialsCpu over
-// every worker's partials, and a peer that does not take part (DeadlineExceeded naming the operation,
+// broadcast and exchange, and for sums and maxima of small integers in fp32 and bf16; an all-reduce also
+// replayed from a CUDA graph), the GPU cross-worker merge of attention partials in both modes and wire
+// types against MergePartialsCpu over every worker's partials, and a peer that does not take part: in a
+// collective, in the join, or in the first use of a connection (DeadlineExceeded naming the operation,
 // within the timeout). Skips when the machine has fewer GPUs than workers (CI has none).
 #include <algorithm>
 #include <chrono>
@@ -174,6 +175,38 @@ TEST(NcclCollectivesTest, ExchangeAroundARingIsBitExactAndInOrder) {
   EXPECT_TRUE(nccl.Exchange({}, {}).ok());
 }
 
+TEST(NcclCollectivesTest, AllReduceCapturedInACudaGraphIsExactOnEveryReplay) {
+  KV_GET_WORKERS_OR_SKIP(w);
+  NcclCollectives& nccl = *w->nccl;
+  const int n = nccl.size(), me = nccl.rank();
+  const int64_t count = 4099;
+  std::vector<float> mine(count), want(count);
+  for (int64_t i = 0; i < count; ++i) {
+    mine[i] = static_cast<float>((me + 1) * (i % 97));
+    want[i] = static_cast<float>((i % 97) * n * (n + 1) / 2);
+  }
+  DeviceBuffer<float> source = testing::ToDevice(mine), data(count);
+  // The graph copies the inputs in, then sums in place, so every replay starts from the same values.
+  cudaStream_t stream = nccl.stream();
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  const cudaError_t copied =
+      cudaMemcpyAsync(data.get(), source.get(), count * sizeof(float), cudaMemcpyDeviceToDevice, stream);
+  const absl::Status enqueued = nccl.AllReduce(data.get(), count, WireType::kF32, ReduceOp::kSum);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_EQ(copied, cudaSuccess);
+  ASSERT_TRUE(enqueued.ok()) << enqueued;
+  cudaGraphExec_t replayable = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&replayable, graph, 0), cudaSuccess);
+  for (int replay = 0; replay < 3; ++replay) {
+    data.Poison();
+    ASSERT_EQ(cudaGraphLaunch(replayable, stream), cudaSuccess);
+    EXPECT_EQ(Download(nccl, data), want) << "replay " << replay;
+  }
+  EXPECT_EQ(cudaGraphExecDestroy(replayable), cudaSuccess);
+  EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // The GPU merge of partials against MergePartialsCpu over every worker's partials.
 
@@ -280,6 +313,56 @@ TEST_P(NcclTimeoutTest, MissingPeerGivesDeadlineExceededNamingTheOperation) {
   ASSERT_TRUE(w->mpi->AllReduce(&done, 1, WireType::kF32, ReduceOp::kSum).ok());
   const auto start = std::chrono::steady_clock::now();
   nccl.reset();  // bounded too: a finalize that cannot complete is aborted after the timeout
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), timeout_seconds + 3.0);
+}
+
+// Only worker 0 makes a communicator; the others take its broadcast of the id (the bootstrap's part)
+// and never join: Create must give DeadlineExceeded naming the join, within the timeout plus slack.
+TEST_P(NcclTimeoutTest, PeerThatNeverJoinsGivesDeadlineExceeded) {
+  KV_GET_WORKERS_OR_SKIP(w);
+  const int timeout_seconds = GetParam();
+  if (w->mpi->rank() == 0) {
+    const auto start = std::chrono::steady_clock::now();
+    auto made = NcclCollectives::Create(*w->mpi, w->stream, absl::Seconds(timeout_seconds));
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_EQ(made.status().code(), absl::StatusCode::kDeadlineExceeded) << made.status();
+    EXPECT_NE(std::string(made.status().message()).find("join"), std::string::npos) << made.status();
+    EXPECT_LT(seconds, timeout_seconds + 3.0) << "the join is bounded by the timeout";
+    std::printf("peer never joins, after %.2f s: %s\n", seconds, std::string(made.status().message()).c_str());
+  } else {
+    ncclUniqueId id{};
+    ASSERT_TRUE(w->mpi->Broadcast(&id, sizeof(id), 0).ok());
+  }
+  float done = 0;
+  ASSERT_TRUE(w->mpi->AllReduce(&done, 1, WireType::kF32, ReduceOp::kSum).ok());
+}
+
+// A wait for a peer inside a call: on a fresh communicator, only worker 0 sends to worker 1, whose
+// connection is made on that first use and needs worker 1. The watchdog must abort the blocked call:
+// DeadlineExceeded naming the exchange, within the timeout plus slack.
+TEST_P(NcclTimeoutTest, PeerThatNeverConnectsGivesDeadlineExceededInTheCall) {
+  KV_GET_WORKERS_OR_SKIP(w);
+  const int timeout_seconds = GetParam();
+  auto made = NcclCollectives::Create(*w->mpi, w->stream, absl::Seconds(timeout_seconds));
+  ASSERT_TRUE(made.ok()) << made.status();
+  std::unique_ptr<NcclCollectives> nccl = std::move(*made);
+  if (nccl->rank() == 0) {
+    DeviceBuffer<uint8_t> data(4096);
+    const SendBuffer send{1, data.get(), 4096};
+    const auto start = std::chrono::steady_clock::now();
+    absl::Status status = nccl->Exchange(std::span<const SendBuffer>(&send, 1), {});
+    if (status.ok()) status = nccl->Synchronize();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded) << status;
+    EXPECT_NE(std::string(status.message()).find("exchange"), std::string::npos) << status;
+    EXPECT_LT(seconds, timeout_seconds + 3.0) << "the call is bounded by the timeout";
+    EXPECT_TRUE(nccl->aborted());
+    std::printf("peer never connects, after %.2f s: %s\n", seconds, std::string(status.message()).c_str());
+  }
+  float done = 0;
+  ASSERT_TRUE(w->mpi->AllReduce(&done, 1, WireType::kF32, ReduceOp::kSum).ok());
+  const auto start = std::chrono::steady_clock::now();
+  nccl.reset();
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), timeout_seconds + 3.0);
 }
 

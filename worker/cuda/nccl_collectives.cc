@@ -58,14 +58,55 @@ absl::StatusOr<std::unique_ptr<NcclCollectives>> NcclCollectives::Create(Collect
   KV_RETURN_IF_ERROR(collectives->Complete(result, "ncclCommInitRankConfig(&comm, size, id, rank, &config)",
                                            absl::StrCat("join of a communicator of ", size, " workers"), __FILE__,
                                            __LINE__));
+  // Every worker is there: make the blocking working communicator from a fresh id, then drop the joined
+  // one (no work on it, so its abort is local).
+  ncclComm_t joined = collectives->comm_;
+  collectives->comm_ = nullptr;
+  ncclUniqueId working_id{};
+  absl::Status made = rank == 0 ? NcclStatus(ncclGetUniqueId(&working_id), "ncclGetUniqueId(&working_id)", rank,
+                                             __FILE__, __LINE__)
+                                : absl::OkStatus();
+  // Worker 0 broadcasts even after a failure (a zero id), so that the others fail in the init, bounded.
+  const absl::Status sent = bootstrap.Broadcast(&working_id, sizeof(working_id), 0);
+  if (made.ok()) made = sent;
+  if (made.ok()) {
+    collectives->watchdog_ = std::thread([c = collectives.get()] { c->Watch(); });
+    made = collectives->MakeWorkingCommunicator(working_id);
+  }
+  ncclCommAbort(joined);
+  KV_RETURN_IF_ERROR(made);
   return collectives;
+}
+
+absl::Status NcclCollectives::MakeWorkingCommunicator(const ncclUniqueId& id) {
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 1;
+  // Inside a group the init only records the work and hands out the communicator, so the watchdog has
+  // it to abort while ncclGroupEnd waits for the other workers.
+  NCCL_RETURN_IF_ERROR(rank_, ncclGroupStart());
+  ncclComm_t working = nullptr;
+  const ncclResult_t init = ncclCommInitRankConfig(&working, size_, id, rank_, &config);
+  if (working == nullptr) {
+    ncclGroupEnd();  // closes the group; the init's error is the one to report
+    return NcclStatus(init == ncclSuccess ? ncclInternalError : init,
+                      "ncclCommInitRankConfig(&working, size_, id, rank_, &config)", rank_, __FILE__, __LINE__);
+  }
+  comm_ = working;  // published to the watchdog by the lock Guarded takes
+  return Guarded(
+      [&] {
+        const ncclResult_t end = ncclGroupEnd();  // makes the communicator
+        return init != ncclSuccess ? init : end;
+      },
+      "ncclCommInitRankConfig(blocking) + ncclGroupEnd",
+      absl::StrCat("init of the working communicator of ", size_, " workers"), __FILE__, __LINE__);
 }
 
 NcclCollectives::~NcclCollectives() {
   if (comm_ != nullptr) {
     absl::Status status = Synchronize();
     if (status.ok()) {
-      status = Complete(ncclCommFinalize(comm_), "ncclCommFinalize(comm_)", "finalize", __FILE__, __LINE__);
+      status = Guarded([this] { return ncclCommFinalize(comm_); }, "ncclCommFinalize(comm_)", "finalize", __FILE__,
+                       __LINE__);
     }
     if (status.ok() && comm_ != nullptr) {
       ncclCommDestroy(comm_);  // local once finalized
@@ -73,8 +114,59 @@ NcclCollectives::~NcclCollectives() {
     }
     if (comm_ != nullptr) Abort(status).IgnoreError();  // a destructor has no one to report to
   }
+  StopWatchdog();
   for (Pending& p : pending_) cudaEventDestroy(p.event);
   for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+}
+
+void NcclCollectives::StopWatchdog() {
+  if (!watchdog_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  stop_cv_.notify_all();
+  watchdog_.join();
+}
+
+void NcclCollectives::Watch() {
+  // Checks every timeout / 20 (1 ms to 100 ms), so a call is aborted at most that late. The calling
+  // thread only takes an uncontended lock around a call; it never wakes this thread.
+  const auto period = std::clamp(absl::ToChronoMilliseconds(timeout_) / 20, std::chrono::milliseconds(1),
+                                 std::chrono::milliseconds(100));
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    if (in_call_ && !fired_ && std::chrono::steady_clock::now() >= call_deadline_) {
+      fired_ = true;
+      // The calling thread is inside the call and touches comm_ only after taking mu_ again.
+      ncclCommAbort(comm_);
+    }
+    stop_cv_.wait_for(lock, period, [this] { return stop_; });
+  }
+}
+
+absl::Status NcclCollectives::Guarded(absl::FunctionRef<ncclResult_t()> call, const char* expr,
+                                      const std::string& what, const char* file, int line) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    in_call_ = true;
+    call_deadline_ = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(timeout_);
+  }
+  const ncclResult_t result = call();
+  bool fired;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    in_call_ = false;
+    fired = fired_;
+  }
+  if (fired) {
+    comm_ = nullptr;  // aborted (and freed) by the watchdog
+    return Abort(absl::DeadlineExceededError(
+        absl::StrCat(file, ":", line, ": ", Describe(what), " did not return within ",
+                     absl::FormatDuration(timeout_), ": a peer did not take part")));
+  }
+  if (result != ncclSuccess) return Abort(NcclStatus(result, absl::StrCat(expr, " (", what, ")").c_str(), rank_, file, line));
+  return absl::OkStatus();
 }
 
 std::string NcclCollectives::Describe(const std::string& what) const {
@@ -127,6 +219,9 @@ absl::Status NcclCollectives::Complete(ncclResult_t result, const char* expr, co
 }
 
 absl::Status NcclCollectives::Track(const std::string& what) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream_, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return absl::OkStatus();  // the graph's replay is waited for
   while (!pending_.empty()) {  // recycle the events the stream has passed
     const cudaError_t e = cudaEventQuery(pending_.front().event);
     if (e == cudaErrorNotReady) break;
@@ -180,15 +275,39 @@ absl::Status NcclCollectives::Synchronize() {
 }
 
 absl::Status NcclCollectives::AllReduce(void* data, int64_t count, WireType type, ReduceOp op) {
-  KV_RETURN_IF_ERROR(CheckBytes(count, "allreduce"));
-  const std::string what = absl::StrCat("allreduce ", op == ReduceOp::kSum ? "sum" : "max", " of ", count,
-                                        type == WireType::kBf16 ? " bf16" : " fp32", " values");
+  const Reduction reduction{data, count, type, op};
+  return AllReduces(std::span<const Reduction>(&reduction, 1));
+}
+
+absl::Status NcclCollectives::AllReduces(std::span<const Reduction> reductions) {
+  std::string what;
+  bool any = false;
+  for (const Reduction& r : reductions) {
+    KV_RETURN_IF_ERROR(CheckBytes(r.count, "allreduce"));
+    absl::StrAppend(&what, what.empty() ? "" : " + ", "allreduce ", r.op == ReduceOp::kSum ? "sum" : "max", " of ",
+                    r.count, r.type == WireType::kBf16 ? " bf16" : " fp32", " values");
+    any = any || r.count > 0;
+  }
   KV_RETURN_IF_ERROR(Usable(what));
-  if (count == 0) return absl::OkStatus();
-  const ncclDataType_t dtype = type == WireType::kBf16 ? ncclBfloat16 : ncclFloat32;
-  const ncclRedOp_t nccl_op = op == ReduceOp::kSum ? ncclSum : ncclMax;
-  KV_RETURN_IF_ERROR(Complete(ncclAllReduce(data, data, static_cast<size_t>(count), dtype, nccl_op, comm_, stream_),
-                              "ncclAllReduce", what, __FILE__, __LINE__));
+  if (!any) return absl::OkStatus();
+  auto enqueue = [&] {
+    // Inside a group the calls only record the operations; ncclGroupEnd launches them together.
+    ncclResult_t first_error = ncclSuccess;
+    auto note = [&](ncclResult_t r) {
+      if (r != ncclSuccess && first_error == ncclSuccess) first_error = r;
+    };
+    const bool group = reductions.size() > 1;
+    if (group) note(ncclGroupStart());
+    for (const Reduction& r : reductions) {
+      if (r.count == 0) continue;
+      note(ncclAllReduce(r.data, r.data, static_cast<size_t>(r.count),
+                         r.type == WireType::kBf16 ? ncclBfloat16 : ncclFloat32,
+                         r.op == ReduceOp::kSum ? ncclSum : ncclMax, comm_, stream_));
+    }
+    if (group) note(ncclGroupEnd());
+    return first_error;
+  };
+  KV_RETURN_IF_ERROR(Guarded(enqueue, "ncclAllReduce", what, __FILE__, __LINE__));
   return Track(what);
 }
 
@@ -197,9 +316,9 @@ absl::Status NcclCollectives::AllGather(const void* send, void* recv, int64_t by
   const std::string what = absl::StrCat("allgather of ", bytes_per_rank, " bytes per worker");
   KV_RETURN_IF_ERROR(Usable(what));
   if (bytes_per_rank == 0) return absl::OkStatus();
-  KV_RETURN_IF_ERROR(Complete(
-      ncclAllGather(send, recv, static_cast<size_t>(bytes_per_rank), ncclUint8, comm_, stream_), "ncclAllGather",
-      what, __FILE__, __LINE__));
+  KV_RETURN_IF_ERROR(Guarded(
+      [&] { return ncclAllGather(send, recv, static_cast<size_t>(bytes_per_rank), ncclUint8, comm_, stream_); },
+      "ncclAllGather", what, __FILE__, __LINE__));
   return Track(what);
 }
 
@@ -211,9 +330,9 @@ absl::Status NcclCollectives::Broadcast(void* data, int64_t bytes, int root) {
   const std::string what = absl::StrCat("broadcast of ", bytes, " bytes from worker ", root);
   KV_RETURN_IF_ERROR(Usable(what));
   if (bytes == 0) return absl::OkStatus();
-  KV_RETURN_IF_ERROR(Complete(
-      ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, comm_, stream_), "ncclBroadcast",
-      what, __FILE__, __LINE__));
+  KV_RETURN_IF_ERROR(Guarded(
+      [&] { return ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, comm_, stream_); },
+      "ncclBroadcast", what, __FILE__, __LINE__));
   return Track(what);
 }
 
@@ -233,25 +352,23 @@ absl::Status NcclCollectives::Exchange(std::span<const SendBuffer> sends, std::s
   }
   KV_RETURN_IF_ERROR(Usable(what));
   if (sends.empty() && recvs.empty()) return absl::OkStatus();
-  // Inside a group, the calls only record the operations (ncclSuccess or, non-blocking, ncclInProgress);
-  // ncclGroupEnd launches them all together.
-  ncclResult_t first_error = ncclSuccess;
-  auto note = [&](ncclResult_t r) {
-    if (r != ncclSuccess && r != ncclInProgress && first_error == ncclSuccess) first_error = r;
+  // Inside a group the calls only record the operations; ncclGroupEnd launches them all together.
+  auto enqueue = [&] {
+    ncclResult_t first_error = ncclSuccess;
+    auto note = [&](ncclResult_t r) {
+      if (r != ncclSuccess && first_error == ncclSuccess) first_error = r;
+    };
+    note(ncclGroupStart());
+    for (const RecvBuffer& r : recvs) {
+      if (r.bytes > 0) note(ncclRecv(r.data, static_cast<size_t>(r.bytes), ncclUint8, r.peer, comm_, stream_));
+    }
+    for (const SendBuffer& s : sends) {
+      if (s.bytes > 0) note(ncclSend(s.data, static_cast<size_t>(s.bytes), ncclUint8, s.peer, comm_, stream_));
+    }
+    note(ncclGroupEnd());
+    return first_error;
   };
-  note(ncclGroupStart());
-  for (const RecvBuffer& r : recvs) {
-    if (r.bytes > 0) note(ncclRecv(r.data, static_cast<size_t>(r.bytes), ncclUint8, r.peer, comm_, stream_));
-  }
-  for (const SendBuffer& s : sends) {
-    if (s.bytes > 0) note(ncclSend(s.data, static_cast<size_t>(s.bytes), ncclUint8, s.peer, comm_, stream_));
-  }
-  const ncclResult_t end = ncclGroupEnd();
-  if (first_error != ncclSuccess) {
-    return Abort(NcclStatus(first_error, absl::StrCat("ncclSend/ncclRecv (", what, ")").c_str(), rank_, __FILE__,
-                            __LINE__));
-  }
-  KV_RETURN_IF_ERROR(Complete(end, "ncclGroupEnd", what, __FILE__, __LINE__));
+  KV_RETURN_IF_ERROR(Guarded(enqueue, "ncclSend/ncclRecv", what, __FILE__, __LINE__));
   return Track(what);
 }
 

@@ -75,8 +75,9 @@ absl::Status NcclPartialsMerger::MergeByTree(WireType wire, int64_t rows, int he
   if (wire == WireType::kF32) {
     KV_RETURN_IF_ERROR(nccl_.AllReduce(numerators, n_out + rows, WireType::kF32, ReduceOp::kSum));
   } else {
-    KV_RETURN_IF_ERROR(nccl_.AllReduce(numerators, n_out, WireType::kBf16, ReduceOp::kSum));
-    KV_RETURN_IF_ERROR(nccl_.AllReduce(weights, rows, WireType::kF32, ReduceOp::kSum));
+    const NcclCollectives::Reduction sums[] = {{numerators, n_out, WireType::kBf16, ReduceOp::kSum},
+                                               {weights, rows, WireType::kF32, ReduceOp::kSum}};
+    KV_RETURN_IF_ERROR(nccl_.AllReduces(sums));  // one group: one launch
   }
   return TreeMergeFinishCuda(numerators, weights, max_lse, rows, head_dim, dtype, out, lse, stream);
 }

@@ -5,7 +5,7 @@
 //     (in place) lays the records end to end, and every worker merges them with the same kernel in the
 //     same order, so all workers end bit-identical;
 //   - tree: an all-reduce max of lse gives M; a = exp(lse - M); an all-reduce sum of [a * out, a] (one
-//     call for fp32; for bf16, the bf16 numerators and the fp32 weights are two calls); then
+//     call for fp32; for bf16, the bf16 numerators and the fp32 weights are two calls in one group); then
 //     out = sum(a * out) / sum(a) and lse = M + ln sum(a).
 // Rows where every worker has lse = -inf come out 0 / -inf. Everything is enqueued on the
 // communicator's stream; the result is there for later work on that stream.
