@@ -304,26 +304,28 @@ class Worker {
   // A shard whose range is full will get no more tokens (the sequence goes on on a later worker): sealed,
   // a quantized store stores it as one store of the whole sequence would (its residual is quantized).
   void SealFullShards() {
-    const int last_layer = model_->config().n_layers - 1;
     for (auto& [id, request] : requests_) {
-      if (gpu_ != nullptr) {
-        if (request.sealed || !gpu_->Holds(id) || !request.state.error.ok()) continue;
-        const TokenRange mine = request.state.ranges[me_];
-        if (mine.start + gpu_->length(id) == mine.end && mine.end < request.state.ranges.back().end) {
-          request.state.Fail(gpu_->Seal(id));
-          request.sealed = true;
-        }
-        continue;
-      }
-      KvShard* shard = request.state.shard.get();
-      if (request.sealed || shard == nullptr || !request.state.error.ok()) continue;
+      if (request.sealed || !HoldsKv(id, request) || !request.state.error.ok()) continue;
       const TokenRange mine = request.state.ranges[me_];
-      if (shard->start_position() + shard->length(last_layer) == mine.end &&
-          mine.end < request.state.ranges.back().end) {
-        shard->Seal();
+      if (mine.start + StoredTokens(id, request) == mine.end && mine.end < request.state.ranges.back().end) {
+        if (gpu_ != nullptr) {
+          request.state.Fail(gpu_->Seal(id));
+        } else {
+          request.state.shard->Seal();
+        }
         request.sealed = true;
       }
     }
+  }
+
+  // Whether this worker keeps KV of the request (on its GPU or in a CPU shard), and how many of its
+  // tokens (every layer holds as many once a step is done). A shard starts at the worker's range.
+  bool HoldsKv(int64_t id, const LocalRequest& request) const {
+    return gpu_ != nullptr ? gpu_->Holds(id) : request.state.shard != nullptr;
+  }
+  int64_t StoredTokens(int64_t id, const LocalRequest& request) const {
+    if (gpu_ != nullptr) return gpu_->length(id);
+    return request.state.shard->length(model_->config().n_layers - 1);
   }
 
   // The request's local state; one the coordinator never announced gets a failed placeholder so the step
@@ -337,21 +339,13 @@ class Worker {
   }
 
   void Fill(int64_t id, LocalRequest& request, const FillWork& fill) {
-    if (gpu_ != nullptr) {
-      if (!request.state.error.ok() || !gpu_->Holds(id)) return;
-      const TokenRange mine = request.state.ranges[me_];
-      const int64_t begin = mine.start + gpu_->length(id);
-      const int64_t end = std::min(std::min(mine.end, fill.end), begin + fill.tokens_per_worker);
-      if (end > begin) request.state.Fail(gpu_->Fill(id, end, request.fill_seed));
-      return;
-    }
-    if (!request.state.error.ok() || request.state.shard == nullptr) return;
-    KvShard& shard = *request.state.shard;
+    if (!request.state.error.ok() || !HoldsKv(id, request)) return;
     const TokenRange mine = request.state.ranges[me_];
-    const int64_t part_end = std::min(mine.end, fill.end);
-    const int64_t begin = shard.start_position() + shard.length(0);
-    const int64_t end = std::min(part_end, begin + fill.tokens_per_worker);
-    if (end > begin) request.state.Fail(SyntheticFill(shard, begin, end, request.fill_seed));
+    const int64_t begin = mine.start + StoredTokens(id, request);
+    const int64_t end = std::min(std::min(mine.end, fill.end), begin + fill.tokens_per_worker);
+    if (end <= begin) return;
+    request.state.Fail(gpu_ != nullptr ? gpu_->Fill(id, end, request.fill_seed)
+                                       : SyntheticFill(*request.state.shard, begin, end, request.fill_seed));
   }
 
   // Every sampled token is accepted (the repetition penalty's memory), as in single-process mode.
@@ -385,11 +379,16 @@ class Worker {
       std::vector<int32_t> tokens = work.tokens;
       ValidTokens(request, tokens);
       std::vector<float> logits;
+      // One step covers the layers once only for chunks of at most max_chunk() tokens (the sources
+      // serve exactly one pass).
+      const absl::Status chunk_fits =
+          n > CpuModel::max_chunk()
+              ? absl::InvalidArgumentError(absl::StrCat("a prefill chunk of ", n, " tokens; at most ",
+                                                        CpuModel::max_chunk(), " go in one step"))
+              : absl::OkStatus();
       if (gpu_ != nullptr) {
-        if (n > CpuModel::max_chunk()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("a prefill chunk of ", n, " tokens; at most ", CpuModel::max_chunk(), " go in one step"));
-        }
+        // The GPU sources already wait in their transfers: the job cannot stay in step.
+        KV_RETURN_IF_ERROR(chunk_fits);
         absl::Status error;
         KV_RETURN_IF_ERROR(gpu_->PrefillOwner(work.id, tokens, work.first_position, sources, !request.state.error.ok(),
                                               fault, work.sample ? &logits : nullptr, &error));
@@ -398,13 +397,8 @@ class Worker {
         return absl::OkStatus();
       }
       PassQPrefillContext context(*collectives_, request.state, geometry, sources, config_.merge.wire, fault);
-      // Forward covers the layers once only for chunks of at most max_chunk() tokens (the sources
-      // serve exactly one pass).
       const absl::Status forward =
-          n > CpuModel::max_chunk()
-              ? absl::InvalidArgumentError(absl::StrCat("a prefill chunk of ", n, " tokens; at most ",
-                                                        CpuModel::max_chunk(), " go in one step"))
-              : model_->Forward(tokens, work.first_position, context, false, logits);
+          chunk_fits.ok() ? model_->Forward(tokens, work.first_position, context, false, logits) : chunk_fits;
       if (!context.fatal().ok()) return context.fatal();
       if (!forward.ok()) {
         request.state.Fail(forward);
