@@ -165,23 +165,41 @@ if want e2e; then
   fi
 fi
 
-if want nccl; then
+# Configures and builds the targets of one phase, noting the result.
+build_phase() {
+  local phase="$1" start
+  shift
   start=$(date +%s)
   configure
-  if ninja -C "$build" -j "$jobs" nccl_workers_test nccl_merge_bench >>"$out/build.log" 2>&1; then
-    note "nccl build: ok ($(($(date +%s) - start)) s)"
+  if ninja -C "$build" -j "$jobs" "$@" >>"$out/build.log" 2>&1; then
+    note "$phase build: ok ($(($(date +%s) - start)) s)"
   else
-    note "nccl build: FAILED (see build.log)"
+    note "$phase build: FAILED (see build.log)"
     grep -E "error|FAILED" "$out/build.log" | head -n 20
   fi
+}
+
+# mpirun flags for a coordinator and one worker per GPU (at most --workers), NVLink multicast off.
+mpirun_one_worker_per_gpu() {
+  local gpus
   gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
   workers=$((gpus < max_workers ? gpus : max_workers))
   export NCCL_NVLS_ENABLE=0
   mpirun_flags=(--allow-run-as-root --oversubscribe --mca btl_vader_single_copy_mechanism none
                 -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH -np $((workers + 1)))
-  timeout 240 mpirun "${mpirun_flags[@]}" "$build/tests/mpi/nccl_workers_test" --gtest_color=no \
-    >"$out/nccl_test.log" 2>&1
-  note "nccl test, $workers workers: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]|SKIPPED' "$out/nccl_test.log" | tail -n 1)"
+}
+
+# Runs a GoogleTest program under mpirun_flags into $out/LOG and notes its last verdict.
+mpirun_test() {
+  local label="$1" program="$2" log="$3"
+  timeout 240 mpirun "${mpirun_flags[@]}" "$program" --gtest_color=no >"$out/$log" 2>&1
+  note "$label, $workers workers: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]|SKIPPED' "$out/$log" | tail -n 1)"
+}
+
+if want nccl; then
+  build_phase nccl nccl_workers_test nccl_merge_bench
+  mpirun_one_worker_per_gpu
+  mpirun_test "nccl test" "$build/tests/mpi/nccl_workers_test" nccl_test.log
   grep -E "^\[  FAILED  \]|gpu merge|missing peer" "$out/nccl_test.log" | head -n 40
   timeout 200 mpirun "${mpirun_flags[@]}" "$build/bench/nccl_merge_bench" >"$out/nccl_bench.log" 2>&1
   note "nccl bench: rc=$?"
@@ -189,22 +207,9 @@ if want nccl; then
 fi
 
 if want workers; then
-  start=$(date +%s)
-  configure
-  if ninja -C "$build" -j "$jobs" gpu_workers_test >>"$out/build.log" 2>&1; then
-    note "workers build: ok ($(($(date +%s) - start)) s)"
-  else
-    note "workers build: FAILED (see build.log)"
-    grep -E "error|FAILED" "$out/build.log" | head -n 20
-  fi
-  gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
-  workers=$((gpus < max_workers ? gpus : max_workers))
-  export NCCL_NVLS_ENABLE=0
-  mpirun_flags=(--allow-run-as-root --oversubscribe --mca btl_vader_single_copy_mechanism none
-                -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH -np $((workers + 1)))
-  timeout 240 mpirun "${mpirun_flags[@]}" "$build/tests/mpi/gpu_workers_test" --gtest_color=no \
-    >"$out/gpu_workers_test.log" 2>&1
-  note "GPU workers test, $workers workers: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]|SKIPPED' "$out/gpu_workers_test.log" | tail -n 1)"
+  build_phase workers gpu_workers_test
+  mpirun_one_worker_per_gpu
+  mpirun_test "GPU workers test" "$build/tests/mpi/gpu_workers_test" gpu_workers_test.log
   grep -E "^\[  FAILED  \]|relative L2|Failure|error" "$out/gpu_workers_test.log" | head -n 40
 fi
 
