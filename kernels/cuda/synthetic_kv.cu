@@ -41,7 +41,9 @@ __global__ void SyntheticKvKernel(int n_kv_heads, int head_dim, int layer, int64
   const uint64_t layer_key = Key(seed, 0x76616c73ull + layer);
   const uint64_t token_key = Key(layer_key, static_cast<uint64_t>(begin + t));
   const uint64_t head_key = Key(token_key, static_cast<uint64_t>(h));
-  k[idx] = __fadd_rn(mean, __fmul_rn(scale, Normal(Key(head_key, 2 * c))));
+  // One fused multiply-add: the CPU build (-mfma, GCC's default contraction) fuses this line; the other
+  // products are exact (powers of two) or not followed by an add.
+  k[idx] = __fmaf_rn(scale, Normal(Key(head_key, 2 * c)), mean);
   const uint64_t vk = Key(head_key, 2 * c + 1);
   const bool spike = (Mix(vk + 3) % 1000) < 5;
   v[idx] = __fmul_rn(__fmul_rn(0.5f, Normal(vk)), spike ? 6.0f : 1.0f);

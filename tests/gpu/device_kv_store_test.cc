@@ -4,8 +4,10 @@
 // held here and a sequence of sink tokens only), start positions past the sink, Seal; kvq code pages
 // byte for byte, partials within bounds, Memory() equal; the pool's admission; SyntheticFill.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <string>
@@ -358,6 +360,51 @@ TEST(DeviceKvStoreAdmissionTest, RefusesWhenThePoolIsFull) {
             absl::StatusCode::kUnimplemented);
 }
 
+TEST(DeviceKvStoreAdmissionTest, KeyOutlierOverflowFailsClearly) {
+  KV_SKIP_WITHOUT_GPU();
+  const KvGeometry g = testing::SmallGeometry(64, 1, 4, kKvHeads);
+  const Calibration cal = testing::MakeSyntheticCalibration(g, 512);
+  auto config = ParseKvScheme("kvq3:sink=4,residual=32");
+  ASSERT_TRUE(config.ok());
+  DeviceKvStoreOptions opt;
+  opt.pool_bytes = int64_t{8} << 20;
+  opt.max_sequences = 2;
+  opt.max_chunk = 256;
+  opt.fill_chunk = 256;
+  opt.key_outlier_capacity = 16;  // a page of 128 tokens brings ~100
+  auto made = DeviceKvStore::Create(g, *config, &cal, opt);
+  ASSERT_TRUE(made.ok()) << made.status();
+  DeviceKvStore& store = **made;
+  ASSERT_TRUE(store.AddSequence(1, 0, 1000).ok());
+  const testing::SyntheticKv kv = testing::MakeSyntheticKv(g, 0, 256, 4);
+  auto dk = ToDevice(kv.k);
+  auto dv = ToDevice(kv.v);
+  ASSERT_TRUE(store.Append(0, 1, 256, dk.get(), dv.get(), kKvHeads * 64, nullptr).ok());
+  KV_CUDA_OK(cudaDeviceSynchronize());
+  const absl::Status next = store.Append(0, 1, 1, dk.get(), dv.get(), kKvHeads * 64, nullptr);
+  EXPECT_EQ(next.code(), absl::StatusCode::kResourceExhausted) << next;
+  EXPECT_NE(std::string(next.message()).find("outlier"), std::string::npos) << next;
+}
+
+// A kvq3 calibration (outlier fraction 0.01) from worker/synthetic.h's generator at positions far from
+// the ones a test fills.
+Calibration GeneratorCalibration(const KvGeometry& g, int64_t n_cal) {
+  CalibrationBuilder builder(testing::IdentityFor(g), n_cal, {0.01}, {3});
+  const int64_t n = n_cal * g.n_kv_heads * g.head_dim;
+  std::vector<std::vector<float>> k(g.n_layers, std::vector<float>(n)), v(g.n_layers, std::vector<float>(n));
+  for (int l = 0; l < g.n_layers; ++l) {
+    SyntheticKvTokens(g, l, int64_t{1} << 40, n_cal, 5, k[l].data(), v[l].data());
+    EXPECT_TRUE(builder.ObserveThresholds(l, static_cast<int>(n_cal), k[l].data(), v[l].data()).ok());
+  }
+  EXPECT_TRUE(builder.FinishThresholds().ok());
+  for (int l = 0; l < g.n_layers; ++l) {
+    EXPECT_TRUE(builder.ObserveSamples(l, static_cast<int>(n_cal), k[l].data(), v[l].data(), nullptr, nullptr).ok());
+  }
+  auto built = builder.Finish("uniform");
+  EXPECT_TRUE(built.ok()) << built.status();
+  return *built;
+}
+
 TEST(DeviceKvStoreSyntheticTest, GeneratorIsTheCpuOne) {
   KV_SKIP_WITHOUT_GPU();
   const KvGeometry g = testing::SmallGeometry(128, kLayers, 8, kKvHeads);
@@ -385,22 +432,7 @@ TEST(DeviceKvStoreSyntheticTest, FillStoresWhatTheCpuFillStores) {
   const KvGeometry g = testing::SmallGeometry(128, kLayers, 8, kKvHeads);
   // A calibration from the fill's own generator (other positions), so the outliers are at the
   // calibrated fraction as with real data and a real calibration.
-  const int64_t n_cal = 1024;
-  CalibrationBuilder builder(testing::IdentityFor(g), n_cal, {0.01}, {3});
-  std::vector<std::vector<float>> cal_k(kLayers), cal_v(kLayers);
-  for (int l = 0; l < kLayers; ++l) {
-    cal_k[l].resize(n_cal * kKvHeads * 128);
-    cal_v[l].resize(cal_k[l].size());
-    SyntheticKvTokens(g, l, 1 << 20, n_cal, 5, cal_k[l].data(), cal_v[l].data());
-    ASSERT_TRUE(builder.ObserveThresholds(l, n_cal, cal_k[l].data(), cal_v[l].data()).ok());
-  }
-  ASSERT_TRUE(builder.FinishThresholds().ok());
-  for (int l = 0; l < kLayers; ++l) {
-    ASSERT_TRUE(builder.ObserveSamples(l, n_cal, cal_k[l].data(), cal_v[l].data(), nullptr, nullptr).ok());
-  }
-  auto built = builder.Finish("uniform");
-  ASSERT_TRUE(built.ok()) << built.status();
-  const Calibration cal = *built;
+  const Calibration cal = GeneratorCalibration(g, 1024);
   auto config = ParseKvScheme("kvq3:sink=4,residual=32");
   ASSERT_TRUE(config.ok());
   DeviceKvStoreOptions opt;
@@ -450,6 +482,73 @@ TEST(DeviceKvStoreSyntheticTest, FillStoresWhatTheCpuFillStores) {
   KV_CUDA_OK(cudaDeviceSynchronize());
   EXPECT_EQ(CountMismatches("filled chunk out", out.Download(), want_out, 0, 1e-4, &chunk_bounds.out), 0);
   EXPECT_EQ(CountMismatches("filled chunk lse", lse.Download(), want_lse, 0, 1e-5, &chunk_bounds.lse), 0);
+}
+
+// Timings at a long context (Llama-3-8B's KV geometry, kvq3): run with KVSHARD_STORE_PERF_TOKENS=N.
+TEST(DeviceKvStorePerfTest, FillAndAttendLongContext) {
+  KV_SKIP_WITHOUT_GPU();
+  const char* env = std::getenv("KVSHARD_STORE_PERF_TOKENS");
+  if (env == nullptr) GTEST_SKIP() << "set KVSHARD_STORE_PERF_TOKENS to run";
+  const int64_t n_tokens = std::atoll(env);
+  KvGeometry g = testing::SmallGeometry(128, 32, 32, 8);
+  g.rope.theta = 500000.0f;
+  const Calibration cal = GeneratorCalibration(g, 256);
+  auto config = ParseKvScheme("kvq3:sink=4,residual=32");
+  ASSERT_TRUE(config.ok());
+  DeviceKvStoreOptions opt;
+  opt.max_sequences = 4;
+  opt.max_rows = 4;
+  auto made = DeviceKvStore::Create(g, *config, &cal, opt);
+  ASSERT_TRUE(made.ok()) << made.status();
+  DeviceKvStore& store = **made;
+  std::printf("pool %.2f GiB, %lld tokens free\n", store.pool_bytes() / 1073741824.0,
+              static_cast<long long>(store.FreeTokens()));
+  ASSERT_TRUE(store.AddSequence(1, 0, n_tokens + 64).ok());
+  cudaStream_t stream;
+  KV_CUDA_OK(cudaStreamCreate(&stream));
+  using Clock = std::chrono::steady_clock;
+  auto seconds = [](Clock::time_point a) { return std::chrono::duration<double>(Clock::now() - a).count(); };
+  int64_t filled = 0;
+  for (int64_t target : {std::min<int64_t>(n_tokens, 65536), n_tokens}) {
+    const auto t0 = Clock::now();
+    ASSERT_TRUE(store.SyntheticFill(1, target, 7, stream).ok());
+    KV_CUDA_OK(cudaStreamSynchronize(stream));
+    const double s = seconds(t0);
+    std::printf("SyntheticFill %lld -> %lld tokens x 32 layers: %.2f s (%.0f tokens/s)\n",
+                static_cast<long long>(filled), static_cast<long long>(target), s, (target - filled) / s);
+    filled = target;
+  }
+  const KvMemory m = store.Memory(1);
+  std::printf("memory %.2f GiB, %.3f bits per element\n", m.bytes / 1073741824.0, m.bits_per_element());
+  const int64_t row = static_cast<int64_t>(g.n_kv_heads) * g.head_dim;
+  DeviceBuffer<float> q(32 * 128 * 512), out(32 * 128 * 512), lse(32 * 512), kv(row * 2);
+  KV_CUDA_OK(cudaMemset(q.get(), 0, q.size() * 4));
+  KV_CUDA_OK(cudaMemset(kv.get(), 0, kv.size() * 4));
+  const std::vector<int64_t> ids = {1};
+  // Decode steps: every layer appends one token and attends.
+  for (int rep = 0; rep < 2; ++rep) {
+    const int steps = rep == 0 ? 1 : 5;
+    const auto t0 = Clock::now();
+    for (int step = 0; step < steps; ++step)
+      for (int l = 0; l < 32; ++l) {
+        ASSERT_TRUE(store.AppendRows(l, ids, kv.get(), kv.get() + row, row, stream).ok());
+        ASSERT_TRUE(store.AttendRows(l, ids, q.get(), 32 * 128, out.get(), lse.get(), stream).ok());
+      }
+    KV_CUDA_OK(cudaStreamSynchronize(stream));
+    if (rep == 1) std::printf("decode step (32 layers, batch 1, %lld tokens): %.2f ms\n",
+                              static_cast<long long>(filled), 1e3 * seconds(t0) / steps);
+  }
+  // A 512-query prefill chunk at the end of the context, one layer.
+  for (int rep = 0; rep < 2; ++rep) {
+    const auto t0 = Clock::now();
+    ASSERT_TRUE(store.AttendChunk(3, 1, 512, q.get(), 32 * 128, store.length(1, 3) - 512, out.get(), lse.get(), stream).ok());
+    KV_CUDA_OK(cudaStreamSynchronize(stream));
+    if (rep == 1) std::printf("AttendChunk (512 queries over %lld tokens, one layer): %.1f ms\n",
+                              static_cast<long long>(store.length(1, 3)), 1e3 * seconds(t0));
+  }
+  EXPECT_TRUE(store.Seal(1, stream).ok());
+  KV_CUDA_OK(cudaStreamSynchronize(stream));
+  KV_CUDA_OK(cudaStreamDestroy(stream));
 }
 
 }  // namespace

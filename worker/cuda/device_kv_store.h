@@ -106,7 +106,11 @@ class DeviceKvStore {
                                    int64_t first_position, float* out, float* lse, cudaStream_t stream) = 0;
 
   // Appends synthetic keys/values for absolute positions [start_position + length, end) to every layer
-  // of `id` (worker/synthetic.h's generator, made on the device). Each layer must hold the same length.
+  // of `id` (worker/synthetic.h's generator, made on the device: kernels/cuda/synthetic_kv.h, the same
+  // values as SyntheticKvTokens, so the store holds the bytes a CPU shard holds after SyntheticFill).
+  // Each layer must hold the same length. kvq: the key outliers follow the calibration's thresholds; a
+  // calibration from other data than the generator's can make most keys outliers and overflow the pages'
+  // outlier capacity (ResourceExhausted) — calibrate on the generator's output for capacity runs.
   virtual absl::Status SyntheticFill(int64_t id, int64_t end, uint64_t seed, cudaStream_t stream) = 0;
 
   // The sequence gets no more tokens (its tail lives on another worker): as QuantizedKvShard::Seal,
