@@ -110,7 +110,8 @@ class DeviceKvStore {
   // values as SyntheticKvTokens, so the store holds the bytes a CPU shard holds after SyntheticFill).
   // Each layer must hold the same length. kvq: the key outliers follow the calibration's thresholds; a
   // calibration from other data than the generator's can make most keys outliers and overflow the pages'
-  // outlier capacity (ResourceExhausted) — calibrate on the generator's output for capacity runs.
+  // outlier capacity (ResourceExhausted) — calibrate on the generator's output with the same seed for
+  // capacity runs (the seed also sets the generator's per-channel offsets and scales).
   virtual absl::Status SyntheticFill(int64_t id, int64_t end, uint64_t seed, cudaStream_t stream) = 0;
 
   // The sequence gets no more tokens (its tail lives on another worker): as QuantizedKvShard::Seal,
