@@ -58,6 +58,9 @@ struct DecodeAttentionArgs {
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
   int max_splits = 0;  // 0: choose; otherwise an upper bound on the KV splits per request (tests, tuning)
+  // Optional int32 [batch]: request b reads page-table row page_rows[b] (a store whose sequences keep
+  // their rows while batches change); null: row b. Needs kv.page_table.
+  const int32_t* page_rows = nullptr;
 };
 
 // Bytes of workspace that DecodeAttentionCuda may use for this batch shape (an upper bound).
@@ -111,6 +114,11 @@ struct KvWriteArgs {
   PagedKv cache;
   int request = 0;
   int64_t first_index = 0;
+  // Optional, device int32/int64 [n_tokens]: token t goes to page-table row token_requests[t] at index
+  // token_indices[t] (one decode token of each of many requests); `request` and `first_index` are then
+  // ignored and the range check is the caller's.
+  const int32_t* token_requests = nullptr;
+  const int64_t* token_indices = nullptr;
 };
 
 absl::Status WriteKvCacheCuda(const KvWriteArgs& args, cudaStream_t stream);

@@ -37,6 +37,7 @@ struct DecodeParams {
   const T* k;
   const T* v;
   const int32_t* page_table;
+  const int32_t* page_rows;
   int64_t pages_per_request;
   int64_t page_size;
   const int32_t* kv_lens;
@@ -127,7 +128,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeMinBlocksPerSm<GROUP_TIL
 
   for (int64_t t0 = start + static_cast<int64_t>(warp) * kSpan; t0 < end; t0 += kDecodeWarps * kSpan) {
     const int64_t logical_page = t0 / p.page_size;
-    const int64_t page_slot = static_cast<int64_t>(request) * p.pages_per_request + logical_page;
+    const int64_t page_row = p.page_rows != nullptr ? p.page_rows[request] : request;
+    const int64_t page_slot = page_row * p.pages_per_request + logical_page;
     const int64_t page = p.page_table != nullptr ? p.page_table[page_slot] : page_slot;
     const int64_t row0 = (page * p.n_kv_heads + kv_head) * p.page_size + (t0 - logical_page * p.page_size);
     const T* kp = p.k + (row0 + slot) * HEAD_DIM + channel0;
@@ -326,6 +328,7 @@ absl::Status LaunchDecode(const DecodeAttentionArgs& a, cudaStream_t stream, int
   p.k = static_cast<const T*>(a.kv.k);
   p.v = static_cast<const T*>(a.kv.v);
   p.page_table = a.kv.page_table;
+  p.page_rows = a.page_rows;
   p.pages_per_request = a.kv.pages_per_request;
   p.page_size = a.kv.page_size;
   p.kv_lens = a.kv_lens;

@@ -76,3 +76,41 @@ __device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 }  // namespace kvshard
+
+// KV_DISPATCH_KVQ_BITS(bits, BITS, { ... }) binds the code width.
+#if defined(KVSHARD_QUICK_KERNELS)
+#define KV_DISPATCH_KVQ_BITS(bits, BITS, ...)                                                    \
+  [&]() -> ::absl::Status {                                                                     \
+    if ((bits) == 3) {                                                                          \
+      constexpr int BITS = 3;                                                                   \
+      __VA_ARGS__                                                                               \
+    }                                                                                           \
+    if ((bits) == 2 || (bits) == 4) {                                                           \
+      return ::absl::InvalidArgumentError(::absl::StrCat(                                       \
+          "kvq bits ", bits, " is not built (this build has KVSHARD_QUICK_KERNELS: 3 only)"));   \
+    }                                                                                           \
+    return ::absl::InvalidArgumentError(                                                        \
+        ::absl::StrCat("kvq bits ", bits, " is not supported (supported: 2, 3, 4)"));            \
+  }()
+#else
+#define KV_DISPATCH_KVQ_BITS(bits, BITS, ...)                                                    \
+  [&]() -> ::absl::Status {                                                                     \
+    switch (bits) {                                                                             \
+      case 2: {                                                                                 \
+        constexpr int BITS = 2;                                                                 \
+        __VA_ARGS__                                                                             \
+      }                                                                                         \
+      case 3: {                                                                                 \
+        constexpr int BITS = 3;                                                                 \
+        __VA_ARGS__                                                                             \
+      }                                                                                         \
+      case 4: {                                                                                 \
+        constexpr int BITS = 4;                                                                 \
+        __VA_ARGS__                                                                             \
+      }                                                                                         \
+      default:                                                                                  \
+        return ::absl::InvalidArgumentError(                                                    \
+            ::absl::StrCat("kvq bits ", bits, " is not supported (supported: 2, 3, 4)"));        \
+    }                                                                                           \
+  }()
+#endif

@@ -1,14 +1,12 @@
-// kvq key packing on the GPU; bit-exact twin of KvqKeyCodec::Encode (kvstore/kv_codecs.cc).
-//
-// The build uses --use_fast_math, so the normalization is written with explicitly rounded intrinsics: the
-// codes must come from the same fp32 operations, in the same order, as the CPU's
-//   u = clamp(2 (x - lo) / (hi - lo) - 1, -1, 1), then the nearest centroid (ties to the lower one).
+// kvq key and value packing on the GPU; bit-exact twins of KvqKeyCodec::Encode and KvqValueCodec::Encode
+// (kvstore/kv_codecs.cc). The code computation itself is kvq_codes.cuh's, shared with the store's append.
 #include "kernels/cuda/kv_pack.h"
 
 #include <cuda_fp16.h>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/kvq_codes.cuh"
 #include "kernels/kv_pack.h"
 
 namespace kvshard {
@@ -16,25 +14,6 @@ namespace {
 
 constexpr int kWordTokens = 32;  // one thread packs 32 tokens of one channel: exactly `bits` 32-bit words
 constexpr int kMaxKeyOutliers = 255;  // kvstore's kMaxKeyOutliersPerToken (a uint8 count per token)
-
-__device__ __forceinline__ float RoundToHalf(float x) { return __half2float(__float2half_rn(x)); }
-
-__device__ __forceinline__ float Normalize(float x, float lo, float hi) {
-  if (!(hi > lo)) return 0.0f;
-  const float u = __fsub_rn(__fdiv_rn(__fmul_rn(2.0f, __fsub_rn(x, lo)), __fsub_rn(hi, lo)), 1.0f);
-  return fminf(fmaxf(u, -1.0f), 1.0f);
-}
-
-template <int BITS>
-__device__ __forceinline__ uint32_t Nearest(const float (&cb)[1 << BITS], float u) {
-  constexpr int k = 1 << BITS;
-  int hi = 0;  // first centroid >= u (std::lower_bound)
-#pragma unroll
-  for (int i = 0; i < k; ++i) hi += cb[i] < u ? 1 : 0;
-  if (hi == 0) return 0;
-  if (hi == k) return k - 1;
-  return __fsub_rn(u, cb[hi - 1]) <= __fsub_rn(cb[hi], u) ? hi - 1 : hi;
-}
 
 // One thread per (32-token word group, channel). Part token j = first_token + 32 g + i of channel c is
 // code c * 128 + (j % 128) of page j / 128; the group's 32 codes are stream bits starting at a multiple of
@@ -57,7 +36,7 @@ __global__ void PackKvqKeyCodesKernel(const float* __restrict__ keys, int64_t n_
   for (int i = 0; i < kWordTokens; ++i) {
     const int64_t t = g * kWordTokens + i;
     uint32_t code = 0;
-    if (t < n_tokens) code = Nearest<BITS>(cb, Normalize(RoundToHalf(keys[t * head_dim + c]), lo, hi));
+    if (t < n_tokens) code = KvqNearest<BITS>(cb, KvqNormalize(RoundToHalf(keys[t * head_dim + c]), lo, hi));
     const int bit = i * BITS;
     words[bit >> 5] |= code << (bit & 31);
     if ((bit & 31) + BITS > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
@@ -102,14 +81,7 @@ __global__ void PackKvqKeyOutliersKernel(const float* __restrict__ keys, int64_t
   if (lane == 0) count_out[t] = static_cast<uint8_t>(count < kMaxKeyOutliers ? count : kMaxKeyOutliers);
 }
 
-constexpr int kMaxValueOutliers = 8;  // n_out per token the value kernel keeps (1% of 256 channels is 3)
-
-// (value, channel) order of KvqValueThresholds: ties broken by the lower channel.
-__device__ __forceinline__ bool Less(const float* x, int a, int b) { return x[a] < x[b] || (x[a] == x[b] && a < b); }
-
-// One thread per token: the n_out + 1 smallest and largest channels by selection (n_out is small), the
-// split with the narrowest remaining range (the first on ties, as the CPU loop), then the codes of the
-// token's head_dim channels, which are whole 32-bit words of the token-major page.
+// One thread per token: kvq_codes.cuh's KvqEncodeValueToken into the token's row of its page.
 template <int BITS, int HEAD_DIM>
 __global__ void PackKvqValuesKernel(const float* __restrict__ values, int64_t n_tokens, int64_t first_token, int n_out,
                                     const float* __restrict__ codebook, uint8_t* __restrict__ pages,
@@ -120,82 +92,15 @@ __global__ void PackKvqValuesKernel(const float* __restrict__ values, int64_t n_
   float x[HEAD_DIM];
 #pragma unroll
   for (int c = 0; c < HEAD_DIM; ++c) x[c] = RoundToHalf(values[t * HEAD_DIM + c]);
-  int smallest[kMaxValueOutliers + 1], largest[kMaxValueOutliers + 1];
-  float lo, hi;
-  int best_a = 0;
-  if (n_out == 0) {
-    lo = x[0];
-    hi = x[0];
-    for (int c = 1; c < HEAD_DIM; ++c) {
-      lo = fminf(lo, x[c]);
-      hi = fmaxf(hi, x[c]);
-    }
-  } else {
-    for (int k = 0; k <= n_out; ++k) {
-      int s = -1, l = -1;
-      for (int c = 0; c < HEAD_DIM; ++c) {
-        bool taken_s = false, taken_l = false;
-        for (int j = 0; j < k; ++j) {
-          taken_s |= smallest[j] == c;
-          taken_l |= largest[j] == c;
-        }
-        if (!taken_s && (s < 0 || Less(x, c, s))) s = c;
-        if (!taken_l && (l < 0 || Less(x, l, c))) l = c;
-      }
-      smallest[k] = s;
-      largest[k] = l;
-    }
-    float best_range = 0.0f;
-    for (int a = 0; a <= n_out; ++a) {
-      const float range = __fsub_rn(x[largest[n_out - a]], x[smallest[a]]);
-      if (a == 0 || range < best_range) {
-        best_range = range;
-        best_a = a;
-      }
-    }
-    lo = x[smallest[best_a]];
-    hi = x[largest[n_out - best_a]];
-    // The outlier channels in ascending order: a merge of the chosen smallest and largest (each list is
-    // sorted by value, so sort the n_out channels by a small insertion sort).
-    int chosen[kMaxValueOutliers];
-    for (int i = 0; i < best_a; ++i) chosen[i] = smallest[i];
-    for (int i = 0; i < n_out - best_a; ++i) chosen[best_a + i] = largest[i];
-    for (int i = 1; i < n_out; ++i) {
-      const int v = chosen[i];
-      int j = i - 1;
-      while (j >= 0 && chosen[j] > v) {
-        chosen[j + 1] = chosen[j];
-        --j;
-      }
-      chosen[j + 1] = v;
-    }
-    for (int i = 0; i < n_out; ++i) {
-      channel_out[t * n_out + i] = static_cast<uint8_t>(chosen[i]);
-      value_out[t * n_out + i] = __half_as_ushort(__float2half_rn(x[chosen[i]]));
-    }
-  }
-  const __half lo16 = __float2half_rn(lo), hi16 = __float2half_rn(hi);
-  low_out[t] = __half_as_ushort(lo16);
-  high_out[t] = __half_as_ushort(hi16);
-  lo = __half2float(lo16);
-  hi = __half2float(hi16);
   float cb[1 << BITS];
 #pragma unroll
   for (int i = 0; i < (1 << BITS); ++i) cb[i] = codebook[i];
   constexpr int kWords = HEAD_DIM * BITS / 32;
-  uint32_t words[kWords] = {};
-#pragma unroll
-  for (int c = 0; c < HEAD_DIM; ++c) {
-    const uint32_t code = Nearest<BITS>(cb, Normalize(x[c], lo, hi));
-    const int bit = c * BITS;
-    words[bit >> 5] |= code << (bit & 31);
-    if ((bit & 31) + BITS > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
-  }
   const int64_t j = first_token + t;
   const int64_t page_bytes = static_cast<int64_t>(16 * BITS) * HEAD_DIM;
   uint32_t* out = reinterpret_cast<uint32_t*>(pages + (j / kPackBlockCodes) * page_bytes) + (j % kPackBlockCodes) * kWords;
-#pragma unroll
-  for (int w = 0; w < kWords; ++w) out[w] = words[w];
+  KvqEncodeValueToken<BITS, HEAD_DIM>(x, n_out, cb, out, low_out + t, high_out + t, channel_out + t * n_out,
+                                      value_out + t * n_out);
 }
 
 template <int BITS>
@@ -221,9 +126,9 @@ absl::Status PackKvqValuesCuda(const KvqValuePackArgs& a, cudaStream_t stream) {
     return absl::InvalidArgumentError(absl::StrCat("PackKvqValuesCuda: head_dim ", a.head_dim, " not 64 or 128"));
   }
   const int n_out = a.n_out < 0 ? 0 : (a.n_out > a.head_dim - 1 ? a.head_dim - 1 : a.n_out);
-  if (n_out > kMaxValueOutliers) {
+  if (n_out > kKvqMaxValueOutliers) {
     return absl::InvalidArgumentError(absl::StrCat("PackKvqValuesCuda: ", n_out, " outliers per token; at most ",
-                                                   kMaxValueOutliers, " are supported"));
+                                                   kKvqMaxValueOutliers, " are supported"));
   }
   if (a.n_tokens < 0 || a.first_token < 0) return absl::InvalidArgumentError("PackKvqValuesCuda: negative token range");
   if (a.n_tokens == 0) return absl::OkStatus();

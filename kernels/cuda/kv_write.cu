@@ -14,9 +14,11 @@ __global__ void WriteKvKernel(const KvWriteArgs a, T* __restrict__ k_cache, T* _
   const int half = a.head_dim / 2;
   const int i = threadIdx.x;
   if (i >= half) return;
-  const int64_t index = a.first_index + t;
+  const bool scattered = a.token_requests != nullptr;
+  const int64_t index = scattered ? a.token_indices[t] : a.first_index + t;
+  const int64_t request = scattered ? a.token_requests[t] : a.request;
   const int64_t logical_page = index / a.cache.page_size;
-  const int64_t slot = static_cast<int64_t>(a.request) * a.cache.pages_per_request + logical_page;
+  const int64_t slot = request * a.cache.pages_per_request + logical_page;
   const int64_t page = a.cache.page_table != nullptr ? a.cache.page_table[slot] : slot;
   const int64_t dst = ((page * a.n_kv_heads + h) * a.cache.page_size + (index - logical_page * a.cache.page_size)) *
                       a.head_dim;
@@ -49,8 +51,11 @@ absl::Status WriteKvCacheCuda(const KvWriteArgs& a, cudaStream_t stream) {
     return absl::InvalidArgumentError(absl::StrCat("WriteKvCacheCuda: bad shape n_tokens=", a.n_tokens,
                                                    " n_kv_heads=", a.n_kv_heads, " head_dim=", a.head_dim));
   }
-  if (a.cache.page_size <= 0 || a.first_index < 0 ||
-      a.first_index + a.n_tokens > a.cache.pages_per_request * a.cache.page_size) {
+  if ((a.token_requests == nullptr) != (a.token_indices == nullptr)) {
+    return absl::InvalidArgumentError("WriteKvCacheCuda: token_requests and token_indices go together");
+  }
+  if (a.cache.page_size <= 0 || (a.token_requests == nullptr && (a.first_index < 0 ||
+      a.first_index + a.n_tokens > a.cache.pages_per_request * a.cache.page_size))) {
     return absl::OutOfRangeError(absl::StrCat("WriteKvCacheCuda: tokens ", a.first_index, "..",
                                               a.first_index + a.n_tokens, " do not fit a cache of ",
                                               a.cache.pages_per_request * a.cache.page_size, " tokens"));

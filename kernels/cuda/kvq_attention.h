@@ -67,6 +67,14 @@ struct KvqStoreView {
   const int32_t* quantized_lens = nullptr;  // [batch]
   const int32_t* residual_lens = nullptr;   // [batch]
   const int64_t* start_positions = nullptr; // [batch]
+  // Optional, for stores of many sequences with a slot each (DeviceKvStore):
+  // slots: int32 [batch], the slot of each request: its row of page_table and the first index of sink_k
+  //   and residual_k, instead of the request index; null: request b uses slot b.
+  // residual_ring: the residual area is a ring: the token of part index t = local - sink sits at row
+  //   t % max_residual (residual tokens move to the quantized range one at a time without copies);
+  //   false: residual token r (0 = oldest) sits at row r.
+  const int32_t* slots = nullptr;
+  bool residual_ring = false;
   const float* key_low = nullptr;
   const float* key_high = nullptr;
   const float* key_codebook = nullptr;

@@ -34,44 +34,6 @@
 #include "kernels/cuda/kvq_attention.h"
 #include "kernels/kv_pack.h"
 
-// KV_DISPATCH_KVQ_BITS(bits, BITS, { ... }) binds the code width.
-#if defined(KVSHARD_QUICK_KERNELS)
-#define KV_DISPATCH_KVQ_BITS(bits, BITS, ...)                                                    \
-  [&]() -> ::absl::Status {                                                                     \
-    if ((bits) == 3) {                                                                          \
-      constexpr int BITS = 3;                                                                   \
-      __VA_ARGS__                                                                               \
-    }                                                                                           \
-    if ((bits) == 2 || (bits) == 4) {                                                           \
-      return ::absl::InvalidArgumentError(::absl::StrCat(                                       \
-          "kvq bits ", bits, " is not built (this build has KVSHARD_QUICK_KERNELS: 3 only)"));   \
-    }                                                                                           \
-    return ::absl::InvalidArgumentError(                                                        \
-        ::absl::StrCat("kvq bits ", bits, " is not supported (supported: 2, 3, 4)"));            \
-  }()
-#else
-#define KV_DISPATCH_KVQ_BITS(bits, BITS, ...)                                                    \
-  [&]() -> ::absl::Status {                                                                     \
-    switch (bits) {                                                                             \
-      case 2: {                                                                                 \
-        constexpr int BITS = 2;                                                                 \
-        __VA_ARGS__                                                                             \
-      }                                                                                         \
-      case 3: {                                                                                 \
-        constexpr int BITS = 3;                                                                 \
-        __VA_ARGS__                                                                             \
-      }                                                                                         \
-      case 4: {                                                                                 \
-        constexpr int BITS = 4;                                                                 \
-        __VA_ARGS__                                                                             \
-      }                                                                                         \
-      default:                                                                                  \
-        return ::absl::InvalidArgumentError(                                                    \
-            ::absl::StrCat("kvq bits ", bits, " is not supported (supported: 2, 3, 4)"));        \
-    }                                                                                           \
-  }()
-#endif
-
 namespace kvshard {
 namespace {
 
@@ -131,6 +93,12 @@ struct KvqParams {
   float* lse;      // [num_splits + 1][rows]
   int64_t rows;
 };
+
+// Row of residual token r (0 = oldest) in its stream's residual area: r, or in a ring the token's part
+// index (local - sink) modulo the capacity.
+__device__ __forceinline__ int64_t ResidualIndex(const KvqStoreView& kv, int64_t quantized_len, int r) {
+  return kv.residual_ring ? (quantized_len + r) % kv.max_residual : r;
+}
 
 // Code `index` of a packed stream held as 32-bit words (bits <= 8, may straddle two words).
 template <int BITS>
@@ -260,7 +228,8 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
   const int64_t quantized_len = p.kv.quantized_lens[request];
   const int residual_len = p.kv.residual_lens[request];
   const int64_t start_position = p.kv.start_positions[request];
-  const int64_t stream = static_cast<int64_t>(request) * p.n_kv_heads + kv_head;
+  const int64_t slot = p.kv.slots != nullptr ? p.kv.slots[request] : request;
+  const int64_t stream = slot * p.n_kv_heads + kv_head;
 
   float m[kGroupTile], l[kGroupTile];
 #pragma unroll
@@ -311,7 +280,7 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
     // (value codes, thresholds, outliers) of the next page while its keys run. Every stage commits one
     // group (possibly empty), so "wait until one group is pending" always means "this stage's data".
     auto page_head = [&](int64_t pg) -> int64_t {
-      const int64_t phys = p.kv.page_table[static_cast<int64_t>(request) * p.kv.pages_per_request + pg];
+      const int64_t phys = p.kv.page_table[slot * p.kv.pages_per_request + pg];
       return phys * p.n_kv_heads + kv_head;
     };
     auto stage_keys = [&](int64_t pg) {
@@ -683,7 +652,7 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
     for (int f = warp; f < n_fp; f += kWarps) {
       const bool in_sink = f < sink_len;
       const int64_t row = in_sink ? (stream * p.kv.max_sink + f) * HEAD_DIM
-                                  : (stream * p.kv.max_residual + (f - sink_len)) * HEAD_DIM;
+                                  : (stream * p.kv.max_residual + ResidualIndex(p.kv, quantized_len, f - sink_len)) * HEAD_DIM;
       const uint16_t* kp = (in_sink ? p.kv.sink_k : p.kv.residual_k) + row;
       const uint16_t* vp = (in_sink ? p.kv.sink_v : p.kv.residual_v) + row;
       const int64_t position = start_position + (in_sink ? f : sink_len + quantized_len + (f - sink_len));

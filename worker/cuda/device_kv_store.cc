@@ -1,314 +1,1075 @@
-// DeviceKvStore for the fp16 scheme: pages of 128 tokens, keys rotated when written, read by the paged
-// split-KV decode kernel and the causal prefill kernel of kernels/cuda/attention.h.
 #include "worker/cuda/device_kv_store.h"
 
 #include <algorithm>
-#include <map>
-#include <vector>
+#include <cstring>
+#include <limits>
+#include <unordered_map>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "common/status.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/dense.h"
+#include "kernels/cuda/kvq_attention.h"
+#include "kernels/cuda/kvq_store.h"
+#include "kernels/cuda/synthetic_kv.h"
 #include "kernels/rope.h"
+#include "kvstore/kv_codecs.h"
 #include "worker/cuda/gpu_model.h"
 
 namespace kvshard {
 namespace {
 
-constexpr int64_t kPageTokens = 128;
+constexpr int64_t kAlign = 256;
+constexpr int kStagingSlots = 8;
 
+int64_t AlignUp(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-class Fp16DeviceKvStore final : public DeviceKvStore {
+// Host-to-device uploads of per-call metadata through pinned memory, without waiting for the device: a
+// ring of slots, each reused only after the event recorded behind the work that read it.
+class StagingRing {
  public:
-  Fp16DeviceKvStore(const KvGeometry& geometry, const KvSchemeConfig& scheme, const DeviceKvStoreOptions& options)
-      : geometry_(geometry), scheme_(scheme), options_(options) {}
+  struct Slot {
+    char* host = nullptr;
+    char* device = nullptr;
+    int index = 0;
+  };
+  StagingRing() = default;
+  StagingRing(const StagingRing&) = delete;
+  StagingRing& operator=(const StagingRing&) = delete;
+  ~StagingRing() {
+    for (cudaEvent_t e : events_)
+      if (e != nullptr) cudaEventDestroy(e);
+    if (host_ != nullptr) cudaFreeHost(host_);
+  }
 
-  absl::Status Init() {
-    const KvGeometry& g = geometry_;
-    page_elements_ = static_cast<int64_t>(g.n_kv_heads) * kPageTokens * g.head_dim;
-    const int64_t page_bytes_all_layers = 2 * 2 * page_elements_ * g.n_layers;  // K and V, fp16
-    int64_t pool = options_.pool_bytes;
-    if (pool <= 0) {
-      size_t free_bytes = 0, total_bytes = 0;
-      CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
-      pool = static_cast<int64_t>(free_bytes) - options_.reserve_bytes;
-    }
-    n_pages_ = pool / page_bytes_all_layers;
-    if (n_pages_ <= 0) {
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "a KV pool of %.2f GiB holds no page of %lld tokens (%.2f MiB for all layers)", pool / 1073741824.0,
-          static_cast<long long>(kPageTokens), page_bytes_all_layers / 1048576.0));
-    }
-    const int64_t layer_bytes = n_pages_ * page_elements_ * 2;
-    KV_ASSIGN_OR_RETURN(keys_, DeviceMemory::Allocate(layer_bytes * g.n_layers, "KV pool keys"));
-    KV_ASSIGN_OR_RETURN(values_, DeviceMemory::Allocate(layer_bytes * g.n_layers, "KV pool values"));
-    const std::vector<float> inv_freq = RopeInverseFrequencies(g.rope);
-    KV_ASSIGN_OR_RETURN(inv_freq_, DeviceMemory::Allocate(inv_freq.size() * 4, "RoPE frequencies"));
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq_.get(), inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice));
-    const int64_t rows = std::max(options_.max_rows, options_.max_chunk);
-    KV_ASSIGN_OR_RETURN(positions_, DeviceMemory::Allocate(rows * 8, "KV positions"));
-    KV_ASSIGN_OR_RETURN(lens_, DeviceMemory::Allocate(options_.max_rows * 4, "decode lengths"));
-    KV_ASSIGN_OR_RETURN(workspace_, DeviceMemory::Allocate(DecodeAttentionWorkspaceBytes(options_.max_rows, g.n_heads,
-                                                                                         g.head_dim),
-                                                           "decode workspace"));
-    KV_ASSIGN_OR_RETURN(query16_, DeviceMemory::Allocate(static_cast<int64_t>(options_.max_chunk) * g.n_heads *
-                                                             g.head_dim * 2,
-                                                         "chunk queries"));
-    for (int64_t p = n_pages_ - 1; p >= 0; --p) free_pages_.push_back(static_cast<int32_t>(p));
+  absl::Status Init(int64_t slot_bytes) {
+    slot_bytes_ = AlignUp(std::max<int64_t>(slot_bytes, kAlign), kAlign);
+    CUDA_RETURN_IF_ERROR(cudaHostAlloc(reinterpret_cast<void**>(&host_), slot_bytes_ * kStagingSlots,
+                                       cudaHostAllocDefault));
+    KV_ASSIGN_OR_RETURN(device_, DeviceMemory::Allocate(slot_bytes_ * kStagingSlots, "metadata staging"));
+    for (cudaEvent_t& e : events_) CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     return absl::OkStatus();
   }
+  int64_t slot_bytes() const { return slot_bytes_; }
+
+  // The next slot, once the work that last used it is done (normally long ago).
+  absl::StatusOr<Slot> Acquire() {
+    const int i = next_;
+    next_ = (next_ + 1) % kStagingSlots;
+    if (used_[i]) CUDA_RETURN_IF_ERROR(cudaEventSynchronize(events_[i]));
+    return Slot{host_ + i * slot_bytes_, device_.as<char>() + i * slot_bytes_, i};
+  }
+  // Copies the first `bytes` of the slot to the device (before the work that reads them).
+  absl::Status Upload(const Slot& s, int64_t bytes, cudaStream_t stream) {
+    if (bytes > slot_bytes_) {
+      return absl::InternalError(absl::StrCat("metadata of ", bytes, " bytes exceeds the staging slot of ", slot_bytes_));
+    }
+    if (bytes > 0) CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.device, s.host, bytes, cudaMemcpyHostToDevice, stream));
+    return absl::OkStatus();
+  }
+  // After the work that reads the slot is enqueued.
+  absl::Status Release(const Slot& s, cudaStream_t stream) {
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(events_[s.index], stream));
+    used_[s.index] = true;
+    return absl::OkStatus();
+  }
+
+ private:
+  int64_t slot_bytes_ = 0;
+  char* host_ = nullptr;
+  DeviceMemory device_;
+  cudaEvent_t events_[kStagingSlots] = {};
+  bool used_[kStagingSlots] = {};
+  int next_ = 0;
+};
+
+// Packs arrays into a staging slot, 16-byte aligned; returns their device addresses.
+class SlotWriter {
+ public:
+  explicit SlotWriter(const StagingRing::Slot& slot) : slot_(slot) {}
+  template <typename T>
+  const T* Put(const std::vector<T>& v) {
+    offset_ = AlignUp(offset_, 16);
+    const int64_t at = offset_;
+    offset_ += static_cast<int64_t>(v.size() * sizeof(T));
+    if (!v.empty()) std::memcpy(slot_.host + at, v.data(), v.size() * sizeof(T));
+    return reinterpret_cast<const T*>(slot_.device + at);
+  }
+  int64_t bytes() const { return offset_; }
+
+ private:
+  StagingRing::Slot slot_;
+  int64_t offset_ = 0;
+};
+
+struct Sequence {
+  int32_t slot = 0;
+  int64_t start = 0;
+  int64_t capacity = 0;
+  std::vector<int32_t> pages;
+  std::vector<int64_t> lengths;  // per layer
+  bool sealed = false;
+};
+
+// The kvq tokens one append moves and writes, for KvqStoreAppendCuda (kvq_store.h).
+struct KvqAppendPlan {
+  std::vector<KvqFlushRun> runs;
+  std::vector<KvqFlushPage> pages;
+  std::vector<KvqWriteToken> writes;
+  int n_flush = 0;
+};
+
+class DeviceKvStoreImpl final : public DeviceKvStore {
+ public:
+  DeviceKvStoreImpl(const KvGeometry& g, const KvSchemeConfig& c, const DeviceKvStoreOptions& o)
+      : geometry_(g), config_(c), options_(o), kvq_(c.kind == KvSchemeKind::kKvq) {}
+  ~DeviceKvStoreImpl() override {
+    if (overflow_host_ != nullptr) cudaFreeHost(overflow_host_);
+  }
+
+  absl::Status Init(const Calibration* calibration);
 
   const KvGeometry& geometry() const override { return geometry_; }
-  std::string scheme() const override { return scheme_.name(); }
-
-  absl::Status AddSequence(int64_t id, int64_t start_position, int64_t capacity) override {
-    if (sequences_.count(id) != 0) return absl::AlreadyExistsError(absl::StrCat("sequence ", id, " exists"));
-    if (capacity < 0 || start_position < 0) return absl::InvalidArgumentError("negative capacity or start position");
-    if (static_cast<int>(sequences_.size()) >= options_.max_sequences) {
-      return absl::ResourceExhaustedError(absl::StrCat("the GPU KV store holds at most ", options_.max_sequences,
-                                                       " sequences at once"));
-    }
-    const int64_t pages = std::max<int64_t>(1, CeilDiv(capacity, kPageTokens));
-    if (pages > static_cast<int64_t>(free_pages_.size())) {
-      return absl::ResourceExhaustedError(absl::StrCat("the GPU KV store has room for ", FreeTokens(),
-                                                       " more tokens; the request needs ", capacity));
-    }
-    Sequence s;
-    s.start = start_position;
-    s.capacity = pages * kPageTokens;
-    s.lengths.assign(geometry_.n_layers, 0);
-    for (int64_t i = 0; i < pages; ++i) {
-      s.pages.push_back(free_pages_.back());
-      free_pages_.pop_back();
-    }
-    KV_ASSIGN_OR_RETURN(s.page_table, DeviceMemory::Allocate(pages * 4, "page table"));
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(s.page_table.get(), s.pages.data(), pages * 4, cudaMemcpyHostToDevice));
-    sequences_.emplace(id, std::move(s));
-    return absl::OkStatus();
-  }
-
-  void RemoveSequence(int64_t id) override {
-    auto it = sequences_.find(id);
-    if (it == sequences_.end()) return;
-    // Kernels still queued may read the pages; their next writer is queued after them on one stream.
-    free_pages_.insert(free_pages_.end(), it->second.pages.rbegin(), it->second.pages.rend());
-    retired_tables_.push_back(std::move(it->second.page_table));
-    if (retired_tables_.size() > 64) retired_tables_.erase(retired_tables_.begin());
-    sequences_.erase(it);
-  }
-
-  bool Contains(int64_t id) const override { return sequences_.count(id) != 0; }
+  std::string scheme() const override { return config_.name(); }
+  absl::Status AddSequence(int64_t id, int64_t start_position, int64_t capacity) override;
+  void RemoveSequence(int64_t id) override;
+  bool Contains(int64_t id) const override { return sequences_.count(id) > 0; }
   int64_t start_position(int64_t id) const override {
     auto it = sequences_.find(id);
     return it == sequences_.end() ? 0 : it->second.start;
   }
   int64_t length(int64_t id, int layer) const override {
     auto it = sequences_.find(id);
-    return it == sequences_.end() || layer < 0 || layer >= geometry_.n_layers ? 0 : it->second.lengths[layer];
+    if (it == sequences_.end() || layer < 0 || layer >= geometry_.n_layers) return 0;
+    return it->second.lengths[layer];
   }
-  int64_t FreeTokens() const override { return static_cast<int64_t>(free_pages_.size()) * kPageTokens; }
-
+  int64_t FreeTokens() const override;
   absl::Status Append(int layer, int64_t id, int n_tokens, const float* k, const float* v, int64_t row_stride,
-                      cudaStream_t stream) override {
-    KV_ASSIGN_OR_RETURN(Sequence * s, Find(id, layer));
-    if (n_tokens < 0 || n_tokens > std::max(options_.max_chunk, options_.max_rows)) {
-      return absl::InvalidArgumentError(absl::StrCat("an append of ", n_tokens, " tokens"));
-    }
-    if (s->lengths[layer] + n_tokens > s->capacity) {
-      return absl::OutOfRangeError(absl::StrCat("sequence ", id, " holds ", s->lengths[layer], " of ", s->capacity,
-                                                " tokens; ", n_tokens, " more do not fit"));
-    }
-    if (n_tokens == 0) return absl::OkStatus();
-    std::vector<int64_t> positions(n_tokens);
-    for (int t = 0; t < n_tokens; ++t) positions[t] = s->start + s->lengths[layer] + t;
-    // Pageable source: the call returns once the bytes are staged, so the vector may go.
-    CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(positions_.get(), positions.data(), n_tokens * 8, cudaMemcpyHostToDevice, stream));
-    KvWriteArgs w;
-    w.k = k;
-    w.v = v;
-    w.row_stride = row_stride;
-    w.n_tokens = n_tokens;
-    w.n_kv_heads = geometry_.n_kv_heads;
-    w.head_dim = geometry_.head_dim;
-    w.positions = positions_.as<int64_t>();
-    w.inv_freq = inv_freq_.as<float>();
-    w.cache = Layer(layer, s->page_table.as<int32_t>(), static_cast<int64_t>(s->pages.size()));
-    w.request = 0;
-    w.first_index = s->lengths[layer];
-    KV_RETURN_IF_ERROR(WriteKvCacheCuda(w, stream));
-    s->lengths[layer] += n_tokens;
-    return absl::OkStatus();
-  }
-
+                      cudaStream_t stream) override;
   absl::Status AppendRows(int layer, std::span<const int64_t> ids, const float* k, const float* v,
-                          int64_t row_stride, cudaStream_t stream) override {
-    for (size_t i = 0; i < ids.size(); ++i) {
-      if (ids[i] < 0) continue;
-      KV_RETURN_IF_ERROR(Append(layer, ids[i], 1, k + i * row_stride, v + i * row_stride, row_stride, stream));
-    }
-    return absl::OkStatus();
-  }
-
+                          int64_t row_stride, cudaStream_t stream) override;
   absl::Status AttendRows(int layer, std::span<const int64_t> ids, const float* q, int64_t q_stride, float* out,
-                          float* lse, cudaStream_t stream) override {
-    const int rows = static_cast<int>(ids.size());
-    if (rows == 0) return absl::OkStatus();
-    if (rows > options_.max_rows) {
-      return absl::InvalidArgumentError(absl::StrCat(rows, " decode rows; the store takes at most ", options_.max_rows));
-    }
-    const int64_t q_dim = static_cast<int64_t>(geometry_.n_heads) * geometry_.head_dim;
-    if (q_stride != q_dim) {
-      // The decode kernel reads packed queries.
-      KV_RETURN_IF_ERROR(EnsureQueries32(rows));
-      CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(query32_.get(), q_dim * 4, q, q_stride * 4, q_dim * 4, rows,
-                                             cudaMemcpyDeviceToDevice, stream));
-      q = query32_.as<float>();
-    }
-    int64_t pages_per_row = 1, max_len = 0;
-    std::vector<const Sequence*> seqs(rows, nullptr);
-    for (int i = 0; i < rows; ++i) {
-      if (ids[i] < 0) continue;
-      KV_ASSIGN_OR_RETURN(Sequence * s, Find(ids[i], layer));
-      seqs[i] = s;
-      pages_per_row = std::max<int64_t>(pages_per_row, static_cast<int64_t>(s->pages.size()));
-      max_len = std::max(max_len, s->lengths[layer]);
-    }
-    std::vector<int32_t> table(rows * pages_per_row, 0), lens(rows, 0);
-    for (int i = 0; i < rows; ++i) {
-      if (seqs[i] == nullptr) continue;
-      std::copy(seqs[i]->pages.begin(), seqs[i]->pages.end(), table.begin() + i * pages_per_row);
-      lens[i] = static_cast<int32_t>(seqs[i]->lengths[layer]);
-    }
-    if (batch_table_.bytes() < static_cast<int64_t>(table.size()) * 4) {
-      KV_ASSIGN_OR_RETURN(batch_table_, DeviceMemory::Allocate(table.size() * 4 * 2, "decode page table"));
-    }
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(batch_table_.get(), table.data(), table.size() * 4, cudaMemcpyHostToDevice,
-                                         stream));
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(lens_.get(), lens.data(), rows * 4, cudaMemcpyHostToDevice, stream));
-    DecodeAttentionArgs a;
-    a.q = q;
-    a.kv = Layer(layer, batch_table_.as<int32_t>(), pages_per_row);
-    a.kv_lens = lens_.as<int32_t>();
-    a.max_kv_len = max_len;
-    a.batch = rows;
-    a.n_heads = geometry_.n_heads;
-    a.n_kv_heads = geometry_.n_kv_heads;
-    a.head_dim = geometry_.head_dim;
-    a.scale = geometry_.scale();
-    a.out = out;
-    a.lse = lse;
-    a.workspace = workspace_.get();
-    a.workspace_bytes = workspace_.bytes();
-    return DecodeAttentionCuda(a, stream);
-  }
-
+                          float* lse, cudaStream_t stream) override;
   absl::Status AttendChunk(int layer, int64_t id, int n_queries, const float* q, int64_t q_stride,
-                           int64_t first_position, float* out, float* lse, cudaStream_t stream) override {
-    KV_ASSIGN_OR_RETURN(Sequence * s, Find(id, layer));
-    if (n_queries <= 0 || n_queries > options_.max_chunk) {
-      return absl::InvalidArgumentError(absl::StrCat(n_queries, " chunk queries; the store takes 1..",
-                                                     options_.max_chunk));
-    }
-    const int64_t q_dim = static_cast<int64_t>(geometry_.n_heads) * geometry_.head_dim;
-    KV_RETURN_IF_ERROR(
-        ConvertRowsCuda(q, DType::kF32, q_stride, query16_.get(), DType::kF16, q_dim, n_queries, q_dim, stream));
-    PrefillAttentionArgs a;
-    a.q = query16_.get();
-    a.kv = Layer(layer, s->page_table.as<int32_t>(), static_cast<int64_t>(s->pages.size()));
-    a.n_queries = n_queries;
-    a.n_keys = s->lengths[layer];
-    a.query_first_position = first_position;
-    a.key_first_position = s->start;
-    a.n_heads = geometry_.n_heads;
-    a.n_kv_heads = geometry_.n_kv_heads;
-    a.head_dim = geometry_.head_dim;
-    a.scale = geometry_.scale();
-    a.out = out;
-    a.lse = lse;
-    return PrefillAttentionCuda(a, stream);
-  }
-
-  absl::Status SyntheticFill(int64_t, int64_t, uint64_t, cudaStream_t) override {
-    return absl::UnimplementedError("synthetic fill of the GPU KV store is not available in this build");
-  }
-
-  absl::Status Seal(int64_t, cudaStream_t) override { return absl::OkStatus(); }  // nothing to quantize
-
-  KvMemory Memory(int64_t id) const override {
-    KvMemory m;
-    auto it = sequences_.find(id);
-    if (it == sequences_.end()) return m;
-    for (int64_t n : it->second.lengths) {
-      m.elements += 2 * static_cast<int64_t>(geometry_.n_kv_heads) * geometry_.head_dim * n;
-    }
-    m.bytes = m.elements * 2;
-    return m;
-  }
-  KvMemory Memory() const override {
-    KvMemory total;
-    for (const auto& [id, s] : sequences_) {
-      const KvMemory m = Memory(id);
-      total.bytes += m.bytes;
-      total.elements += m.elements;
-    }
-    return total;
-  }
-  int64_t pool_bytes() const override { return keys_.bytes() + values_.bytes(); }
+                           int64_t first_position, float* out, float* lse, cudaStream_t stream) override;
+  absl::Status SyntheticFill(int64_t id, int64_t end, uint64_t seed, cudaStream_t stream) override;
+  absl::Status Seal(int64_t id, cudaStream_t stream) override;
+  KvMemory Memory(int64_t id) const override;
+  KvMemory Memory() const override;
+  int64_t pool_bytes() const override { return pool_.bytes(); }
+  absl::StatusOr<std::vector<uint8_t>> CodePage(int64_t id, int layer, int kv_head, int64_t page,
+                                                KvPart part) const override;
 
  private:
-  struct Sequence {
-    int64_t start = 0;
-    int64_t capacity = 0;
-    std::vector<int32_t> pages;
-    DeviceMemory page_table;  // int32 [pages]
-    std::vector<int64_t> lengths;  // per layer
-  };
-
-  absl::StatusOr<Sequence*> Find(int64_t id, int layer) {
-    if (layer < 0 || layer >= geometry_.n_layers) {
-      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
-    }
-    auto it = sequences_.find(id);
-    if (it == sequences_.end()) return absl::NotFoundError(absl::StrCat("sequence ", id, " is not in the GPU KV store"));
-    return &it->second;
+  int64_t sink_max() const { return kvq_ ? config_.sink_tokens : 0; }
+  // Final sink of a sequence starting at `start` (tokens at absolute positions < sink_tokens).
+  int64_t SinkOf(int64_t start) const { return kvq_ ? std::max<int64_t>(0, config_.sink_tokens - start) : 0; }
+  int64_t PagesFor(int64_t start, int64_t capacity) const {
+    return CeilDiv(std::max<int64_t>(0, capacity - SinkOf(start)), kPageTokens);
   }
-
-  PagedKv Layer(int layer, const int32_t* page_table, int64_t pages_per_request) const {
-    PagedKv kv;
-    kv.dtype = DType::kF16;
-    kv.k = keys_.as<uint16_t>() + layer * n_pages_ * page_elements_;
-    kv.v = values_.as<uint16_t>() + layer * n_pages_ * page_elements_;
-    kv.page_size = kPageTokens;
-    kv.page_table = page_table;
-    kv.pages_per_request = pages_per_request;
-    return kv;
-  }
-
-  absl::Status EnsureQueries32(int rows) {
-    const int64_t bytes = static_cast<int64_t>(rows) * geometry_.n_heads * geometry_.head_dim * 4;
-    if (query32_.bytes() >= bytes) return absl::OkStatus();
-    KV_ASSIGN_OR_RETURN(query32_, DeviceMemory::Allocate(
-                                      static_cast<int64_t>(options_.max_rows) * geometry_.n_heads * geometry_.head_dim * 4,
-                                      "decode queries"));
-    return absl::OkStatus();
-  }
+  absl::Status CheckOverflow() const;
+  absl::StatusOr<Sequence*> Find(int64_t id);
+  absl::Status CheckLayer(int layer) const;
+  absl::Status CheckAppend(const Sequence& s, int layer, int64_t n) const;
+  // Appends n tokens of k/v (any count up to the scratch's) to one layer of a sequence.
+  absl::Status AppendTokens(int layer, Sequence& s, int64_t n, const float* k, const float* v, int64_t row_stride,
+                            cudaStream_t stream);
+  // The kvq moves of sequence s growing from `old` to `now` tokens (sealed: all quantized); new token j
+  // is call token chunk0 + (j - old).
+  void PlanKvqAppend(const Sequence& s, int64_t old, int64_t now, bool sealed, int32_t chunk0,
+                     KvqAppendPlan& plan) const;
+  absl::Status RunKvqAppend(int layer, const KvqAppendPlan& plan, const float* k, const float* v,
+                            int64_t row_stride, cudaStream_t stream);
+  KvqStoreLayer LayerView(int layer) const { return layers_[layer]; }
+  int64_t StreamBits(const Sequence& s, int layer, const std::vector<int64_t>& outliers) const;
+  std::vector<int64_t> KeyOutlierCounts(const Sequence& s) const;
 
   KvGeometry geometry_;
-  KvSchemeConfig scheme_;
+  KvSchemeConfig config_;
   DeviceKvStoreOptions options_;
-  int64_t page_elements_ = 0;  // per page and layer: n_kv_heads * 128 * head_dim
+  bool kvq_;
+  int n_value_outliers_ = 0;
+  int64_t key_outlier_capacity_ = 0;
+  int ring_ = 1;
   int64_t n_pages_ = 0;
-  DeviceMemory keys_, values_;  // [n_layers][n_pages][n_kv_heads][128][head_dim] fp16
-  DeviceMemory inv_freq_, positions_, lens_, workspace_, query16_, query32_, batch_table_;
-  std::vector<int32_t> free_pages_;
-  std::map<int64_t, Sequence> sequences_;
-  std::vector<DeviceMemory> retired_tables_;  // freed page tables that queued kernels may still read
+  int64_t code_bytes_ = 0;
+  int64_t max_tokens_ = 0;  // tokens one internal append may bring (max_chunk or fill_chunk)
+  int64_t tile_tokens_ = 0;
+
+  DeviceMemory pool_;         // pages of every layer, and the sink/residual slots
+  DeviceMemory page_table_;   // int32 [max_sequences][n_pages_]
+  DeviceMemory outlier_offset_;  // int64 [n_pages_ * n_kv_heads]
+  DeviceMemory tables_;       // calibration per layer, inv_freq, key outlier counters
+  DeviceMemory scratch_;
+  std::vector<KvqStoreLayer> layers_;   // kvq
+  std::vector<uint16_t*> fp_k_, fp_v_;  // fp16: [page][n_kv_heads][128][head_dim] per layer
+  std::vector<float*> key_low_, key_high_, key_codebook_, value_codebook_;
+  float* inv_freq_ = nullptr;
+  int64_t* key_outliers_ = nullptr;  // [layer][slot][n_kv_heads]
+  int* overflow_host_ = nullptr;     // mapped pinned flag the kernels raise
+  int* overflow_device_ = nullptr;
+
+  // Scratch.
+  float* q_rows_ = nullptr;        // fp32 [max_rows][n_heads][head_dim]
+  __half* q_half_ = nullptr;       // fp16 [max_chunk][n_heads][head_dim]
+  void* workspace_ = nullptr;
+  int64_t workspace_bytes_ = 0;
+  char* rows_meta_ = nullptr;      // the decode rows' metadata, kept while a step's layers reuse it
+  uint8_t* flush_count_ = nullptr;
+  uint8_t* flush_channel_ = nullptr;
+  uint16_t* flush_value_ = nullptr;
+  __half* tile_k_ = nullptr;       // fp16 [n_kv_heads][tile][head_dim]
+  __half* tile_v_ = nullptr;
+  float* merge_out_[2] = {};       // fp32 [2][max_chunk * n_heads][head_dim]
+  float* merge_lse_[2] = {};
+  float* fill_k_ = nullptr;        // fp32 [fill_chunk][n_kv_heads][head_dim]
+  float* fill_v_ = nullptr;
+  StagingRing staging_;
+  std::vector<char> rows_meta_host_;  // what rows_meta_ holds
+
+  std::unordered_map<int64_t, Sequence> sequences_;
+  std::vector<int32_t> free_pages_;  // descending, so pages are taken in ascending order
+  std::vector<int32_t> free_slots_;
 };
+
+absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
+  const KvGeometry& g = geometry_;
+  const int d = g.head_dim, kvh = g.n_kv_heads, L = g.n_layers;
+  if (options_.max_sequences <= 0 || options_.max_rows <= 0 || options_.max_chunk <= 0 || options_.fill_chunk <= 0) {
+    return absl::InvalidArgumentError("DeviceKvStoreOptions: max_sequences, max_rows, max_chunk and fill_chunk must be positive");
+  }
+  if (options_.chunk_tile_tokens <= 0 || options_.chunk_tile_tokens % 64 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("DeviceKvStoreOptions: chunk_tile_tokens ", options_.chunk_tile_tokens,
+                                                   " must be a positive multiple of 64"));
+  }
+  max_tokens_ = std::max<int64_t>(options_.max_chunk, options_.fill_chunk);
+  tile_tokens_ = options_.chunk_tile_tokens;
+  const int max_seq = options_.max_sequences;
+  int fi = 0, bi = 0;
+  if (kvq_) {
+    KV_RETURN_IF_ERROR(ValidateKvScheme(config_, d));
+    if (!config_.quantize_keys || !config_.quantize_values || config_.exact_decode_view) {
+      return absl::UnimplementedError(absl::StrCat("the device KV store keeps kvq keys and values quantized and has no "
+                                                   "exact decode view (scheme ", config_.ToString(), ")"));
+    }
+    if (calibration == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("KV scheme ", config_.name(), " needs a calibration file"));
+    }
+    KV_RETURN_IF_ERROR(CheckCalibrationGeometry(*calibration, g));
+    KV_ASSIGN_OR_RETURN(fi, calibration->FractionIndex(config_.outlier_fraction));
+    KV_ASSIGN_OR_RETURN(bi, calibration->BitsIndex(config_.bits));
+    n_value_outliers_ = std::clamp(KvqValueOutliersPerToken(config_, d), 0, d - 1);
+    ring_ = static_cast<int>(std::max<int64_t>(1, config_.residual_tokens));
+    code_bytes_ = 16 * config_.bits * d;
+    key_outlier_capacity_ =
+        options_.key_outlier_capacity > 0
+            ? options_.key_outlier_capacity
+            : static_cast<int64_t>(options_.key_outlier_headroom * config_.outlier_fraction * kPageTokens * d + 0.5);
+    key_outlier_capacity_ = AlignUp(std::max<int64_t>(key_outlier_capacity_, 64), 16);
+  }
+
+  // Scratch first, so that "all free memory" below leaves room for it.
+  const int64_t rows_q = static_cast<int64_t>(options_.max_rows) * g.n_heads * d;
+  const int64_t chunk_rows = static_cast<int64_t>(options_.max_chunk) * g.n_heads;
+  workspace_bytes_ = kvq_ ? KvqDecodeAttentionWorkspaceBytes(options_.max_rows, g.n_heads, d)
+                          : DecodeAttentionWorkspaceBytes(options_.max_rows, g.n_heads, d);
+  const int64_t max_flush = max_tokens_ + ring_ + sink_max() + 64;
+  const int64_t meta_bytes = static_cast<int64_t>(options_.max_rows) * 32;
+  struct Part {
+    void** ptr;
+    int64_t bytes;
+  };
+  std::vector<Part> parts = {
+      {reinterpret_cast<void**>(&q_rows_), rows_q * 4},
+      {reinterpret_cast<void**>(&q_half_), chunk_rows * d * 2},
+      {&workspace_, std::max<int64_t>(workspace_bytes_, 16)},
+      {reinterpret_cast<void**>(&rows_meta_), meta_bytes},
+      {reinterpret_cast<void**>(&fill_k_), static_cast<int64_t>(options_.fill_chunk) * kvh * d * 4},
+      {reinterpret_cast<void**>(&fill_v_), static_cast<int64_t>(options_.fill_chunk) * kvh * d * 4},
+  };
+  if (kvq_) {
+    parts.push_back({reinterpret_cast<void**>(&flush_count_), max_flush * kvh});
+    parts.push_back({reinterpret_cast<void**>(&flush_channel_), max_flush * kvh * d});
+    parts.push_back({reinterpret_cast<void**>(&flush_value_), max_flush * kvh * d * 2});
+    parts.push_back({reinterpret_cast<void**>(&tile_k_), static_cast<int64_t>(kvh) * tile_tokens_ * d * 2});
+    parts.push_back({reinterpret_cast<void**>(&tile_v_), static_cast<int64_t>(kvh) * tile_tokens_ * d * 2});
+    for (int i = 0; i < 2; ++i) {
+      parts.push_back({reinterpret_cast<void**>(&merge_out_[i]), 2 * chunk_rows * d * 4});
+      parts.push_back({reinterpret_cast<void**>(&merge_lse_[i]), 2 * chunk_rows * 4});
+    }
+  }
+  int64_t scratch_bytes = 0;
+  for (const Part& p : parts) scratch_bytes += AlignUp(p.bytes, kAlign);
+  KV_ASSIGN_OR_RETURN(scratch_, DeviceMemory::Allocate(scratch_bytes, "KV store scratch"));
+  {
+    char* base = scratch_.as<char>();
+    for (const Part& p : parts) {
+      *p.ptr = base;
+      base += AlignUp(p.bytes, kAlign);
+    }
+  }
+  rows_meta_host_.clear();
+
+  // Calibration tables, RoPE frequencies, key outlier counters.
+  const std::vector<float> inv_freq = RopeInverseFrequencies(g.rope);
+  const int64_t per_layer_floats = kvq_ ? 2 * kvh * d + 2 * 16 : 0;
+  const int64_t counters = kvq_ ? static_cast<int64_t>(L) * max_seq * kvh : 0;
+  const int64_t table_bytes = AlignUp(static_cast<int64_t>(inv_freq.size()) * 4, kAlign) +
+                              AlignUp(L * per_layer_floats * 4, kAlign) + AlignUp(counters * 8, kAlign);
+  KV_ASSIGN_OR_RETURN(tables_, DeviceMemory::Allocate(table_bytes, "KV store tables"));
+  {
+    char* base = tables_.as<char>();
+    inv_freq_ = reinterpret_cast<float*>(base);
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq_, inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice));
+    base += AlignUp(static_cast<int64_t>(inv_freq.size()) * 4, kAlign);
+    if (kvq_) {
+      float* f = reinterpret_cast<float*>(base);
+      for (int l = 0; l < L; ++l) {
+        const KvqLayerTables& t = calibration->layers[l].kvq[fi];
+        std::vector<float> host(per_layer_floats, 0.0f);
+        std::copy(t.key_low.begin(), t.key_low.begin() + kvh * d, host.begin());
+        std::copy(t.key_high.begin(), t.key_high.begin() + kvh * d, host.begin() + kvh * d);
+        std::copy(t.key_codebooks[bi].begin(), t.key_codebooks[bi].end(), host.begin() + 2 * kvh * d);
+        std::copy(t.value_codebooks[bi].begin(), t.value_codebooks[bi].end(), host.begin() + 2 * kvh * d + 16);
+        float* dst = f + l * per_layer_floats;
+        CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+        key_low_.push_back(dst);
+        key_high_.push_back(dst + kvh * d);
+        key_codebook_.push_back(dst + 2 * kvh * d);
+        value_codebook_.push_back(dst + 2 * kvh * d + 16);
+      }
+      base += AlignUp(L * per_layer_floats * 4, kAlign);
+      key_outliers_ = reinterpret_cast<int64_t*>(base);
+      CUDA_RETURN_IF_ERROR(cudaMemset(key_outliers_, 0, counters * 8));
+    }
+  }
+  CUDA_RETURN_IF_ERROR(cudaHostAlloc(reinterpret_cast<void**>(&overflow_host_), sizeof(int), cudaHostAllocMapped));
+  *overflow_host_ = 0;
+  CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(reinterpret_cast<void**>(&overflow_device_), overflow_host_, 0));
+
+  // Staging: the largest per-call metadata (an append of max_tokens_, or max_rows decode rows).
+  const int64_t per_token = sizeof(KvqFlushRun) + sizeof(KvqFlushPage) + sizeof(KvqWriteToken) + 8 + 16;
+  KV_RETURN_IF_ERROR(staging_.Init((max_tokens_ + ring_ + sink_max() + 64 + options_.max_rows) * per_token + meta_bytes +
+                                   16 * 16));
+
+  // The pool: pages shared by all layers, the sink/residual slots, the page table and outlier offsets.
+  const int64_t slot_bytes =
+      kvq_ ? static_cast<int64_t>(L) * max_seq * kvh * (sink_max() + ring_) * d * 2 * 2 : 0;
+  int64_t per_ph = 0;  // bytes of one (page, KV head) of one layer
+  if (kvq_) {
+    per_ph = 2 * code_bytes_ + 2 * kPageTokens * 2 + kPageTokens * n_value_outliers_ * 3 + kPageTokens +
+             key_outlier_capacity_ * 3;
+  } else {
+    per_ph = 2 * kPageTokens * d * 2;
+  }
+  const int64_t page_bytes = static_cast<int64_t>(L) * kvh * per_ph + max_seq * 4 + kvh * 8;
+  int64_t budget = options_.pool_bytes;
+  if (budget <= 0) {
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+    budget = static_cast<int64_t>(free_bytes) - options_.reserve_bytes;
+  }
+  // Alignment slack of the per-layer arrays.
+  const int64_t slack = static_cast<int64_t>(L) * 12 * kAlign + 8 * kAlign;
+  n_pages_ = (budget - slot_bytes - slack) / page_bytes;
+  if (n_pages_ <= 0) {
+    return absl::ResourceExhaustedError(absl::StrCat("the KV pool of ", budget, " bytes holds no page (a page of ",
+                                                     kPageTokens, " tokens takes ", page_bytes, " bytes, the ",
+                                                     max_seq, " sequence slots ", slot_bytes, ")"));
+  }
+  n_pages_ = std::min<int64_t>(n_pages_, std::numeric_limits<int32_t>::max() / std::max(kvh, 1) / kPageTokens);
+  const int64_t phs = n_pages_ * kvh;
+  int64_t pool_total = 0;
+  auto sized = [&](int64_t bytes) {
+    const int64_t b = AlignUp(std::max<int64_t>(bytes, 16), kAlign);
+    pool_total += b;
+    return b;
+  };
+  if (kvq_) {
+    for (int l = 0; l < L; ++l) {
+      sized(phs * code_bytes_);
+      sized(phs * code_bytes_);
+      sized(phs * kPageTokens * 2);
+      sized(phs * kPageTokens * 2);
+      sized(phs * kPageTokens * n_value_outliers_);
+      sized(phs * kPageTokens * n_value_outliers_ * 2);
+      sized(phs * kPageTokens);
+      sized(phs * key_outlier_capacity_);
+      sized(phs * key_outlier_capacity_ * 2);
+    }
+    sized(slot_bytes / 2);
+    sized(slot_bytes / 2);
+  } else {
+    for (int l = 0; l < L; ++l) {
+      sized(phs * kPageTokens * d * 2);
+      sized(phs * kPageTokens * d * 2);
+    }
+  }
+  KV_ASSIGN_OR_RETURN(pool_, DeviceMemory::Allocate(pool_total, "KV pool"));
+  char* base = pool_.as<char>();
+  auto take = [&](int64_t bytes) {
+    char* p = base;
+    base += AlignUp(std::max<int64_t>(bytes, 16), kAlign);
+    return p;
+  };
+  if (kvq_) {
+    layers_.resize(L);
+    for (int l = 0; l < L; ++l) {
+      KvqStoreLayer& x = layers_[l];
+      x.key_codes = reinterpret_cast<uint8_t*>(take(phs * code_bytes_));
+      x.value_codes = reinterpret_cast<uint8_t*>(take(phs * code_bytes_));
+      x.value_low = reinterpret_cast<uint16_t*>(take(phs * kPageTokens * 2));
+      x.value_high = reinterpret_cast<uint16_t*>(take(phs * kPageTokens * 2));
+      x.value_outlier_channel = reinterpret_cast<uint8_t*>(take(phs * kPageTokens * n_value_outliers_));
+      x.value_outlier_value = reinterpret_cast<uint16_t*>(take(phs * kPageTokens * n_value_outliers_ * 2));
+      x.key_outlier_count = reinterpret_cast<uint8_t*>(take(phs * kPageTokens));
+      x.key_outlier_channel = reinterpret_cast<uint8_t*>(take(phs * key_outlier_capacity_));
+      x.key_outlier_value = reinterpret_cast<uint16_t*>(take(phs * key_outlier_capacity_ * 2));
+      x.key_outlier_capacity = key_outlier_capacity_;
+      x.max_sink = static_cast<int>(sink_max());
+      x.ring = ring_;
+      x.key_low = key_low_[l];
+      x.key_high = key_high_[l];
+      x.key_codebook = key_codebook_[l];
+      x.value_codebook = value_codebook_[l];
+      x.inv_freq = inv_freq_;
+      x.key_outliers = key_outliers_ + static_cast<int64_t>(l) * max_seq * kvh;
+      x.overflow = overflow_device_;
+    }
+    const int64_t per_layer_sink = static_cast<int64_t>(max_seq) * kvh * sink_max() * d;
+    const int64_t per_layer_ring = static_cast<int64_t>(max_seq) * kvh * ring_ * d;
+    uint16_t* k_slots = reinterpret_cast<uint16_t*>(take(slot_bytes / 2));
+    uint16_t* v_slots = reinterpret_cast<uint16_t*>(take(slot_bytes / 2));
+    for (int l = 0; l < L; ++l) {
+      const int64_t off = l * (per_layer_sink + per_layer_ring);
+      layers_[l].sink_k = sink_max() > 0 ? k_slots + off : nullptr;
+      layers_[l].sink_v = sink_max() > 0 ? v_slots + off : nullptr;
+      layers_[l].residual_k = k_slots + off + per_layer_sink;
+      layers_[l].residual_v = v_slots + off + per_layer_sink;
+    }
+    std::vector<int64_t> offsets(phs);
+    for (int64_t i = 0; i < phs; ++i) offsets[i] = i * key_outlier_capacity_;
+    KV_ASSIGN_OR_RETURN(outlier_offset_, DeviceMemory::Allocate(phs * 8, "key outlier offsets"));
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(outlier_offset_.get(), offsets.data(), phs * 8, cudaMemcpyHostToDevice));
+  } else {
+    for (int l = 0; l < L; ++l) {
+      fp_k_.push_back(reinterpret_cast<uint16_t*>(take(phs * kPageTokens * d * 2)));
+      fp_v_.push_back(reinterpret_cast<uint16_t*>(take(phs * kPageTokens * d * 2)));
+    }
+  }
+  KV_ASSIGN_OR_RETURN(page_table_, DeviceMemory::Allocate(static_cast<int64_t>(max_seq) * n_pages_ * 4, "page table"));
+  free_pages_.resize(n_pages_);
+  for (int64_t i = 0; i < n_pages_; ++i) free_pages_[i] = static_cast<int32_t>(n_pages_ - 1 - i);
+  for (int s = max_seq - 1; s >= 0; --s) free_slots_.push_back(s);
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvStoreImpl::CheckOverflow() const {
+  if (kvq_ && *reinterpret_cast<volatile int*>(overflow_host_) != 0) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "kvq key outliers of a page exceeded its capacity of ", key_outlier_capacity_,
+        " (DeviceKvStoreOptions::key_outlier_headroom / key_outlier_capacity); the excess was dropped"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Sequence*> DeviceKvStoreImpl::Find(int64_t id) {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) return absl::NotFoundError(absl::StrCat("sequence ", id, " is not in the KV store"));
+  return &it->second;
+}
+
+absl::Status DeviceKvStoreImpl::CheckLayer(int layer) const {
+  if (layer < 0 || layer >= geometry_.n_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range [0, ", geometry_.n_layers, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvStoreImpl::CheckAppend(const Sequence& s, int layer, int64_t n) const {
+  if (s.sealed) {
+    return absl::FailedPreconditionError("the sequence is sealed (another worker holds its tail)");
+  }
+  if (s.lengths[layer] + n > s.capacity) {
+    return absl::OutOfRangeError(absl::StrCat("appending ", n, " tokens to layer ", layer, " (", s.lengths[layer],
+                                              " held) exceeds the ", s.capacity, " reserved"));
+  }
+  return absl::OkStatus();
+}
+
+int64_t DeviceKvStoreImpl::FreeTokens() const {
+  if (free_slots_.empty()) return 0;
+  return static_cast<int64_t>(free_pages_.size()) * kPageTokens + sink_max();
+}
+
+absl::Status DeviceKvStoreImpl::AddSequence(int64_t id, int64_t start_position, int64_t capacity) {
+  if (start_position < 0 || capacity < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", id, ": negative start position or capacity"));
+  }
+  if (sequences_.count(id) > 0) return absl::AlreadyExistsError(absl::StrCat("sequence ", id, " is already held"));
+  if (free_slots_.empty()) {
+    return absl::ResourceExhaustedError(absl::StrCat("the KV store holds its maximum of ", options_.max_sequences,
+                                                     " sequences (DeviceKvStoreOptions::max_sequences)"));
+  }
+  const int64_t pages = PagesFor(start_position, capacity);
+  if (pages > static_cast<int64_t>(free_pages_.size())) {
+    return absl::ResourceExhaustedError(absl::StrCat("the KV pool cannot hold ", capacity, " more tokens; ",
+                                                     FreeTokens(), " still fit"));
+  }
+  Sequence s;
+  s.slot = free_slots_.back();
+  s.start = start_position;
+  s.capacity = capacity;
+  s.lengths.assign(geometry_.n_layers, 0);
+  for (int64_t i = 0; i < pages; ++i) {
+    s.pages.push_back(free_pages_.back());
+    free_pages_.pop_back();
+  }
+  free_slots_.pop_back();
+  // Work of a removed sequence may still read these pages: admission waits for the device (rare).
+  CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  if (!s.pages.empty()) {
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(page_table_.as<int32_t>() + static_cast<int64_t>(s.slot) * n_pages_, s.pages.data(),
+                                    s.pages.size() * 4, cudaMemcpyHostToDevice));
+  }
+  if (kvq_) {
+    // Absent tokens' codes are 0, as the CPU pages (the bytes then compare whole).
+    const int64_t kvh = geometry_.n_kv_heads;
+    for (size_t i = 0; i < s.pages.size();) {
+      size_t j = i + 1;
+      while (j < s.pages.size() && s.pages[j] == s.pages[j - 1] + 1) ++j;
+      const int64_t off = static_cast<int64_t>(s.pages[i]) * kvh * code_bytes_;
+      const int64_t bytes = static_cast<int64_t>(j - i) * kvh * code_bytes_;
+      for (const KvqStoreLayer& x : layers_) {
+        CUDA_RETURN_IF_ERROR(cudaMemset(x.key_codes + off, 0, bytes));
+        CUDA_RETURN_IF_ERROR(cudaMemset(x.value_codes + off, 0, bytes));
+      }
+      i = j;
+    }
+    for (const KvqStoreLayer& x : layers_) {
+      CUDA_RETURN_IF_ERROR(cudaMemset(x.key_outliers + static_cast<int64_t>(s.slot) * kvh, 0, kvh * 8));
+    }
+  }
+  CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  sequences_.emplace(id, std::move(s));
+  rows_meta_host_.clear();  // a slot may have changed hands
+  return absl::OkStatus();
+}
+
+void DeviceKvStoreImpl::RemoveSequence(int64_t id) {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) return;
+  for (int32_t p : it->second.pages) free_pages_.push_back(p);
+  std::sort(free_pages_.begin(), free_pages_.end(), std::greater<int32_t>());
+  free_slots_.push_back(it->second.slot);
+  sequences_.erase(it);
+  rows_meta_host_.clear();
+}
+
+void DeviceKvStoreImpl::PlanKvqAppend(const Sequence& s, int64_t old, int64_t now, bool sealed, int32_t chunk0,
+                                      KvqAppendPlan& plan) const {
+  const int64_t sink = SinkOf(s.start);
+  const int64_t q_old = std::max(StreamLayout(config_, s.start, old, s.sealed).quantized_end, sink);
+  const int64_t q_new = std::max(StreamLayout(config_, s.start, now, sealed).quantized_end, sink);
+  // Moves into the quantized range: runs within one 32-token word group, entries per page.
+  for (int64_t j = q_old; j < q_new;) {
+    const int64_t t = j - sink;
+    const int64_t n = std::min<int64_t>(32 - t % 32, q_new - j);
+    KvqFlushRun r;
+    r.slot = s.slot;
+    r.page = s.pages[t / kPageTokens];
+    r.part0 = static_cast<int32_t>(t);
+    r.n = static_cast<int32_t>(n);
+    r.fp_from = static_cast<int32_t>(old - sink);
+    r.chunk0 = chunk0;
+    r.scratch0 = plan.n_flush;
+    plan.runs.push_back(r);
+    if (plan.pages.empty() || t % kPageTokens == 0 || plan.pages.back().slot != s.slot) {
+      plan.pages.push_back(KvqFlushPage{s.slot, r.page, static_cast<int32_t>(t % kPageTokens), 0, plan.n_flush});
+    }
+    plan.pages.back().n += static_cast<int32_t>(n);
+    plan.n_flush += static_cast<int>(n);
+    j += n;
+  }
+  // New tokens that stay fp16.
+  for (int64_t j = old; j < now; ++j) {
+    KvqWriteToken w{};
+    w.slot = s.slot;
+    w.chunk_token = chunk0 + static_cast<int32_t>(j - old);
+    w.position = s.start + j;
+    if (j < sink) {
+      w.dest = static_cast<int32_t>(-1 - j);
+    } else if (j >= q_new) {
+      w.dest = static_cast<int32_t>((j - sink) % ring_);
+    } else {
+      continue;  // quantized straight from the call's tokens
+    }
+    plan.writes.push_back(w);
+  }
+}
+
+absl::Status DeviceKvStoreImpl::RunKvqAppend(int layer, const KvqAppendPlan& plan, const float* k, const float* v,
+                                             int64_t row_stride, cudaStream_t stream) {
+  if (plan.runs.empty() && plan.writes.empty()) return absl::OkStatus();
+  KV_ASSIGN_OR_RETURN(StagingRing::Slot slot, staging_.Acquire());
+  SlotWriter w(slot);
+  KvqAppendArgs a;
+  a.layer = LayerView(layer);
+  a.n_kv_heads = geometry_.n_kv_heads;
+  a.head_dim = geometry_.head_dim;
+  a.bits = config_.bits;
+  a.n_value_outliers = n_value_outliers_;
+  a.k = k;
+  a.v = v;
+  a.row_stride = row_stride;
+  a.runs = w.Put(plan.runs);
+  a.n_runs = static_cast<int>(plan.runs.size());
+  a.pages = w.Put(plan.pages);
+  a.n_pages = static_cast<int>(plan.pages.size());
+  a.n_flush = plan.n_flush;
+  a.scratch_count = flush_count_;
+  a.scratch_channel = flush_channel_;
+  a.scratch_value = flush_value_;
+  a.writes = w.Put(plan.writes);
+  a.n_writes = static_cast<int>(plan.writes.size());
+  KV_RETURN_IF_ERROR(staging_.Upload(slot, w.bytes(), stream));
+  const absl::Status launched = KvqStoreAppendCuda(a, stream);
+  KV_RETURN_IF_ERROR(staging_.Release(slot, stream));
+  return launched;
+}
+
+absl::Status DeviceKvStoreImpl::AppendTokens(int layer, Sequence& s, int64_t n, const float* k, const float* v,
+                                             int64_t row_stride, cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  const int64_t old = s.lengths[layer];
+  if (kvq_) {
+    KvqAppendPlan plan;
+    PlanKvqAppend(s, old, old + n, /*sealed=*/false, 0, plan);
+    KV_RETURN_IF_ERROR(RunKvqAppend(layer, plan, k, v, row_stride, stream));
+  } else {
+    KV_ASSIGN_OR_RETURN(StagingRing::Slot slot, staging_.Acquire());
+    SlotWriter w(slot);
+    std::vector<int64_t> positions(n);
+    for (int64_t i = 0; i < n; ++i) positions[i] = s.start + old + i;
+    KvWriteArgs a;
+    a.k = k;
+    a.v = v;
+    a.row_stride = row_stride;
+    a.n_tokens = static_cast<int>(n);
+    a.n_kv_heads = geometry_.n_kv_heads;
+    a.head_dim = geometry_.head_dim;
+    a.positions = w.Put(positions);
+    a.inv_freq = inv_freq_;
+    a.cache = PagedKv{DType::kF16, fp_k_[layer], fp_v_[layer], kPageTokens, page_table_.as<int32_t>(), n_pages_};
+    a.request = s.slot;
+    a.first_index = old;
+    KV_RETURN_IF_ERROR(staging_.Upload(slot, w.bytes(), stream));
+    const absl::Status launched = WriteKvCacheCuda(a, stream);
+    KV_RETURN_IF_ERROR(staging_.Release(slot, stream));
+    KV_RETURN_IF_ERROR(launched);
+  }
+  s.lengths[layer] = old + n;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvStoreImpl::Append(int layer, int64_t id, int n_tokens, const float* k, const float* v,
+                                       int64_t row_stride, cudaStream_t stream) {
+  KV_RETURN_IF_ERROR(CheckOverflow());
+  KV_RETURN_IF_ERROR(CheckLayer(layer));
+  if (n_tokens < 0 || n_tokens > options_.max_chunk) {
+    return absl::InvalidArgumentError(absl::StrCat("Append of ", n_tokens, " tokens; 0..", options_.max_chunk,
+                                                   " per call (DeviceKvStoreOptions::max_chunk)"));
+  }
+  KV_ASSIGN_OR_RETURN(Sequence * s, Find(id));
+  KV_RETURN_IF_ERROR(CheckAppend(*s, layer, n_tokens));
+  return AppendTokens(layer, *s, n_tokens, k, v, row_stride, stream);
+}
+
+absl::Status DeviceKvStoreImpl::AppendRows(int layer, std::span<const int64_t> ids, const float* k, const float* v,
+                                           int64_t row_stride, cudaStream_t stream) {
+  KV_RETURN_IF_ERROR(CheckOverflow());
+  KV_RETURN_IF_ERROR(CheckLayer(layer));
+  const int rows = static_cast<int>(ids.size());
+  if (rows > options_.max_rows) {
+    return absl::InvalidArgumentError(absl::StrCat("AppendRows of ", rows, " rows; at most ", options_.max_rows,
+                                                   " (DeviceKvStoreOptions::max_rows)"));
+  }
+  std::vector<Sequence*> seqs(rows, nullptr);
+  for (int i = 0; i < rows; ++i) {
+    if (ids[i] < 0) continue;
+    KV_ASSIGN_OR_RETURN(seqs[i], Find(ids[i]));
+    KV_RETURN_IF_ERROR(CheckAppend(*seqs[i], layer, 1));
+    for (int j = 0; j < i; ++j) {
+      if (ids[j] == ids[i]) return absl::InvalidArgumentError(absl::StrCat("sequence ", ids[i], " appears twice in AppendRows"));
+    }
+  }
+  if (kvq_) {
+    KvqAppendPlan plan;
+    for (int i = 0; i < rows; ++i) {
+      if (seqs[i] == nullptr) continue;
+      const int64_t old = seqs[i]->lengths[layer];
+      PlanKvqAppend(*seqs[i], old, old + 1, /*sealed=*/false, i, plan);
+    }
+    KV_RETURN_IF_ERROR(RunKvqAppend(layer, plan, k, v, row_stride, stream));
+  } else {
+    // Runs of held rows: one write each (a skipped row breaks the token stride of the kernel's input).
+    for (int i = 0; i < rows;) {
+      if (seqs[i] == nullptr) {
+        ++i;
+        continue;
+      }
+      int j = i;
+      while (j < rows && seqs[j] != nullptr) ++j;
+      KV_ASSIGN_OR_RETURN(StagingRing::Slot slot, staging_.Acquire());
+      SlotWriter w(slot);
+      std::vector<int32_t> requests;
+      std::vector<int64_t> indices, positions;
+      for (int r = i; r < j; ++r) {
+        requests.push_back(seqs[r]->slot);
+        indices.push_back(seqs[r]->lengths[layer]);
+        positions.push_back(seqs[r]->start + seqs[r]->lengths[layer]);
+      }
+      KvWriteArgs a;
+      a.k = k + static_cast<int64_t>(i) * row_stride;
+      a.v = v + static_cast<int64_t>(i) * row_stride;
+      a.row_stride = row_stride;
+      a.n_tokens = j - i;
+      a.n_kv_heads = geometry_.n_kv_heads;
+      a.head_dim = geometry_.head_dim;
+      a.positions = w.Put(positions);
+      a.token_requests = w.Put(requests);
+      a.token_indices = w.Put(indices);
+      a.inv_freq = inv_freq_;
+      a.cache = PagedKv{DType::kF16, fp_k_[layer], fp_v_[layer], kPageTokens, page_table_.as<int32_t>(), n_pages_};
+      KV_RETURN_IF_ERROR(staging_.Upload(slot, w.bytes(), stream));
+      const absl::Status launched = WriteKvCacheCuda(a, stream);
+      KV_RETURN_IF_ERROR(staging_.Release(slot, stream));
+      KV_RETURN_IF_ERROR(launched);
+      i = j;
+    }
+  }
+  for (Sequence* s : seqs)
+    if (s != nullptr) ++s->lengths[layer];
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvStoreImpl::AttendRows(int layer, std::span<const int64_t> ids, const float* q, int64_t q_stride,
+                                           float* out, float* lse, cudaStream_t stream) {
+  KV_RETURN_IF_ERROR(CheckOverflow());
+  KV_RETURN_IF_ERROR(CheckLayer(layer));
+  const int rows = static_cast<int>(ids.size());
+  if (rows > options_.max_rows) {
+    return absl::InvalidArgumentError(absl::StrCat("AttendRows of ", rows, " rows; at most ", options_.max_rows,
+                                                   " (DeviceKvStoreOptions::max_rows)"));
+  }
+  if (rows == 0) return absl::OkStatus();
+  const KvGeometry& g = geometry_;
+  const int64_t row_floats = static_cast<int64_t>(g.n_heads) * g.head_dim;
+  // Row metadata: [slots][sink][quantized][residual or kv_lens] int32, then start positions int64.
+  std::vector<int32_t> slots(rows, 0), sink(rows, 0), quantized(rows, 0), residual(rows, 0);
+  std::vector<int64_t> starts(rows, 0);
+  int64_t max_len = 0;
+  for (int i = 0; i < rows; ++i) {
+    if (ids[i] < 0) continue;
+    KV_ASSIGN_OR_RETURN(Sequence * s, Find(ids[i]));
+    slots[i] = s->slot;
+    starts[i] = s->start;
+    const int64_t n = s->lengths[layer];
+    if (kvq_) {
+      const KvStreamLayout l = StreamLayout(config_, s->start, n, s->sealed);
+      sink[i] = static_cast<int32_t>(l.sink);
+      quantized[i] = static_cast<int32_t>(l.quantized());
+      residual[i] = static_cast<int32_t>(n - l.quantized_end);
+      max_len = std::max(max_len, l.quantized());
+    } else {
+      residual[i] = static_cast<int32_t>(n);
+      max_len = std::max(max_len, n);
+    }
+  }
+  const int64_t meta_bytes = static_cast<int64_t>(rows) * (4 * 4 + 8);
+  std::vector<char> meta(meta_bytes);
+  char* m = meta.data();
+  std::memcpy(m, starts.data(), rows * 8);
+  std::memcpy(m + rows * 8, slots.data(), rows * 4);
+  std::memcpy(m + rows * 12, sink.data(), rows * 4);
+  std::memcpy(m + rows * 16, quantized.data(), rows * 4);
+  std::memcpy(m + rows * 20, residual.data(), rows * 4);
+  if (meta != rows_meta_host_) {  // the layers of one decode step share it
+    KV_ASSIGN_OR_RETURN(StagingRing::Slot slot, staging_.Acquire());
+    std::memcpy(slot.host, meta.data(), meta_bytes);
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows_meta_, slot.host, meta_bytes, cudaMemcpyHostToDevice, stream));
+    KV_RETURN_IF_ERROR(staging_.Release(slot, stream));
+    rows_meta_host_ = std::move(meta);
+  }
+  const int64_t* d_starts = reinterpret_cast<const int64_t*>(rows_meta_);
+  const int32_t* d_slots = reinterpret_cast<const int32_t*>(rows_meta_ + rows * 8);
+  const int32_t* d_sink = reinterpret_cast<const int32_t*>(rows_meta_ + rows * 12);
+  const int32_t* d_quantized = reinterpret_cast<const int32_t*>(rows_meta_ + rows * 16);
+  const int32_t* d_residual = reinterpret_cast<const int32_t*>(rows_meta_ + rows * 20);
+
+  const float* q_rows = q;
+  if (q_stride != row_floats) {
+    CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(q_rows_, row_floats * 4, q, q_stride * 4, row_floats * 4, rows,
+                                           cudaMemcpyDeviceToDevice, stream));
+    q_rows = q_rows_;
+  }
+  // The fields the fp16 and kvq decode launchers share.
+  auto set_common = [&](auto& a) {
+    a.q = q_rows;
+    a.batch = rows;
+    a.n_heads = g.n_heads;
+    a.n_kv_heads = g.n_kv_heads;
+    a.head_dim = g.head_dim;
+    a.scale = g.scale();
+    a.out = out;
+    a.lse = lse;
+    a.workspace = workspace_;
+    a.workspace_bytes = workspace_bytes_;
+  };
+  if (kvq_) {
+    const KvqStoreLayer& x = layers_[layer];
+    KvqDecodeAttentionArgs a;
+    KvqStoreView& kv = a.kv;
+    kv.bits = config_.bits;
+    kv.n_value_outliers = n_value_outliers_;
+    kv.key_codes = x.key_codes;
+    kv.value_codes = x.value_codes;
+    kv.value_low = x.value_low;
+    kv.value_high = x.value_high;
+    kv.value_outlier_channel = x.value_outlier_channel;
+    kv.value_outlier_value = x.value_outlier_value;
+    kv.key_outlier_count = x.key_outlier_count;
+    kv.key_outlier_offset = outlier_offset_.as<int64_t>();
+    kv.key_outlier_channel = x.key_outlier_channel;
+    kv.key_outlier_value = x.key_outlier_value;
+    kv.page_table = page_table_.as<int32_t>();
+    kv.pages_per_request = n_pages_;
+    kv.sink_k = x.sink_k;
+    kv.sink_v = x.sink_v;
+    kv.max_sink = x.max_sink;
+    kv.residual_k = x.residual_k;
+    kv.residual_v = x.residual_v;
+    kv.max_residual = ring_;
+    kv.sink_lens = d_sink;
+    kv.quantized_lens = d_quantized;
+    kv.residual_lens = d_residual;
+    kv.start_positions = d_starts;
+    kv.key_low = x.key_low;
+    kv.key_high = x.key_high;
+    kv.key_codebook = x.key_codebook;
+    kv.value_codebook = x.value_codebook;
+    kv.inv_freq = inv_freq_;
+    kv.slots = d_slots;
+    kv.residual_ring = true;
+    a.max_quantized_len = max_len;
+    set_common(a);
+    return KvqDecodeAttentionCuda(a, stream);
+  }
+  DecodeAttentionArgs a;
+  a.kv = PagedKv{DType::kF16, fp_k_[layer], fp_v_[layer], kPageTokens, page_table_.as<int32_t>(), n_pages_};
+  a.kv_lens = d_residual;
+  a.max_kv_len = max_len;
+  set_common(a);
+  a.page_rows = d_slots;
+  return DecodeAttentionCuda(a, stream);
+}
+
+absl::Status DeviceKvStoreImpl::AttendChunk(int layer, int64_t id, int n_queries, const float* q, int64_t q_stride,
+                                            int64_t first_position, float* out, float* lse, cudaStream_t stream) {
+  KV_RETURN_IF_ERROR(CheckOverflow());
+  KV_RETURN_IF_ERROR(CheckLayer(layer));
+  if (n_queries < 0 || n_queries > options_.max_chunk) {
+    return absl::InvalidArgumentError(absl::StrCat("AttendChunk of ", n_queries, " queries; 0..", options_.max_chunk,
+                                                   " per call (DeviceKvStoreOptions::max_chunk)"));
+  }
+  KV_ASSIGN_OR_RETURN(Sequence * s, Find(id));
+  if (n_queries == 0) return absl::OkStatus();
+  const KvGeometry& g = geometry_;
+  const int d = g.head_dim;
+  const int64_t rows = static_cast<int64_t>(n_queries) * g.n_heads;
+  const int64_t length = s->lengths[layer];
+  const int64_t visible = std::clamp<int64_t>(first_position + n_queries - s->start, 0, length);
+  if (visible == 0) {
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out, 0, rows * d * 4, stream));
+    return FillInt32Cuda(reinterpret_cast<int32_t*>(lse), static_cast<int32_t>(0xff800000u), rows, stream);  // -inf
+  }
+  const int64_t row_floats = static_cast<int64_t>(g.n_heads) * d;
+  KV_RETURN_IF_ERROR(ConvertRowsCuda(q, DType::kF32, q_stride, q_half_, DType::kF16, row_floats, n_queries, row_floats,
+                                     stream));
+  PrefillAttentionArgs p;
+  p.q = q_half_;
+  p.n_queries = n_queries;
+  p.query_first_position = first_position;
+  p.n_heads = g.n_heads;
+  p.n_kv_heads = g.n_kv_heads;
+  p.head_dim = d;
+  p.scale = g.scale();
+  if (!kvq_) {
+    p.kv = PagedKv{DType::kF16, fp_k_[layer], fp_v_[layer], kPageTokens,
+                   page_table_.as<int32_t>() + static_cast<int64_t>(s->slot) * n_pages_, n_pages_};
+    p.n_keys = visible;
+    p.key_first_position = s->start;
+    p.out = out;
+    p.lse = lse;
+    return PrefillAttentionCuda(p, stream);
+  }
+  // kvq: the visible tokens dequantized to fp16 a tile at a time, the tiles' partials merged in turn
+  // (two [2][rows] buffers: the running partial and the new tile, merged into the other's first half).
+  const KvStreamLayout l = StreamLayout(config_, s->start, length, s->sealed);
+  const int64_t n_tiles = CeilDiv(visible, tile_tokens_);
+  int cur = 0;
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t first = t * tile_tokens_;
+    const int64_t n = std::min(tile_tokens_, visible - first);
+    KvqDequantizeArgs dq;
+    dq.layer = layers_[layer];
+    dq.n_kv_heads = g.n_kv_heads;
+    dq.head_dim = d;
+    dq.bits = config_.bits;
+    dq.n_value_outliers = n_value_outliers_;
+    dq.slot = s->slot;
+    dq.page_table = page_table_.as<int32_t>() + static_cast<int64_t>(s->slot) * n_pages_;
+    dq.start_position = s->start;
+    dq.sink = l.sink;
+    dq.quantized_end = l.quantized_end;
+    dq.length = length;
+    dq.first = first;
+    dq.n = n;
+    dq.k = tile_k_;
+    dq.v = tile_v_;
+    dq.out_stride = tile_tokens_;
+    KV_RETURN_IF_ERROR(KvqDequantizeCuda(dq, stream));
+    p.kv = PagedKv{DType::kF16, tile_k_, tile_v_, tile_tokens_, nullptr, 1};
+    p.n_keys = n;
+    p.key_first_position = s->start + first;
+    if (n_tiles == 1) {
+      p.out = out;
+      p.lse = lse;
+      return PrefillAttentionCuda(p, stream);
+    }
+    const int source = t == 0 ? 0 : 1;
+    p.out = merge_out_[cur] + source * rows * d;
+    p.lse = merge_lse_[cur] + source * rows;
+    KV_RETURN_IF_ERROR(PrefillAttentionCuda(p, stream));
+    if (t == 0) continue;
+    const bool last = t == n_tiles - 1;
+    float* dst_out = last ? out : merge_out_[1 - cur];
+    float* dst_lse = last ? lse : merge_lse_[1 - cur];
+    KV_RETURN_IF_ERROR(MergePartialsCuda(merge_out_[cur], merge_lse_[cur], 2, rows, d, dst_out, dst_lse, stream));
+    cur = 1 - cur;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvStoreImpl::SyntheticFill(int64_t id, int64_t end, uint64_t seed, cudaStream_t stream) {
+  KV_RETURN_IF_ERROR(CheckOverflow());
+  KV_ASSIGN_OR_RETURN(Sequence * s, Find(id));
+  const int64_t length = s->lengths[0];
+  for (int l = 1; l < geometry_.n_layers; ++l) {
+    if (s->lengths[l] != length) {
+      return absl::FailedPreconditionError(absl::StrCat("synthetic fill of sequence ", id, ": layer ", l, " holds ",
+                                                        s->lengths[l], " tokens, layer 0 ", length));
+    }
+  }
+  const int64_t begin = s->start + length;
+  if (end < begin) {
+    return absl::InvalidArgumentError(absl::StrCat("synthetic fill to position ", end, " of a sequence ending at ", begin));
+  }
+  if (end - begin == 0) return absl::OkStatus();
+  KV_RETURN_IF_ERROR(CheckAppend(*s, 0, end - begin));
+  const int kvh = geometry_.n_kv_heads, d = geometry_.head_dim;
+  for (int64_t p0 = begin; p0 < end; p0 += options_.fill_chunk) {
+    const int64_t n = std::min<int64_t>(options_.fill_chunk, end - p0);
+    for (int l = 0; l < geometry_.n_layers; ++l) {
+      KV_RETURN_IF_ERROR(SyntheticKvTokensCuda(kvh, d, l, p0, n, seed, fill_k_, fill_v_, stream));
+      KV_RETURN_IF_ERROR(AppendTokens(l, *s, n, fill_k_, fill_v_, static_cast<int64_t>(kvh) * d, stream));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceKvStoreImpl::Seal(int64_t id, cudaStream_t stream) {
+  KV_RETURN_IF_ERROR(CheckOverflow());
+  KV_ASSIGN_OR_RETURN(Sequence * s, Find(id));
+  if (s->sealed) return absl::OkStatus();
+  if (kvq_) {
+    for (int l = 0; l < geometry_.n_layers; ++l) {
+      KvqAppendPlan plan;
+      PlanKvqAppend(*s, s->lengths[l], s->lengths[l], /*sealed=*/true, 0, plan);
+      KV_RETURN_IF_ERROR(RunKvqAppend(l, plan, nullptr, nullptr, 0, stream));
+    }
+  }
+  s->sealed = true;
+  return absl::OkStatus();
+}
+
+std::vector<int64_t> DeviceKvStoreImpl::KeyOutlierCounts(const Sequence& s) const {
+  const int kvh = geometry_.n_kv_heads;
+  std::vector<int64_t> counts(static_cast<size_t>(geometry_.n_layers) * kvh, 0);
+  if (!kvq_) return counts;
+  // A sync point: the counters are updated by the append kernels.
+  if (cudaDeviceSynchronize() != cudaSuccess) return counts;
+  for (int l = 0; l < geometry_.n_layers; ++l) {
+    cudaMemcpy(counts.data() + static_cast<size_t>(l) * kvh, layers_[l].key_outliers + static_cast<int64_t>(s.slot) * kvh,
+               kvh * 8, cudaMemcpyDeviceToHost);
+  }
+  return counts;
+}
+
+int64_t DeviceKvStoreImpl::StreamBits(const Sequence& s, int layer, const std::vector<int64_t>& outliers) const {
+  int64_t bits = 0;
+  for (int h = 0; h < geometry_.n_kv_heads; ++h) {
+    bits += KvStreamBits(config_, geometry_.head_dim, s.start, s.lengths[layer], s.sealed,
+                         outliers[static_cast<size_t>(layer) * geometry_.n_kv_heads + h]);
+  }
+  return bits;
+}
+
+KvMemory DeviceKvStoreImpl::Memory(int64_t id) const {
+  KvMemory m;
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) return m;
+  const Sequence& s = it->second;
+  const std::vector<int64_t> outliers = KeyOutlierCounts(s);
+  int64_t bits = 0;
+  for (int l = 0; l < geometry_.n_layers; ++l) {
+    bits += StreamBits(s, l, outliers);
+    m.elements += 2 * s.lengths[l] * geometry_.n_kv_heads * geometry_.head_dim;
+  }
+  m.bytes = (bits + 7) / 8;
+  return m;
+}
+
+KvMemory DeviceKvStoreImpl::Memory() const {
+  KvMemory total;
+  for (const auto& [id, s] : sequences_) {
+    const KvMemory m = Memory(id);
+    total.bytes += m.bytes;
+    total.elements += m.elements;
+  }
+  return total;
+}
+
+absl::StatusOr<std::vector<uint8_t>> DeviceKvStoreImpl::CodePage(int64_t id, int layer, int kv_head, int64_t page,
+                                                                 KvPart part) const {
+  if (!kvq_) return absl::FailedPreconditionError("fp16 stores have no code pages");
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) return absl::NotFoundError(absl::StrCat("sequence ", id, " is not in the KV store"));
+  KV_RETURN_IF_ERROR(CheckLayer(layer));
+  const Sequence& s = it->second;
+  if (kv_head < 0 || kv_head >= geometry_.n_kv_heads || page < 0 || page >= static_cast<int64_t>(s.pages.size())) {
+    return absl::OutOfRangeError(absl::StrCat("code page ", page, " of KV head ", kv_head, " out of range"));
+  }
+  std::vector<uint8_t> bytes(code_bytes_);
+  const int64_t ph = static_cast<int64_t>(s.pages[page]) * geometry_.n_kv_heads + kv_head;
+  const uint8_t* src = (part == KvPart::kKey ? layers_[layer].key_codes : layers_[layer].value_codes) + ph * code_bytes_;
+  CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(bytes.data(), src, code_bytes_, cudaMemcpyDeviceToHost));
+  return bytes;
+}
 
 }  // namespace
 
@@ -316,16 +1077,19 @@ absl::StatusOr<std::unique_ptr<DeviceKvStore>> DeviceKvStore::Create(const KvGeo
                                                                      const KvSchemeConfig& scheme,
                                                                      const Calibration* calibration,
                                                                      const DeviceKvStoreOptions& options) {
-  if (geometry.head_dim != 64 && geometry.head_dim != 128) {
-    return absl::InvalidArgumentError(absl::StrCat("the GPU KV store supports head_dim 64 and 128, not ",
-                                                   geometry.head_dim));
+  if (scheme.kind != KvSchemeKind::kFp16 && scheme.kind != KvSchemeKind::kKvq) {
+    return absl::UnimplementedError(absl::StrCat("the device KV store has the schemes fp16 and kvq2..4, not ",
+                                                 scheme.name()));
   }
-  if (scheme.kind != KvSchemeKind::kFp16) {
-    return absl::UnimplementedError(absl::StrCat("the GPU KV store holds fp16 so far, not ", scheme.name(),
-                                                 "; run the workers with --device cpu for other schemes"));
+  if (geometry.n_layers <= 0 || geometry.n_kv_heads <= 0 || geometry.n_heads <= 0 ||
+      geometry.n_heads % geometry.n_kv_heads != 0 || (geometry.head_dim != 64 && geometry.head_dim != 128)) {
+    return absl::InvalidArgumentError(absl::StrCat("the device KV store needs head_dim 64 or 128 and query heads a "
+                                                   "multiple of KV heads (", geometry.n_layers, " layers, ",
+                                                   geometry.n_heads, " heads, ", geometry.n_kv_heads, " KV heads, head_dim ",
+                                                   geometry.head_dim, ")"));
   }
-  auto store = std::make_unique<Fp16DeviceKvStore>(geometry, scheme, options);
-  KV_RETURN_IF_ERROR(store->Init());
+  auto store = std::make_unique<DeviceKvStoreImpl>(geometry, scheme, options);
+  KV_RETURN_IF_ERROR(store->Init(calibration));
   return std::unique_ptr<DeviceKvStore>(std::move(store));
 }
 

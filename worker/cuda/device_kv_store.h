@@ -12,6 +12,11 @@
 // sees its results. Host-side bookkeeping (lengths, page tables) is updated when a call returns, so the
 // calls of one sequence must come in order, as the model makes them: for each layer, append then attend.
 //
+// Streams and waits: per-call metadata (page rows, lengths, token moves) goes up through pinned staging
+// without waiting for the device, into buffers reused in stream order, so calls must come on one stream
+// (or on streams the caller orders). AddSequence (it zeroes the new pages), Memory and CodePage wait for
+// the device; nothing else does.
+//
 // Partials (DESIGN.md, "Attention partials"): out = softmax-weighted mean of the visible values (fp32),
 // lse = ln sum exp(scale * q.k), natural log; a row that sees nothing gets out = 0, lse = -inf.
 #pragma once
@@ -20,6 +25,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -39,6 +45,17 @@ struct DeviceKvStoreOptions {
   int max_sequences = 64;  // sequences held at once
   int max_rows = 64;       // decode rows per AttendRows/AppendRows call
   int max_chunk = 512;     // queries per AttendChunk call, tokens per Append call
+  // kvq key outliers: each (page, KV head) has room for capacity = headroom * outlier_fraction * 128 *
+  // head_dim of them (at least 64, rounded up to 16), or key_outlier_capacity when that is > 0. A page
+  // whose tokens bring more keeps what fits, and every later call returns ResourceExhausted.
+  double key_outlier_headroom = 3.0;
+  int key_outlier_capacity = 0;
+  // kvq AttendChunk dequantizes the visible tokens to fp16 in tiles of this many tokens (a multiple of
+  // 64): 4 * n_kv_heads * head_dim bytes per token of scratch.
+  int64_t chunk_tile_tokens = 32768;
+  // SyntheticFill appends in chunks of this many tokens (device scratch: 8 * n_kv_heads * head_dim bytes
+  // per token).
+  int fill_chunk = 8192;
 };
 
 class DeviceKvStore {
@@ -89,7 +106,12 @@ class DeviceKvStore {
                                    int64_t first_position, float* out, float* lse, cudaStream_t stream) = 0;
 
   // Appends synthetic keys/values for absolute positions [start_position + length, end) to every layer
-  // of `id` (worker/synthetic.h's generator, made on the device). Each layer must hold the same length.
+  // of `id` (worker/synthetic.h's generator, made on the device: kernels/cuda/synthetic_kv.h, the same
+  // values as SyntheticKvTokens, so the store holds the bytes a CPU shard holds after SyntheticFill).
+  // Each layer must hold the same length. kvq: the key outliers follow the calibration's thresholds; a
+  // calibration from other data than the generator's can make most keys outliers and overflow the pages'
+  // outlier capacity (ResourceExhausted) — calibrate on the generator's output with the same seed for
+  // capacity runs (the seed also sets the generator's per-channel offsets and scales).
   virtual absl::Status SyntheticFill(int64_t id, int64_t end, uint64_t seed, cudaStream_t stream) = 0;
 
   // The sequence gets no more tokens (its tail lives on another worker): as QuantizedKvShard::Seal,
@@ -102,6 +124,11 @@ class DeviceKvStore {
   virtual KvMemory Memory() const = 0;
   // Device bytes of the pool.
   virtual int64_t pool_bytes() const = 0;
+
+  // For tests: the bytes of kvq code page `page` (the sequence's page index, as
+  // QuantizedKvShard::key_codes(layer, kv_head).page(page)) of keys or values. Waits for the device.
+  virtual absl::StatusOr<std::vector<uint8_t>> CodePage(int64_t id, int layer, int kv_head, int64_t page,
+                                                        KvPart part) const = 0;
 };
 
 }  // namespace kvshard

@@ -1,0 +1,122 @@
+// kvq code computation on the device, shared by the packers (kv_pack.cu) and the store's append
+// (kvq_store.cu), so both give the codes of kv_codecs.cc's KvqKeyCodec / KvqValueCodec bit for bit.
+//
+// The build uses --use_fast_math, so the normalization is written with explicitly rounded intrinsics: the
+// codes must come from the same fp32 operations, in the same order, as the CPU's
+//   u = clamp(2 (x - lo) / (hi - lo) - 1, -1, 1), then the nearest centroid (ties to the lower one).
+// CUDA sources only.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_fp16.h>
+
+namespace kvshard {
+
+inline constexpr int kKvqMaxValueOutliers = 8;  // n_out per token the value encoder keeps (1% of 256 is 3)
+
+__device__ __forceinline__ float RoundToHalf(float x) { return __half2float(__float2half_rn(x)); }
+
+__device__ __forceinline__ float KvqNormalize(float x, float lo, float hi) {
+  if (!(hi > lo)) return 0.0f;
+  const float u = __fsub_rn(__fdiv_rn(__fmul_rn(2.0f, __fsub_rn(x, lo)), __fsub_rn(hi, lo)), 1.0f);
+  return fminf(fmaxf(u, -1.0f), 1.0f);
+}
+
+template <int BITS>
+__device__ __forceinline__ uint32_t KvqNearest(const float (&cb)[1 << BITS], float u) {
+  constexpr int k = 1 << BITS;
+  int hi = 0;  // first centroid >= u (std::lower_bound)
+#pragma unroll
+  for (int i = 0; i < k; ++i) hi += cb[i] < u ? 1 : 0;
+  if (hi == 0) return 0;
+  if (hi == k) return k - 1;
+  return __fsub_rn(u, cb[hi - 1]) <= __fsub_rn(cb[hi], u) ? hi - 1 : hi;
+}
+
+// (value, channel) order of KvqValueThresholds: ties broken by the lower channel.
+__device__ __forceinline__ bool KvqValueLess(const float* x, int a, int b) {
+  return x[a] < x[b] || (x[a] == x[b] && a < b);
+}
+
+// Encodes one token's values (x: HEAD_DIM fp16-rounded floats) as KvqValueCodec::Encode does: the n_out
+// + 1 smallest and largest channels by selection (n_out is small), the split with the narrowest remaining
+// range (the first on ties, as the CPU loop), then the codes. Writes HEAD_DIM * BITS / 32 code words
+// (token-major: whole words per token), the fp16 thresholds and the n_out outliers (ascending channels).
+template <int BITS, int HEAD_DIM>
+__device__ __forceinline__ void KvqEncodeValueToken(const float (&x)[HEAD_DIM], int n_out, const float (&cb)[1 << BITS],
+                                                    uint32_t* __restrict__ words_out, uint16_t* low_out,
+                                                    uint16_t* high_out, uint8_t* channel_out, uint16_t* value_out) {
+  int smallest[kKvqMaxValueOutliers + 1], largest[kKvqMaxValueOutliers + 1];
+  float lo, hi;
+  int best_a = 0;
+  if (n_out == 0) {
+    lo = x[0];
+    hi = x[0];
+    for (int c = 1; c < HEAD_DIM; ++c) {
+      lo = fminf(lo, x[c]);
+      hi = fmaxf(hi, x[c]);
+    }
+  } else {
+    for (int k = 0; k <= n_out; ++k) {
+      int s = -1, l = -1;
+      for (int c = 0; c < HEAD_DIM; ++c) {
+        bool taken_s = false, taken_l = false;
+        for (int j = 0; j < k; ++j) {
+          taken_s |= smallest[j] == c;
+          taken_l |= largest[j] == c;
+        }
+        if (!taken_s && (s < 0 || KvqValueLess(x, c, s))) s = c;
+        if (!taken_l && (l < 0 || KvqValueLess(x, l, c))) l = c;
+      }
+      smallest[k] = s;
+      largest[k] = l;
+    }
+    float best_range = 0.0f;
+    for (int a = 0; a <= n_out; ++a) {
+      const float range = __fsub_rn(x[largest[n_out - a]], x[smallest[a]]);
+      if (a == 0 || range < best_range) {
+        best_range = range;
+        best_a = a;
+      }
+    }
+    lo = x[smallest[best_a]];
+    hi = x[largest[n_out - best_a]];
+    // The outlier channels in ascending order: a merge of the chosen smallest and largest (each list is
+    // sorted by value, so sort the n_out channels by a small insertion sort).
+    int chosen[kKvqMaxValueOutliers];
+    for (int i = 0; i < best_a; ++i) chosen[i] = smallest[i];
+    for (int i = 0; i < n_out - best_a; ++i) chosen[best_a + i] = largest[i];
+    for (int i = 1; i < n_out; ++i) {
+      const int v = chosen[i];
+      int j = i - 1;
+      while (j >= 0 && chosen[j] > v) {
+        chosen[j + 1] = chosen[j];
+        --j;
+      }
+      chosen[j + 1] = v;
+    }
+    for (int i = 0; i < n_out; ++i) {
+      channel_out[i] = static_cast<uint8_t>(chosen[i]);
+      value_out[i] = __half_as_ushort(__float2half_rn(x[chosen[i]]));
+    }
+  }
+  const __half lo16 = __float2half_rn(lo), hi16 = __float2half_rn(hi);
+  *low_out = __half_as_ushort(lo16);
+  *high_out = __half_as_ushort(hi16);
+  lo = __half2float(lo16);
+  hi = __half2float(hi16);
+  constexpr int kWords = HEAD_DIM * BITS / 32;
+  uint32_t words[kWords] = {};
+#pragma unroll
+  for (int c = 0; c < HEAD_DIM; ++c) {
+    const uint32_t code = KvqNearest<BITS>(cb, KvqNormalize(x[c], lo, hi));
+    const int bit = c * BITS;
+    words[bit >> 5] |= code << (bit & 31);
+    if ((bit & 31) + BITS > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
+  }
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) words_out[w] = words[w];
+}
+
+}  // namespace kvshard

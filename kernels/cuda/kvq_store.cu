@@ -1,0 +1,408 @@
+// Append and dequantize kernels of the paged kvq store (kvq_store.h).
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/dispatch.cuh"
+#include "kernels/cuda/kvq_codes.cuh"
+#include "kernels/cuda/kvq_store.h"
+
+namespace kvshard {
+namespace {
+
+constexpr int kPage = 128;        // quantized tokens per page (kv_codecs.h's kPageTokens)
+constexpr int kWordTokens = 32;   // a channel's codes of 32 tokens are BITS whole words (keys)
+constexpr int kMaxKeyOutliers = 255;  // kvstore's kMaxKeyOutliersPerToken
+
+// fp16 source of part token t of a flush run, KV head h: the residual ring or a new token.
+__device__ __forceinline__ const uint16_t* RingRow(const uint16_t* ring, int32_t slot, int h, int n_kv_heads,
+                                                   int ring_rows, int64_t t, int head_dim) {
+  return ring + ((static_cast<int64_t>(slot) * n_kv_heads + h) * ring_rows + t % ring_rows) * head_dim;
+}
+
+__device__ __forceinline__ float FlushSource(const KvqAppendArgs& a, const KvqFlushRun& r, const float* chunk,
+                                             const uint16_t* ring, int64_t t, int h, int c) {
+  if (t >= r.fp_from) {
+    const int64_t token = r.chunk0 + (t - r.fp_from);
+    return RoundToHalf(chunk[token * a.row_stride + static_cast<int64_t>(h) * a.head_dim + c]);
+  }
+  return __half2float(__ushort_as_half(
+      RingRow(ring, r.slot, h, a.n_kv_heads, a.layer.ring, t, a.head_dim)[c]));
+}
+
+// Keys: one block per (run, KV head), one thread per channel. The run owns its word group in this
+// launch: a group's first token writes its words whole (absent tokens 0, as the CPU pages), later
+// tokens read-modify-write them. Outliers of each token go to its scratch row in ascending channel
+// order (a ballot per warp, then the warps' counts in shared memory), at most 255 per token.
+template <int BITS>
+__global__ void FlushKeysKernel(const KvqAppendArgs a) {
+  __shared__ int warp_counts[kWordTokens][4];
+  const KvqFlushRun r = a.runs[blockIdx.x];
+  const int h = blockIdx.y;
+  const int c = threadIdx.x;
+  const int lane = c & 31, warp = c >> 5;
+  const KvqStoreLayer& L = a.layer;
+  const float lo = L.key_low[h * a.head_dim + c], hi = L.key_high[h * a.head_dim + c];
+  float cb[1 << BITS];
+#pragma unroll
+  for (int i = 0; i < (1 << BITS); ++i) cb[i] = L.key_codebook[i];
+  const int64_t code_bytes = static_cast<int64_t>(16 * BITS) * a.head_dim;
+  const int64_t ph = static_cast<int64_t>(r.page) * a.n_kv_heads + h;
+  const int row0 = r.part0 % kPage;
+  uint32_t* out = reinterpret_cast<uint32_t*>(L.key_codes + ph * code_bytes) +
+                  (static_cast<int64_t>(c) * kPage + row0 / kWordTokens * kWordTokens) * BITS / 32;
+  uint32_t words[BITS];
+  const bool fresh = row0 % kWordTokens == 0;
+#pragma unroll
+  for (int w = 0; w < BITS; ++w) words[w] = fresh ? 0u : out[w];
+  float xs[kWordTokens];
+#pragma unroll
+  for (int i = 0; i < kWordTokens; ++i) {
+    xs[i] = 0.0f;
+    if (i < r.n) {
+      const float x = FlushSource(a, r, a.k, L.residual_k, r.part0 + i, h, c);
+      xs[i] = x;
+      const uint32_t code = KvqNearest<BITS>(cb, KvqNormalize(x, lo, hi));
+      const int bit = ((row0 + i) % kWordTokens) * BITS;
+      words[bit >> 5] |= code << (bit & 31);
+      if ((bit & 31) + BITS > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
+    }
+  }
+#pragma unroll
+  for (int w = 0; w < BITS; ++w) out[w] = words[w];
+  // Outliers: x < lo or x > hi, as KvqKeyCodec::Encode.
+  for (int i = 0; i < r.n; ++i) {
+    const bool outlier = xs[i] < lo || xs[i] > hi;
+    const uint32_t mask = __ballot_sync(0xffffffffu, outlier);
+    if (lane == 0) warp_counts[i][warp] = __popc(mask);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) {
+      if (w < warp) before += warp_counts[i][w];
+      total += warp_counts[i][w];
+    }
+    const int64_t row = static_cast<int64_t>(r.scratch0 + i) * a.n_kv_heads + h;
+    if (outlier) {
+      const int slot = before + __popc(mask & ((1u << lane) - 1u));
+      if (slot < kMaxKeyOutliers) {
+        a.scratch_channel[row * a.head_dim + slot] = static_cast<uint8_t>(c);
+        a.scratch_value[row * a.head_dim + slot] = __half_as_ushort(__float2half_rn(xs[i]));
+      }
+    }
+    if (c == 0) a.scratch_count[row] = static_cast<uint8_t>(min(total, kMaxKeyOutliers));
+  }
+}
+
+// Values: one block per (run, KV head), one thread per run token (HEAD_DIM values in registers, so
+// blocks stay small); kvq_codes.cuh's encoder into the token's page row.
+template <int BITS, int HEAD_DIM>
+__global__ void FlushValuesKernel(const KvqAppendArgs a) {
+  const KvqFlushRun r = a.runs[blockIdx.x];
+  const int i = threadIdx.x;
+  const int h = blockIdx.y;
+  if (i >= r.n) return;
+  const KvqStoreLayer& L = a.layer;
+  const int64_t t = r.part0 + i;
+  float x[HEAD_DIM];
+#pragma unroll
+  for (int c = 0; c < HEAD_DIM; ++c) x[c] = FlushSource(a, r, a.v, L.residual_v, t, h, c);
+  float cb[1 << BITS];
+#pragma unroll
+  for (int j = 0; j < (1 << BITS); ++j) cb[j] = L.value_codebook[j];
+  const int64_t ph = static_cast<int64_t>(r.page) * a.n_kv_heads + h;
+  const int row = static_cast<int>(t % kPage);
+  const int64_t token = ph * kPage + row;
+  constexpr int kWords = HEAD_DIM * BITS / 32;
+  uint32_t* words = reinterpret_cast<uint32_t*>(L.value_codes + ph * (16 * BITS * HEAD_DIM)) + row * kWords;
+  const int n_out = a.n_value_outliers;
+  KvqEncodeValueToken<BITS, HEAD_DIM>(x, n_out, cb, words, L.value_low + token, L.value_high + token,
+                                      L.value_outlier_channel + token * n_out, L.value_outlier_value + token * n_out);
+}
+
+// Key outliers into the page's list, in token order: one warp per (page entry, KV head). The page's
+// earlier tokens (earlier calls) give the start; a token whose outliers do not fit keeps what fits (its
+// count says so) and raises the overflow flag, so no list runs into the next page's.
+__global__ void CompactKeyOutliersKernel(const KvqAppendArgs a) {
+  const KvqFlushPage pg = a.pages[blockIdx.x];
+  const int h = blockIdx.y;
+  const int lane = threadIdx.x;
+  const KvqStoreLayer& L = a.layer;
+  const int64_t ph = static_cast<int64_t>(pg.page) * a.n_kv_heads + h;
+  const uint8_t* counts = L.key_outlier_count + ph * kPage;
+  int64_t used = 0;
+  for (int row = lane; row < pg.row0; row += 32) used += counts[row];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) used += __shfl_xor_sync(0xffffffffu, used, off);
+  const int64_t cap = L.key_outlier_capacity;
+  int64_t added = 0;
+  for (int i = 0; i < pg.n; ++i) {
+    const int64_t src = static_cast<int64_t>(pg.scratch0 + i) * a.n_kv_heads + h;
+    const int count = a.scratch_count[src];
+    const int kept = static_cast<int>(min(static_cast<int64_t>(count), max(cap - used, int64_t{0})));
+    for (int e = lane; e < kept; e += 32) {
+      L.key_outlier_channel[ph * cap + used + e] = a.scratch_channel[src * a.head_dim + e];
+      L.key_outlier_value[ph * cap + used + e] = a.scratch_value[src * a.head_dim + e];
+    }
+    if (lane == 0) {
+      L.key_outlier_count[ph * kPage + pg.row0 + i] = static_cast<uint8_t>(kept);
+      if (kept < count) *reinterpret_cast<volatile int*>(L.overflow) = 1;  // may be mapped host memory
+    }
+    used += kept;
+    added += kept;
+  }
+  if (lane == 0 && added > 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(L.key_outliers + static_cast<int64_t>(pg.slot) * a.n_kv_heads + h),
+              static_cast<unsigned long long>(added));
+  }
+}
+
+// New fp16 tokens: one block per (token, KV head), one thread per RoPE pair (i, i + head_dim / 2). Sink
+// keys are rotated as QuantizedKvShard::Rotate (angle in double, products in fp32, not fused).
+__global__ void WriteFp16TokensKernel(const KvqAppendArgs a) {
+  const KvqWriteToken w = a.writes[blockIdx.x];
+  const int h = blockIdx.y;
+  const int half = a.head_dim / 2;
+  const int i = threadIdx.x;
+  if (i >= half) return;
+  const KvqStoreLayer& L = a.layer;
+  const int64_t src = static_cast<int64_t>(w.chunk_token) * a.row_stride + static_cast<int64_t>(h) * a.head_dim;
+  float k0 = a.k[src + i], k1 = a.k[src + i + half];
+  const float v0 = a.v[src + i], v1 = a.v[src + i + half];
+  uint16_t *kd, *vd;
+  if (w.dest >= 0) {
+    const int64_t row = ((static_cast<int64_t>(w.slot) * a.n_kv_heads + h) * L.ring + w.dest) * a.head_dim;
+    kd = L.residual_k + row;
+    vd = L.residual_v + row;
+  } else {
+    const int64_t row = ((static_cast<int64_t>(w.slot) * a.n_kv_heads + h) * L.max_sink + (-1 - w.dest)) * a.head_dim;
+    kd = L.sink_k + row;
+    vd = L.sink_v + row;
+    double s_d, c_d;
+    sincos(static_cast<double>(w.position) * static_cast<double>(L.inv_freq[i]), &s_d, &c_d);
+    const float cs = static_cast<float>(c_d), sn = static_cast<float>(s_d);
+    const float r0 = __fsub_rn(__fmul_rn(k0, cs), __fmul_rn(k1, sn));
+    const float r1 = __fadd_rn(__fmul_rn(k1, cs), __fmul_rn(k0, sn));
+    k0 = r0;
+    k1 = r1;
+  }
+  kd[i] = __half_as_ushort(__float2half_rn(k0));
+  kd[i + half] = __half_as_ushort(__float2half_rn(k1));
+  vd[i] = __half_as_ushort(__float2half_rn(v0));
+  vd[i + half] = __half_as_ushort(__float2half_rn(v1));
+}
+
+template <int BITS>
+__device__ __forceinline__ uint32_t CodeAt(const uint8_t* stream, int64_t index) {
+  const int64_t bit = index * BITS;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(stream);
+  const uint32_t lo = words[bit >> 5];
+  const uint32_t hi = ((bit & 31) + BITS > 32) ? words[(bit >> 5) + 1] : 0u;
+  return __funnelshift_r(lo, hi, static_cast<int>(bit & 31)) & ((1u << BITS) - 1u);
+}
+
+__device__ __forceinline__ void RotatePair(float* a, float* b, int64_t position, float inv_freq) {
+  double s_d, c_d;
+  sincos(static_cast<double>(position) * static_cast<double>(inv_freq), &s_d, &c_d);
+  const float cs = static_cast<float>(c_d), sn = static_cast<float>(s_d);
+  const float r0 = __fsub_rn(__fmul_rn(*a, cs), __fmul_rn(*b, sn));
+  const float r1 = __fadd_rn(__fmul_rn(*b, cs), __fmul_rn(*a, sn));
+  *a = r0;
+  *b = r1;
+}
+
+constexpr int kDequantThreads = 128;
+constexpr int kMaxKvHeads = 16;
+
+// Blocks 0 .. n_pages - 1: quantized page page_begin + blockIdx.x (codes as KvqKeyCodec::Decode /
+// KvqValueCodec::Decode, outliers replace, keys rotated at their positions); the last block: the fp16
+// tokens (sink as stored, residual keys rotated). Thread work item: (token, RoPE pair), all KV heads.
+template <int BITS>
+__global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDequantizeArgs a, int64_t page_begin,
+                                                                     int n_pages) {
+  __shared__ int prefix[kMaxKvHeads][kPage];
+  const KvqStoreLayer& L = a.layer;
+  const int d = a.head_dim, half = d / 2;
+  const int64_t end = a.first + a.n;
+  const int n_out = a.n_value_outliers;
+  if (static_cast<int>(blockIdx.x) < n_pages) {
+    const int64_t pg = page_begin + blockIdx.x;
+    const int64_t phys = a.page_table[pg];
+    const int64_t quantized = a.quantized_end - a.sink;
+    const int n_valid = static_cast<int>(min(static_cast<int64_t>(kPage), quantized - pg * kPage));
+    // Exclusive prefix of the key outlier counts of the page, per KV head (a token's outliers follow
+    // those of earlier tokens).
+    const int t = threadIdx.x;
+    for (int h = 0; h < a.n_kv_heads; ++h) {
+      const int64_t ph = phys * a.n_kv_heads + h;
+      prefix[h][t] = t < n_valid ? L.key_outlier_count[ph * kPage + t] : 0;
+    }
+    __syncthreads();
+    if (t < a.n_kv_heads) {
+      int run = 0;
+      for (int j = 0; j < kPage; ++j) {
+        const int c = prefix[t][j];
+        prefix[t][j] = run;
+        run += c;
+      }
+    }
+    __syncthreads();
+    const int64_t local0 = a.sink + pg * kPage;  // local index of the page's row 0
+    const int row_begin = static_cast<int>(max(int64_t{0}, a.first - local0));
+    const int row_end = static_cast<int>(min(static_cast<int64_t>(n_valid), end - local0));
+    const int64_t code_bytes = static_cast<int64_t>(16 * BITS) * d;
+    for (int64_t item = threadIdx.x; item < static_cast<int64_t>(row_end - row_begin) * half; item += blockDim.x) {
+      const int row = row_begin + static_cast<int>(item / half);
+      const int i = static_cast<int>(item % half);
+      const int64_t local = local0 + row;
+      double s_d, c_d;
+      sincos(static_cast<double>(a.start_position + local) * static_cast<double>(L.inv_freq[i]), &s_d, &c_d);
+      const float cs = static_cast<float>(c_d), sn = static_cast<float>(s_d);
+      for (int h = 0; h < a.n_kv_heads; ++h) {
+        const int64_t ph = phys * a.n_kv_heads + h;
+        const uint8_t* kc = L.key_codes + ph * code_bytes;
+        float x[2];
+        for (int u = 0; u < 2; ++u) {
+          const int c = i + u * half;
+          const float lo = L.key_low[h * d + c], hi = L.key_high[h * d + c];
+          const float cu = L.key_codebook[CodeAt<BITS>(kc, static_cast<int64_t>(c) * kPage + row)];
+          x[u] = __fadd_rn(lo, __fmul_rn(__fmul_rn(__fadd_rn(cu, 1.0f), 0.5f), __fsub_rn(hi, lo)));
+        }
+        const int count = L.key_outlier_count[ph * kPage + row];
+        const int64_t o0 = ph * L.key_outlier_capacity + prefix[h][row];
+        for (int e = 0; e < count; ++e) {
+          const int ch = L.key_outlier_channel[o0 + e];
+          if (ch == i) x[0] = __half2float(__ushort_as_half(L.key_outlier_value[o0 + e]));
+          if (ch == i + half) x[1] = __half2float(__ushort_as_half(L.key_outlier_value[o0 + e]));
+        }
+        const float r0 = __fsub_rn(__fmul_rn(x[0], cs), __fmul_rn(x[1], sn));
+        const float r1 = __fadd_rn(__fmul_rn(x[1], cs), __fmul_rn(x[0], sn));
+        const int64_t out = (static_cast<int64_t>(h) * a.out_stride + (local - a.first)) * d;
+        a.k[out + i] = __float2half_rn(r0);
+        a.k[out + i + half] = __float2half_rn(r1);
+        // Values: token-major codes, per-token thresholds, n_out outliers.
+        const uint8_t* vc = L.value_codes + ph * code_bytes;
+        const int64_t token = ph * kPage + row;
+        const float lo = __half2float(__ushort_as_half(L.value_low[token]));
+        const float hi = __half2float(__ushort_as_half(L.value_high[token]));
+        for (int u = 0; u < 2; ++u) {
+          const int c = i + u * half;
+          const float cu = L.value_codebook[CodeAt<BITS>(vc, static_cast<int64_t>(row) * d + c)];
+          float y = __fadd_rn(lo, __fmul_rn(__fmul_rn(__fadd_rn(cu, 1.0f), 0.5f), __fsub_rn(hi, lo)));
+          for (int e = 0; e < n_out; ++e) {
+            if (L.value_outlier_channel[token * n_out + e] == c) {
+              y = __half2float(__ushort_as_half(L.value_outlier_value[token * n_out + e]));
+            }
+          }
+          a.v[out + c] = __float2half_rn(y);
+        }
+      }
+    }
+    return;
+  }
+  // fp16 tokens of [first, end): the sink and the residual ring.
+  const int64_t n_sink = max(int64_t{0}, min(a.sink, end) - a.first);
+  const int64_t res_begin = max(a.quantized_end, a.first);
+  const int64_t n_res = max(int64_t{0}, end - res_begin);
+  const int64_t n_tok = n_sink + n_res;
+  for (int64_t item = threadIdx.x; item < n_tok * half; item += blockDim.x) {
+    const int64_t j = item / half;
+    const int i = static_cast<int>(item % half);
+    const bool in_sink = j < n_sink;
+    const int64_t local = in_sink ? a.first + j : res_begin + (j - n_sink);
+    for (int h = 0; h < a.n_kv_heads; ++h) {
+      const int64_t stream = static_cast<int64_t>(a.slot) * a.n_kv_heads + h;
+      const uint16_t* kp;
+      const uint16_t* vp;
+      if (in_sink) {
+        kp = L.sink_k + (stream * L.max_sink + local) * d;
+        vp = L.sink_v + (stream * L.max_sink + local) * d;
+      } else {
+        const int64_t r = (local - a.sink) % L.ring;
+        kp = L.residual_k + (stream * L.ring + r) * d;
+        vp = L.residual_v + (stream * L.ring + r) * d;
+      }
+      float k0 = __half2float(__ushort_as_half(kp[i])), k1 = __half2float(__ushort_as_half(kp[i + half]));
+      if (!in_sink) RotatePair(&k0, &k1, a.start_position + local, L.inv_freq[i]);
+      const int64_t out = (static_cast<int64_t>(h) * a.out_stride + (local - a.first)) * d;
+      a.k[out + i] = __float2half_rn(k0);
+      a.k[out + i + half] = __float2half_rn(k1);
+      a.v[out + i] = __ushort_as_half(vp[i]);
+      a.v[out + i + half] = __ushort_as_half(vp[i + half]);
+    }
+  }
+}
+
+absl::Status CheckShape(const char* what, int n_kv_heads, int head_dim, int n_out) {
+  if (head_dim != 64 && head_dim != 128) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": head_dim ", head_dim, " not 64 or 128"));
+  }
+  if (n_kv_heads <= 0 || n_kv_heads > kMaxKvHeads) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", n_kv_heads, " KV heads; 1..", kMaxKvHeads, " supported"));
+  }
+  if (n_out < 0 || n_out > kKvqMaxValueOutliers) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", n_out, " value outliers per token; at most ",
+                                                   kKvqMaxValueOutliers, " supported"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status KvqStoreAppendCuda(const KvqAppendArgs& a, cudaStream_t stream) {
+  if (auto s = CheckShape("KvqStoreAppendCuda", a.n_kv_heads, a.head_dim, a.n_value_outliers); !s.ok()) return s;
+  if (a.n_runs < 0 || a.n_pages < 0 || a.n_writes < 0 || a.n_flush < 0) {
+    return absl::InvalidArgumentError("KvqStoreAppendCuda: negative counts");
+  }
+  if (a.n_writes > 0 && (a.k == nullptr || a.v == nullptr)) {  // runs may read only the ring (Seal)
+    return absl::InvalidArgumentError("KvqStoreAppendCuda: null k or v");
+  }
+  if (a.layer.ring <= 0) return absl::InvalidArgumentError("KvqStoreAppendCuda: the residual ring needs a row");
+  return KV_DISPATCH_KVQ_BITS(a.bits, BITS, {
+    if (a.n_runs > 0) {
+      FlushKeysKernel<BITS><<<dim3(a.n_runs, a.n_kv_heads), a.head_dim, 0, stream>>>(a);
+      CUDA_RETURN_IF_LAUNCH_ERROR();
+      const dim3 grid(a.n_runs, a.n_kv_heads);
+      if (a.head_dim == 128) {
+        FlushValuesKernel<BITS, 128><<<grid, kWordTokens, 0, stream>>>(a);
+      } else {
+        FlushValuesKernel<BITS, 64><<<grid, kWordTokens, 0, stream>>>(a);
+      }
+      CUDA_RETURN_IF_LAUNCH_ERROR();
+    }
+    if (a.n_pages > 0) {
+      CompactKeyOutliersKernel<<<dim3(a.n_pages, a.n_kv_heads), 32, 0, stream>>>(a);
+      CUDA_RETURN_IF_LAUNCH_ERROR();
+    }
+    if (a.n_writes > 0) {
+      WriteFp16TokensKernel<<<dim3(a.n_writes, a.n_kv_heads), std::max(32, a.head_dim / 2), 0, stream>>>(a);
+      CUDA_RETURN_IF_LAUNCH_ERROR();
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status KvqDequantizeCuda(const KvqDequantizeArgs& a, cudaStream_t stream) {
+  if (auto s = CheckShape("KvqDequantizeCuda", a.n_kv_heads, a.head_dim, a.n_value_outliers); !s.ok()) return s;
+  if (a.first < 0 || a.n < 0 || a.first + a.n > a.length || a.n > a.out_stride || a.sink > a.quantized_end ||
+      a.quantized_end > a.length) {
+    return absl::InvalidArgumentError(absl::StrCat("KvqDequantizeCuda: bad range [", a.first, ", ", a.first + a.n,
+                                                   ") of ", a.length, " tokens (sink ", a.sink, ", quantized to ",
+                                                   a.quantized_end, ", out stride ", a.out_stride, ")"));
+  }
+  if (a.n == 0) return absl::OkStatus();
+  // Quantized pages overlapping [first, first + n).
+  const int64_t q0 = std::max(a.first, a.sink), q1 = std::min(a.first + a.n, a.quantized_end);
+  int64_t page_begin = 0;
+  int n_pages = 0;
+  if (q1 > q0) {
+    page_begin = (q0 - a.sink) / kPage;
+    n_pages = static_cast<int>((q1 - a.sink - 1) / kPage - page_begin + 1);
+  }
+  return KV_DISPATCH_KVQ_BITS(a.bits, BITS, {
+    DequantizeKernel<BITS><<<n_pages + 1, kDequantThreads, 0, stream>>>(a, page_begin, n_pages);
+    CUDA_RETURN_IF_LAUNCH_ERROR();
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace kvshard

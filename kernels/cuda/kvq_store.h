@@ -1,0 +1,120 @@
+// Maintenance kernels of a paged kvq<b> store of many sequences on the GPU (worker/cuda/device_kv_store.h):
+// appending tokens (the fp16 sink and residual ring, and moving the oldest residual tokens into the
+// quantized pages, flush unit 1), and dequantizing a stored range to fp16 for chunked (prefill)
+// attention. Host launchers; pointers are device memory; launches are asynchronous on `stream`.
+// CPU twin: kvstore/quantized_shard.h's QuantizedKvShard (Append, Flush, Seal, Dequantize) with
+// kv_codecs.cc's kvq codecs; the codes are bit-exact (kvq_codes.cuh, shared with kv_pack.cu).
+//
+// Layout: kvq_attention.h's KvqStoreView with slots and residual_ring: per layer, pages p of 128
+// quantized tokens for all KV heads (index ph = p * n_kv_heads + h), key outliers of (page, head) ph
+// in a fixed-capacity list at ph * key_outlier_capacity, and per sequence slot s an fp16 sink
+// [s][n_kv_heads][max_sink][head_dim] (keys after RoPE) and residual ring [s][n_kv_heads][ring][head_dim]
+// (keys pre-RoPE) where the token of part index t (local index - sink) sits at row t % ring.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "absl/status/status.h"
+
+namespace kvshard {
+
+// One layer's arrays of the store, and the calibration of that layer.
+struct KvqStoreLayer {
+  uint8_t* key_codes = nullptr;              // [ph] PackedBytes(128 * head_dim, bits), channel-major
+  uint8_t* value_codes = nullptr;            // [ph] same size, token-major
+  uint16_t* value_low = nullptr;             // fp16 [ph][128]
+  uint16_t* value_high = nullptr;            // fp16 [ph][128]
+  uint8_t* value_outlier_channel = nullptr;  // [ph][128][n_value_outliers]
+  uint16_t* value_outlier_value = nullptr;   // fp16 [ph][128][n_value_outliers]
+  uint8_t* key_outlier_count = nullptr;      // [ph][128]
+  uint8_t* key_outlier_channel = nullptr;    // [ph][key_outlier_capacity]
+  uint16_t* key_outlier_value = nullptr;     // fp16 [ph][key_outlier_capacity]
+  int64_t key_outlier_capacity = 0;
+  uint16_t* sink_k = nullptr;                // fp16 [slot][n_kv_heads][max_sink][head_dim], after RoPE
+  uint16_t* sink_v = nullptr;
+  int max_sink = 0;
+  uint16_t* residual_k = nullptr;            // fp16 [slot][n_kv_heads][ring][head_dim], pre-RoPE
+  uint16_t* residual_v = nullptr;
+  int ring = 1;
+  const float* key_low = nullptr;            // [n_kv_heads][head_dim]
+  const float* key_high = nullptr;
+  const float* key_codebook = nullptr;       // [2^bits]
+  const float* value_codebook = nullptr;
+  const float* inv_freq = nullptr;           // [head_dim / 2]
+  int64_t* key_outliers = nullptr;           // [slot][n_kv_heads]: key outliers stored (memory accounting)
+  int* overflow = nullptr;                   // set to 1 when a page's key outliers exceed the capacity
+};
+
+// Tokens that move into the quantized range: n (1..32) consecutive part tokens part0.. of a slot, all in
+// one 32-token word group of physical page `page`. Part token t's fp16 source is the residual ring
+// (t < fp_from) or new token chunk0 + (t - fp_from) of the call's k/v. Its outlier scratch row is
+// scratch0 + (t - part0).
+struct KvqFlushRun {
+  int32_t slot, page, part0, n, fp_from, chunk0, scratch0;
+};
+// The same tokens grouped by page (one entry per page and call, consecutive part tokens from row0), for
+// the compaction of key outliers into the page's list in token order.
+struct KvqFlushPage {
+  int32_t slot, page, row0, n, scratch0;
+};
+// A new token that stays fp16: new token `chunk_token` of the call's k/v goes to the ring row `dest`
+// (>= 0, pre-RoPE) or to the sink row -1 - dest (rotated at `position`).
+struct KvqWriteToken {
+  int32_t slot, chunk_token, dest, unused;
+  int64_t position;
+};
+
+// Flushes `runs` (which must precede the writes: a write may reuse a ring row that a run reads), then
+// writes `writes`. k, v: fp32, new token t's KV head h at k + t * row_stride + h * head_dim.
+// scratch_*: [n_flush][n_kv_heads] counts and [n_flush][n_kv_heads][head_dim] outlier rows.
+// Supported: head_dim 64, 128; bits 3 (2 and 4 unless KVSHARD_QUICK_KERNELS); n_value_outliers <= 8.
+struct KvqAppendArgs {
+  KvqStoreLayer layer;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int bits = 3;
+  int n_value_outliers = 0;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t row_stride = 0;
+  const KvqFlushRun* runs = nullptr;
+  int n_runs = 0;
+  const KvqFlushPage* pages = nullptr;
+  int n_pages = 0;
+  int n_flush = 0;
+  uint8_t* scratch_count = nullptr;
+  uint8_t* scratch_channel = nullptr;
+  uint16_t* scratch_value = nullptr;
+  const KvqWriteToken* writes = nullptr;
+  int n_writes = 0;
+};
+absl::Status KvqStoreAppendCuda(const KvqAppendArgs& args, cudaStream_t stream);
+
+// Keys (after RoPE) and values of local tokens [first, first + n) of one sequence, as the store holds
+// them now (QuantizedKvShard::Dequantize), rounded to fp16: k, v [n_kv_heads][out_stride][head_dim], token
+// first + i at row i. page_table: the sequence's physical pages (device, int32). Stream layout now:
+// local [0, sink) sink, [sink, quantized_end) quantized, [quantized_end, length) residual ring.
+struct KvqDequantizeArgs {
+  KvqStoreLayer layer;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int bits = 3;
+  int n_value_outliers = 0;
+  int32_t slot = 0;
+  const int32_t* page_table = nullptr;
+  int64_t start_position = 0;
+  int64_t sink = 0;
+  int64_t quantized_end = 0;
+  int64_t length = 0;
+  int64_t first = 0;
+  int64_t n = 0;
+  __half* k = nullptr;
+  __half* v = nullptr;
+  int64_t out_stride = 0;
+};
+absl::Status KvqDequantizeCuda(const KvqDequantizeArgs& args, cudaStream_t stream);
+
+}  // namespace kvshard
