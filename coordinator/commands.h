@@ -27,6 +27,8 @@ absl::Status RunGenerate(const std::vector<std::string>& args);
 absl::Status RunSummarize(const std::vector<std::string>& args);
 absl::Status RunCalibrate(const std::vector<std::string>& args);   // coordinator/quality_commands.cc
 absl::Status RunPerplexity(const std::vector<std::string>& args);  // coordinator/quality_commands.cc
+// Decode-step and prefill timings of the distributed engine (coordinator/scale_bench_command.cc).
+absl::Status RunScaleBench(const std::vector<std::string>& args);
 absl::Status RunServeCommand(const std::vector<std::string>& args);
 absl::Status RunBatchCommand(const std::vector<std::string>& args);
 // `summarize --input-dir DIR`: every document of a folder as a resumable batch.

@@ -217,7 +217,7 @@ absl::StatusOr<GenerationResult> DistributedEngine::Generate(const GenerationReq
                                                              const TokenCallback& on_token,
                                                              const PrefillCallback& on_prefill) {
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
-  const int64_t fill = options_.synthetic_fill_tokens;
+  const int64_t fill = request.synthetic_fill_tokens >= 0 ? request.synthetic_fill_tokens : options_.synthetic_fill_tokens;
   if (n_prompt == 0) return absl::InvalidArgumentError("the prompt is empty");
   if (fill + n_prompt >= max_context()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -487,9 +487,25 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
     take_token(r);
   }
 
-  if (EngineObserver* observer = observer_.load(); observer != nullptr && !plan.decode.empty()) {
-    for (size_t w = 0; w < reports.size(); ++w) observer->OnDecodeStep(static_cast<int>(w), reports[w].decode_seconds);
-    if (reports[0].merges > 0) observer->OnMerge(reports[0].merge_seconds / reports[0].merges);
+  if (EngineObserver* observer = observer_.load(); observer != nullptr) {
+    if (!plan.decode.empty()) {
+      for (size_t w = 0; w < reports.size(); ++w) observer->OnDecodeStep(static_cast<int>(w), reports[w].decode_seconds);
+      if (reports[0].merges > 0) observer->OnMerge(reports[0].merge_seconds / reports[0].merges);
+    }
+    StepTiming timing;
+    timing.decode_rows = static_cast<int>(plan.decode.size());
+    timing.prefill = plan.prefill.has_value();
+    timing.prefill_tokens = plan.prefill ? static_cast<int>(plan.prefill->tokens.size()) : 0;
+    timing.fills = static_cast<int>(plan.fills.size());
+    timing.seconds = SecondsSince(step_start);
+    timing.merge_seconds = reports[0].merge_seconds;
+    timing.merges = reports[0].merges;
+    for (const StepReport& report : reports) {
+      timing.worker_decode_seconds = std::max(timing.worker_decode_seconds, report.decode_seconds);
+      timing.worker_kv_bytes.push_back(report.kv_bytes);
+      timing.worker_kv_elements.push_back(report.kv_elements);
+    }
+    observer->OnStep(timing);
   }
   std::lock_guard<std::mutex> lock(stats_mu_);
   ++stats_.steps;

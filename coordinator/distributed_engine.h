@@ -75,6 +75,7 @@ class DistributedEngine final : public Engine {
 
   const Tokenizer& tokenizer() const override { return *tokenizer_; }
   std::string model_name() const override { return config_.name; }
+  const ModelConfig& model_config() const { return config_; }
   int64_t max_context() const override { return config_.max_context; }
   std::string device_name() const override;
   int n_workers() const { return static_cast<int>(budgets_.size()); }

@@ -22,6 +22,10 @@ struct GenerationRequest {
   int max_tokens = 256;
   std::vector<std::string> stop;  // stop strings; the text before the first match is kept
   std::string kv_scheme;          // empty: the engine's default
+  // SYNTHETIC FILL before the prompt, for scale runs (kvshard scale-bench): tokens of synthetic K/V the
+  // workers write straight into their stores. -1: the engine's own setting (--synthetic_fill_tokens).
+  // Only the distributed engine has it; the HTTP and batch front ends never set it.
+  int64_t synthetic_fill_tokens = -1;
 };
 
 enum class FinishReason { kStop, kLength };
@@ -57,6 +61,20 @@ struct WorkerKvMemory {
   double bits_per_element = 0;
 };
 
+// One step of the distributed engine as it ran, for benchmarks: what it carried and how long it took.
+struct StepTiming {
+  int decode_rows = 0;
+  bool prefill = false;       // it carried a prefill chunk
+  int prefill_tokens = 0;
+  int fills = 0;              // requests it wrote SYNTHETIC FILL for
+  double seconds = 0;         // the whole step on the coordinator: plan, compute, reports
+  double worker_decode_seconds = 0;  // the slowest worker's decode forward pass
+  double merge_seconds = 0;   // worker 1's cross-worker merges in that pass
+  int64_t merges = 0;
+  std::vector<int64_t> worker_kv_bytes;     // after the step
+  std::vector<int64_t> worker_kv_elements;
+};
+
 // Timings only the engine sees, reported as they happen. The metrics layer implements it; every call
 // comes from the thread that runs Generate.
 class EngineObserver {
@@ -64,6 +82,7 @@ class EngineObserver {
   virtual ~EngineObserver() = default;
   virtual void OnDecodeStep(int worker, double seconds) {}
   virtual void OnMerge(double seconds) {}  // one cross-worker merge of attention partials
+  virtual void OnStep(const StepTiming& step) {}
 };
 
 class Engine {

@@ -24,6 +24,8 @@ const std::vector<Command>& AllCommands() {
       {"calibrate", "calibrate the kvq/wkv KV schemes: --text FILE --out FILE", RunCalibrate},
       {"perplexity", "perplexity with a KV scheme: --text FILE --ctx N --kv SCHEME [--calibration FILE]",
        RunPerplexity},
+      {"scale-bench", "decode-step and prefill timings under mpirun (SYNTHETIC FILL contexts): "
+       "--bench_tokens_per_worker, --bench_batches, --bench_prefill_tokens", RunScaleBench},
   };
   return commands;
 }

@@ -85,6 +85,41 @@ TEST(DistributedCliTest, EveryLineAboutTheFillSaysSyntheticFill) {
   EXPECT_GE(fill_lines, 2) << r.output;  // the fill's progress and the closing summary
 }
 
+TEST(DistributedCliTest, ScaleBenchReportsDecodeAndPrefillAsJsonLines) {
+  const auto json = std::filesystem::temp_directory_path() / ("kvshard_scale_bench_" + std::to_string(getpid()) + ".jsonl");
+  std::filesystem::remove(json);
+  const RunResult r = RunCommand(Mpirun(
+      3, std::string("scale-bench --bench_tokens_per_worker 3000 --bench_batches 1,3 --bench_decode_steps 6 "
+                     "--bench_prompt_tokens 8 --bench_prefill_tokens 100 --bench_gemm_tflops 1 --bench_json ") +
+             json.string() + kTinyModel));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(std::regex_search(r.output, std::regex("decode  workers 2  tokens/worker +3000  batch +1 .*SYNTHETIC FILL")))
+      << r.output;
+  EXPECT_TRUE(std::regex_search(r.output, std::regex("decode  workers 2  tokens/worker +3000  batch +3 "))) << r.output;
+  EXPECT_TRUE(std::regex_search(r.output, std::regex("prefill workers 2  tokens +100 .*MFU"))) << r.output;
+  std::ifstream in(json);
+  int lines = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++lines;
+    EXPECT_EQ(line.front(), '{') << line;
+  }
+  EXPECT_EQ(lines, 3);  // two decode runs and one prefill
+  std::filesystem::remove(json);
+}
+
+TEST(DistributedCliTest, ScaleBenchSizesThatLeaveNoRoomAreAClearError) {
+  const RunResult r = RunCommand(Mpirun(
+      3, std::string("scale-bench --bench_tokens_per_worker 10 --bench_batches 4 --bench_prompt_tokens 8") + kTinyModel));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("leave no room"), std::string::npos) << r.output;
+}
+
+TEST(DistributedCliTest, ScaleBenchWithoutWorkersIsAClearError) {
+  const RunResult r = RunCommand("timeout 60 " + Kvshard() + " scale-bench" + kTinyModel);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("run it under mpirun"), std::string::npos) << r.output;
+}
+
 TEST(DistributedCliTest, FillWithoutWorkersIsAClearError) {
   const RunResult r = RunCommand("timeout 60 " + Kvshard() + " generate --prompt hi --synthetic_fill_tokens 10" + kTinyModel);
   EXPECT_EQ(r.exit_code, 1) << r.output;
