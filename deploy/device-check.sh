@@ -12,6 +12,10 @@
 #   mpirun with a coordinator and one worker per GPU (at most --workers N), NVLink multicast off
 #   (NCCL_NVLS_ENABLE=0); logs nccl_test.log and nccl_bench.log.
 #   workers: the same for the GPU workers' test (tests/mpi/gpu_workers_test.cc); logs gpu_workers_test.log.
+#   scale: the scale runs of a Llama-3-8B-shaped synthetic model (`kvshard scale-bench`): a same-run cuBLAS
+#   GEMM rate, a calibration of the synthetic fill, then for 1 worker and for one worker per GPU the
+#   decode step at --scale-tokens tokens per worker and --scale-batches, and the real prefill of
+#   --scale-prefill prompts. Logs scale.log, scale.jsonl (bench/scale_plot.py draws them).
 #
 # Dependencies the host lacks come from .deps/ (deploy/fetch-device-debs.sh); the build directory keeps a
 # copy, so later runs against the same build need no .deps/. Ends with a summary.
@@ -26,6 +30,11 @@ model=""
 document=""
 quick=OFF
 max_workers=8
+scale_scheme=kvq3
+scale_tokens=262144,2097152
+scale_batches=1,16
+scale_prefill=32768
+scale_worker_counts=""
 phases=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,6 +43,11 @@ while [ $# -gt 0 ]; do
     --document) document="$2"; shift 2 ;;
     --quick) quick=ON; shift ;;
     --workers) max_workers="$2"; shift 2 ;;
+    --scale-scheme) scale_scheme="$2"; shift 2 ;;
+    --scale-tokens) scale_tokens="$2"; shift 2 ;;
+    --scale-batches) scale_batches="$2"; shift 2 ;;
+    --scale-prefill) scale_prefill="$2"; shift 2 ;;
+    --scale-workers) scale_worker_counts="$2"; shift 2 ;;
     *) phases+=("$1"); shift ;;
   esac
 done
@@ -48,7 +62,7 @@ jobs=$(nproc)
 
 # The build directory keeps its own copy of .deps/, which CMake's cache then points at, so a later run
 # (or a run without .deps/) can reconfigure and run the binaries.
-if [ -d "$root/.deps" ] && { want build || want nccl || want workers; }; then
+if [ -d "$root/.deps" ] && { want build || want nccl || want workers || want scale; }; then
   mkdir -p "$build"
   rm -rf "$build/deps" && cp -a "$root/.deps" "$build/deps"
 fi
@@ -211,6 +225,38 @@ if want workers; then
   mpirun_one_worker_per_gpu
   mpirun_test "GPU workers test" "$build/tests/mpi/gpu_workers_test" gpu_workers_test.log
   grep -E "^\[  FAILED  \]|relative L2|Failure|error" "$out/gpu_workers_test.log" | head -n 40
+fi
+
+if want scale; then
+  build_phase scale kvshard prefill_attention_bench
+  mpirun_one_worker_per_gpu
+  gemm=$("$build/bench/prefill_attention_bench" --tokens= 2>&1 | sed -n 's/.*GEMM.*: \([0-9.]*\) TFLOP\/s.*/\1/p')
+  note "scale: cuBLAS bf16 GEMM ${gemm:-?} TFLOP/s (same run, GPU 0)"
+  model_flags=(--synthetic_model --synthetic_layers 32 --synthetic_hidden 4096 --synthetic_heads 32
+               --synthetic_kv_heads 8 --synthetic_head_dim 128 --synthetic_ffn 14336 --synthetic_vocab 128256
+               --synthetic_max_context 67108864)
+  calibration=()
+  if [ "$scale_scheme" != fp16 ]; then
+    start=$(date +%s)
+    "$build/kvshard" calibrate "${model_flags[@]}" --calibration_tokens 4096 --outlier_fractions 0.01 \
+      --out "$build/synthetic-8b.kvcal" >>"$out/scale.log" 2>&1
+    note "scale: calibration of the synthetic fill: rc=$? ($(($(date +%s) - start)) s)"
+    calibration=(--calibration "$build/synthetic-8b.kvcal")
+  fi
+  : >"$out/scale.jsonl"
+  for n in ${scale_worker_counts:-1 $workers}; do
+    start=$(date +%s)
+    # --bind-to none: each worker makes 8B synthetic weights on the host with all its threads.
+    timeout 420 mpirun "${mpirun_flags[@]:0:${#mpirun_flags[@]}-2}" -np $((n + 1)) --bind-to none \
+      "$build/kvshard" scale-bench "${model_flags[@]}" "${calibration[@]}" --kv_scheme "$scale_scheme" \
+      --device gpu --worker_kv_budget_mb 200000 --worker_threads 8 --max_batch 64 \
+      --bench_tokens_per_worker "$scale_tokens" --bench_batches "$scale_batches" \
+      --bench_prefill_tokens "$scale_prefill" --bench_gemm_tflops "${gemm:-0}" \
+      --bench_json "$out/scale.jsonl" --bench_label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)" \
+      >>"$out/scale.log" 2>&1
+    note "scale: $n worker(s): rc=$? ($(($(date +%s) - start)) s)"
+  done
+  grep -E "^(decode|prefill|#)|rror|refused" "$out/scale.log" | head -n 60
 fi
 
 echo
