@@ -185,7 +185,9 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
                             int64_t row_stride, cudaStream_t stream);
   KvqStoreLayer LayerView(int layer) const { return layers_[layer]; }
   int64_t StreamBits(const Sequence& s, int layer, const std::vector<int64_t>& outliers) const;
-  std::vector<int64_t> KeyOutlierCounts(const Sequence& s) const;
+  // Key outliers per [layer][slot][n_kv_heads] (empty for fp16). Waits for the device.
+  std::vector<int64_t> KeyOutlierCounts() const;
+  KvMemory MemoryOf(const Sequence& s, const std::vector<int64_t>& outlier_counts) const;
 
   KvGeometry geometry_;
   KvSchemeConfig config_;
@@ -1006,47 +1008,50 @@ absl::Status DeviceKvStoreImpl::Seal(int64_t id, cudaStream_t stream) {
   return absl::OkStatus();
 }
 
-std::vector<int64_t> DeviceKvStoreImpl::KeyOutlierCounts(const Sequence& s) const {
-  const int kvh = geometry_.n_kv_heads;
-  std::vector<int64_t> counts(static_cast<size_t>(geometry_.n_layers) * kvh, 0);
+std::vector<int64_t> DeviceKvStoreImpl::KeyOutlierCounts() const {
+  std::vector<int64_t> counts;
   if (!kvq_) return counts;
-  // A sync point: the counters are updated by the append kernels.
+  counts.assign(static_cast<size_t>(geometry_.n_layers) * options_.max_sequences * geometry_.n_kv_heads, 0);
+  // A sync point: the counters are updated by the append kernels. One copy of the whole table, [layer][slot]
+  // [n_kv_heads], not one per sequence and layer: Memory() runs every step.
   if (cudaDeviceSynchronize() != cudaSuccess) return counts;
-  for (int l = 0; l < geometry_.n_layers; ++l) {
-    cudaMemcpy(counts.data() + static_cast<size_t>(l) * kvh, layers_[l].key_outliers + static_cast<int64_t>(s.slot) * kvh,
-               kvh * 8, cudaMemcpyDeviceToHost);
-  }
+  cudaMemcpy(counts.data(), key_outliers_, counts.size() * sizeof(int64_t), cudaMemcpyDeviceToHost);
   return counts;
 }
 
-int64_t DeviceKvStoreImpl::StreamBits(const Sequence& s, int layer, const std::vector<int64_t>& outliers) const {
+int64_t DeviceKvStoreImpl::StreamBits(const Sequence& s, int layer, const std::vector<int64_t>& outlier_counts) const {
+  const int kvh = geometry_.n_kv_heads;
   int64_t bits = 0;
-  for (int h = 0; h < geometry_.n_kv_heads; ++h) {
+  for (int h = 0; h < kvh; ++h) {
+    const size_t i = (static_cast<size_t>(layer) * options_.max_sequences + s.slot) * kvh + h;
     bits += KvStreamBits(config_, geometry_.head_dim, s.start, s.lengths[layer], s.sealed,
-                         outliers[static_cast<size_t>(layer) * geometry_.n_kv_heads + h]);
+                         outlier_counts.empty() ? 0 : outlier_counts[i]);
   }
   return bits;
 }
 
-KvMemory DeviceKvStoreImpl::Memory(int64_t id) const {
+KvMemory DeviceKvStoreImpl::MemoryOf(const Sequence& s, const std::vector<int64_t>& outlier_counts) const {
   KvMemory m;
-  auto it = sequences_.find(id);
-  if (it == sequences_.end()) return m;
-  const Sequence& s = it->second;
-  const std::vector<int64_t> outliers = KeyOutlierCounts(s);
   int64_t bits = 0;
   for (int l = 0; l < geometry_.n_layers; ++l) {
-    bits += StreamBits(s, l, outliers);
+    bits += StreamBits(s, l, outlier_counts);
     m.elements += 2 * s.lengths[l] * geometry_.n_kv_heads * geometry_.head_dim;
   }
   m.bytes = (bits + 7) / 8;
   return m;
 }
 
+KvMemory DeviceKvStoreImpl::Memory(int64_t id) const {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) return {};
+  return MemoryOf(it->second, KeyOutlierCounts());
+}
+
 KvMemory DeviceKvStoreImpl::Memory() const {
+  const std::vector<int64_t> outlier_counts = KeyOutlierCounts();
   KvMemory total;
   for (const auto& [id, s] : sequences_) {
-    const KvMemory m = Memory(id);
+    const KvMemory m = MemoryOf(s, outlier_counts);
     total.bytes += m.bytes;
     total.elements += m.elements;
   }
