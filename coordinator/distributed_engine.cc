@@ -501,6 +501,7 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
     timing.merge_seconds = reports[0].merge_seconds;
     timing.merges = reports[0].merges;
     for (const StepReport& report : reports) {
+      timing.worker_step_seconds = std::max(timing.worker_step_seconds, report.step_seconds);
       timing.worker_decode_seconds = std::max(timing.worker_decode_seconds, report.decode_seconds);
       timing.worker_kv_bytes.push_back(report.kv_bytes);
       timing.worker_kv_elements.push_back(report.kv_elements);

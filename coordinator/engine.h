@@ -68,6 +68,7 @@ struct StepTiming {
   int prefill_tokens = 0;
   int fills = 0;              // requests it wrote SYNTHETIC FILL for
   double seconds = 0;         // the whole step on the coordinator: plan, compute, reports
+  double worker_step_seconds = 0;    // the slowest worker's whole step (plan to report)
   double worker_decode_seconds = 0;  // the slowest worker's decode forward pass
   double merge_seconds = 0;   // worker 1's cross-worker merges in that pass
   int64_t merges = 0;

@@ -146,7 +146,7 @@ absl::Status DecodeRun(DistributedEngine& engine, StepRecorder& recorder, int64_
   KV_RETURN_IF_ERROR(RunTogether(engine, requests, &results, nullptr));
   const std::vector<StepTiming> all = recorder.Take();
 
-  std::vector<double> step_s, worker_s, merge_s;
+  std::vector<double> step_s, worker_step_s, worker_s, merge_s;
   int64_t max_kv_bytes = 0;
   double bits = 0;
   int64_t merges_per_step = 0;
@@ -159,6 +159,7 @@ absl::Status DecodeRun(DistributedEngine& engine, StepRecorder& recorder, int64_
     }
     if (t.decode_rows != batch || t.prefill || t.fills > 0) continue;
     step_s.push_back(t.seconds);
+    worker_step_s.push_back(t.worker_step_seconds);
     worker_s.push_back(t.worker_decode_seconds);
     merge_s.push_back(t.merge_seconds);
     merges_per_step = t.merges;
@@ -167,13 +168,15 @@ absl::Status DecodeRun(DistributedEngine& engine, StepRecorder& recorder, int64_
     return absl::InternalError(absl::StrFormat("no step decoded all %d rows alone; raise --bench_decode_steps",
                                                static_cast<int>(batch)));
   }
-  const double step = Median(step_s), worker = Median(worker_s), merge = Median(merge_s);
+  const double step = Median(step_s), worker_step = Median(worker_step_s), worker = Median(worker_s),
+               merge = Median(merge_s);
   const double merge_per_layer = merges_per_step > 0 ? merge / merges_per_step : 0;
-  std::printf("decode  workers %d  tokens/worker %9lld  batch %3lld  step %8.2f ms (worker %8.2f ms)  %8.1f tokens/s  "
+  std::printf("decode  workers %d  tokens/worker %9lld  batch %3lld  step %8.2f ms (worker step %8.2f, forward %8.2f)  "
+              "%8.1f tokens/s  "
               "merge %6.1f us/layer (%4.1f%% of the step)  KV %6.2f GB/worker  %.2f bits/element  [%zu steps; "
               "SYNTHETIC FILL %lld per request]\n",
-              n, static_cast<long long>(per_worker), static_cast<long long>(batch), 1e3 * step, 1e3 * worker,
-              batch / step, 1e6 * merge_per_layer, step > 0 ? 100 * merge / step : 0, max_kv_bytes / 1e9, bits,
+              n, static_cast<long long>(per_worker), static_cast<long long>(batch), 1e3 * step, 1e3 * worker_step,
+              1e3 * worker, batch / step, 1e6 * merge_per_layer, step > 0 ? 100 * merge / step : 0, max_kv_bytes / 1e9, bits,
               step_s.size(), static_cast<long long>(fill));
   std::fflush(stdout);
   AppendJson({{"kind", "decode"},
@@ -187,6 +190,7 @@ absl::Status DecodeRun(DistributedEngine& engine, StepRecorder& recorder, int64_
               {"prompt_tokens", prompt},
               {"timed_steps", step_s.size()},
               {"step_ms_median", 1e3 * step},
+              {"worker_step_ms_median", 1e3 * worker_step},
               {"worker_decode_ms_median", 1e3 * worker},
               {"merge_ms_per_step_median", 1e3 * merge},
               {"merges_per_step", merges_per_step},

@@ -250,6 +250,7 @@ std::string EncodeReport(const StepReport& r) {
                {"failed", failed},
                {"kv_bytes", r.kv_bytes},
                {"kv_elements", r.kv_elements},
+               {"step_seconds", r.step_seconds},
                {"decode_seconds", r.decode_seconds},
                {"merge_seconds", r.merge_seconds},
                {"merges", r.merges},
@@ -266,6 +267,7 @@ absl::StatusOr<StepReport> DecodeReport(const std::string& bytes) {
     for (const json& f : j.at("failed")) r.failed.push_back({f.at("id"), f.at("message")});
     r.kv_bytes = j.at("kv_bytes");
     r.kv_elements = j.at("kv_elements");
+    r.step_seconds = j.at("step_seconds");
     r.decode_seconds = j.at("decode_seconds");
     r.merge_seconds = j.at("merge_seconds");
     r.merges = j.at("merges");

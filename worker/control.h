@@ -111,6 +111,7 @@ struct StepReport {
   std::vector<FailedRequest> failed;
   int64_t kv_bytes = 0;     // KV bytes this worker holds after the step
   int64_t kv_elements = 0;  // K and V elements they represent
+  double step_seconds = 0;    // the whole step on this worker, from the plan to the report
   double decode_seconds = 0;  // the decode forward pass on this worker
   double merge_seconds = 0;   // of which cross-worker merges
   int64_t merges = 0;

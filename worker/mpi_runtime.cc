@@ -37,18 +37,24 @@ void Bf16Max(void* in, void* inout, int* len, MPI_Datatype*) {
   }
 }
 
-// Sleeps between polls: a few quick retries, then sleeps doubling from 4 us up to `cap_us`.
+// Sleeps between polls: a few quick retries, then sleeps doubling from 4 us, at most kFastSleepCapUs
+// for the first kFastWindow of waiting (a step's message usually comes within it: a longer sleep there
+// is latency every step pays), then at most `cap_us` (an idle worker should not spin).
 class Backoff {
  public:
-  explicit Backoff(int cap_us) : cap_us_(cap_us) {}
+  explicit Backoff(int cap_us) : cap_us_(cap_us), start_(absl::Now()) {}
   void Pause() {
     if (++polls_ <= 32) return;
-    sleep_us_ = std::min(cap_us_, std::max(4, sleep_us_ * 2));
+    const int cap = absl::Now() - start_ < kFastWindow ? std::min(cap_us_, kFastSleepCapUs) : cap_us_;
+    sleep_us_ = std::min(cap, std::max(4, sleep_us_ * 2));
     usleep(sleep_us_);
   }
 
  private:
+  static constexpr int kFastSleepCapUs = 50;
+  static constexpr absl::Duration kFastWindow = absl::Milliseconds(500);
   int cap_us_;
+  absl::Time start_;
   int polls_ = 0;
   int sleep_us_ = 0;
 };

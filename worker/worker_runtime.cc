@@ -53,9 +53,13 @@ class Worker {
         case CommandKind::kConfigure:
           Reply(EncodeHello(Configure(command->config)));
           break;
-        case CommandKind::kStep:
-          Reply(EncodeReport(Step(command->plan)));
+        case CommandKind::kStep: {
+          const auto start = std::chrono::steady_clock::now();
+          StepReport report = Step(command->plan);
+          report.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          Reply(EncodeReport(report));
           break;
+        }
         case CommandKind::kReset:
           while (!requests_.empty()) Forget(requests_.begin()->first);
           break;
