@@ -28,11 +28,14 @@ constexpr int64_t kShortPrompt = 45;  // request B: worker 0 only
 constexpr int kSteps = 12;
 constexpr int kChunk = 256;
 // ||gpu - cpu|| / ||cpu|| of the logits: the GPU forward pass rounds activations to bf16 before every
-// GEMM (tests/gpu/gpu_model_test.cc measures about 1e-2 for one GPU). kvq3 adds no error of its own in
-// decode (the GPU store holds the CPU packer's codes), but the bf16 differences can move a value across
-// a code boundary, and the sharded prompt quantizes worker 0's residual when its range is sealed where
-// one CPU shard still holds it in fp16: the same bound, measured below it.
+// GEMM (tests/gpu/gpu_model_test.cc measures about 1e-2 for one GPU).
 constexpr double kMaxRelativeL2 = 3e-2;
+// kvq3: the GPU store holds the CPU packer's codes for the same inputs, but the bf16 differences move
+// some keys and values across a code boundary (3-bit codes are coarse), and the change grows through the
+// layers. So the bound is relative to what quantization itself does to this model: the GPU's kvq3
+// logits must lie much nearer the CPU's kvq3 logits than the CPU's kvq3 logits lie to its fp16 ones
+// (2× H200: about 0.2 of it; a store that dropped the quantization would be at about 1).
+constexpr double kMaxShareOfQuantizationEffect = 0.35;
 
 void RoundToBf16(HostTensor& t) {
   for (float& x : t.data) x = Bf16ToFloat(FloatToBf16(x));
@@ -160,6 +163,23 @@ TEST_P(GpuWorkerTest, ShardedPrefillAndBatchedDecodeMatchOneCpuShard) {
   const std::vector<std::vector<float>> want_b = ReferenceLogits(weights, scheme, calibration, kShortPrompt, kB);
   ASSERT_EQ(want_a.size(), kSteps + 1);
   ASSERT_EQ(want_b.size(), kSteps + 1);
+  // The bound per request: fp16's, or a share of the quantization's own effect on the CPU.
+  double bound_a = kMaxRelativeL2, bound_b = kMaxRelativeL2;
+  if (kvq) {
+    const auto fp16_a = ReferenceLogits(weights, "fp16", nullptr, kPrompt, kA);
+    const auto fp16_b = ReferenceLogits(weights, "fp16", nullptr, kShortPrompt, kB);
+    double effect_a = 0, effect_b = 0;
+    for (int i = 0; i <= kSteps; ++i) {
+      effect_a = std::max(effect_a, RelativeL2(want_a[i].data(), fp16_a[i]));
+      effect_b = std::max(effect_b, RelativeL2(want_b[i].data(), fp16_b[i]));
+    }
+    bound_a = std::max(kMaxRelativeL2, kMaxShareOfQuantizationEffect * effect_a);
+    bound_b = std::max(kMaxRelativeL2, kMaxShareOfQuantizationEffect * effect_b);
+    if (me == 0) {
+      std::printf("%s against fp16 on the CPU (worst step): A %.2e, B %.2e; bounds %.2e, %.2e\n", scheme.c_str(),
+                  effect_a, effect_b, bound_a, bound_b);
+    }
+  }
 
   // Prefill A: chunks that never straddle two workers' ranges, each on its owner with pass-Q.
   for (int owner = 0; owner < n_workers; ++owner) {
@@ -178,7 +198,7 @@ TEST_P(GpuWorkerTest, ShardedPrefillAndBatchedDecodeMatchOneCpuShard) {
         if (last) {
           const double rel = RelativeL2(logits.data(), want_a[0]);
           std::printf("worker %d: request A's prompt logits, relative L2 %.2e\n", me, rel);
-          EXPECT_LE(rel, kMaxRelativeL2);
+          EXPECT_LE(rel, bound_a);
         }
       } else if (me < owner) {
         ASSERT_TRUE((*gpu)->PrefillSource(kA, owner, static_cast<int>(n), first, false, {}, &error).ok());
@@ -186,7 +206,9 @@ TEST_P(GpuWorkerTest, ShardedPrefillAndBatchedDecodeMatchOneCpuShard) {
       }
     }
     // As the worker runtime does: a full range that is not the sequence's tail is sealed.
-    if (me == owner && owner < n_workers - 1) ASSERT_TRUE((*gpu)->Seal(kA).ok());
+    if (me == owner && owner < n_workers - 1) {
+      ASSERT_TRUE((*gpu)->Seal(kA).ok());
+    }
   }
   if (me == 0) {  // request B: one worker, no sources
     std::vector<int32_t> tokens(kShortPrompt);
@@ -195,7 +217,7 @@ TEST_P(GpuWorkerTest, ShardedPrefillAndBatchedDecodeMatchOneCpuShard) {
     absl::Status error;
     ASSERT_TRUE((*gpu)->PrefillOwner(kB, tokens, 0, {}, false, {}, &logits, &error).ok());
     EXPECT_TRUE(error.ok()) << error;
-    EXPECT_LE(RelativeL2(logits.data(), want_b[0]), kMaxRelativeL2);
+    EXPECT_LE(RelativeL2(logits.data(), want_b[0]), bound_b);
   }
 
   // Batched decode of A and B: every worker runs both rows.
@@ -217,8 +239,8 @@ TEST_P(GpuWorkerTest, ShardedPrefillAndBatchedDecodeMatchOneCpuShard) {
   }
   std::printf("worker %d of %d, %s, merge %s: worst relative L2 of decode logits: A %.2e, B %.2e\n", me,
               n_workers, scheme.c_str(), MergeModeName(GetParam().merge).c_str(), worst_a, worst_b);
-  EXPECT_LE(worst_a, kMaxRelativeL2);
-  EXPECT_LE(worst_b, kMaxRelativeL2);
+  EXPECT_LE(worst_a, bound_a);
+  EXPECT_LE(worst_b, bound_b);
   EXPECT_EQ((*gpu)->length(kA), my_end - begin[me]);
   const KvMemory memory = (*gpu)->Memory();
   EXPECT_GT(memory.bytes, 0);
