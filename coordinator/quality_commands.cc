@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/status.h"
+#include "coordinator/byte_tokenizer.h"
 #include "coordinator/commands.h"
 #include "coordinator/engine_factory.h"
 #include "coordinator/quality.h"
@@ -59,8 +60,9 @@ absl::StatusOr<std::vector<int32_t>> TokenizeTextFlag(const Tokenizer& tokenizer
   return tokenizer.Encode(text, /*parse_special=*/false);
 }
 
-// A synthetic model's calibration is made from the keys and values its synthetic fill writes (the KV that
-// scale runs store), not from text: options.max_tokens tokens from position 0, every sample weighing 1.
+// Without --text, a synthetic model's calibration is made from the keys and values its synthetic fill
+// writes (the KV that scale runs' decode contexts store): options.max_tokens tokens from position 0,
+// every sample weighing 1.
 absl::StatusOr<Calibration> CalibrateSyntheticFill(const SyntheticModelSpec& spec, const CalibrateOptions& options) {
   KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(spec));
   const CpuModel model(weights);
@@ -109,6 +111,18 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
   }
   if (std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags()) {
     if (options.fisher != nullptr) return absl::InvalidArgumentError("--fisher_weights: not for a synthetic model");
+    if (!absl::GetFlag(FLAGS_text).empty()) {
+      // The model's own K/V over the text's bytes (its byte tokenizer): what a real prefill stores.
+      KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
+      KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(weights.config.vocab_size));
+      KV_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, TokenizeTextFlag(*tokenizer, "calibrate"));
+      CpuModel model(weights);
+      KV_ASSIGN_OR_RETURN(Calibration calibration, CalibrateKv(model, ModelIdentityOf(weights), tokens, options));
+      KV_RETURN_IF_ERROR(SaveCalibration(calibration, out));
+      std::fprintf(stderr, "kvshard calibrate: %lld tokens of text through the synthetic model, wrote %s\n",
+                   static_cast<long long>(calibration.tokens), out.c_str());
+      return absl::OkStatus();
+    }
     KV_ASSIGN_OR_RETURN(Calibration calibration, CalibrateSyntheticFill(*synthetic, options));
     KV_RETURN_IF_ERROR(SaveCalibration(calibration, out));
     std::fprintf(stderr, "kvshard calibrate: %lld tokens of SYNTHETIC FILL, wrote %s\n",

@@ -15,7 +15,8 @@
 #   scale: the scale runs of a Llama-3-8B-shaped synthetic model (`kvshard scale-bench`): a same-run cuBLAS
 #   GEMM rate, a calibration of the synthetic fill, then for 1 worker and for one worker per GPU the
 #   decode step at --scale-tokens tokens per worker and --scale-batches, and the real prefill of
-#   --scale-prefill prompts. Logs scale.log, scale.jsonl (bench/scale_plot.py draws them).
+#   --scale-prefill prompts (--scale-scheme, --scale-workers "1 2" choose the rest; an empty size list
+#   skips that part). Logs scale.log, scale.jsonl (bench/scale_plot.py draws them).
 #
 # Dependencies the host lacks come from .deps/ (deploy/fetch-device-debs.sh); the build directory keeps a
 # copy, so later runs against the same build need no .deps/. Ends with a summary.
@@ -33,7 +34,7 @@ max_workers=8
 scale_scheme=kvq3
 scale_tokens=262144,2097152
 scale_batches=1,16
-scale_prefill=32768
+scale_prefill=32768,131072
 scale_worker_counts=""
 phases=()
 while [ $# -gt 0 ]; do
@@ -235,26 +236,44 @@ if want scale; then
   model_flags=(--synthetic_model --synthetic_layers 32 --synthetic_hidden 4096 --synthetic_heads 32
                --synthetic_kv_heads 8 --synthetic_head_dim 128 --synthetic_ffn 14336 --synthetic_vocab 128256
                --synthetic_max_context 67108864)
-  calibration=()
-  if [ "$scale_scheme" != fp16 ]; then
+  label="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+  # Calibrates for the scheme: on the synthetic fill (decode contexts), or on this repository's README
+  # through the model (real prefill, whose keys the fill's thresholds do not fit).
+  calibrate() {
+    local file="$1" start
+    shift
     start=$(date +%s)
-    "$build/kvshard" calibrate "${model_flags[@]}" --calibration_tokens 4096 --outlier_fractions 0.01 \
-      --out "$build/synthetic-8b.kvcal" >>"$out/scale.log" 2>&1
-    note "scale: calibration of the synthetic fill: rc=$? ($(($(date +%s) - start)) s)"
-    calibration=(--calibration "$build/synthetic-8b.kvcal")
-  fi
-  : >"$out/scale.jsonl"
-  for n in ${scale_worker_counts:-1 $workers}; do
+    "$build/kvshard" calibrate "${model_flags[@]}" --outlier_fractions 0.01 --out "$file" "$@" >>"$out/scale.log" 2>&1
+    note "scale: calibration $(basename "$file"): rc=$? ($(($(date +%s) - start)) s)"
+  }
+  # scale-bench with n workers; the remaining arguments are its flags.
+  scale_bench() {
+    local n="$1" what="$2" start
+    shift 2
     start=$(date +%s)
     # --bind-to none: each worker makes 8B synthetic weights on the host with all its threads.
     timeout 420 mpirun "${mpirun_flags[@]:0:${#mpirun_flags[@]}-2}" -np $((n + 1)) --bind-to none \
-      "$build/kvshard" scale-bench "${model_flags[@]}" "${calibration[@]}" --kv_scheme "$scale_scheme" \
-      --device gpu --worker_kv_budget_mb 200000 --worker_threads 8 --max_batch 64 \
-      --bench_tokens_per_worker "$scale_tokens" --bench_batches "$scale_batches" \
-      --bench_prefill_tokens "$scale_prefill" --bench_gemm_tflops "${gemm:-0}" \
-      --bench_json "$out/scale.jsonl" --bench_label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)" \
-      >>"$out/scale.log" 2>&1
-    note "scale: $n worker(s): rc=$? ($(($(date +%s) - start)) s)"
+      "$build/kvshard" scale-bench "${model_flags[@]}" --kv_scheme "$scale_scheme" --device gpu \
+      --worker_kv_budget_mb 200000 --worker_threads 8 --max_batch 64 --bench_gemm_tflops "${gemm:-0}" \
+      --bench_json "$out/scale.jsonl" --bench_label "$label" "$@" >>"$out/scale.log" 2>&1
+    note "scale: $what, $n worker(s): rc=$? ($(($(date +%s) - start)) s)"
+  }
+  fill_calibration=() text_calibration=()
+  if [ "$scale_scheme" != fp16 ]; then
+    calibrate "$build/synthetic-8b-fill.kvcal" --calibration_tokens 4096
+    calibrate "$build/synthetic-8b-text.kvcal" --text "$root/README.md" --calibration_tokens 512 --ctx 256
+    fill_calibration=(--calibration "$build/synthetic-8b-fill.kvcal")
+    text_calibration=(--calibration "$build/synthetic-8b-text.kvcal")
+  fi
+  : >"$out/scale.jsonl"
+  for n in ${scale_worker_counts:-1 $workers}; do
+    if [ -n "$scale_tokens" ]; then
+      scale_bench "$n" decode "${fill_calibration[@]}" --bench_tokens_per_worker "$scale_tokens" \
+        --bench_batches "$scale_batches" --bench_prefill_tokens=
+    fi
+    if [ -n "$scale_prefill" ]; then
+      scale_bench "$n" prefill "${text_calibration[@]}" --bench_tokens_per_worker= --bench_prefill_tokens "$scale_prefill"
+    fi
   done
   grep -E "^(decode|prefill|#)|rror|refused" "$out/scale.log" | head -n 60
 fi
