@@ -7,7 +7,7 @@
 // into the stores, then a short real prompt, then greedy decode. Only the steps that decode all B rows and
 // carry nothing else (no fill, no prefill chunk) are timed; the report gives their median.
 //
-// Prefill: one request with a real prompt of P random tokens and no fill: time to first token, tokens/s,
+// Prefill: one request with a real prompt of P tokens (random ids, or --bench_text) and no fill: time to first token, tokens/s,
 // and the model FLOPs per second, as a fraction of --bench_gemm_tflops per worker (a cuBLAS GEMM rate the
 // caller measured on the same GPUs) when given.
 #include <algorithm>
@@ -36,6 +36,10 @@ ABSL_FLAG(int, bench_decode_steps, 32, "scale-bench: tokens each request generat
 ABSL_FLAG(int, bench_prompt_tokens, 64, "scale-bench: real prompt tokens after each request's SYNTHETIC FILL");
 ABSL_FLAG(std::string, bench_prefill_tokens, "",
           "scale-bench: comma-separated prompt sizes whose real prefill is timed (time to first token)");
+ABSL_FLAG(std::string, bench_text, "",
+          "scale-bench: prompts are this file's tokens, repeated as needed (default: random token ids). A kvq "
+          "calibration must come from the same kind of input: a page whose keys bring more outliers than it "
+          "holds fails the request");
 ABSL_FLAG(double, bench_gemm_tflops, 0, "scale-bench: the GPUs' cuBLAS bf16 GEMM rate, for prefill MFU");
 ABSL_FLAG(std::string, bench_json, "", "scale-bench: append one JSON object per measurement to this file");
 ABSL_FLAG(std::string, bench_label, "", "scale-bench: a label copied into every JSON object (the device)");
@@ -81,13 +85,36 @@ class StepRecorder final : public EngineObserver {
   std::vector<StepTiming> steps_;
 };
 
-std::vector<int32_t> RandomPrompt(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(vocab - 1));
-  std::vector<int32_t> ids(n);
-  for (auto& t : ids) t = id(rng);
-  return ids;
-}
+// Prompt tokens: --bench_text's tokens repeated from an offset, or seeded random ids.
+class PromptSource {
+ public:
+  static absl::StatusOr<PromptSource> FromFlags(const Tokenizer& tokenizer) {
+    PromptSource source;
+    source.vocab_ = tokenizer.vocab_size();
+    if (const std::string path = absl::GetFlag(FLAGS_bench_text); !path.empty()) {
+      KV_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path));
+      source.text_ = tokenizer.Encode(text, /*parse_special=*/false);
+      if (source.text_.empty()) return absl::InvalidArgumentError(absl::StrCat("--bench_text ", path, " has no tokens"));
+    }
+    return source;
+  }
+  std::vector<int32_t> Make(int64_t n, uint64_t seed) const {
+    std::vector<int32_t> ids(n);
+    std::mt19937_64 rng(seed);
+    if (!text_.empty()) {
+      const size_t offset = rng() % text_.size();
+      for (int64_t i = 0; i < n; ++i) ids[i] = text_[(offset + i) % text_.size()];
+      return ids;
+    }
+    std::uniform_int_distribution<int32_t> id(0, vocab_ - 1);
+    for (auto& t : ids) t = id(rng);
+    return ids;
+  }
+
+ private:
+  int32_t vocab_ = 0;
+  std::vector<int32_t> text_;
+};
 
 // Runs `requests` together (one thread each) and returns the first error.
 absl::Status RunTogether(DistributedEngine& engine, const std::vector<GenerationRequest>& requests,
@@ -118,8 +145,8 @@ void AppendJson(const json& j) {
   out << j.dump() << "\n";
 }
 
-absl::Status DecodeRun(DistributedEngine& engine, StepRecorder& recorder, int64_t per_worker, int64_t batch,
-                       const std::string& scheme) {
+absl::Status DecodeRun(DistributedEngine& engine, StepRecorder& recorder, const PromptSource& prompts,
+                       int64_t per_worker, int64_t batch, const std::string& scheme) {
   const int n = engine.n_workers();
   const int steps = absl::GetFlag(FLAGS_bench_decode_steps);
   const int prompt = absl::GetFlag(FLAGS_bench_prompt_tokens);
@@ -133,7 +160,7 @@ absl::Status DecodeRun(DistributedEngine& engine, StepRecorder& recorder, int64_
   }
   std::vector<GenerationRequest> requests(batch);
   for (int64_t i = 0; i < batch; ++i) {
-    requests[i].prompt_ids = RandomPrompt(prompt, engine.tokenizer().vocab_size(), 1000 + i);
+    requests[i].prompt_ids = prompts.Make(prompt, 1000 + i);
     requests[i].max_tokens = steps;
     requests[i].synthetic_fill_tokens = fill;
     requests[i].kv_scheme = scheme;
@@ -211,10 +238,10 @@ double PrefillFlops(const ModelConfig& c, int64_t n) {
   return dense + attention;
 }
 
-absl::Status PrefillRun(DistributedEngine& engine, StepRecorder& recorder, const ModelConfig& config, int64_t n,
-                        const std::string& scheme) {
+absl::Status PrefillRun(DistributedEngine& engine, StepRecorder& recorder, const PromptSource& prompts,
+                        const ModelConfig& config, int64_t n, const std::string& scheme) {
   GenerationRequest request;
-  request.prompt_ids = RandomPrompt(n, engine.tokenizer().vocab_size(), 7);
+  request.prompt_ids = prompts.Make(n, 7);
   request.max_tokens = 1;
   request.synthetic_fill_tokens = 0;
   request.kv_scheme = scheme;
@@ -270,6 +297,7 @@ absl::Status RunScaleBench(const std::vector<std::string>& args) {
   KV_ASSIGN_OR_RETURN(std::vector<int64_t> batches, ParseSizes("bench_batches", absl::GetFlag(FLAGS_bench_batches)));
   KV_ASSIGN_OR_RETURN(std::vector<int64_t> prefills,
                       ParseSizes("bench_prefill_tokens", absl::GetFlag(FLAGS_bench_prefill_tokens)));
+  KV_ASSIGN_OR_RETURN(const PromptSource prompts, PromptSource::FromFlags(distributed->tokenizer()));
   const std::string scheme = distributed->options().default_kv_scheme;
   StepRecorder recorder;
   distributed->set_observer(&recorder);
@@ -284,12 +312,12 @@ absl::Status RunScaleBench(const std::vector<std::string>& args) {
   };
   for (int64_t per_worker : sizes) {
     for (int64_t batch : batches) {
-      keep(DecodeRun(*distributed, recorder, per_worker, batch, scheme),
+      keep(DecodeRun(*distributed, recorder, prompts, per_worker, batch, scheme),
            absl::StrFormat("decode %d tokens per worker, batch %d", per_worker, batch));
     }
   }
   for (int64_t n : prefills) {
-    keep(PrefillRun(*distributed, recorder, distributed->model_config(), n, scheme),
+    keep(PrefillRun(*distributed, recorder, prompts, distributed->model_config(), n, scheme),
          absl::StrFormat("prefill %d tokens", n));
   }
   distributed->set_observer(nullptr);

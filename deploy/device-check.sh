@@ -238,7 +238,7 @@ if want scale; then
                --synthetic_max_context 67108864)
   label="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
   # Calibrates for the scheme: on the synthetic fill (decode contexts), or on this repository's README
-  # through the model (real prefill, whose keys the fill's thresholds do not fit).
+  # through the model (real prefill of that text, whose keys the fill's thresholds do not fit).
   calibrate() {
     local file="$1" start
     shift
@@ -260,8 +260,9 @@ if want scale; then
   }
   fill_calibration=() text_calibration=()
   if [ "$scale_scheme" != fp16 ]; then
-    calibrate "$build/synthetic-8b-fill.kvcal" --calibration_tokens 4096
-    calibrate "$build/synthetic-8b-text.kvcal" --text "$root/README.md" --calibration_tokens 512 --ctx 256
+    [ -n "$scale_tokens" ] && calibrate "$build/synthetic-8b-fill.kvcal" --calibration_tokens 4096
+    [ -n "$scale_prefill" ] &&
+      calibrate "$build/synthetic-8b-text.kvcal" --text "$root/README.md" --calibration_tokens 512 --ctx 256
     fill_calibration=(--calibration "$build/synthetic-8b-fill.kvcal")
     text_calibration=(--calibration "$build/synthetic-8b-text.kvcal")
   fi
@@ -272,7 +273,9 @@ if want scale; then
         --bench_batches "$scale_batches" --bench_prefill_tokens=
     fi
     if [ -n "$scale_prefill" ]; then
-      scale_bench "$n" prefill "${text_calibration[@]}" --bench_tokens_per_worker= --bench_prefill_tokens "$scale_prefill"
+      # The prompt is README.md's bytes, repeated: the text the calibration saw.
+      scale_bench "$n" prefill "${text_calibration[@]}" --bench_text "$root/README.md" --bench_tokens_per_worker= \
+        --bench_prefill_tokens "$scale_prefill"
     fi
   done
   grep -E "^(decode|prefill|#)|rror|refused" "$out/scale.log" | head -n 60
