@@ -3,7 +3,9 @@
 
 Reads the JSON lines the runs append (one object per measurement), prints markdown tables of the decode
 step (weak-scaling efficiency = the 1-worker step time over the N-worker step time at the same tokens per
-worker and batch) and of the prefills, and draws the weak-scaling plot.
+worker and batch) and of the prefills, and draws the weak-scaling plot. The merge time is timed on worker
+1 from the start of its merge to its end, so with several workers it includes waiting for the slowest
+peer's attention; the step times show the merge's net cost.
 
 Usage: bench/scale_plot.py RUN.jsonl [RUN.jsonl ...] [--png bench/scale_weak.png] [--title TEXT]
 """
@@ -31,7 +33,7 @@ def decode_table(rows):
         if r["workers"] == 1:
             base[(r["scheme"], r["tokens_per_worker"], r["batch"])] = r["step_ms_median"]
     out = ["| scheme | tokens/worker | batch | workers | context/request | step ms | tokens/s | weak-scaling eff. "
-           "| merge µs/layer | merge share | KV GB/worker | bits/elem |",
+           "| merge µs/layer (with peer wait) | its share of the step | KV GB/worker | bits/elem |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(decode, key=lambda r: (r["scheme"], r["tokens_per_worker"], r["batch"], r["workers"])):
         key = (r["scheme"], r["tokens_per_worker"], r["batch"])
