@@ -1,6 +1,7 @@
 // `kvshard calibrate` and `kvshard perplexity`: KV-cache calibration and quality on real text.
 #include <cstdio>
 #include <memory>
+#include <optional>
 
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
@@ -43,10 +44,17 @@ struct LoadedModel {
   ModelIdentity identity;
 };
 
-absl::StatusOr<LoadedModel> LoadForQuality() {
-  KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
+// The model file (--model), or the synthetic model `synthetic` describes with its byte tokenizer.
+absl::StatusOr<LoadedModel> LoadForQuality(const std::optional<SyntheticModelSpec>& synthetic = std::nullopt) {
   LoadedModel m;
-  KV_ASSIGN_OR_RETURN(m.engine, SingleProcessEngine::Create(model_path, EngineOptions()));
+  if (synthetic) {
+    KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
+    KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(weights.config.vocab_size));
+    KV_ASSIGN_OR_RETURN(m.engine, SingleProcessEngine::Create(std::move(weights), std::move(tokenizer), EngineOptions()));
+  } else {
+    KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
+    KV_ASSIGN_OR_RETURN(m.engine, SingleProcessEngine::Create(model_path, EngineOptions()));
+  }
   m.model = std::make_unique<CpuModel>(m.engine->weights());
   m.identity = ModelIdentityOf(m.engine->weights());
   return m;
@@ -109,27 +117,19 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
     KV_ASSIGN_OR_RETURN(fisher, LoadFisherWeights(path));
     options.fisher = &fisher;
   }
-  if (std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags()) {
-    if (options.fisher != nullptr) return absl::InvalidArgumentError("--fisher_weights: not for a synthetic model");
-    if (!absl::GetFlag(FLAGS_text).empty()) {
-      // The model's own K/V over the text's bytes (its byte tokenizer): what a real prefill stores.
-      KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
-      KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(weights.config.vocab_size));
-      KV_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, TokenizeTextFlag(*tokenizer, "calibrate"));
-      CpuModel model(weights);
-      KV_ASSIGN_OR_RETURN(Calibration calibration, CalibrateKv(model, ModelIdentityOf(weights), tokens, options));
-      KV_RETURN_IF_ERROR(SaveCalibration(calibration, out));
-      std::fprintf(stderr, "kvshard calibrate: %lld tokens of text through the synthetic model, wrote %s\n",
-                   static_cast<long long>(calibration.tokens), out.c_str());
-      return absl::OkStatus();
-    }
+  const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
+  if (synthetic && options.fisher != nullptr) {
+    return absl::InvalidArgumentError("--fisher_weights: not for a synthetic model");
+  }
+  if (synthetic && absl::GetFlag(FLAGS_text).empty()) {
     KV_ASSIGN_OR_RETURN(Calibration calibration, CalibrateSyntheticFill(*synthetic, options));
     KV_RETURN_IF_ERROR(SaveCalibration(calibration, out));
     std::fprintf(stderr, "kvshard calibrate: %lld tokens of SYNTHETIC FILL, wrote %s\n",
                  static_cast<long long>(calibration.tokens), out.c_str());
     return absl::OkStatus();
   }
-  KV_ASSIGN_OR_RETURN(LoadedModel m, LoadForQuality());
+  // The model's own K/V over --text (a synthetic model reads its bytes): what a real prefill stores.
+  KV_ASSIGN_OR_RETURN(LoadedModel m, LoadForQuality(synthetic));
   KV_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, TokenizeTextFlag(m.engine->tokenizer(), "calibrate"));
   if (options.fisher != nullptr) {
     // The weights carry their own tokens; they must be the text's, so activations and gradients agree.
