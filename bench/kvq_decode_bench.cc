@@ -79,6 +79,7 @@ absl::Status RunOne(int64_t context, int batch, double copy_gbs, Row& row, cudaS
   int32_t *table, *sink_lens, *q_lens, *res_lens;
   int64_t* starts;
   float *klo, *khi, *kcb, *vcb, *invf, *q, *out, *lse;
+  uint2* rope_table = nullptr;
   void* ws;
   const int64_t fp_elems = static_cast<int64_t>(batch) * kKvHeads * kResidual * kDim;
   absl::Status s;
@@ -106,6 +107,7 @@ absl::Status RunOne(int64_t context, int batch, double copy_gbs, Row& row, cudaS
   ok(Alloc(&kcb, 8, owned));
   ok(Alloc(&vcb, 8, owned));
   ok(Alloc(&invf, kDim / 2, owned));
+  ok(Alloc(&rope_table, 128 * kDim / 4, owned));
   ok(Alloc(&q, batch * kHeads * kDim, owned));
   ok(Alloc(&out, batch * kHeads * kDim, owned));
   ok(Alloc(&lse, batch * kHeads, owned));
@@ -143,6 +145,8 @@ absl::Status RunOne(int64_t context, int batch, double copy_gbs, Row& row, cudaS
     rope.theta = 500000.0f;
     const std::vector<float> inv = RopeInverseFrequencies(rope);
     CUDA_RETURN_IF_ERROR(cudaMemcpy(invf, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
+    const std::vector<uint2> rope_host = KvqRopeTable(inv);
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_table, rope_host.data(), rope_host.size() * sizeof(uint2), cudaMemcpyHostToDevice));
     const std::vector<int32_t> sl(batch, kSink), ql(batch, static_cast<int32_t>(quantized)), rl(batch, kResidual);
     const std::vector<int64_t> st(batch, 0);
     CUDA_RETURN_IF_ERROR(cudaMemcpy(sink_lens, sl.data(), batch * 4, cudaMemcpyHostToDevice));
@@ -182,6 +186,7 @@ absl::Status RunOne(int64_t context, int batch, double copy_gbs, Row& row, cudaS
   a.kv.key_codebook = kcb;
   a.kv.value_codebook = vcb;
   a.kv.inv_freq = invf;
+  a.kv.rope_table = rope_table;
   a.max_quantized_len = quantized;
   a.batch = batch;
   a.n_heads = kHeads;

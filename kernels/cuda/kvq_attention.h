@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -80,7 +81,14 @@ struct KvqStoreView {
   const float* key_codebook = nullptr;
   const float* value_codebook = nullptr;
   const float* inv_freq = nullptr;
+  // The fp16 RoPE factors of the offsets inside a page, for bits 3 (the tensor-core kernel rotates keys in
+  // fp16): entry [t][j] (t < 128, j < head_dim / 4) is {fp16x2 cos, fp16x2 sin} of t * inv_freq[2j] and
+  // t * inv_freq[2j + 1]. Upload KvqRopeTable(inv_freq) once per store.
+  const uint2* rope_table = nullptr;
 };
+
+// The host-side contents of KvqStoreView::rope_table for inv_freq (head_dim / 2 entries), angles in double.
+std::vector<uint2> KvqRopeTable(const std::vector<float>& inv_freq);
 
 // Decode: one query token per request, which sees every token of its stream.
 //   q:   fp32 [batch][n_heads][head_dim], RoPE applied at the query's position, unscaled.
@@ -91,7 +99,9 @@ struct KvqStoreView {
 // page of its split once for the whole group (GQA); one more block per (KV head, tile, request) takes
 // the fp16 sink and residual. The splits' partials are merged by MergePartialsCuda. Keys are
 // dequantized (codebook, per-channel thresholds, exact outliers) and rotated at their positions inside
-// the kernel. Supported: head_dim 64, 128; bits 3 (2 and 4 too unless KVSHARD_QUICK_KERNELS).
+// the kernel. Supported: head_dim 64, 128; bits 3 (2 and 4 too unless KVSHARD_QUICK_KERNELS). Bits 3
+// runs QK and PV on tensor cores with fp16 operands (keys dequantized and rotated in fp16, fp32
+// accumulation); 2 and 4 run in fp32 on the CUDA cores.
 struct KvqDecodeAttentionArgs {
   const float* q = nullptr;
   KvqStoreView kv;

@@ -21,12 +21,16 @@
 //   E. accumulates values: each code costs a table read and the group's FMAs with alpha;
 //   F. adds the value outliers (p * (outlier - dequantized)) through a shared per-warp correction row,
 //      without atomics: lanes sharing a channel are summed over the warp first.
+// kvq3 (the default scheme) replaces B and E by tensor-core versions (MmaKeyScores, MmaValues: fp16
+// operands, fp32 accumulation; see "kvq3 on tensor cores" below); A, C, D and F are shared, and bits 2
+// and 4 keep the fp32 B and E above.
 // One more block per (KV head, tile, request) takes the fp16 sink (after RoPE) and residual (rotated
 // here). The block's warps combine in shared memory; MergePartialsCuda merges the splits.
 #include <algorithm>
 #include <climits>
 #include <cmath>
 
+#include "common/half.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_utils.cuh"
@@ -43,6 +47,7 @@ constexpr int kGroupTile = 4;       // query heads per block (Llama-3: group 4; 
 constexpr int kPage = 128;          // quantized tokens per page (kv_codecs.h's kPageTokens)
 constexpr int kMaxSplits = 128;
 constexpr int kMinPagesPerSplit = 8;  // two pages per warp: below that the per-block setup dominates
+constexpr int kProbsStride = kPage + 16;  // kvq3: fp16 weights per head row, padded against bank conflicts
 
 // Shared memory layout (bytes), the same on host and device.
 template <int HEAD_DIM, int BITS>
@@ -56,7 +61,10 @@ struct Smem {
   static constexpr int kInvFreq = kCodebook + 4 * 32;               // float [HEAD_DIM / 2]
   static constexpr int kStateM = kInvFreq + 2 * HEAD_DIM;           // float [kWarps][4]
   static constexpr int kStateL = kStateM + 4 * kWarps * kGroupTile; // float [kWarps][4]
-  static constexpr int kWarpBase = kStateL + 4 * kWarps * kGroupTile;
+  // kvq3 (tensor cores): fp16x2 {half, mid} of channels (2j, 2j + 1), then of (2j + h, 2j + 1 + h) with
+  // h = HEAD_DIM / 2: uint4 [HEAD_DIM / 4].
+  static constexpr int kKeyPairs = kStateL + 4 * kWarps * kGroupTile;
+  static constexpr int kWarpBase = kKeyPairs + 4 * HEAD_DIM;
   // Per-warp part, at kWarpBase + warp * WarpBytes(n_out).
   static constexpr int kKeyCodes = 0;
   static constexpr int kValueCodes = kKeyCodes + kCodeBytes + 16;  // +16: reads may touch one word past
@@ -65,18 +73,22 @@ struct Smem {
   static constexpr int kCount = kHigh + 2 * kPage;                 // u8 [128]
   static constexpr int kScores = kCount + kPage;                   // float [128][4]
   // float [128][4] alpha = p * half for E, then float [4][HEAD_DIM] value outlier corrections for F.
+  // The tensor-core path (kvq3) keeps fp16 p [4][kProbsStride] and fp16 half [128] there instead of alpha.
   static constexpr int kAlpha = kScores + 4 * kPage * kGroupTile;
   static constexpr int kCorr = kAlpha;
+  static constexpr int kProbs = kAlpha;
+  static constexpr int kHalfScale = kProbs + 2 * kGroupTile * kProbsStride;
   static constexpr int kAnchor = kAlpha + 4 * kGroupTile * (HEAD_DIM > kPage ? HEAD_DIM : kPage);  // float2 [HEAD_DIM / 2]
   static constexpr int kOutlierChannel = kAnchor + 4 * HEAD_DIM;    // u8 [128][n_out]
   __host__ __device__ static int OutlierValue(int n_out) { return kOutlierChannel + kPage * n_out; }
   __host__ __device__ static int WarpBytes(int n_out) { return OutlierValue(n_out) + 2 * kPage * n_out; }
   __host__ __device__ static int Total(int n_out) { return kWarpBase + kWarps * WarpBytes(n_out); }
-  static_assert(kWarpBase % 16 == 0 && kValueCodes % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
+  static_assert(kKeyPairs % 16 == 0 && kProbs % 16 == 0 && kHalfScale % 16 == 0 && kWarpBase % 16 == 0 && kValueCodes % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
                     kOutlierChannel % 16 == 0 && kAnchor % 16 == 0,
                 "cp.async destinations must be 16-byte aligned");
   // The block's combine reuses the warp area: float [kWarps][4][HEAD_DIM].
   static_assert(kWarps * kGroupTile * HEAD_DIM * 4 <= kWarps * kOutlierChannel, "combine state must fit");
+  static_assert(kHalfScale + 2 * kPage <= kAnchor, "kvq3 weights and half-ranges must fit the alpha area");
 };
 
 struct KvqParams {
@@ -166,9 +178,202 @@ __device__ __forceinline__ void AddAngle(float2 anchor, float cb, float sb, floa
   *s = fmaf(anchor.y, cb, anchor.x * sb);
 }
 
+// ---- kvq3 on tensor cores ----
+// QK^T and PV run as m16n8k16 fp16 MMAs with fp32 accumulation. Codes go to fp16 through a register
+// lookup table (byte permutes), so no shared-memory read per code:
+//   * a lane's 3-bit codes are "spread" to one nibble each (Spread24), pairs of nibbles from two code
+//     streams are joined into a 4-nibble selector (one byte permute), and two byte permutes on the
+//     codebook's low and high bytes give the four fp16 values, two more pair them up (LutLookup);
+//   * keys (S^T = K Q^T): A = keys [16 tokens][16 channels], B = query group [16 channels][8 heads].
+//     Lane (g = lane / 4, q = lane % 4) holds tokens 16g + 2mt and 16g + 2mt + 1 of m-tile mt, and the
+//     RoPE pairs 8s + 2q + {0, 1} of k-step s (their channels i and i + HEAD_DIM / 2 are the
+//     fragment's columns 2q, 2q + 1 and 2q + 8, 2q + 9), so each lane rotates its own pairs: the key by
+//     the page offset t (fp16 factors from rope_table), the query by the page's first position (fp32,
+//     then fp16). Its 16 tokens of a channel are one 48-bit field of the channel-major stream.
+//   * values (O^T = V^T P^T): A = values [16 channels][16 tokens] times the token's half-range, B = p
+//     [16 tokens][8 heads]. Lane (g, q) holds channels (HEAD_DIM / 8) g + 2mt + {0, 1} and tokens 16r + 4q
+//     + {0..3} of k-step r: its channels of a token are one field of the token-major stream.
+// Lanes of one query-column group read neighbouring words (the 8-byte RoPE factors, the fp16 weights), so
+// those loads are coalesced and free of bank conflicts.
+// Heads beyond the tile's four are zero columns.
+
+// Eight 3-bit codes (bits 0..23) to eight nibbles: code j in bits 4j .. 4j + 2, bit 4j + 3 clear.
+__device__ __forceinline__ uint32_t Spread24(uint32_t x) {
+  uint32_t y = (x & 0x00000FFFu) | ((x << 4) & 0x0FFF0000u);
+  y = (y & 0x003F003Fu) | ((y << 2) & 0x3F003F00u);
+  return (y & 0x07070707u) | ((y << 1) & 0x70707070u);
+}
+
+// The fp16 codebook of 8 entries as byte tables: lo[k / 4] byte k % 4 is the low byte of entry k.
+struct HalfLut {
+  uint32_t lo0, lo1, hi0, hi1;
+};
+
+__device__ __forceinline__ HalfLut MakeHalfLut(const float* codebook) {
+  uint32_t lo[2] = {0u, 0u}, hi[2] = {0u, 0u};
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const uint32_t h = __half_as_ushort(__float2half_rn(codebook[k]));
+    lo[k >> 2] |= (h & 0xFFu) << (8 * (k & 3));
+    hi[k >> 2] |= (h >> 8) << (8 * (k & 3));
+  }
+  return HalfLut{lo[0], lo[1], hi[0], hi[1]};
+}
+
+// Codes in selector nibbles 0..3 (low 16 bits; bit 3 of each nibble clear) to fp16x2 {code 0, code 2}
+// and {code 1, code 3}.
+__device__ __forceinline__ void LutLookup(const HalfLut& t, uint32_t selector, uint32_t* x02, uint32_t* x13) {
+  const uint32_t lo = __byte_perm(t.lo0, t.lo1, selector);
+  const uint32_t hi = __byte_perm(t.hi0, t.hi1, selector);
+  *x02 = __byte_perm(lo, hi, 0x6240);
+  *x13 = __byte_perm(lo, hi, 0x7351);
+}
+
+// Byte `index` (0..3) of a and of b as selector nibbles 0, 1 and 2, 3.
+__device__ __forceinline__ uint32_t JoinBytes(uint32_t a, uint32_t b, int index) {
+  return __byte_perm(a, b, static_cast<uint32_t>(index | ((4 + index) << 4)));
+}
+
+__device__ __forceinline__ __half2 AsHalf2(uint32_t x) {
+  __half2 h;
+  memcpy(&h, &x, 4);
+  return h;
+}
+__device__ __forceinline__ uint32_t AsWord(__half2 h) {
+  uint32_t x;
+  memcpy(&x, &h, 4);
+  return x;
+}
+
+// Channel c's codes of tokens 16g .. 16g + 15 of a staged channel-major key page (12 words a channel),
+// spread: out[0] tokens 16g .. 16g + 7, out[1] the next eight.
+__device__ __forceinline__ void KeyField(const uint32_t* kcodes, int c, int g, uint32_t (&out)[2]) {
+  const uint32_t* w = kcodes + c * 12 + ((3 * g) >> 1);
+  const int shift = (g & 1) * 16;
+  const uint32_t lo = __funnelshift_r(w[0], w[1], shift);
+  const uint32_t hi = __funnelshift_r(w[1], w[2], shift);
+  out[0] = Spread24(lo);
+  out[1] = Spread24(__funnelshift_r(lo, hi, 24));
+}
+
+// Token t's codes of channels (HEAD_DIM / 8) g .. + HEAD_DIM / 8 - 1 of a staged token-major value page,
+// spread (eight channels a word).
+template <int HEAD_DIM>
+__device__ __forceinline__ void ValueField(const uint32_t* vcodes, int t, int g, uint32_t (&out)[HEAD_DIM / 64]) {
+  const int bit = 3 * (t * HEAD_DIM + (HEAD_DIM / 8) * g);
+  const uint32_t* w = vcodes + (bit >> 5);
+  const uint32_t lo = __funnelshift_r(w[0], w[1], bit & 31);
+  out[0] = Spread24(lo);
+  if constexpr (HEAD_DIM == 128) out[1] = Spread24(__funnelshift_r(lo, __funnelshift_r(w[1], w[2], bit & 31), 24));
+}
+
+// RoPE of the pair (a at channel i, b at channel i + HEAD_DIM / 2) of two channels at once, in fp16:
+// factors = {fp16x2 cos, fp16x2 sin}.
+__device__ __forceinline__ void RotateHalf2(__half2 a, __half2 b, uint2 factors, uint32_t* ra, uint32_t* rb) {
+  const __half2 c = AsHalf2(factors.x), s = AsHalf2(factors.y);
+  *ra = AsWord(__hfma2(a, c, __hneg2(__hmul2(b, s))));
+  *rb = AsWord(__hfma2(b, c, __hmul2(a, s)));
+}
+
+// Dense key scores of a staged kvq3 page for the group tile, on tensor cores, into scores_s [128][4]
+// (log2 domain: q_s is scaled). anchor_s: cos/sin of the page's first position per frequency.
+template <int HEAD_DIM>
+__device__ __forceinline__ void MmaKeyScores(const uint32_t* kcodes, const float* q_s, const float2* anchor_s,
+                                             const uint4* pairs_s, const uint2* __restrict__ rope_table,
+                                             const HalfLut& lut, int n_group, int lane, float* scores_s) {
+  constexpr int kHalf = HEAD_DIM / 2;
+  constexpr int kSteps = HEAD_DIM / 16;
+  const int g = lane >> 2, q = lane & 3;
+  uint32_t qb0[kSteps], qb1[kSteps];
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    float ra[2] = {0.0f, 0.0f}, rb[2] = {0.0f, 0.0f};
+    if (g < n_group) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int i = 8 * s + 2 * q + e;
+        const float qa = q_s[g * HEAD_DIM + i], qv = q_s[g * HEAD_DIM + i + kHalf];
+        const float2 an = anchor_s[i];
+        ra[e] = fmaf(qa, an.x, qv * an.y);
+        rb[e] = fmaf(qv, an.x, -qa * an.y);
+      }
+    }
+    qb0[s] = PackPair<__half>(ra[0], ra[1]);
+    qb1[s] = PackPair<__half>(rb[0], rb[1]);
+  }
+  float acc[8][4];
+#pragma unroll
+  for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc[mt][k] = 0.0f;
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    const int i0 = 8 * s + 2 * q;
+    uint32_t fa0[2], fa1[2], fb0[2], fb1[2];
+    KeyField(kcodes, i0, g, fa0);
+    KeyField(kcodes, i0 + 1, g, fa1);
+    KeyField(kcodes, i0 + kHalf, g, fb0);
+    KeyField(kcodes, i0 + 1 + kHalf, g, fb1);
+    const uint4 dq = pairs_s[i0 / 2];
+    const uint2* rope = rope_table + i0 / 2;
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt) {
+      uint32_t xa0, xa1, xb0, xb1;  // {channel i0, i0 + 1} of tokens t0 and t0 + 1, a and b sides
+      LutLookup(lut, JoinBytes(fa0[mt >> 2], fa1[mt >> 2], mt & 3), &xa0, &xa1);
+      LutLookup(lut, JoinBytes(fb0[mt >> 2], fb1[mt >> 2], mt & 3), &xb0, &xb1);
+      const __half2 a0 = __hfma2(AsHalf2(xa0), AsHalf2(dq.x), AsHalf2(dq.y));
+      const __half2 a1 = __hfma2(AsHalf2(xa1), AsHalf2(dq.x), AsHalf2(dq.y));
+      const __half2 b0 = __hfma2(AsHalf2(xb0), AsHalf2(dq.z), AsHalf2(dq.w));
+      const __half2 b1 = __hfma2(AsHalf2(xb1), AsHalf2(dq.z), AsHalf2(dq.w));
+      const int t0 = 16 * g + 2 * mt;
+      uint32_t frag[4];
+      RotateHalf2(a0, b0, __ldg(rope + t0 * (HEAD_DIM / 4)), &frag[0], &frag[2]);
+      RotateHalf2(a1, b1, __ldg(rope + (t0 + 1) * (HEAD_DIM / 4)), &frag[1], &frag[3]);
+      Mma16816<__half>(acc[mt], frag, qb0[s], qb1[s]);
+    }
+  }
+  if (q < 2) {
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt) {
+      const int t0 = 16 * g + 2 * mt;
+      *reinterpret_cast<float2*>(scores_s + t0 * kGroupTile + 2 * q) = make_float2(acc[mt][0], acc[mt][1]);
+      *reinterpret_cast<float2*>(scores_s + (t0 + 1) * kGroupTile + 2 * q) = make_float2(acc[mt][2], acc[mt][3]);
+    }
+  }
+}
+
+// acc[mt] += values of the staged kvq3 page times p, on tensor cores: O^T fragments (channel rows
+// (HEAD_DIM / 8) g + 2mt + {0, 1}, head columns 2q, 2q + 1). p_s: fp16 [4][kProbsStride]; half_s: fp16 [128], the
+// tokens' half-ranges (the value is low + half + half * codebook[code]; the rest is summed apart).
+template <int HEAD_DIM>
+__device__ __forceinline__ void MmaValues(const uint32_t* vcodes, const __half* p_s, const __half* half_s,
+                                          const HalfLut& lut, int lane, float (&acc)[HEAD_DIM / 16][4]) {
+  constexpr int kTiles = HEAD_DIM / 16;
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll 2
+  for (int r = 0; r < 8; ++r) {
+    const int t0 = 16 * r + 4 * q;
+    uint32_t f[4][HEAD_DIM / 64];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) ValueField<HEAD_DIM>(vcodes, t0 + u, g, f[u]);
+    const uint2 hh = *reinterpret_cast<const uint2*>(half_s + t0);
+    const uint2 pb = g < kGroupTile ? *reinterpret_cast<const uint2*>(p_s + g * kProbsStride + t0) : make_uint2(0u, 0u);
+#pragma unroll
+    for (int mt = 0; mt < kTiles; ++mt) {
+      uint32_t x02, x13, y02, y13;  // channel rows (2mt, 2mt + 1) of tokens (t0, t0 + 1), then (t0 + 2, t0 + 3)
+      LutLookup(lut, JoinBytes(f[0][mt >> 2], f[1][mt >> 2], mt & 3), &x02, &x13);
+      LutLookup(lut, JoinBytes(f[2][mt >> 2], f[3][mt >> 2], mt & 3), &y02, &y13);
+      const uint32_t frag[4] = {AsWord(__hmul2(AsHalf2(x02), AsHalf2(hh.x))), AsWord(__hmul2(AsHalf2(x13), AsHalf2(hh.x))),
+                                AsWord(__hmul2(AsHalf2(y02), AsHalf2(hh.y))), AsWord(__hmul2(AsHalf2(y13), AsHalf2(hh.y)))};
+      Mma16816<__half>(acc[mt], frag, pb.x, pb.y);
+    }
+  }
+}
+
 template <int HEAD_DIM, int BITS>
-__global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
+__global__ void __launch_bounds__(kThreads, BITS == 3 ? 3 : 1) KvqDecodeKernel(const KvqParams p) {
   using L = Smem<HEAD_DIM, BITS>;
+  constexpr bool kMma = BITS == 3;  // kvq3 runs on tensor cores
   constexpr int kHalf = HEAD_DIM / 2;
   constexpr int kLanesPerToken = HEAD_DIM / 8;       // 16 (d=128) or 8 (d=64)
   constexpr int kTokenGroups = 32 / kLanesPerToken;  // 2 or 4
@@ -222,6 +427,21 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
     cbv_s[threadIdx.x] = p.kv.value_codebook[threadIdx.x];
   }
   for (int i = threadIdx.x; i < kHalf; i += kThreads) invf_s[i] = p.kv.inv_freq[i];
+  if constexpr (kMma) {
+    for (int j = threadIdx.x; j < HEAD_DIM / 4; j += kThreads) {
+      float hv[4], mv[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int c = 2 * j + (k & 1) + (k >> 1) * kHalf;
+        const float lo = p.kv.key_low[kv_head * HEAD_DIM + c];
+        hv[k] = (p.kv.key_high[kv_head * HEAD_DIM + c] - lo) * 0.5f;
+        mv[k] = lo + hv[k];
+      }
+      reinterpret_cast<uint4*>(smem + L::kKeyPairs)[j] =
+          make_uint4(PackPair<__half>(hv[0], hv[1]), PackPair<__half>(mv[0], mv[1]), PackPair<__half>(hv[2], hv[3]),
+                     PackPair<__half>(mv[2], mv[3]));
+    }
+  }
   __syncthreads();
 
   const int sink_len = p.kv.sink_lens[request];
@@ -256,6 +476,17 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) RopeAngle(1, invf_s[kg + kLanesPerToken * j], &step_c[j], &step_s[j]);
     float acc[kGroupTile][8], beta[kGroupTile];
+    float oacc[HEAD_DIM / 16][4];  // kvq3: O^T fragments (MmaValues)
+#pragma unroll
+    for (int mt = 0; mt < HEAD_DIM / 16; ++mt)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) oacc[mt][k] = 0.0f;
+    HalfLut klut{}, vlut{};
+    if constexpr (kMma) {
+      klut = MakeHalfLut(cbk_s);
+      vlut = MakeHalfLut(cbv_s);
+    }
+    const int mq = lane & 3;  // kvq3: this lane's head columns 2 mq, 2 mq + 1 (heads < 4 when mq < 2)
 #pragma unroll
     for (int g = 0; g < kGroupTile; ++g) {
       beta[g] = 0.0f;
@@ -354,85 +585,90 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
         }
       }
 
-      // B. Dense key scores of this lane group's tokens, 32 at a time, four tokens per reduction: the
-      // lanes of a token exchange halves of their 16 partial sums (4 tokens x 4 query heads) at each
-      // butterfly level, so a lane ends with 16 / kLanesPerToken finished scores.
-#pragma unroll 1
-      for (int chunk = 0; chunk < kChunks; ++chunk) {
-        const int t0 = tg * kGroupTokens + chunk * 32;
-        uint32_t words[8][BITS + 1];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int c = (j < 4) ? kg + kLanesPerToken * j : kHalf + kg + kLanesPerToken * (j - 4);
-          // Channel c's 128 codes are 4 * BITS words; tokens t0 .. t0 + 31 are BITS of them.
-#pragma unroll
-          for (int w = 0; w < BITS; ++w) words[j][w] = kcodes[c * 4 * BITS + (t0 / 32) * BITS + w];
-          words[j][BITS] = 0;
-        }
-        float cs[4], sn[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int i = kg + kLanesPerToken * j;
-          float tc, ts;
-          SmallAngle(t0, invf_s[i], &tc, &ts);
-          AddAngle(anchor_s[i], tc, ts, &cs[j], &sn[j]);
-        }
-#pragma unroll
-        for (int tq = 0; tq < 8; ++tq) {
-          float s[4 * kGroupTile];
-#pragma unroll
-          for (int v = 0; v < 4 * kGroupTile; ++v) s[v] = 0.0f;
-#pragma unroll
-          for (int tt = 0; tt < 4; ++tt) {
-            const int t = 4 * tq + tt;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const int bit = t * BITS;
-              const uint32_t ca = __funnelshift_r(words[j][bit >> 5], words[j][(bit >> 5) + 1], bit & 31) & kMask;
-              const uint32_t cb = __funnelshift_r(words[j + 4][bit >> 5], words[j + 4][(bit >> 5) + 1], bit & 31) & kMask;
-              const float a = fmaf(half[j], cbk_s[ca], mid[j]);
-              const float b = fmaf(half[j + 4], cbk_s[cb], mid[j + 4]);
-              const float ra = a * cs[j] - b * sn[j];
-              const float rb = b * cs[j] + a * sn[j];
-#pragma unroll
-              for (int g = 0; g < kGroupTile; ++g)
-                s[tt * kGroupTile + g] = fmaf(qr[g][j], ra, fmaf(qr[g][j + 4], rb, s[tt * kGroupTile + g]));
-              const float nc = cs[j] * step_c[j] - sn[j] * step_s[j];
-              sn[j] = sn[j] * step_c[j] + cs[j] * step_s[j];
-              cs[j] = nc;
-            }
+      if constexpr (kMma) {
+        MmaKeyScores<HEAD_DIM>(kcodes, q_s, anchor_s, reinterpret_cast<const uint4*>(smem + L::kKeyPairs),
+                               p.kv.rope_table, klut, n_group, lane, scores_s);
+      } else {
+        // B. Dense key scores of this lane group's tokens, 32 at a time, four tokens per reduction: the
+        // lanes of a token exchange halves of their 16 partial sums (4 tokens x 4 query heads) at each
+        // butterfly level, so a lane ends with 16 / kLanesPerToken finished scores.
+  #pragma unroll 1
+        for (int chunk = 0; chunk < kChunks; ++chunk) {
+          const int t0 = tg * kGroupTokens + chunk * 32;
+          uint32_t words[8][BITS + 1];
+  #pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int c = (j < 4) ? kg + kLanesPerToken * j : kHalf + kg + kLanesPerToken * (j - 4);
+            // Channel c's 128 codes are 4 * BITS words; tokens t0 .. t0 + 31 are BITS of them.
+  #pragma unroll
+            for (int w = 0; w < BITS; ++w) words[j][w] = kcodes[c * 4 * BITS + (t0 / 32) * BITS + w];
+            words[j][BITS] = 0;
           }
-          // Transposing butterfly over the kLanesPerToken lanes of a token (xor offsets below 16). Each
-          // level is its own loop with a constant trip count, so s stays in registers.
-          {
-            const bool up1 = (lane & (kLanesPerToken / 2)) != 0;
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-              const float send = up1 ? s[k] : s[k + 8];
-              s[k] = (up1 ? s[k + 8] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 2);
-            }
-            const bool up2 = (lane & (kLanesPerToken / 4)) != 0;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const float send = up2 ? s[k] : s[k + 4];
-              s[k] = (up2 ? s[k + 4] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 4);
-            }
-            const bool up3 = (lane & (kLanesPerToken / 8)) != 0;
-#pragma unroll
-            for (int k = 0; k < 2; ++k) {
-              const float send = up3 ? s[k] : s[k + 2];
-              s[k] = (up3 ? s[k + 2] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 8);
-            }
-            if constexpr (kLevels == 4) {
-              const bool up4 = (lane & 1) != 0;
-              const float send = up4 ? s[0] : s[1];
-              s[0] = (up4 ? s[1] : s[0]) + __shfl_xor_sync(0xffffffffu, send, 1);
-            }
+          float cs[4], sn[4];
+  #pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int i = kg + kLanesPerToken * j;
+            float tc, ts;
+            SmallAngle(t0, invf_s[i], &tc, &ts);
+            AddAngle(anchor_s[i], tc, ts, &cs[j], &sn[j]);
           }
-          // Lane kg holds entries kg * kPer .. of the 16 (token-major, then query head).
-          constexpr int kPer = 4 * kGroupTile / kLanesPerToken;
-#pragma unroll
-          for (int k = 0; k < kPer; ++k) scores_s[(t0 + 4 * tq) * kGroupTile + kg * kPer + k] = s[k];
+  #pragma unroll
+          for (int tq = 0; tq < 8; ++tq) {
+            float s[4 * kGroupTile];
+  #pragma unroll
+            for (int v = 0; v < 4 * kGroupTile; ++v) s[v] = 0.0f;
+  #pragma unroll
+            for (int tt = 0; tt < 4; ++tt) {
+              const int t = 4 * tq + tt;
+  #pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const int bit = t * BITS;
+                const uint32_t ca = __funnelshift_r(words[j][bit >> 5], words[j][(bit >> 5) + 1], bit & 31) & kMask;
+                const uint32_t cb = __funnelshift_r(words[j + 4][bit >> 5], words[j + 4][(bit >> 5) + 1], bit & 31) & kMask;
+                const float a = fmaf(half[j], cbk_s[ca], mid[j]);
+                const float b = fmaf(half[j + 4], cbk_s[cb], mid[j + 4]);
+                const float ra = a * cs[j] - b * sn[j];
+                const float rb = b * cs[j] + a * sn[j];
+  #pragma unroll
+                for (int g = 0; g < kGroupTile; ++g)
+                  s[tt * kGroupTile + g] = fmaf(qr[g][j], ra, fmaf(qr[g][j + 4], rb, s[tt * kGroupTile + g]));
+                const float nc = cs[j] * step_c[j] - sn[j] * step_s[j];
+                sn[j] = sn[j] * step_c[j] + cs[j] * step_s[j];
+                cs[j] = nc;
+              }
+            }
+            // Transposing butterfly over the kLanesPerToken lanes of a token (xor offsets below 16). Each
+            // level is its own loop with a constant trip count, so s stays in registers.
+            {
+              const bool up1 = (lane & (kLanesPerToken / 2)) != 0;
+  #pragma unroll
+              for (int k = 0; k < 8; ++k) {
+                const float send = up1 ? s[k] : s[k + 8];
+                s[k] = (up1 ? s[k + 8] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 2);
+              }
+              const bool up2 = (lane & (kLanesPerToken / 4)) != 0;
+  #pragma unroll
+              for (int k = 0; k < 4; ++k) {
+                const float send = up2 ? s[k] : s[k + 4];
+                s[k] = (up2 ? s[k + 4] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 4);
+              }
+              const bool up3 = (lane & (kLanesPerToken / 8)) != 0;
+  #pragma unroll
+              for (int k = 0; k < 2; ++k) {
+                const float send = up3 ? s[k] : s[k + 2];
+                s[k] = (up3 ? s[k + 2] : s[k]) + __shfl_xor_sync(0xffffffffu, send, kLanesPerToken / 8);
+              }
+              if constexpr (kLevels == 4) {
+                const bool up4 = (lane & 1) != 0;
+                const float send = up4 ? s[0] : s[1];
+                s[0] = (up4 ? s[1] : s[0]) + __shfl_xor_sync(0xffffffffu, send, 1);
+              }
+            }
+            // Lane kg holds entries kg * kPer .. of the 16 (token-major, then query head).
+            constexpr int kPer = 4 * kGroupTile / kLanesPerToken;
+  #pragma unroll
+            for (int k = 0; k < kPer; ++k) scores_s[(t0 + 4 * tq) * kGroupTile + kg * kPer + k] = s[k];
+          }
         }
       }
       __syncwarp();
@@ -501,16 +737,30 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
           l[g] = l[g] * corr[g] + sum;
           m[g] = new_max;
           beta[g] *= corr[g];
+          if constexpr (!kMma) {
 #pragma unroll
-          for (int c = 0; c < 8; ++c) acc[g][c] *= corr[g];
+            for (int c = 0; c < 8; ++c) acc[g][c] *= corr[g];
+          }
         }
+        if constexpr (kMma) {
+          const float ce = mq == 0 ? corr[0] : corr[2], co = mq == 0 ? corr[1] : corr[3];
+#pragma unroll
+          for (int mt = 0; mt < HEAD_DIM / 16; ++mt) {
+            oacc[mt][0] *= ce;
+            oacc[mt][1] *= co;
+            oacc[mt][2] *= ce;
+            oacc[mt][3] *= co;
+          }
+        }
+        uint16_t hh16[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int tok = 4 * lane + u;
           float4 al = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          float hh = 0.0f;
           if (tok < n_valid) {
             const float lo = __half2float(low_s[tok]);
-            const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
+            hh = (__half2float(high_s[tok]) - lo) * 0.5f;
             const float base = lo + hh;
             al = make_float4(sv[u].x * hh, sv[u].y * hh, sv[u].z * hh, sv[u].w * hh);
             beta[0] = fmaf(sv[u].x, base, beta[0]);
@@ -519,13 +769,31 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
             beta[3] = fmaf(sv[u].w, base, beta[3]);
           }
           reinterpret_cast<float4*>(scores_s)[tok] = sv[u];
-          reinterpret_cast<float4*>(alpha_s)[tok] = al;
+          if constexpr (kMma) {
+            hh16[u] = __half_as_ushort(__float2half_rn(hh));
+          } else {
+            reinterpret_cast<float4*>(alpha_s)[tok] = al;
+          }
+        }
+        if constexpr (kMma) {  // fp16 p [4][128] and half-ranges [128] for MmaValues
+          __half* p16 = reinterpret_cast<__half*>(wbase + L::kProbs);
+          reinterpret_cast<uint2*>(wbase + L::kHalfScale)[lane] =
+              make_uint2(hh16[0] | (static_cast<uint32_t>(hh16[1]) << 16), hh16[2] | (static_cast<uint32_t>(hh16[3]) << 16));
+#pragma unroll
+          for (int g = 0; g < kGroupTile; ++g) {
+            const float* f = reinterpret_cast<const float*>(sv) + g;
+            reinterpret_cast<uint2*>(p16 + g * kProbsStride)[lane] =
+                make_uint2(PackPair<__half>(f[0], f[4]), PackPair<__half>(f[8], f[12]));
+          }
         }
       }
       __syncwarp();
 
       // E. Values: lane owns channels 8 * kg .. 8 * kg + 7 of its token group's tokens.
-      {
+      if constexpr (kMma) {
+        MmaValues<HEAD_DIM>(vcodes, reinterpret_cast<const __half*>(wbase + L::kProbs),
+                            reinterpret_cast<const __half*>(wbase + L::kHalfScale), vlut, lane, oacc);
+      } else {
         const int t_begin = tg * kGroupTokens;
         const int t_end = min(t_begin + kGroupTokens, n_valid);
 #pragma unroll 4
@@ -603,7 +871,18 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
           }
         }
         __syncwarp();
-        if (tg == 0) {
+        if constexpr (kMma) {
+          if (mq < 2) {
+#pragma unroll
+            for (int mt = 0; mt < HEAD_DIM / 16; ++mt) {
+              const int ch = (HEAD_DIM / 8) * (lane >> 2) + 2 * mt;
+              oacc[mt][0] += corr_s[2 * mq * HEAD_DIM + ch];
+              oacc[mt][1] += corr_s[(2 * mq + 1) * HEAD_DIM + ch];
+              oacc[mt][2] += corr_s[2 * mq * HEAD_DIM + ch + 1];
+              oacc[mt][3] += corr_s[(2 * mq + 1) * HEAD_DIM + ch + 1];
+            }
+          }
+        } else if (tg == 0) {
 #pragma unroll
           for (int g = 0; g < kGroupTile; ++g)
 #pragma unroll
@@ -623,16 +902,32 @@ __global__ void __launch_bounds__(kThreads) KvqDecodeKernel(const KvqParams p) {
     for (int g = 0; g < kGroupTile; ++g) {
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) beta[g] += __shfl_xor_sync(0xffffffffu, beta[g], off);
+      if constexpr (!kMma) {
 #pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        float x = acc[g][c];
+        for (int c = 0; c < 8; ++c) {
+          float x = acc[g][c];
 #pragma unroll
-        for (int off = kLanesPerToken; off < 32; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-        acc[g][c] = x + beta[g];
+          for (int off = kLanesPerToken; off < 32; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+          acc[g][c] = x + beta[g];
+        }
       }
     }
     __syncthreads();  // every warp is done with its staging area, which the combine state reuses
-    if (tg == 0) {
+    if constexpr (kMma) {
+      if (mq < 2) {
+        const float be = mq == 0 ? beta[0] : beta[2], bo = mq == 0 ? beta[1] : beta[3];
+        float* even = &state_acc[(warp * kGroupTile + 2 * mq) * HEAD_DIM];
+        float* odd = even + HEAD_DIM;
+#pragma unroll
+        for (int mt = 0; mt < HEAD_DIM / 16; ++mt) {
+          const int ch = (HEAD_DIM / 8) * (lane >> 2) + 2 * mt;
+          even[ch] = oacc[mt][0] + be;
+          odd[ch] = oacc[mt][1] + bo;
+          even[ch + 1] = oacc[mt][2] + be;
+          odd[ch + 1] = oacc[mt][3] + bo;
+        }
+      }
+    } else if (tg == 0) {
 #pragma unroll
       for (int g = 0; g < kGroupTile; ++g) {
         float4* dst = reinterpret_cast<float4*>(&state_acc[(warp * kGroupTile + g) * HEAD_DIM + 8 * kg]);
@@ -767,6 +1062,9 @@ absl::Status ValidateKvqDecode(const KvqDecodeAttentionArgs& a) {
          (k.n_value_outliers > 0 && (k.value_outlier_channel == nullptr || k.value_outlier_value == nullptr)))) {
       return absl::InvalidArgumentError("KvqDecodeAttentionCuda: null page pointer");
     }
+    if (a.max_quantized_len > 0 && k.bits == 3 && k.rope_table == nullptr) {
+      return absl::InvalidArgumentError("KvqDecodeAttentionCuda: kvq3 needs rope_table (KvqRopeTable)");
+    }
     if ((k.max_sink > 0 && (k.sink_k == nullptr || k.sink_v == nullptr)) ||
         (k.max_residual > 0 && (k.residual_k == nullptr || k.residual_v == nullptr))) {
       return absl::InvalidArgumentError("KvqDecodeAttentionCuda: null sink or residual pointer");
@@ -861,6 +1159,22 @@ absl::Status DispatchKvq(const KvqDecodeAttentionArgs& a, cudaStream_t stream, i
 }
 
 }  // namespace
+
+std::vector<uint2> KvqRopeTable(const std::vector<float>& inv_freq) {
+  const int quads = static_cast<int>(inv_freq.size()) / 2;
+  std::vector<uint2> table(static_cast<size_t>(kPage) * quads);
+  for (int t = 0; t < kPage; ++t) {
+    for (int j = 0; j < quads; ++j) {
+      const double a0 = t * static_cast<double>(inv_freq[2 * j]), a1 = t * static_cast<double>(inv_freq[2 * j + 1]);
+      const auto pack = [](double lo, double hi) {
+        return static_cast<uint32_t>(FloatToHalf(static_cast<float>(lo))) |
+               (static_cast<uint32_t>(FloatToHalf(static_cast<float>(hi))) << 16);
+      };
+      table[static_cast<size_t>(t) * quads + j] = make_uint2(pack(std::cos(a0), std::cos(a1)), pack(std::sin(a0), std::sin(a1)));
+    }
+  }
+  return table;
+}
 
 int64_t KvqDecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim) {
   return static_cast<int64_t>(kMaxSplits + 1) * batch * n_heads * (head_dim + 1) * 4;

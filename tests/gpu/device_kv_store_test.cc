@@ -37,12 +37,15 @@ constexpr int kKvHeads = 2;
 // Per (row, head) bounds from the stored K/V the row sees: scores move by at most
 // E = scale * max_t sum_c |q_c k_tc| * rel, so lse by E and the output (a convex combination whose
 // weights change by a factor within exp(+-2E)) by 2E max|v|; `value_rel` adds a relative rounding of the
-// values (fp16 P or V in the prefill kernel).
+// values (fp16 P or V in the prefill kernel). `key_range` (per KV head and channel, optional) adds
+// |mid| + |half-range| of kvq's calibrated key thresholds to |k|: the kvq3 decode kernel dequantizes keys in
+// fp16 from those (kvq_attention_kernels_test).
 struct Bounds {
   std::vector<double> out, lse;
 };
 void AddBounds(const KvGeometry& g, const float* q, int rows, const std::vector<std::vector<float>>& k,
-               const std::vector<std::vector<float>>& v, int64_t n_keys, double rel, double value_rel, Bounds* b) {
+               const std::vector<std::vector<float>>& v, int64_t n_keys, double rel, double value_rel, Bounds* b,
+               const std::vector<std::vector<double>>* key_range = nullptr) {
   const int d = g.head_dim, group = g.n_heads / g.n_kv_heads;
   for (int r = 0; r < rows; ++r) {
     for (int head = 0; head < g.n_heads; ++head) {
@@ -51,7 +54,10 @@ void AddBounds(const KvGeometry& g, const float* q, int rows, const std::vector<
       double max_dot = 0.0, max_v = 0.0;
       for (int64_t t = 0; t < n_keys; ++t) {
         double dot = 0.0;
-        for (int c = 0; c < d; ++c) dot += std::fabs(static_cast<double>(qh[c]) * k[h][t * d + c]);
+        for (int c = 0; c < d; ++c) {
+          dot += std::fabs(static_cast<double>(qh[c])) *
+                 (std::fabs(static_cast<double>(k[h][t * d + c])) + (key_range ? (*key_range)[h][c] : 0.0));
+        }
         max_dot = std::max(max_dot, dot);
         for (int c = 0; c < d; ++c) max_v = std::max(max_v, std::fabs(static_cast<double>(v[h][t * d + c])));
       }
@@ -101,6 +107,7 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
   auto config = ParseKvScheme(c.scheme == "fp16" ? "fp16" : c.scheme + ":sink=4,residual=32");
   ASSERT_TRUE(config.ok()) << config.status();
   const bool kvq = config->kind == KvSchemeKind::kKvq;
+  const bool kvq3 = kvq && config->bits == 3;
   DeviceKvStoreOptions opt;
   opt.pool_bytes = int64_t{256} << 20;
   opt.max_sequences = 8;
@@ -220,8 +227,18 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
         ASSERT_TRUE(t.cpu->Attend(l, 1, q.data() + o * d, &pos, want_out.data() + o * d, want_lse.data() + o).ok());
         std::vector<std::vector<float>> k, v;
         stored(t, l, &k, &v);
-        // The fused kernel's fp32 roundings (kvq_attention_kernels_test's bound, doubled).
-        AddBounds(g, q.data() + o * d, 1, k, v, t.cpu->length(l), 4e-5, 0.0, &b);
+        if (kvq3) {  // fp16 operands on tensor cores (kvq_attention_kernels_test's bound, doubled)
+          std::vector<std::vector<double>> range(kKvHeads, std::vector<double>(d));
+          const KvqLayerTables& tab = cal.layers[l].kvq[*cal.FractionIndex(config->outlier_fraction)];
+          for (int h = 0; h < kKvHeads; ++h)
+            for (int ch = 0; ch < d; ++ch) {
+              const double lo = tab.key_low[h * d + ch], hi = tab.key_high[h * d + ch];
+              range[h][ch] = std::fabs((lo + hi) / 2) + std::fabs((hi - lo) / 2);
+            }
+          AddBounds(g, q.data() + o * d, 1, k, v, t.cpu->length(l), 6e-3, 4e-3, &b, &range);
+        } else {  // the fused kernel's fp32 roundings (kvq_attention_kernels_test's bound, doubled)
+          AddBounds(g, q.data() + o * d, 1, k, v, t.cpu->length(l), 4e-5, 0.0, &b);
+        }
       }
       auto dq = ToDevice(qp);
       DeviceBuffer<float> out(q.size()), lse(want_lse.size());

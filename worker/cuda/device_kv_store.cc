@@ -210,6 +210,7 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   std::vector<uint16_t*> fp_k_, fp_v_;  // fp16: [page][n_kv_heads][128][head_dim] per layer
   std::vector<float*> key_low_, key_high_, key_codebook_, value_codebook_;
   float* inv_freq_ = nullptr;
+  uint2* rope_table_ = nullptr;  // kvq: KvqRopeTable, the fp16 RoPE factors of page offsets
   int64_t* key_outliers_ = nullptr;  // [layer][slot][n_kv_heads]
   int* overflow_host_ = nullptr;     // mapped pinned flag the kernels raise
   int* overflow_device_ = nullptr;
@@ -319,7 +320,9 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
   const std::vector<float> inv_freq = RopeInverseFrequencies(g.rope);
   const int64_t per_layer_floats = kvq_ ? 2 * kvh * d + 2 * 16 : 0;
   const int64_t counters = kvq_ ? static_cast<int64_t>(L) * max_seq * kvh : 0;
-  const int64_t table_bytes = AlignUp(static_cast<int64_t>(inv_freq.size()) * 4, kAlign) +
+  const std::vector<uint2> rope_table = kvq_ ? KvqRopeTable(inv_freq) : std::vector<uint2>();
+  const int64_t rope_bytes = static_cast<int64_t>(rope_table.size() * sizeof(uint2));
+  const int64_t table_bytes = AlignUp(static_cast<int64_t>(inv_freq.size()) * 4, kAlign) + AlignUp(rope_bytes, kAlign) +
                               AlignUp(L * per_layer_floats * 4, kAlign) + AlignUp(counters * 8, kAlign);
   KV_ASSIGN_OR_RETURN(tables_, DeviceMemory::Allocate(table_bytes, "KV store tables"));
   {
@@ -327,6 +330,11 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
     inv_freq_ = reinterpret_cast<float*>(base);
     CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq_, inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice));
     base += AlignUp(static_cast<int64_t>(inv_freq.size()) * 4, kAlign);
+    if (rope_bytes > 0) {
+      rope_table_ = reinterpret_cast<uint2*>(base);
+      CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_table_, rope_table.data(), rope_bytes, cudaMemcpyHostToDevice));
+      base += AlignUp(rope_bytes, kAlign);
+    }
     if (kvq_) {
       float* f = reinterpret_cast<float*>(base);
       for (int l = 0; l < L; ++l) {
@@ -864,6 +872,7 @@ absl::Status DeviceKvStoreImpl::AttendRows(int layer, std::span<const int64_t> i
     kv.key_codebook = x.key_codebook;
     kv.value_codebook = x.value_codebook;
     kv.inv_freq = inv_freq_;
+    kv.rope_table = rope_table_;
     kv.slots = d_slots;
     kv.residual_ring = true;
     a.max_quantized_len = max_len;
