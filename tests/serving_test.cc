@@ -528,7 +528,13 @@ TEST_F(HttpServerTest, ConcurrentStreamsAllFinish) {
 TEST_F(HttpServerTest, MetricsCountTokensAndMemory) {
   StartServer(ServeOptions());
   ASSERT_EQ(Post("/v1/completions", R"({"prompt": "Hello", "max_tokens": 6, "temperature": 0})").status, 200);
-  const std::string text = metrics_->Serialize();
+  // The handler leaves the running gauge after its reply is on the wire, so the client can read the
+  // metrics a moment before that: wait for it (up to 5 s).
+  std::string text = metrics_->Serialize();
+  for (int i = 0; i < 500 && text.find("kvshard_requests_running 0") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    text = metrics_->Serialize();
+  }
   for (const char* expected : {
            "kvshard_tokens_generated_total 6", "kvshard_tokens_prefilled_total 5",
            "kvshard_requests_running 0", "kvshard_requests_waiting 0",
