@@ -89,6 +89,18 @@ inline Calibration MakeSyntheticCalibration(const KvGeometry& g, int64_t n_token
 }
 
 // Queries [n][n_heads][head_dim] (RoPE applied or not does not matter to the reference).
+// |mid| + |half-range| of kvq's calibrated key thresholds, [KV head][channel]: what the kvq3 GPU decode
+// kernel's fp16 key dequantization rounds, so its tests' error bounds add it to |k|.
+inline std::vector<std::vector<double>> KvqKeyRange(const KvqLayerTables& t, int n_kv_heads, int d) {
+  std::vector<std::vector<double>> range(n_kv_heads, std::vector<double>(d));
+  for (int h = 0; h < n_kv_heads; ++h)
+    for (int c = 0; c < d; ++c) {
+      const double lo = t.key_low[h * d + c], hi = t.key_high[h * d + c];
+      range[h][c] = std::fabs((lo + hi) / 2) + std::fabs((hi - lo) / 2);
+    }
+  return range;
+}
+
 inline std::vector<float> MakeQueries(const KvGeometry& g, int n, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);

@@ -245,26 +245,25 @@ __device__ __forceinline__ uint32_t AsWord(__half2 h) {
   return x;
 }
 
-// Channel c's codes of tokens 16g .. 16g + 15 of a staged channel-major key page (12 words a channel),
-// spread: out[0] tokens 16g .. 16g + 7, out[1] the next eight.
-__device__ __forceinline__ void KeyField(const uint32_t* kcodes, int c, int g, uint32_t (&out)[2]) {
-  const uint32_t* w = kcodes + c * 12 + ((3 * g) >> 1);
-  const int shift = (g & 1) * 16;
-  const uint32_t lo = __funnelshift_r(w[0], w[1], shift);
-  const uint32_t hi = __funnelshift_r(w[1], w[2], shift);
-  out[0] = Spread24(lo);
-  out[1] = Spread24(__funnelshift_r(lo, hi, 24));
-}
-
-// Token t's codes of channels (HEAD_DIM / 8) g .. + HEAD_DIM / 8 - 1 of a staged token-major value page,
-// spread (eight channels a word).
-template <int HEAD_DIM>
-__device__ __forceinline__ void ValueField(const uint32_t* vcodes, int t, int g, uint32_t (&out)[HEAD_DIM / 64]) {
-  const int bit = 3 * (t * HEAD_DIM + (HEAD_DIM / 8) * g);
-  const uint32_t* w = vcodes + (bit >> 5);
+// 8 * WORDS consecutive 3-bit codes of a staged page stream from bit `bit` on, spread (eight a word).
+// Reads may touch the word after the field (the staging areas are padded).
+template <int WORDS>
+__device__ __forceinline__ void SpreadField(const uint32_t* stream, int bit, uint32_t (&out)[WORDS]) {
+  const uint32_t* w = stream + (bit >> 5);
   const uint32_t lo = __funnelshift_r(w[0], w[1], bit & 31);
   out[0] = Spread24(lo);
-  if constexpr (HEAD_DIM == 128) out[1] = Spread24(__funnelshift_r(lo, __funnelshift_r(w[1], w[2], bit & 31), 24));
+  if constexpr (WORDS == 2) out[1] = Spread24(__funnelshift_r(lo, __funnelshift_r(w[1], w[2], bit & 31), 24));
+}
+
+// Channel c's codes of tokens 16g .. 16g + 15 of a channel-major key page (128 codes a channel).
+__device__ __forceinline__ void KeyField(const uint32_t* kcodes, int c, int g, uint32_t (&out)[2]) {
+  SpreadField<2>(kcodes, 3 * (c * kPage + 16 * g), out);
+}
+
+// Token t's codes of channels (HEAD_DIM / 8) g .. + HEAD_DIM / 8 - 1 of a token-major value page.
+template <int HEAD_DIM>
+__device__ __forceinline__ void ValueField(const uint32_t* vcodes, int t, int g, uint32_t (&out)[HEAD_DIM / 64]) {
+  SpreadField<HEAD_DIM / 64>(vcodes, 3 * (t * HEAD_DIM + (HEAD_DIM / 8) * g), out);
 }
 
 // RoPE of the pair (a at channel i, b at channel i + HEAD_DIM / 2) of two channels at once, in fp16:
@@ -421,27 +420,17 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 3 : 1) KvqDecodeKernel(c
     const float half = (hi - lo) * 0.5f;
     mid_s[c] = lo + half;
     half_s[c] = half;
+    if constexpr (kMma) {  // fp16 into the key pair table: uint4 j holds halves {h, h, m, m, h', h', m', m'}
+      __half* pairs = reinterpret_cast<__half*>(smem + L::kKeyPairs) + ((c % kHalf) >> 1) * 8 + (c >= kHalf) * 4 + (c & 1);
+      pairs[0] = __float2half_rn(half);
+      pairs[2] = __float2half_rn(lo + half);
+    }
   }
   if (threadIdx.x < (1 << BITS)) {
     cbk_s[threadIdx.x] = p.kv.key_codebook[threadIdx.x];
     cbv_s[threadIdx.x] = p.kv.value_codebook[threadIdx.x];
   }
   for (int i = threadIdx.x; i < kHalf; i += kThreads) invf_s[i] = p.kv.inv_freq[i];
-  if constexpr (kMma) {
-    for (int j = threadIdx.x; j < HEAD_DIM / 4; j += kThreads) {
-      float hv[4], mv[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int c = 2 * j + (k & 1) + (k >> 1) * kHalf;
-        const float lo = p.kv.key_low[kv_head * HEAD_DIM + c];
-        hv[k] = (p.kv.key_high[kv_head * HEAD_DIM + c] - lo) * 0.5f;
-        mv[k] = lo + hv[k];
-      }
-      reinterpret_cast<uint4*>(smem + L::kKeyPairs)[j] =
-          make_uint4(PackPair<__half>(hv[0], hv[1]), PackPair<__half>(mv[0], mv[1]), PackPair<__half>(hv[2], hv[3]),
-                     PackPair<__half>(mv[2], mv[3]));
-    }
-  }
   __syncthreads();
 
   const int sink_len = p.kv.sink_lens[request];

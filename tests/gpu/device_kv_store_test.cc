@@ -228,13 +228,8 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
         std::vector<std::vector<float>> k, v;
         stored(t, l, &k, &v);
         if (kvq3) {  // fp16 operands on tensor cores (kvq_attention_kernels_test's bound, doubled)
-          std::vector<std::vector<double>> range(kKvHeads, std::vector<double>(d));
-          const KvqLayerTables& tab = cal.layers[l].kvq[*cal.FractionIndex(config->outlier_fraction)];
-          for (int h = 0; h < kKvHeads; ++h)
-            for (int ch = 0; ch < d; ++ch) {
-              const double lo = tab.key_low[h * d + ch], hi = tab.key_high[h * d + ch];
-              range[h][ch] = std::fabs((lo + hi) / 2) + std::fabs((hi - lo) / 2);
-            }
+          const std::vector<std::vector<double>> range =
+              testing::KvqKeyRange(cal.layers[l].kvq[*cal.FractionIndex(config->outlier_fraction)], kKvHeads, d);
           AddBounds(g, q.data() + o * d, 1, k, v, t.cpu->length(l), 6e-3, 4e-3, &b, &range);
         } else {  // the fused kernel's fp32 roundings (kvq_attention_kernels_test's bound, doubled)
           AddBounds(g, q.data() + o * d, 1, k, v, t.cpu->length(l), 4e-5, 0.0, &b);

@@ -98,13 +98,9 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
     // exp(+-2E)) by 2E * max |v|, plus the fp16 weights and value terms (p, half-range, codebook entry
     // and product: 4u max |v|, 2e-3 max |v|). Outliers, sink and residual stay in fp32.
     std::vector<float> k_all(static_cast<size_t>(lens[b]) * d), v_all(k_all.size());
+    const std::vector<std::vector<double>> key_range = testing::KvqKeyRange(tables, kKvHeads, d);
     for (int h = 0; h < kKvHeads; ++h) {
       (*shard)->Dequantize(0, h, 0, lens[b], k_all.data(), v_all.data());
-      std::vector<double> key_range(d);  // |mid| + |half| of the calibrated thresholds
-      for (int c = 0; c < d; ++c) {
-        const double lo = tables.key_low[h * d + c], hi = tables.key_high[h * d + c];
-        key_range[c] = std::fabs((lo + hi) / 2) + std::fabs((hi - lo) / 2);
-      }
       double max_v = 0.0;
       for (float x : v_all) max_v = std::max(max_v, std::fabs(static_cast<double>(x)));
       for (int gi = 0; gi < group; ++gi) {
@@ -114,7 +110,7 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
         for (int t = 0; t < lens[b]; ++t) {
           double dot = 0.0;
           for (int c = 0; c < d; ++c) {
-            dot += std::fabs(static_cast<double>(qh[c])) * (std::fabs(static_cast<double>(k_all[t * d + c])) + key_range[c]);
+            dot += std::fabs(static_cast<double>(qh[c])) * (std::fabs(static_cast<double>(k_all[t * d + c])) + key_range[h][c]);
           }
           max_dot = std::max(max_dot, dot);
         }
