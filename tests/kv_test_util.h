@@ -88,7 +88,6 @@ inline Calibration MakeSyntheticCalibration(const KvGeometry& g, int64_t n_token
   return *c;
 }
 
-// Queries [n][n_heads][head_dim] (RoPE applied or not does not matter to the reference).
 // |mid| + |half-range| of kvq's calibrated key thresholds, [KV head][channel]: what the kvq3 GPU decode
 // kernel's fp16 key dequantization rounds, so its tests' error bounds add it to |k|.
 inline std::vector<std::vector<double>> KvqKeyRange(const KvqLayerTables& t, int n_kv_heads, int d) {
@@ -101,6 +100,7 @@ inline std::vector<std::vector<double>> KvqKeyRange(const KvqLayerTables& t, int
   return range;
 }
 
+// Queries [n][n_heads][head_dim] (RoPE applied or not does not matter to the reference).
 inline std::vector<float> MakeQueries(const KvGeometry& g, int n, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);

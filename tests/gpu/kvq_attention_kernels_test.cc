@@ -41,25 +41,26 @@ struct HostStore {
   std::vector<int64_t> start_positions;
 };
 
-// (head_dim, query group, context lengths of the batch, start position of request 0, max splits)
-using Param = std::tuple<int, int, std::vector<int>, int64_t, int>;
+// (head_dim, query group, context lengths of the batch, start position of request 0, max splits, code bits)
+using Param = std::tuple<int, int, std::vector<int>, int64_t, int, int>;
 class KvqDecodeTest : public ::testing::TestWithParam<Param> {};
 
 TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
   KV_SKIP_WITHOUT_GPU();
-  const auto& [head_dim, group, lens, start0, max_splits] = GetParam();
+  const auto& [head_dim, group, lens, start0, max_splits, bits] = GetParam();
   const int d = head_dim;
   const int batch = static_cast<int>(lens.size());
   KvGeometry g = testing::SmallGeometry(d, /*n_layers=*/1, /*n_heads=*/kKvHeads * group, kKvHeads);
   const Calibration cal = testing::MakeSyntheticCalibration(g, 512);
-  auto config = ParseKvScheme("kvq3:sink=" + std::to_string(kSink) + ",residual=" + std::to_string(kResidual));
+  auto config = ParseKvScheme("kvq" + std::to_string(bits) + ":sink=" + std::to_string(kSink) +
+                              ",residual=" + std::to_string(kResidual));
   ASSERT_TRUE(config.ok()) << config.status();
   const int n_out = std::clamp(KvqValueOutliersPerToken(*config, d), 0, d - 1);
   const int fi = *cal.FractionIndex(config->outlier_fraction);
-  const int bi = *cal.BitsIndex(3);
+  const int bi = *cal.BitsIndex(bits);
   const KvqLayerTables& tables = cal.layers[0].kvq[fi];
   const std::vector<float> inv_freq = RopeInverseFrequencies(g.rope);
-  const int64_t code_bytes = 16 * 3 * d;
+  const int64_t code_bytes = 16 * bits * d;
 
   // CPU partials, and the GPU store built from the same shards.
   HostStore hs;
@@ -88,7 +89,8 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
     max_quantized = std::max(max_quantized, layout.quantized());
     max_pages = std::max<int64_t>(max_pages, (layout.quantized() + kPageTokens - 1) / kPageTokens);
 
-    // Tolerance per (request, head). kvq3 runs QK and PV on tensor cores with fp16 operands (fp32
+    // Tolerance per (request, head). kvq2 and kvq4 run in fp32: the same form with 1e-5 in place of the
+    // fp16 terms below (the RoPE anchor's angle addition is within 4e-7 in cos and sin). kvq3 runs QK and PV on tensor cores with fp16 operands (fp32
     // accumulation): a key element is dequantized in fp16 from fp16 mid and half-range (one rounding each
     // of mid, half, the codebook entry and the FMA: u (|mid| + 2 |half| + |k|), u = 2^-11), rotated with
     // fp16 cos/sin of the page offset (three more roundings of |k|), and the query is rotated back by the
@@ -114,10 +116,12 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
           }
           max_dot = std::max(max_dot, dot);
         }
-        const double e = g.scale() * max_dot * 3e-3;
+        const bool fp16_operands = bits == 3;
+        const double e = g.scale() * max_dot * (fp16_operands ? 3e-3 : 1e-5);
         atol_lse[b * g.n_heads + head] = e + 1e-6;
         for (int c = 0; c < d; ++c) {
-          atol_out[(static_cast<size_t>(b) * g.n_heads + head) * d + c] = (2 * e + 2e-3) * max_v + 1e-6;
+          atol_out[(static_cast<size_t>(b) * g.n_heads + head) * d + c] =
+              (2 * e + (fp16_operands ? 2e-3 : 1e-5)) * max_v + 1e-6;
         }
       }
     }
@@ -258,7 +262,7 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
 
   KvqDecodeAttentionArgs a;
   a.q = d_q.get();
-  a.kv.bits = 3;
+  a.kv.bits = bits;
   a.kv.n_value_outliers = n_out;
   a.kv.key_codes = d_key_codes.get();
   a.kv.value_codes = d_value_codes.get();
@@ -306,7 +310,7 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
   KV_SKIP_IF_NOT_BUILT(status);
   ASSERT_TRUE(status.ok()) << status;
   KV_CUDA_OK(cudaDeviceSynchronize());
-  std::printf("  head_dim %d group %d batch %d: %d quantized split(s), %lld key outliers\n", d, group, batch,
+  std::printf("  kvq%d head_dim %d group %d batch %d: %d quantized split(s), %lld key outliers\n", bits, d, group, batch,
               KvqDecodeAttentionSplits(a), static_cast<long long>(key_outliers));
   const std::vector<float> got_out = d_out.Download(), got_lse = d_lse.Download();
   EXPECT_EQ(CountMismatches("out", got_out, want_out, 0.0, 1e-5, &atol_out), 0);
@@ -324,18 +328,26 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    Sizes, KvqDecodeTest,
+    Kvq3Sizes, KvqDecodeTest,
     ::testing::Values(
         // kv_len 1 (only the sink), only the sink, 37 (sink, one quantized token, the residual), ending
         // inside the residual window, an empty shard, a shard past the sink (start 5000), page edges.
-        Param{128, 4, {1}, 0, 0}, Param{128, 4, {4}, 0, 0}, Param{128, 4, {37}, 0, 0},
-        Param{128, 4, {20}, 0, 0}, Param{128, 4, {0}, 0, 0}, Param{64, 3, {37}, 5000, 0},
-        Param{64, 3, {1}, 0, 0}, Param{64, 3, {0}, 0, 0}, Param{64, 3, {4 + 128 + 32}, 0, 0},
-        Param{128, 4, {4 + 129 + 32}, 0, 0}, Param{128, 4, {3000}, 0, 0}, Param{128, 4, {3000}, 9000, 1},
-        Param{64, 3, {2500}, 0, 3}, Param{64, 6, {700}, 0, 0},
+        Param{128, 4, {1}, 0, 0, 3}, Param{128, 4, {4}, 0, 0, 3}, Param{128, 4, {37}, 0, 0, 3},
+        Param{128, 4, {20}, 0, 0, 3}, Param{128, 4, {0}, 0, 0, 3}, Param{64, 3, {37}, 5000, 0, 3},
+        Param{64, 3, {1}, 0, 0, 3}, Param{64, 3, {0}, 0, 0, 3}, Param{64, 3, {4 + 128 + 32}, 0, 0, 3},
+        Param{128, 4, {4 + 129 + 32}, 0, 0, 3}, Param{128, 4, {3000}, 0, 0, 3}, Param{128, 4, {3000}, 9000, 1, 3},
+        Param{64, 3, {2500}, 0, 3, 3}, Param{64, 6, {700}, 0, 0, 3},
         // Mixed batches of different lengths (empty, sink only, residual only, several pages).
-        Param{128, 4, {0, 1, 37, 300, 1000, 4099, 20, 2}, 0, 0},
-        Param{64, 3, {4099, 0, 37, 129, 1}, 123456, 0}));
+        Param{128, 4, {0, 1, 37, 300, 1000, 4099, 20, 2}, 0, 0, 3},
+        Param{64, 3, {4099, 0, 37, 129, 1}, 123456, 0, 3}));
+
+// kvq2 and kvq4 keep the fp32 path (builds with only kvq3 kernels skip these).
+INSTANTIATE_TEST_SUITE_P(
+    OtherWidths, KvqDecodeTest,
+    ::testing::Values(Param{128, 4, {1}, 0, 0, 2}, Param{128, 4, {37}, 0, 0, 4}, Param{64, 3, {0}, 0, 0, 2},
+                      Param{64, 3, {2500}, 0, 3, 2}, Param{64, 3, {2500}, 0, 3, 4},
+                      Param{128, 4, {3000}, 9000, 1, 4}, Param{128, 4, {0, 1, 37, 300, 1000, 4099, 20, 2}, 0, 0, 2},
+                      Param{64, 6, {4099, 0, 37, 129, 1}, 123456, 0, 4}));
 
 TEST(KvqDecodeErrors, RejectsBadArguments) {
   KvqDecodeAttentionArgs a;
