@@ -28,12 +28,39 @@ void PackCodesCpu(const uint8_t* codes, int64_t n_codes, int bits, uint8_t* stre
   if (acc_bits > 0) stream[out] = static_cast<uint8_t>(acc);
 }
 
-void UnpackCodesCpu(const uint8_t* stream, int64_t first, int64_t n_codes, int bits, uint8_t* codes) {
-  if (bits == 8) {
-    std::memcpy(codes, stream + first, static_cast<size_t>(n_codes));
-    return;
+namespace {
+
+// Codes [first, first + n) for a width known at compile time: code by code up to a multiple of 8 (where
+// the stream is byte-aligned), then 8 codes (BITS bytes) per step, then the tail.
+template <int BITS>
+void UnpackCodesFixed(const uint8_t* stream, int64_t first, int64_t n, uint8_t* codes) {
+  constexpr uint64_t kMask = (1u << BITS) - 1u;
+  int64_t i = 0;
+  for (; i < n && (first + i) % 8 != 0; ++i) codes[i] = static_cast<uint8_t>(GetPackedCode(stream, first + i, BITS));
+  for (; i + 8 <= n; i += 8) {
+    uint64_t group = 0;
+    std::memcpy(&group, stream + (first + i) / 8 * BITS, BITS);  // little-endian hosts
+    for (int j = 0; j < 8; ++j) codes[i + j] = static_cast<uint8_t>((group >> (BITS * j)) & kMask);
   }
-  for (int64_t i = 0; i < n_codes; ++i) codes[i] = static_cast<uint8_t>(GetPackedCode(stream, first + i, bits));
+  for (; i < n; ++i) codes[i] = static_cast<uint8_t>(GetPackedCode(stream, first + i, BITS));
+}
+
+}  // namespace
+
+void UnpackCodesCpu(const uint8_t* stream, int64_t first, int64_t n_codes, int bits, uint8_t* codes) {
+  switch (bits) {
+    case 8:
+      std::memcpy(codes, stream + first, static_cast<size_t>(n_codes));
+      return;
+    case 2:
+      return UnpackCodesFixed<2>(stream, first, n_codes, codes);
+    case 3:
+      return UnpackCodesFixed<3>(stream, first, n_codes, codes);
+    case 4:
+      return UnpackCodesFixed<4>(stream, first, n_codes, codes);
+    default:
+      for (int64_t i = 0; i < n_codes; ++i) codes[i] = static_cast<uint8_t>(GetPackedCode(stream, first + i, bits));
+  }
 }
 
 }  // namespace kvshard

@@ -80,8 +80,8 @@ class FullPrecisionKvShard final : public KvShard {
       if (precision_ == FullPrecision::kFp16) {
         k_scratch.resize(H.k16.size());
         v_scratch.resize(H.v16.size());
-        for (size_t i = 0; i < H.k16.size(); ++i) k_scratch[i] = HalfToFloat(H.k16[i]);
-        for (size_t i = 0; i < H.v16.size(); ++i) v_scratch[i] = HalfToFloat(H.v16[i]);
+        HalfToFloatRow(H.k16.data(), static_cast<int64_t>(H.k16.size()), k_scratch.data());
+        HalfToFloatRow(H.v16.data(), static_cast<int64_t>(H.v16.size()), v_scratch.data());
         kp = k_scratch.data();
         vp = v_scratch.data();
       }

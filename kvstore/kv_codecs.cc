@@ -34,6 +34,26 @@ uint32_t PagedCodes::Get(int64_t token, int channel) const {
   return GetPackedCode(pages_[token / kPageTokens].data(), Index(token % kPageTokens, channel), bits_);
 }
 
+void PagedCodes::UnpackTokens(int64_t first, int64_t n, uint8_t* out) const {
+  std::vector<uint8_t> column;
+  for (int64_t t = first; t < first + n;) {
+    const int64_t t0 = t % kPageTokens;
+    const int64_t run = std::min<int64_t>(kPageTokens - t0, first + n - t);
+    const uint8_t* stream = pages_[t / kPageTokens].data();
+    uint8_t* dst = out + (t - first) * head_dim_;
+    if (order_ == Order::kChannelMajor) {
+      column.resize(run);
+      for (int c = 0; c < head_dim_; ++c) {
+        UnpackCodesCpu(stream, Index(t0, c), run, bits_, column.data());
+        for (int64_t i = 0; i < run; ++i) dst[i * head_dim_ + c] = column[i];
+      }
+    } else {  // a token's channels are consecutive codes (Index)
+      UnpackCodesCpu(stream, Index(t0, 0), run * head_dim_, bits_, dst);
+    }
+    t += run;
+  }
+}
+
 void PagedCodes::SetIndex(int64_t page, int64_t index, uint32_t code) {
   SetPackedCode(PageFor(page), index, bits_, code);
 }
@@ -305,11 +325,13 @@ class KvqKeyCodec final : public PartCodec {
     }
   }
   void Decode(int64_t first, int64_t n, float* x) const override {
+    std::vector<uint8_t> codes(static_cast<size_t>(n) * d_);
+    codes_.UnpackTokens(first, n, codes.data());
     for (int64_t t = 0; t < n; ++t) {
       const int64_t j = first + t;
       float* row = x + t * d_;
       for (int c = 0; c < d_; ++c) {
-        const float u = codebook_[codes_.Get(j, c)];
+        const float u = codebook_[codes[t * d_ + c]];
         row[c] = low_[c] + (u + 1.0f) * 0.5f * (high_[c] - low_[c]);
       }
       for (int64_t o = offsets_[j]; o < offsets_[j + 1]; ++o) row[outlier_channel_[o]] = HalfToFloat(outlier_value_[o]);
@@ -373,12 +395,14 @@ class KvqValueCodec final : public PartCodec {
     }
   }
   void Decode(int64_t first, int64_t n, float* x) const override {
+    std::vector<uint8_t> codes(static_cast<size_t>(n) * d_);
+    codes_.UnpackTokens(first, n, codes.data());
     for (int64_t t = 0; t < n; ++t) {
       const int64_t j = first + t;
       float* row = x + t * d_;
       const float lo = HalfToFloat(low_[j]), hi = HalfToFloat(high_[j]);
       for (int c = 0; c < d_; ++c) {
-        const float u = codebook_[codes_.Get(j, c)];
+        const float u = codebook_[codes[t * d_ + c]];
         row[c] = lo + (u + 1.0f) * 0.5f * (hi - lo);
       }
       for (int64_t o = j * n_out_; o < (j + 1) * n_out_; ++o) row[outlier_channel_[o]] = HalfToFloat(outlier_value_[o]);
@@ -618,7 +642,7 @@ class Fp16PartCodec final : public PartCodec {
     for (int64_t i = 0; i < static_cast<int64_t>(n) * d_; ++i) values_.push_back(FloatToHalf(x[i]));
   }
   void Decode(int64_t first, int64_t n, float* x) const override {
-    for (int64_t i = 0; i < n * d_; ++i) x[i] = HalfToFloat(values_[first * d_ + i]);
+    HalfToFloatRow(values_.data() + first * d_, n * d_, x);
   }
   int64_t size() const override { return static_cast<int64_t>(values_.size()) / d_; }
   int64_t bits() const override { return static_cast<int64_t>(values_.size()) * kHalfBits; }

@@ -44,6 +44,8 @@ class PagedCodes {
 
   void Set(int64_t token, int channel, uint32_t code);
   uint32_t Get(int64_t token, int channel) const;
+  // The codes of tokens [first, first + n), every channel: out[(token - first) * head_dim + channel].
+  void UnpackTokens(int64_t first, int64_t n, uint8_t* out) const;
   // Block-major access: code `index` of the page holding `token` (index within the page stream).
   void SetIndex(int64_t page, int64_t index, uint32_t code);
   uint32_t GetIndex(int64_t page, int64_t index) const;

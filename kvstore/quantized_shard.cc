@@ -16,10 +16,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-void HalfToFloatRow(const uint16_t* h, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = HalfToFloat(h[i]);
-}
-
 // Attention partials of `rows` query rows over a band of `n` keys (absolute positions first_position..,
 // local indices first_local..) where row r sees key j (position <= row_positions[r]) in its quantized
 // version (kq, vq) when its local index is below row_boundary[r], else in fp16 (kf, vf). Only the

@@ -38,12 +38,15 @@ TEST_P(PackTest, RoundTripIsExact) {
   for (int64_t i = 0; i < n; ++i) mismatches += unpacked[i] != codes[i];
   EXPECT_EQ(mismatches, 0);
 
-  // Partial unpack from an odd offset.
-  if (n > 3) {
-    const int64_t first = n / 3, count = n - first - 1;
-    std::vector<uint8_t> part(count);
-    UnpackCodesCpu(stream.data(), first, count, bits, part.data());
-    for (int64_t i = 0; i < count; ++i) ASSERT_EQ(part[i], codes[first + i]) << "code " << first + i;
+  // Partial unpacks from odd and aligned offsets, with odd lengths (the unaligned head and the tail).
+  for (const int64_t first : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{13}, n / 3}) {
+    if (first >= n) continue;
+    for (const int64_t count : {n - first, n - first - 1, int64_t{9}}) {
+      if (count <= 0 || first + count > n) continue;
+      std::vector<uint8_t> part(count);
+      UnpackCodesCpu(stream.data(), first, count, bits, part.data());
+      for (int64_t i = 0; i < count; ++i) ASSERT_EQ(part[i], codes[first + i]) << "code " << first + i;
+    }
   }
 
   // Writing codes one by one, in any order, gives the same bytes.

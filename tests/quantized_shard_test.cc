@@ -10,6 +10,7 @@
 #include "gtest/gtest.h"
 #include "kernels/attention.h"
 #include "kv_test_util.h"
+#include "kvstore/kv_codecs.h"
 #include "kvstore/quantized_shard.h"
 #include "test_util.h"
 
@@ -208,6 +209,29 @@ INSTANTIATE_TEST_SUITE_P(Schemes, StoreTest,
                                   std::to_string(std::get<2>(info.param)) + "_c" +
                                   std::to_string(std::get<3>(info.param));
                          });
+
+// Bulk unpacking (what Decode uses) gives Get's codes, for both orders, across page edges and odd sizes.
+TEST(PagedCodesTest, UnpackTokensEqualsGet) {
+  for (const auto order : {PagedCodes::Order::kTokenMajor, PagedCodes::Order::kChannelMajor}) {
+    for (const int bits : {2, 3, 4, 5}) {
+      for (const int d : {37, 64}) {
+        PagedCodes codes(d, bits, order);
+        const int64_t n = 3 * kPageTokens + 5;
+        for (int64_t t = 0; t < n; ++t)
+          for (int c = 0; c < d; ++c) codes.Set(t, c, static_cast<uint32_t>((t * 7 + c * 3 + t / 5) % (1 << bits)));
+        for (const auto& [first, count] : std::vector<std::pair<int64_t, int64_t>>{
+                 {0, n}, {1, 1}, {13, 250}, {kPageTokens - 1, 2}, {2 * kPageTokens, kPageTokens + 5}, {n - 1, 1}}) {
+          std::vector<uint8_t> got(count * d, 0xFF);
+          codes.UnpackTokens(first, count, got.data());
+          int64_t wrong = 0;
+          for (int64_t i = 0; i < count; ++i)
+            for (int c = 0; c < d; ++c) wrong += got[i * d + c] != codes.Get(first + i, c);
+          EXPECT_EQ(wrong, 0) << "bits " << bits << " d " << d << " first " << first << " count " << count;
+        }
+      }
+    }
+  }
+}
 
 TEST(QuantizedStore, Fp16IsTheFoundationCacheBitForBit) {
   const KvGeometry g = SmallGeometry();
