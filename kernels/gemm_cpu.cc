@@ -73,14 +73,11 @@ void GemmCpu(bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha, con
   // A few rows (decode): one matrix-vector product per row. sgemm would pack the whole of B (the weights)
   // on every call, which took over half of a CPU decode step.
   if (CblasSgemv sgemv = OpenBlasSgemv(); sgemv != nullptr && m <= kMaxRowsAsVectors) {
+    // c_i = B a_i with B [n, k], or B^T a_i with B [k, n]: B's stored rows and columns.
+    const int rows = static_cast<int>(transpose_b ? n : k), cols = static_cast<int>(transpose_b ? k : n);
     for (int64_t i = 0; i < m; ++i) {
-      if (transpose_b) {  // c_i = B a_i, B [n, k]
-        sgemv(kCblasRowMajor, kCblasNoTrans, static_cast<int>(n), static_cast<int>(k), alpha, b,
-              static_cast<int>(ldb), a + i * lda, 1, beta, c + i * ldc, 1);
-      } else {  // c_i = B^T a_i, B [k, n]
-        sgemv(kCblasRowMajor, kCblasTrans, static_cast<int>(k), static_cast<int>(n), alpha, b,
-              static_cast<int>(ldb), a + i * lda, 1, beta, c + i * ldc, 1);
-      }
+      sgemv(kCblasRowMajor, transpose_b ? kCblasNoTrans : kCblasTrans, rows, cols, alpha, b, static_cast<int>(ldb),
+            a + i * lda, 1, beta, c + i * ldc, 1);
     }
     return;
   }

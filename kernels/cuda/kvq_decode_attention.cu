@@ -90,7 +90,7 @@ struct Smem {
   __host__ __device__ static int OutlierValue(int n_out) { return kOutlierChannel + kPage * n_out; }
   __host__ __device__ static int WarpBytes(int n_out) { return (OutlierValue(n_out) + 2 * kPage * n_out + 127) / 128 * 128; }
   __host__ __device__ static int Total(int n_out) { return kWarpBase + kWarps * WarpBytes(n_out); }
-  static_assert(kWarpBase % 128 == 0 && kKeyPairs % 16 == 0 && kProbs % 16 == 0 && kHalfScale % 16 == 0 && kWarpBase % 16 == 0 && kValueCodes % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
+  static_assert(kWarpBase % 128 == 0 && kValueCodes % 128 == 0 && kKeyPairs % 16 == 0 && kProbs % 16 == 0 && kHalfScale % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
                     kOutlierChannel % 16 == 0 && kAnchor % 16 == 0,
                 "cp.async destinations must be 16-byte aligned");
   // The block's combine reuses the warp area: float [kWarps][4][HEAD_DIM].
@@ -313,8 +313,7 @@ __device__ __forceinline__ void MmaKeyScores(const uint32_t* kcodes, const float
 #pragma unroll
     for (int k = 0; k < 4; ++k) acc[mt][k] = 0.0f;
   // The RoPE factors of tokens (t0, t0 + 1) at pair column 4s + q, loaded one m-tile ahead: the table is
-  // read through L1 (often from L2, as the shared memory takes most of L1), and its latency otherwise
-  // stalls the rotation right after the load.
+  // read through L1, and its latency otherwise stalls the rotation right after the load.
   const auto rope_at = [&](int s, int mt, int u) {
     return __ldg(rope_table + (16 * g + 2 * mt + u) * (HEAD_DIM / 4) + 4 * s + q);
   };

@@ -90,8 +90,8 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
     max_pages = std::max<int64_t>(max_pages, (layout.quantized() + kPageTokens - 1) / kPageTokens);
 
     // Tolerance per (request, head). kvq2 and kvq4 run in fp32: the same form with 1e-5 in place of the
-    // fp16 terms below (the RoPE anchor's angle addition is within 4e-7 in cos and sin). kvq3 runs QK and PV on tensor cores with fp16 operands (fp32
-    // accumulation): a key element is dequantized in fp16 from fp16 mid and half-range (one rounding each
+    // fp16 terms below (the RoPE anchor's angle addition is within 4e-7 in cos and sin). kvq3 runs QK and
+    // PV on tensor cores with fp16 operands (fp32 accumulation): a key element is dequantized in fp16 from fp16 mid and half-range (one rounding each
     // of mid, half, the codebook entry and the FMA: u (|mid| + 2 |half| + |k|), u = 2^-11), rotated with
     // fp16 cos/sin of the page offset (three more roundings of |k|), and the query is rotated back by the
     // page's first position in fp32 and rounded to fp16 (u |q|). So a score moves by at most
