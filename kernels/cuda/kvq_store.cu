@@ -121,7 +121,7 @@ __global__ void FlushValuesKernel(const KvqAppendArgs a) {
 
 // Key outliers into the page's list, in token order: one warp per (page entry, KV head). The page's
 // earlier tokens (earlier calls) give the start; a token whose outliers do not fit keeps what fits (its
-// count says so) and raises the overflow flag, so no list runs into the next page's.
+// count says so) and raises its sequence slot's overflow flag, so no list runs into the next page's.
 __global__ void CompactKeyOutliersKernel(const KvqAppendArgs a) {
   const KvqFlushPage pg = a.pages[blockIdx.x];
   const int h = blockIdx.y;
@@ -145,7 +145,7 @@ __global__ void CompactKeyOutliersKernel(const KvqAppendArgs a) {
     }
     if (lane == 0) {
       L.key_outlier_count[ph * kPage + pg.row0 + i] = static_cast<uint8_t>(kept);
-      if (kept < count) *reinterpret_cast<volatile int*>(L.overflow) = 1;  // may be mapped host memory
+      if (kept < count) reinterpret_cast<volatile int*>(L.overflow)[pg.slot] = 1;  // may be mapped host memory
     }
     used += kept;
     added += kept;

@@ -45,7 +45,8 @@ struct KvqStoreLayer {
   const float* value_codebook = nullptr;
   const float* inv_freq = nullptr;           // [head_dim / 2]
   int64_t* key_outliers = nullptr;           // [slot][n_kv_heads]: key outliers stored (memory accounting)
-  int* overflow = nullptr;                   // set to 1 when a page's key outliers exceed the capacity
+  int* overflow = nullptr;                   // [slot]: set to 1 when a page of the slot's sequence gets more
+                                             // key outliers than the capacity
 };
 
 // Tokens that move into the quantized range: n (1..32) consecutive part tokens part0.. of a slot, all in

@@ -372,6 +372,7 @@ TEST(DeviceKvStoreAdmissionTest, RefusesWhenThePoolIsFull) {
             absl::StatusCode::kUnimplemented);
 }
 
+// The overflowing sequence fails alone: the other sequence goes on, and a new one in its slot starts clean.
 TEST(DeviceKvStoreAdmissionTest, KeyOutlierOverflowFailsClearly) {
   KV_SKIP_WITHOUT_GPU();
   const KvGeometry g = testing::SmallGeometry(64, 1, 4, kKvHeads);
@@ -388,14 +389,37 @@ TEST(DeviceKvStoreAdmissionTest, KeyOutlierOverflowFailsClearly) {
   ASSERT_TRUE(made.ok()) << made.status();
   DeviceKvStore& store = **made;
   ASSERT_TRUE(store.AddSequence(1, 0, 1000).ok());
+  ASSERT_TRUE(store.AddSequence(2, 0, 100).ok());
   const testing::SyntheticKv kv = testing::MakeSyntheticKv(g, 0, 256, 4);
   auto dk = ToDevice(kv.k);
   auto dv = ToDevice(kv.v);
+  ASSERT_TRUE(store.Append(0, 2, 20, dk.get(), dv.get(), kKvHeads * 64, nullptr).ok());  // sink and residual only
   ASSERT_TRUE(store.Append(0, 1, 256, dk.get(), dv.get(), kKvHeads * 64, nullptr).ok());
   KV_CUDA_OK(cudaDeviceSynchronize());
   const absl::Status next = store.Append(0, 1, 1, dk.get(), dv.get(), kKvHeads * 64, nullptr);
   EXPECT_EQ(next.code(), absl::StatusCode::kResourceExhausted) << next;
   EXPECT_NE(std::string(next.message()).find("outlier"), std::string::npos) << next;
+  EXPECT_NE(std::string(next.message()).find("sequence 1"), std::string::npos) << next;
+  EXPECT_EQ(store.Health(1).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(store.Health(2).ok()) << store.Health(2);
+  EXPECT_EQ(store.Health(7).code(), absl::StatusCode::kNotFound);
+
+  std::vector<float> q(2 * 4 * 64, 0.5f);
+  auto dq = ToDevice(q);
+  DeviceBuffer<float> out(q.size()), lse(2 * 4);
+  const std::vector<int64_t> both = {1, 2}, other = {-1, 2};
+  EXPECT_EQ(store.AttendRows(0, both, dq.get(), 4 * 64, out.get(), lse.get(), nullptr).code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(store.AttendRows(0, other, dq.get(), 4 * 64, out.get(), lse.get(), nullptr).ok());
+  EXPECT_TRUE(store.AppendRows(0, other, dk.get(), dv.get(), kKvHeads * 64, nullptr).ok());
+  EXPECT_TRUE(store.Append(0, 2, 1, dk.get(), dv.get(), kKvHeads * 64, nullptr).ok());
+  KV_CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(store.length(2, 0), 22);
+
+  store.RemoveSequence(1);
+  ASSERT_TRUE(store.AddSequence(3, 0, 100).ok());  // the freed slot
+  EXPECT_TRUE(store.Health(3).ok()) << store.Health(3);
+  EXPECT_TRUE(store.Append(0, 3, 20, dk.get(), dv.get(), kKvHeads * 64, nullptr).ok());
 }
 
 // A kvq3 calibration (outlier fraction 0.01) from worker/synthetic.h's generator with seed 5 at positions

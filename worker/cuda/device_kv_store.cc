@@ -136,6 +136,7 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   std::string scheme() const override { return config_.name(); }
   absl::Status AddSequence(int64_t id, int64_t start_position, int64_t capacity) override;
   void RemoveSequence(int64_t id) override;
+  absl::Status Health(int64_t id) const override;
   bool Contains(int64_t id) const override { return sequences_.count(id) > 0; }
   int64_t start_position(int64_t id) const override {
     auto it = sequences_.find(id);
@@ -170,7 +171,8 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   int64_t PagesFor(int64_t start, int64_t capacity) const {
     return CeilDiv(std::max<int64_t>(0, capacity - SinkOf(start)), kPageTokens);
   }
-  absl::Status CheckOverflow() const;
+  // ResourceExhausted once a page of the sequence got more key outliers than it holds.
+  absl::Status CheckOverflow(int64_t id, const Sequence& s) const;
   absl::StatusOr<Sequence*> Find(int64_t id);
   absl::Status CheckLayer(int layer) const;
   absl::Status CheckAppend(const Sequence& s, int layer, int64_t n) const;
@@ -212,7 +214,7 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   float* inv_freq_ = nullptr;
   uint2* rope_table_ = nullptr;  // kvq: KvqRopeTable, the fp16 RoPE factors of page offsets
   int64_t* key_outliers_ = nullptr;  // [layer][slot][n_kv_heads]
-  int* overflow_host_ = nullptr;     // mapped pinned flag the kernels raise
+  int* overflow_host_ = nullptr;     // mapped pinned flags [slot] the kernels raise
   int* overflow_device_ = nullptr;
 
   // Scratch.
@@ -356,8 +358,10 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
       CUDA_RETURN_IF_ERROR(cudaMemset(key_outliers_, 0, counters * 8));
     }
   }
-  CUDA_RETURN_IF_ERROR(cudaHostAlloc(reinterpret_cast<void**>(&overflow_host_), sizeof(int), cudaHostAllocMapped));
-  *overflow_host_ = 0;
+  // One overflow flag per sequence slot: a sequence whose pages overflow fails on its own.
+  CUDA_RETURN_IF_ERROR(cudaHostAlloc(reinterpret_cast<void**>(&overflow_host_), sizeof(int) * options_.max_sequences,
+                                     cudaHostAllocMapped));
+  std::fill(overflow_host_, overflow_host_ + options_.max_sequences, 0);
   CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(reinterpret_cast<void**>(&overflow_device_), overflow_host_, 0));
 
   // Staging: the largest per-call metadata (an append of max_tokens_, or max_rows decode rows).
@@ -477,13 +481,20 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
   return absl::OkStatus();
 }
 
-absl::Status DeviceKvStoreImpl::CheckOverflow() const {
-  if (kvq_ && *reinterpret_cast<volatile int*>(overflow_host_) != 0) {
+absl::Status DeviceKvStoreImpl::CheckOverflow(int64_t id, const Sequence& s) const {
+  if (kvq_ && reinterpret_cast<volatile int*>(overflow_host_)[s.slot] != 0) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "kvq key outliers of a page exceeded its capacity of ", key_outlier_capacity_,
-        " (DeviceKvStoreOptions::key_outlier_headroom / key_outlier_capacity); the excess was dropped"));
+        "sequence ", id, ": kvq key outliers of a page exceeded its capacity of ", key_outlier_capacity_,
+        " (DeviceKvStoreOptions::key_outlier_headroom / key_outlier_capacity; a calibration from other text than "
+        "this model sees keeps fewer keys inside its thresholds); the excess was dropped, so the sequence is refused"));
   }
   return absl::OkStatus();
+}
+
+absl::Status DeviceKvStoreImpl::Health(int64_t id) const {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) return absl::NotFoundError(absl::StrCat("sequence ", id, " is not in the KV store"));
+  return CheckOverflow(id, it->second);
 }
 
 absl::StatusOr<Sequence*> DeviceKvStoreImpl::Find(int64_t id) {
@@ -564,6 +575,7 @@ absl::Status DeviceKvStoreImpl::AddSequence(int64_t id, int64_t start_position, 
     }
   }
   CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  overflow_host_[s.slot] = 0;  // the slot's last holder may have overflowed; its work is done
   sequences_.emplace(id, std::move(s));
   rows_meta_host_.clear();  // a slot may have changed hands
   return absl::OkStatus();
@@ -687,20 +699,19 @@ absl::Status DeviceKvStoreImpl::AppendTokens(int layer, Sequence& s, int64_t n, 
 
 absl::Status DeviceKvStoreImpl::Append(int layer, int64_t id, int n_tokens, const float* k, const float* v,
                                        int64_t row_stride, cudaStream_t stream) {
-  KV_RETURN_IF_ERROR(CheckOverflow());
   KV_RETURN_IF_ERROR(CheckLayer(layer));
   if (n_tokens < 0 || n_tokens > options_.max_chunk) {
     return absl::InvalidArgumentError(absl::StrCat("Append of ", n_tokens, " tokens; 0..", options_.max_chunk,
                                                    " per call (DeviceKvStoreOptions::max_chunk)"));
   }
   KV_ASSIGN_OR_RETURN(Sequence * s, Find(id));
+  KV_RETURN_IF_ERROR(CheckOverflow(id, *s));
   KV_RETURN_IF_ERROR(CheckAppend(*s, layer, n_tokens));
   return AppendTokens(layer, *s, n_tokens, k, v, row_stride, stream);
 }
 
 absl::Status DeviceKvStoreImpl::AppendRows(int layer, std::span<const int64_t> ids, const float* k, const float* v,
                                            int64_t row_stride, cudaStream_t stream) {
-  KV_RETURN_IF_ERROR(CheckOverflow());
   KV_RETURN_IF_ERROR(CheckLayer(layer));
   const int rows = static_cast<int>(ids.size());
   if (rows > options_.max_rows) {
@@ -711,6 +722,7 @@ absl::Status DeviceKvStoreImpl::AppendRows(int layer, std::span<const int64_t> i
   for (int i = 0; i < rows; ++i) {
     if (ids[i] < 0) continue;
     KV_ASSIGN_OR_RETURN(seqs[i], Find(ids[i]));
+    KV_RETURN_IF_ERROR(CheckOverflow(ids[i], *seqs[i]));
     KV_RETURN_IF_ERROR(CheckAppend(*seqs[i], layer, 1));
     for (int j = 0; j < i; ++j) {
       if (ids[j] == ids[i]) return absl::InvalidArgumentError(absl::StrCat("sequence ", ids[i], " appears twice in AppendRows"));
@@ -768,7 +780,6 @@ absl::Status DeviceKvStoreImpl::AppendRows(int layer, std::span<const int64_t> i
 
 absl::Status DeviceKvStoreImpl::AttendRows(int layer, std::span<const int64_t> ids, const float* q, int64_t q_stride,
                                            float* out, float* lse, cudaStream_t stream) {
-  KV_RETURN_IF_ERROR(CheckOverflow());
   KV_RETURN_IF_ERROR(CheckLayer(layer));
   const int rows = static_cast<int>(ids.size());
   if (rows > options_.max_rows) {
@@ -785,6 +796,7 @@ absl::Status DeviceKvStoreImpl::AttendRows(int layer, std::span<const int64_t> i
   for (int i = 0; i < rows; ++i) {
     if (ids[i] < 0) continue;
     KV_ASSIGN_OR_RETURN(Sequence * s, Find(ids[i]));
+    KV_RETURN_IF_ERROR(CheckOverflow(ids[i], *s));
     slots[i] = s->slot;
     starts[i] = s->start;
     const int64_t n = s->lengths[layer];
@@ -890,13 +902,13 @@ absl::Status DeviceKvStoreImpl::AttendRows(int layer, std::span<const int64_t> i
 
 absl::Status DeviceKvStoreImpl::AttendChunk(int layer, int64_t id, int n_queries, const float* q, int64_t q_stride,
                                             int64_t first_position, float* out, float* lse, cudaStream_t stream) {
-  KV_RETURN_IF_ERROR(CheckOverflow());
   KV_RETURN_IF_ERROR(CheckLayer(layer));
   if (n_queries < 0 || n_queries > options_.max_chunk) {
     return absl::InvalidArgumentError(absl::StrCat("AttendChunk of ", n_queries, " queries; 0..", options_.max_chunk,
                                                    " per call (DeviceKvStoreOptions::max_chunk)"));
   }
   KV_ASSIGN_OR_RETURN(Sequence * s, Find(id));
+  KV_RETURN_IF_ERROR(CheckOverflow(id, *s));
   if (n_queries == 0) return absl::OkStatus();
   const KvGeometry& g = geometry_;
   const int d = g.head_dim;
@@ -976,8 +988,8 @@ absl::Status DeviceKvStoreImpl::AttendChunk(int layer, int64_t id, int n_queries
 }
 
 absl::Status DeviceKvStoreImpl::SyntheticFill(int64_t id, int64_t end, uint64_t seed, cudaStream_t stream) {
-  KV_RETURN_IF_ERROR(CheckOverflow());
   KV_ASSIGN_OR_RETURN(Sequence * s, Find(id));
+  KV_RETURN_IF_ERROR(CheckOverflow(id, *s));
   const int64_t length = s->lengths[0];
   for (int l = 1; l < geometry_.n_layers; ++l) {
     if (s->lengths[l] != length) {
@@ -1003,8 +1015,8 @@ absl::Status DeviceKvStoreImpl::SyntheticFill(int64_t id, int64_t end, uint64_t 
 }
 
 absl::Status DeviceKvStoreImpl::Seal(int64_t id, cudaStream_t stream) {
-  KV_RETURN_IF_ERROR(CheckOverflow());
   KV_ASSIGN_OR_RETURN(Sequence * s, Find(id));
+  KV_RETURN_IF_ERROR(CheckOverflow(id, *s));
   if (s->sealed) return absl::OkStatus();
   if (kvq_) {
     for (int l = 0; l < geometry_.n_layers; ++l) {

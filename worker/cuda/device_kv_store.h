@@ -47,7 +47,8 @@ struct DeviceKvStoreOptions {
   int max_chunk = 512;     // queries per AttendChunk call, tokens per Append call
   // kvq key outliers: each (page, KV head) has room for capacity = headroom * outlier_fraction * 128 *
   // head_dim of them (at least 64, rounded up to 16), or key_outlier_capacity when that is > 0. A page
-  // whose tokens bring more keeps what fits, and every later call returns ResourceExhausted.
+  // whose tokens bring more keeps what fits, and every later call naming its sequence returns
+  // ResourceExhausted (Health says so too); other sequences are not affected.
   double key_outlier_headroom = 3.0;
   int key_outlier_capacity = 0;
   // kvq AttendChunk dequantizes the visible tokens to fp16 in tiles of this many tokens (a multiple of
@@ -77,6 +78,10 @@ class DeviceKvStore {
   virtual absl::Status AddSequence(int64_t id, int64_t start_position, int64_t capacity) = 0;
   // Frees the sequence's pages (no-op for an unknown id).
   virtual void RemoveSequence(int64_t id) = 0;
+  // OK while the sequence can be served; ResourceExhausted once a page of it got more kvq key outliers
+  // than the page holds (every later call naming it fails the same way, the other sequences carry on);
+  // NotFound for an unknown id.
+  virtual absl::Status Health(int64_t id) const = 0;
   virtual bool Contains(int64_t id) const = 0;
   virtual int64_t start_position(int64_t id) const = 0;
   virtual int64_t length(int64_t id, int layer) const = 0;

@@ -68,6 +68,7 @@ class DecodeContext final : public GpuAttentionContext {
         if (rows_[i].held) FailOnce(&errors_[i], fault_.status);
       }
     }
+    FailUnhealthyRows();
     std::vector<int64_t> ids(rows_.size(), -1);
     bool any = false;
     for (size_t i = 0; i < rows_.size(); ++i) {
@@ -91,6 +92,7 @@ class DecodeContext final : public GpuAttentionContext {
     const int64_t rows = static_cast<int64_t>(n_queries) * geometry_.n_heads;
     KV_RETURN_IF_ERROR(Scratch::Ensure(scratch_.lse, rows * 4, "decode lse"));
     float* lse = scratch_.lse.as<float>();
+    FailUnhealthyRows();
     std::vector<int64_t> ids(rows_.size(), -1);
     bool any = false;
     for (size_t i = 0; i < rows_.size(); ++i) {
@@ -116,6 +118,14 @@ class DecodeContext final : public GpuAttentionContext {
 
  private:
   bool Live(size_t i) const { return !rows_[i].failed && errors_[i].ok(); }
+  // A row whose sequence the store can no longer serve (kvq key-outlier overflow) fails alone, before the
+  // batch calls, so the other rows of the step go on.
+  void FailUnhealthyRows() {
+    if (store_ == nullptr) return;
+    for (size_t i = 0; i < rows_.size(); ++i) {
+      if (rows_[i].held && Live(i)) FailOnce(&errors_[i], store_->Health(rows_[i].id));
+    }
+  }
 
   DeviceKvStore* store_;
   NcclPartialsMerger& merger_;
