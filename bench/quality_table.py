@@ -9,7 +9,12 @@ perplexity delta against measured bits per element.
 Usage (from the repository root, after building and calibrating):
   bench/quality_table.py --kvshard build/kvshard --calibration kv.kvcal \\
       [--texts wiki.test.raw,austen_persuasion.txt] [--ctx 2048,8192] [--max-tokens 102400] \\
-      [--schemes fp16,int8,...] [--variant 'kvq3 uniform=kvq3@uniform.kvcal'] [--dry-run]
+      [--schemes fp16,int8,...] [--variant 'kvq3 uniform=kvq3@uniform.kvcal'] [--device cpu|gpu] [--dry-run]
+
+--device gpu scores every token as one decode step on the GPU (`kvshard perplexity --device gpu`), for
+the schemes the GPU store holds (fp16, kvq2..4). Its results go to their own JSON file, markdown block
+(<!-- kv-quality-gpu:begin --> .. end) and plot, because the GPU's bf16 dense layers shift every
+perplexity slightly: deltas compare schemes within one device.
 
 Each run's cost grows with its tokens; --dry-run prints the runs and an estimate from the tokens/s of
 results already in the JSON file.
@@ -42,12 +47,18 @@ def parse_args():
     p.add_argument("--schemes", default=DEFAULT_SCHEMES)
     p.add_argument("--variant", action="append", default=[],
                    help="extra row 'LABEL=SPEC@CALIBRATION' (e.g. a scheme with another calibration)")
-    p.add_argument("--results", default=os.path.join(root, "bench", "quality_results.json"))
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--results", default="", help="default bench/quality_results[_gpu].json")
     p.add_argument("--markdown", default=os.path.join(root, "bench", "RESULTS.md"))
-    p.add_argument("--plot", default=os.path.join(root, "bench", "quality_delta_vs_bits.png"))
+    p.add_argument("--plot", default="", help="default bench/quality_delta_vs_bits[_gpu].png")
     p.add_argument("--note", default="", help="a line written under the table (what was run, and why)")
     p.add_argument("--dry-run", action="store_true")
-    return p.parse_args()
+    args = p.parse_args()
+    suffix = "_gpu" if args.device == "gpu" else ""
+    args.results = args.results or os.path.join(root, "bench", f"quality_results{suffix}.json")
+    args.plot = args.plot or os.path.join(root, "bench", f"quality_delta_vs_bits{suffix}.png")
+    args.marker = "kv-quality-gpu" if args.device == "gpu" else "kv-quality"
+    return args
 
 
 def run_key(text, ctx, label):
@@ -99,7 +110,7 @@ def estimate(results, runs, max_tokens):
 
 def run_one(args, text, ctx, spec, calib):
     cmd = [args.kvshard, "perplexity", "--text", os.path.join(args.texts_dir, text), "--ctx", str(ctx),
-           "--kv", spec, "--max_eval_tokens", str(args.max_tokens)]
+           "--kv", spec, "--max_eval_tokens", str(args.max_tokens), "--device", args.device]
     if args.model:
         cmd += ["--model", args.model]
     if calib:
@@ -108,11 +119,16 @@ def run_one(args, text, ctx, spec, calib):
     out = subprocess.run(cmd, stdout=subprocess.PIPE, check=False)
     if out.returncode != 0:
         raise SystemExit(f"quality_table.py: kvshard perplexity failed for {spec} on {text} ctx {ctx}")
-    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+    result = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    result["text"] = text  # the file's name, not where this machine keeps it
+    return result
 
 
 def markdown_table(args, results, runs):
-    lines = ["<!-- kv-quality:begin -->", "## KV-cache quantization quality (SmolLM2-135M-Instruct Q4_1)", ""]
+    title = "## KV-cache quantization quality (SmolLM2-135M-Instruct Q4_1)"
+    if args.device == "gpu":
+        title = "## KV-cache quantization quality on the GPU, every token a decode step (SmolLM2-135M-Instruct Q4_1)"
+    lines = [f"<!-- {args.marker}:begin -->", title, ""]
     if args.note:
         lines += [args.note, ""]
     lines += ["| text | ctx | scheme | perplexity | delta vs fp16 | bits/element (measured) | tokens scored |",
@@ -132,16 +148,16 @@ def markdown_table(args, results, runs):
                              f"{r['bits_per_element']:.3f} | {r['scored_tokens']} |")
     lines += ["", "Bits per element are measured on the store at the end of each window (codes, scales and "
               "zero points, outliers with their indices and counts, fp16 sink and residual), averaged over "
-              "windows; calibration tables are per model and not counted.", "<!-- kv-quality:end -->"]
+              "windows; calibration tables are per model and not counted.", f"<!-- {args.marker}:end -->"]
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path, block):
+def write_markdown(path, block, marker):
     text = ""
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-    begin, end = "<!-- kv-quality:begin -->", "<!-- kv-quality:end -->"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     if begin in text and end in text:
         text = text[:text.index(begin)] + block.rstrip("\n") + text[text.index(end) + len(end):]
     else:
@@ -176,7 +192,7 @@ def plot(args, results, runs):
     ax.axhline(0, color="gray", lw=0.5)
     ax.set_xlabel("measured bits per element (all-in)")
     ax.set_ylabel("perplexity delta vs fp16 (%)")
-    ax.set_title("KV-cache schemes on SmolLM2-135M")
+    ax.set_title("KV-cache schemes on SmolLM2-135M" + (" (GPU, decode steps)" if args.device == "gpu" else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
@@ -199,8 +215,12 @@ def main():
         results[run_key(text, ctx, label)] = run_one(args, text, ctx, spec, calib)
         save_results(args.results, results)
         print(f"quality_table.py: {label} {text} ctx {ctx}: {time.time() - start:.0f} s", file=sys.stderr)
-    write_markdown(args.markdown, markdown_table(args, results, runs))
-    plot(args, results, runs)
+    write_markdown(args.markdown, markdown_table(args, results, runs), args.marker)
+    try:
+        plot(args, results, runs)
+    except ImportError:
+        print("quality_table.py: no matplotlib here, so no plot (the JSON keeps the results)", file=sys.stderr)
+        return
     print(f"quality_table.py: wrote {args.markdown} and {args.plot}", file=sys.stderr)
 
 

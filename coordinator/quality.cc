@@ -10,22 +10,15 @@
 #include "common/half.h"
 #include "common/progress.h"
 #include "common/status.h"
+#include "kernels/sampling.h"
 #include "kvstore/quantized_shard.h"
+#include "worker/gpu_perplexity.h"
 
 namespace kvshard {
 namespace {
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
-}
-
-// log softmax(logits)[target], in double.
-double LogProbability(const float* logits, int vocab, int32_t target) {
-  float max_logit = logits[0];
-  for (int i = 1; i < vocab; ++i) max_logit = std::max(max_logit, logits[i]);
-  double sum = 0;
-  for (int i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
-  return static_cast<double>(logits[target]) - max_logit - std::log(sum);
 }
 
 }  // namespace
@@ -58,22 +51,33 @@ ModelIdentity ModelIdentityOf(const ModelWeights& weights) {
   return id;
 }
 
-absl::StatusOr<PerplexityResult> EvaluatePerplexity(CpuModel& model, std::span<const int32_t> tokens,
-                                                    const KvSchemeConfig& scheme, const Calibration* calibration,
-                                                    const PerplexityOptions& options) {
+namespace {
+
+// Whole windows of options.ctx tokens in the text (within options.max_tokens); refuses a window the
+// model cannot hold or a text shorter than one window.
+absl::StatusOr<int64_t> PerplexityWindows(const ModelConfig& model, size_t n_tokens, const PerplexityOptions& options) {
   if (options.ctx < 2) return absl::InvalidArgumentError("the perplexity window (--ctx) must be at least 2 tokens");
-  if (model.config().max_context > 0 && options.ctx > model.config().max_context) {
+  if (model.max_context > 0 && options.ctx > model.max_context) {
     return absl::InvalidArgumentError(absl::StrCat("--ctx ", options.ctx, " exceeds the model's context of ",
-                                                   model.config().max_context, " tokens"));
+                                                   model.max_context, " tokens"));
   }
-  int64_t usable = static_cast<int64_t>(tokens.size());
+  int64_t usable = static_cast<int64_t>(n_tokens);
   if (options.max_tokens > 0) usable = std::min(usable, options.max_tokens);
   const int64_t windows = usable / options.ctx;
   if (windows == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("the text has ", tokens.size(), " tokens",
-                                                   options.max_tokens > 0 ? " (within --max_tokens)" : "",
+    return absl::InvalidArgumentError(absl::StrCat("the text has ", n_tokens, " tokens",
+                                                   options.max_tokens > 0 ? " (within --max_eval_tokens)" : "",
                                                    ", shorter than one window of ", options.ctx, " tokens"));
   }
+  return windows;
+}
+
+}  // namespace
+
+absl::StatusOr<PerplexityResult> EvaluatePerplexity(CpuModel& model, std::span<const int32_t> tokens,
+                                                    const KvSchemeConfig& scheme, const Calibration* calibration,
+                                                    const PerplexityOptions& options) {
+  KV_ASSIGN_OR_RETURN(const int64_t windows, PerplexityWindows(model.config(), tokens.size(), options));
   KvSchemeConfig config = scheme;
   config.exact_decode_view = true;
   const KvGeometry geometry = model.kv_geometry();
@@ -99,7 +103,7 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(CpuModel& model, std::span<c
       KV_RETURN_IF_ERROR(model.Forward(std::span<const int32_t>(window + c0, n), c0, context, true, logits));
       for (int64_t i = 0; i < n; ++i) {
         if (c0 + i + 1 >= options.ctx) break;  // the window's last token predicts nothing inside it
-        nll_sum -= LogProbability(logits.data() + i * vocab, vocab, window[c0 + i + 1]);
+        nll_sum -= TargetLogProbabilityCpu(logits.data() + i * vocab, vocab, window[c0 + i + 1]);
         ++result.scored_tokens;
       }
       if (progress) progress->Update(w * options.ctx + c0 + n);
@@ -111,6 +115,24 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(CpuModel& model, std::span<c
   result.mean_nll = nll_sum / static_cast<double>(result.scored_tokens);
   result.perplexity = std::exp(result.mean_nll);
   result.bits_per_element = bits_sum / static_cast<double>(windows);
+  result.seconds = Seconds(start);
+  return result;
+}
+
+absl::StatusOr<PerplexityResult> EvaluatePerplexityOnGpu(const ModelWeights& weights,
+                                                         std::span<const int32_t> tokens,
+                                                         const KvSchemeConfig& scheme, const Calibration* calibration,
+                                                         const PerplexityOptions& options, int batch) {
+  KV_ASSIGN_OR_RETURN(const int64_t windows, PerplexityWindows(weights.config, tokens.size(), options));
+  const auto start = std::chrono::steady_clock::now();
+  KV_ASSIGN_OR_RETURN(GpuWindowScores scores, ScoreWindowsOnGpu(weights, tokens, options.ctx, windows, scheme,
+                                                                calibration, batch, options.show_progress));
+  PerplexityResult result;
+  result.windows = scores.windows;
+  result.scored_tokens = scores.scored_tokens;
+  result.mean_nll = scores.nll_sum / static_cast<double>(scores.scored_tokens);
+  result.perplexity = std::exp(result.mean_nll);
+  result.bits_per_element = scores.bits_sum / static_cast<double>(scores.windows);
   result.seconds = Seconds(start);
   return result;
 }

@@ -51,6 +51,15 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(CpuModel& model, std::span<c
                                                     const KvSchemeConfig& scheme, const Calibration* calibration,
                                                     const PerplexityOptions& options);
 
+// The same windows scored on the GPU (worker/gpu_perplexity.h): every token is one decode step, so each
+// prediction sees the decode view by construction; `batch` windows run side by side. The dense layers
+// run in bf16 (GpuModel), so perplexities differ slightly from the CPU path's: compare schemes within
+// one device. Schemes: fp16 and kvq2..4 (Unimplemented otherwise); Unavailable without a GPU.
+absl::StatusOr<PerplexityResult> EvaluatePerplexityOnGpu(const ModelWeights& weights,
+                                                         std::span<const int32_t> tokens,
+                                                         const KvSchemeConfig& scheme, const Calibration* calibration,
+                                                         const PerplexityOptions& options, int batch);
+
 // Squared loss gradients with respect to each layer's keys (pre-RoPE) and values, for the tokens they
 // were computed on: the Fisher information weights of KVQuant's k-means. bench/fisher_weights.py
 // writes the file (torch); format, little-endian:

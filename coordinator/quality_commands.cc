@@ -20,6 +20,7 @@
 #include "worker/synthetic.h"
 
 ABSL_DECLARE_FLAG(std::string, kv_scheme);
+ABSL_DECLARE_FLAG(std::string, device);
 ABSL_FLAG(std::string, text, "", "calibrate, perplexity: the text file");
 ABSL_FLAG(std::string, out, "", "calibrate: the calibration file to write");
 ABSL_FLAG(int64_t, ctx, 2048, "perplexity, calibrate: tokens per window");
@@ -28,6 +29,8 @@ ABSL_FLAG(std::string, kv, "",
           "(default: --kv_scheme)");
 ABSL_FLAG(std::string, calibration, "", "KV calibration file (kvq and wkv schemes need one)");
 ABSL_FLAG(int64_t, max_eval_tokens, 0, "perplexity: evaluate at most this many tokens (0: the whole text)");
+ABSL_FLAG(int, perplexity_batch, 64,
+          "perplexity on the GPU: windows decoded side by side (each window is one row of a decode batch)");
 ABSL_FLAG(int64_t, calibration_tokens, 16384, "calibrate: tokens of --text to calibrate on");
 ABSL_FLAG(std::string, outlier_fractions, "0.005,0.01,0.02",
           "calibrate: outlier fractions to make kvq tables for, comma-separated");
@@ -169,8 +172,31 @@ absl::Status RunPerplexity(const std::vector<std::string>& args) {
     KV_RETURN_IF_ERROR(Annotate(CheckCalibrationForModel(*calibration, m.identity), calibration_path));
   }
   KV_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, TokenizeTextFlag(m.engine->tokenizer(), "perplexity"));
-  KV_ASSIGN_OR_RETURN(PerplexityResult r,
-                      EvaluatePerplexity(*m.model, tokens, scheme, calibration.get(), options));
+  // --device auto: the GPU when there is one and its KV store holds the scheme, the CPU otherwise. The
+  // two differ slightly (bf16 dense layers on the GPU), so the result names its device.
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "auto" && device != "gpu" && device != "cpu") {
+    return absl::InvalidArgumentError(absl::StrCat("--device must be auto, gpu or cpu, not '", device, "'"));
+  }
+  absl::StatusOr<PerplexityResult> gpu_result = absl::UnavailableError("--device cpu");
+  if (device != "cpu") {
+    gpu_result = EvaluatePerplexityOnGpu(m.engine->weights(), tokens, scheme, calibration.get(), options,
+                                         absl::GetFlag(FLAGS_perplexity_batch));
+    if (!gpu_result.ok() && (device == "gpu" || (!absl::IsUnavailable(gpu_result.status()) &&
+                                                 !absl::IsUnimplemented(gpu_result.status())))) {
+      return gpu_result.status();
+    }
+    if (!gpu_result.ok()) {
+      std::fprintf(stderr, "kvshard perplexity: on the CPU (%s)\n", std::string(gpu_result.status().message()).c_str());
+    }
+  }
+  const bool on_gpu = gpu_result.ok();
+  PerplexityResult r;
+  if (on_gpu) {
+    r = *gpu_result;
+  } else {
+    KV_ASSIGN_OR_RETURN(r, EvaluatePerplexity(*m.model, tokens, scheme, calibration.get(), options));
+  }
   nlohmann::json j;
   j["text"] = absl::GetFlag(FLAGS_text);
   j["ctx"] = options.ctx;
@@ -183,11 +209,12 @@ absl::Status RunPerplexity(const std::vector<std::string>& args) {
   j["bits_per_element"] = r.bits_per_element;
   j["calibration"] = calibration ? calibration->weighting : "";
   j["seconds"] = r.seconds;
+  j["device"] = on_gpu ? "gpu" : "cpu";
   std::printf("%s\n", j.dump().c_str());
   std::fprintf(stderr, "%s\n",
-               absl::StrFormat("kvshard perplexity: %s ctx %d: perplexity %.4f over %d tokens (%d windows), "
+               absl::StrFormat("kvshard perplexity: %s ctx %d on the %s: perplexity %.4f over %d tokens (%d windows), "
                                "%.3f bits/element, %.0f s",
-                               scheme.ToString(), options.ctx, r.perplexity, r.scored_tokens, r.windows,
+                               scheme.ToString(), options.ctx, on_gpu ? "GPU" : "CPU", r.perplexity, r.scored_tokens, r.windows,
                                r.bits_per_element, r.seconds)
                    .c_str());
   return absl::OkStatus();

@@ -70,4 +70,8 @@ SampledToken SampleTokenCpu(const float* logits, int vocab, const TokenSampling&
 // worker/sampler.h's Sampler.
 void ApplyRepetitionPenaltyCpu(float* logits, int vocab, const int32_t* recent, int n_recent, float penalty);
 
+// log softmax(logits)[target] in natural log, computed in double: the score of one next-token
+// prediction (perplexity). CPU twin of TargetLogProbabilitiesCuda.
+double TargetLogProbabilityCpu(const float* logits, int vocab, int32_t target);
+
 }  // namespace kvshard

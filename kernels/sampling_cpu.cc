@@ -98,4 +98,12 @@ void ApplyRepetitionPenaltyCpu(float* logits, int vocab, const int32_t* recent, 
   }
 }
 
+double TargetLogProbabilityCpu(const float* logits, int vocab, int32_t target) {
+  float max_logit = logits[0];
+  for (int i = 1; i < vocab; ++i) max_logit = std::max(max_logit, logits[i]);
+  double sum = 0;
+  for (int i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+  return static_cast<double>(logits[target]) - max_logit - std::log(sum);
+}
+
 }  // namespace kvshard

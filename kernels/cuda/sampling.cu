@@ -204,6 +204,26 @@ __global__ void RepetitionPenaltyKernel(float* __restrict__ logits, int64_t row_
   }
 }
 
+constexpr int kLogProbabilityThreads = 512;
+
+__global__ void __launch_bounds__(kLogProbabilityThreads)
+    TargetLogProbabilitiesKernel(const float* __restrict__ logits, int64_t row_stride, int vocab,
+                                 const int32_t* __restrict__ targets, float* __restrict__ log_probabilities) {
+  __shared__ float scratch[kLogProbabilityThreads / 32];
+  const float* x = logits + static_cast<int64_t>(blockIdx.x) * row_stride;
+  float local_max = -INFINITY;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) local_max = fmaxf(local_max, x[i]);
+  const float max_logit = BlockReduce(local_max, scratch, WarpMaxOp{}, MaxOp{});
+  float local_sum = 0.f;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) local_sum += expf(x[i] - max_logit);
+  const float sum = BlockSum(local_sum, scratch);
+  if (threadIdx.x == 0) {
+    const int32_t target = targets[blockIdx.x];
+    log_probabilities[blockIdx.x] =
+        (target >= 0 && target < vocab) ? x[target] - max_logit - logf(sum) : __int_as_float(0x7fc00000);
+  }
+}
+
 }  // namespace
 
 absl::Status ApplyRepetitionPenaltyCuda(float* logits, int64_t row_stride, int vocab, int rows,
@@ -228,6 +248,19 @@ absl::Status SampleTokensCuda(const float* logits, int64_t row_stride, int vocab
   }
   if (rows == 0) return absl::OkStatus();
   SampleTokensKernel<<<rows, kSampleThreads, 0, stream>>>(logits, row_stride, vocab, params, tokens);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+absl::Status TargetLogProbabilitiesCuda(const float* logits, int64_t row_stride, int vocab, int rows,
+                                        const int32_t* targets, float* log_probabilities, cudaStream_t stream) {
+  if (vocab <= 0 || rows < 0 || row_stride < vocab) {
+    return absl::InvalidArgumentError(absl::StrCat("TargetLogProbabilitiesCuda: bad shape vocab=", vocab,
+                                                   " rows=", rows, " row_stride=", row_stride));
+  }
+  if (rows == 0) return absl::OkStatus();
+  TargetLogProbabilitiesKernel<<<rows, kLogProbabilityThreads, 0, stream>>>(logits, row_stride, vocab, targets,
+                                                                            log_probabilities);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

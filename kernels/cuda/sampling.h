@@ -27,4 +27,11 @@ absl::Status ApplyRepetitionPenaltyCuda(float* logits, int64_t row_stride, int v
                                         const int32_t* recent, int recent_stride, const int32_t* recent_counts,
                                         const TokenSampling* params, cudaStream_t stream);
 
+// For each of `rows` rows: log_probabilities[r] = log softmax(logits[r * row_stride .. + vocab))[targets[r]]
+// (natural log; CPU twin TargetLogProbabilityCpu, which sums in double: this kernel sums exp in fp32 per
+// thread and combines in a fixed order, relative error ~1e-6 of the sum). A target outside [0, vocab)
+// gives NaN. logits fp32, targets int32, log_probabilities fp32 (device). One block per row.
+absl::Status TargetLogProbabilitiesCuda(const float* logits, int64_t row_stride, int vocab, int rows,
+                                        const int32_t* targets, float* log_probabilities, cudaStream_t stream);
+
 }  // namespace kvshard

@@ -13,6 +13,7 @@
 namespace kvshard {
 namespace {
 
+using testing::CountMismatches;
 using testing::DeviceBuffer;
 using testing::RandomUniform;
 using testing::ToDevice;
@@ -150,6 +151,47 @@ TEST(RepetitionPenaltyTest, MatchesCpuTwinBitExactly) {
     }
   }
   EXPECT_EQ(wrong, 0);
+}
+
+class TargetLogProbabilitiesTest : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override { KV_SKIP_WITHOUT_GPU(); }
+};
+
+// Bound: the kernel sums exp in fp32 (fast-math expf, a few ulp each, relative error of the sum ~1e-6
+// at these vocabularies) where the twin sums in double; log(sum) turns that into an absolute error.
+TEST_P(TargetLogProbabilitiesTest, MatchesCpuTwin) {
+  const int vocab = GetParam();
+  constexpr int kRows = 9;
+  const int64_t stride = vocab + 3;  // padded rows exercise row_stride
+  std::vector<float> logits = RandomUniform(kRows * stride, 91, -20.0f, 20.0f);
+  for (int64_t i = 0; i < stride; ++i) logits[stride + i] += 80.0f;  // large logits must not overflow exp
+  std::vector<int32_t> targets(kRows);
+  for (int r = 0; r < kRows; ++r) targets[r] = r == 0 ? 0 : r == 1 ? vocab - 1 : static_cast<int32_t>((r * 7919) % vocab);
+  std::vector<float> want(kRows);
+  for (int r = 0; r < kRows; ++r) {
+    want[r] = static_cast<float>(TargetLogProbabilityCpu(logits.data() + r * stride, vocab, targets[r]));
+  }
+  DeviceBuffer<float> dlogits = ToDevice(logits);
+  DeviceBuffer<int32_t> dtargets = ToDevice(targets);
+  DeviceBuffer<float> dout(kRows);
+  dout.Poison();
+  ASSERT_TRUE(
+      TargetLogProbabilitiesCuda(dlogits.get(), stride, vocab, kRows, dtargets.get(), dout.get(), nullptr).ok());
+  EXPECT_EQ(CountMismatches("log_probability", dout.Download(), want, 2e-5, 1e-5), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Vocabularies, TargetLogProbabilitiesTest, ::testing::Values(1, 37, 1000, 49152, 128256));
+
+TEST(TargetLogProbabilitiesErrors, OutOfRangeTargetIsNanAndBadShapeIsRefused) {
+  KV_SKIP_WITHOUT_GPU();
+  const std::vector<float> logits = RandomUniform(2 * 37, 92);
+  DeviceBuffer<float> dlogits = ToDevice(logits);
+  DeviceBuffer<int32_t> dtargets = ToDevice(std::vector<int32_t>{37, -1});
+  DeviceBuffer<float> dout(2);
+  ASSERT_TRUE(TargetLogProbabilitiesCuda(dlogits.get(), 37, 37, 2, dtargets.get(), dout.get(), nullptr).ok());
+  for (float x : dout.Download()) EXPECT_TRUE(std::isnan(x));
+  EXPECT_FALSE(TargetLogProbabilitiesCuda(dlogits.get(), 36, 37, 2, dtargets.get(), dout.get(), nullptr).ok());
 }
 
 }  // namespace
