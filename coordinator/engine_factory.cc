@@ -41,6 +41,10 @@ ABSL_FLAG(std::string, merge, "allgather",
 ABSL_FLAG(std::string, partials_wire, "fp32", "Wire precision of attention partials' outputs: fp32 or bf16");
 ABSL_FLAG(int, worker_threads, 0, "CPU threads per worker (0: the node's cores / its ranks)");
 ABSL_FLAG(int, max_batch, 64, "Most requests in one decode step");
+ABSL_FLAG(double, kv_outlier_headroom, 3.0,
+          "GPU workers, kvq schemes: each 128-token page keeps room for this many times the calibrated key "
+          "outlier fraction; a page of text with more outliers fails its request (raise this, at 3 bytes per "
+          "extra outlier slot, or calibrate on text like the requests')");
 ABSL_FLAG(double, collective_timeout_s, 300,
           "A worker whose peers do not join a collective within this many seconds ends the job");
 ABSL_FLAG(double, worker_timeout_s, 600,
@@ -119,6 +123,10 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags() {
   KV_ASSIGN_OR_RETURN(w.merge.mode, ParseMergeMode(absl::GetFlag(FLAGS_merge)));
   KV_ASSIGN_OR_RETURN(w.merge.wire, ParseWireType(absl::GetFlag(FLAGS_partials_wire)));
   w.collective_timeout_s = absl::GetFlag(FLAGS_collective_timeout_s);
+  w.key_outlier_headroom = absl::GetFlag(FLAGS_kv_outlier_headroom);
+  if (!(w.key_outlier_headroom >= 1.0 && w.key_outlier_headroom <= 100.0)) {
+    return absl::InvalidArgumentError("--kv_outlier_headroom must be in [1, 100]");
+  }
   w.faults.fail_step = absl::GetFlag(FLAGS_debug_fail_worker_at_step);
   w.faults.kill_step = absl::GetFlag(FLAGS_debug_kill_worker_at_step);
   w.faults.hang_step = absl::GetFlag(FLAGS_debug_hang_worker_at_step);

@@ -60,6 +60,7 @@ json ToJson(const WorkerConfig& c) {
             {"merge_mode", MergeModeName(c.merge.mode)},
             {"wire", WireTypeName(c.merge.wire)},
             {"collective_timeout_s", c.collective_timeout_s},
+            {"key_outlier_headroom", c.key_outlier_headroom},
             {"faults",
              {{"fail_step", c.faults.fail_step},
               {"kill_step", c.faults.kill_step},
@@ -82,6 +83,7 @@ absl::StatusOr<WorkerConfig> ConfigFromJson(const json& j) {
   if (!wire.ok()) return wire.status();
   c.merge = {*mode, *wire};
   c.collective_timeout_s = j.at("collective_timeout_s");
+  c.key_outlier_headroom = j.at("key_outlier_headroom");
   const json& f = j.at("faults");
   c.faults.fail_step = f.at("fail_step");
   c.faults.kill_step = f.at("kill_step");

@@ -37,6 +37,7 @@ struct GpuWorkerOptions {
   int64_t kv_budget_bytes = 0;  // device memory for KV at most (also bounded by what the GPU has free)
   std::shared_ptr<const Calibration> calibration;  // of the calibrated schemes; may be null
   int max_decode_rows = 64;
+  double key_outlier_headroom = 3.0;  // DeviceKvStoreOptions::key_outlier_headroom
 };
 
 // One row of a decode step as this worker sees it.

@@ -137,7 +137,8 @@ class Worker {
       return absl::OkStatus();
     }
     const std::string key = absl::StrCat(model_key_, "|", config.calibration_path, "|", config.kv_budget_bytes, "|",
-                                         MergeModeName(config.merge.mode), WireTypeName(config.merge.wire));
+                                         MergeModeName(config.merge.mode), WireTypeName(config.merge.wire), "|",
+                                         config.key_outlier_headroom);
     if (gpu_ == nullptr || key != gpu_key_) {
       gpu_.reset();
       GpuWorkerOptions options;
@@ -145,6 +146,7 @@ class Worker {
       options.merge = config.merge;
       options.collective_timeout = absl::Seconds(config.collective_timeout_s);
       options.kv_budget_bytes = config.kv_budget_bytes;
+      options.key_outlier_headroom = config.key_outlier_headroom;
       if (!config.calibration_path.empty()) {
         KV_ASSIGN_OR_RETURN(Calibration calibration, LoadCalibration(config.calibration_path));
         options.calibration = std::make_shared<const Calibration>(std::move(calibration));

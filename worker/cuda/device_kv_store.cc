@@ -485,8 +485,8 @@ absl::Status DeviceKvStoreImpl::CheckOverflow(int64_t id, const Sequence& s) con
   if (kvq_ && reinterpret_cast<volatile int*>(overflow_host_)[s.slot] != 0) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "sequence ", id, ": kvq key outliers of a page exceeded its capacity of ", key_outlier_capacity_,
-        " (DeviceKvStoreOptions::key_outlier_headroom / key_outlier_capacity; a calibration from other text than "
-        "this model sees keeps fewer keys inside its thresholds); the excess was dropped, so the sequence is refused"));
+        " (raise --kv_outlier_headroom, or calibrate on text like this request's: thresholds from other text keep "
+        "fewer keys inside them); the excess was dropped, so the sequence is refused"));
   }
   return absl::OkStatus();
 }

@@ -245,6 +245,7 @@ class CudaGpuWorker final : public GpuWorker {
       store_options.pool_bytes = kv_budget_;
       store_options.max_rows = options_.max_decode_rows;
       store_options.max_chunk = model_->max_chunk();
+      store_options.key_outlier_headroom = options_.key_outlier_headroom;
       KV_ASSIGN_OR_RETURN(store_, DeviceKvStore::Create(model_->kv_geometry(), config, options_.calibration.get(),
                                                         store_options));
       scheme_ = scheme;
