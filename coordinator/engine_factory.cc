@@ -42,9 +42,10 @@ ABSL_FLAG(std::string, partials_wire, "fp32", "Wire precision of attention parti
 ABSL_FLAG(int, worker_threads, 0, "CPU threads per worker (0: the node's cores / its ranks)");
 ABSL_FLAG(int, max_batch, 64, "Most requests in one decode step");
 ABSL_FLAG(double, kv_outlier_headroom, 3.0,
-          "GPU workers, kvq schemes: each 128-token page keeps room for this many times the calibrated key "
-          "outlier fraction; a page of text with more outliers fails its request (raise this, at 3 bytes per "
-          "extra outlier slot, or calibrate on text like the requests')");
+          "GPU workers, kvq schemes: key outlier room, in multiples of the calibrated key outlier fraction of "
+          "a request's reserved tokens (its pages and KV heads share it, so single pages may hold far more); a "
+          "request whose text has more outliers in a layer fails (raise this, at 3 bytes per extra outlier "
+          "slot, or calibrate on text like the requests')");
 ABSL_FLAG(double, collective_timeout_s, 300,
           "A worker whose peers do not join a collective within this many seconds ends the job");
 ABSL_FLAG(double, worker_timeout_s, 600,

@@ -41,7 +41,7 @@ struct WorkerConfig {
   std::string device = "auto";                    // auto (a GPU per worker when the node has enough), gpu, cpu
   MergeOptions merge;
   double collective_timeout_s = 300;
-  double key_outlier_headroom = 3.0;              // GPU kvq stores: key outlier room per page (DeviceKvStoreOptions)
+  double key_outlier_headroom = 3.0;              // GPU kvq stores: key outlier room (DeviceKvStoreOptions)
   FaultInjection faults;
 };
 

@@ -19,6 +19,10 @@
 
 namespace kvshard {
 
+// Entries per (page, KV head) of a store's key outlier segment tables (KvqStoreView::key_outlier_segments):
+// one KV head of one layer may own this many outlier segments per page of its sequence.
+inline constexpr int kKvqSegmentTableWidth = 16;
+
 // One layer of a batch of kvq stores, as kvstore/kv_codecs.h lays them out. Request b's stream for KV
 // head h holds local tokens 0 .. sink_lens[b] + quantized_lens[b] + residual_lens[b] - 1 at absolute
 // positions start_positions[b] + local index:
@@ -36,9 +40,11 @@ namespace kvshard {
 //   value_outlier_channel:   uint8 [ph][128][n_value_outliers] ascending; value_outlier_value: fp16 bits,
 //                            same shape. They replace the dequantized value.
 //   key_outlier_count:       uint8 [ph][128], outliers of each token (0 for absent tokens).
-//   key_outlier_offset:      int64 [ph], the index in key_outlier_channel / key_outlier_value of the
-//                            page's first outlier; a token's outliers follow those of earlier tokens of
-//                            the page, in ascending channel order (kv_codecs.cc's flat list, paged).
+//   key_outlier_offset:      int64 [ph], the index of the page's first outlier in its list; a token's
+//                            outliers follow those of earlier tokens of the page, in ascending channel
+//                            order (kv_codecs.cc's flat list, paged). The list is key_outlier_channel /
+//                            key_outlier_value itself when key_outlier_segment_shift < 0; otherwise it is
+//                            the stream's chain of segments (kvq_codes.cuh, KvqKeyOutlierIndex).
 // Calibration of this layer: key_low, key_high fp32 [n_kv_heads][head_dim] (per-channel thresholds),
 // key_codebook, value_codebook fp32 [2^bits]. RoPE: inv_freq fp32 [head_dim / 2] (RopeInverseFrequencies),
 // angles in double as ApplyRopeCpu.
@@ -54,6 +60,11 @@ struct KvqStoreView {
   const uint16_t* value_outlier_value = nullptr;
   const uint8_t* key_outlier_count = nullptr;
   const int64_t* key_outlier_offset = nullptr;
+  // >= 0 (DeviceKvStore): the outlier list of request b's KV head h is a chain of 2^shift-entry segments
+  // drawn from the request's pool, listed in key_outlier_segments (kvq_codes.cuh, KvqKeyOutlierIndex), so
+  // pages, heads and layers share their room.
+  int key_outlier_segment_shift = -1;
+  const int32_t* key_outlier_segments = nullptr;  // int32 [ph][kKvqSegmentTableWidth]
   const uint8_t* key_outlier_channel = nullptr;
   const uint16_t* key_outlier_value = nullptr;
   const int32_t* page_table = nullptr;  // [batch][pages_per_request]

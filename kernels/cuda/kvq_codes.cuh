@@ -11,6 +11,8 @@
 
 #include <cuda_fp16.h>
 
+#include "kernels/cuda/kvq_attention.h"
+
 namespace kvshard {
 
 inline constexpr int kKvqMaxValueOutliers = 8;  // n_out per token the value encoder keeps (1% of 256 is 3)
@@ -117,6 +119,28 @@ __device__ __forceinline__ void KvqEncodeValueToken(const float (&x)[HEAD_DIM], 
   }
 #pragma unroll
   for (int w = 0; w < kWords; ++w) words_out[w] = words[w];
+}
+
+// Where entry v of a KV stream's key outlier list lives (KvqStoreView::key_outlier_segment_shift). shift < 0:
+// the list is flat, v is the index. shift >= 0: the stream (a sequence's KV head h at one layer) is a
+// chain of 2^shift-entry segments taken on demand from the sequence's pool (the segments of all its pages,
+// heads and layers), so pages, heads and layers with many outliers use the room of others. The chain's
+// k-th segment (an index into the outlier arrays in units of 2^shift) is entry k % W of row
+// stream_pages[k / W] * n_kv_heads + h of the layer's table segments [ph][W], W =
+// kKvqSegmentTableWidth (kvq_attention.h): a stream may own W segments per page of its sequence.
+
+__device__ __forceinline__ int64_t KvqKeyOutlierSegmentEntry(int64_t k, const int32_t* stream_pages, int n_kv_heads,
+                                                            int h) {
+  const int64_t page = k / kKvqSegmentTableWidth;
+  return (static_cast<int64_t>(stream_pages[page]) * n_kv_heads + h) * kKvqSegmentTableWidth +
+         (k - page * kKvqSegmentTableWidth);
+}
+
+__device__ __forceinline__ int64_t KvqKeyOutlierIndex(int64_t v, const int32_t* stream_pages, const int32_t* segments,
+                                                     int n_kv_heads, int h, int shift) {
+  if (shift < 0) return v;
+  const int64_t segment = segments[KvqKeyOutlierSegmentEntry(v >> shift, stream_pages, n_kv_heads, h)];
+  return (segment << shift) | (v & ((int64_t{1} << shift) - 1));
 }
 
 }  // namespace kvshard

@@ -36,6 +36,7 @@
 #include "kernels/cuda/device_utils.cuh"
 #include "kernels/cuda/dispatch.cuh"
 #include "kernels/cuda/kvq_attention.h"
+#include "kernels/cuda/kvq_codes.cuh"
 #include "kernels/kv_pack.h"
 
 namespace kvshard {
@@ -527,6 +528,10 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
       const int64_t phys = p.kv.page_table[slot * p.kv.pages_per_request + pg];
       return phys * p.n_kv_heads + kv_head;
     };
+    auto outlier_index = [&](int64_t v) -> int64_t {
+      return KvqKeyOutlierIndex(v, p.kv.page_table + slot * p.kv.pages_per_request, p.kv.key_outlier_segments,
+                                p.n_kv_heads, kv_head, p.kv.key_outlier_segment_shift);
+    };
     auto stage_keys = [&](int64_t pg) {
       if (pg < page_end) {
         const int64_t ph = page_head(pg);
@@ -592,8 +597,9 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
         int64_t idx = lane_first;
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          first_ch[u] = counts[u] > 0 ? p.kv.key_outlier_channel[idx] : 0;
-          first_val[u] = counts[u] > 0 ? p.kv.key_outlier_value[idx] : 0;
+          const int64_t at = counts[u] > 0 ? outlier_index(idx) : 0;
+          first_ch[u] = counts[u] > 0 ? p.kv.key_outlier_channel[at] : 0;
+          first_val[u] = counts[u] > 0 ? p.kv.key_outlier_value[at] : 0;
           idx += counts[u];
         }
       }
@@ -695,8 +701,9 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
         for (int u = 0; u < 4; ++u) {
           const int tok = 4 * lane + u;
           for (int e = 0; e < counts[u]; ++e, ++idx) {
-            const int ch = e == 0 ? first_ch[u] : p.kv.key_outlier_channel[idx];
-            const float value = __half2float(__ushort_as_half(e == 0 ? first_val[u] : p.kv.key_outlier_value[idx]));
+            const int64_t at = e == 0 ? 0 : outlier_index(idx);
+            const int ch = e == 0 ? first_ch[u] : p.kv.key_outlier_channel[at];
+            const float value = __half2float(__ushort_as_half(e == 0 ? first_val[u] : p.kv.key_outlier_value[at]));
             const uint32_t code = CodeAt<BITS>(kcodes, ch * kPage + tok);
             const float delta = value - fmaf(half_s[ch], cbk_s[code], mid_s[ch]);
             const int i = ch % kHalf;
@@ -1074,6 +1081,11 @@ absl::Status ValidateKvqDecode(const KvqDecodeAttentionArgs& a) {
          k.page_table == nullptr ||
          (k.n_value_outliers > 0 && (k.value_outlier_channel == nullptr || k.value_outlier_value == nullptr)))) {
       return absl::InvalidArgumentError("KvqDecodeAttentionCuda: null page pointer");
+    }
+    if (k.key_outlier_segment_shift > 24 || (k.key_outlier_segment_shift >= 0 && k.key_outlier_segments == nullptr)) {
+      return absl::InvalidArgumentError(absl::StrCat("KvqDecodeAttentionCuda: key_outlier_segment_shift ",
+                                                     k.key_outlier_segment_shift,
+                                                     " needs key_outlier_segments and is at most 24"));
     }
     if (a.max_quantized_len > 0 && k.bits == 3 && k.rope_table == nullptr) {
       return absl::InvalidArgumentError("KvqDecodeAttentionCuda: kvq3 needs rope_table (KvqRopeTable)");

@@ -119,41 +119,72 @@ __global__ void FlushValuesKernel(const KvqAppendArgs a) {
                                       L.value_outlier_channel + token * n_out, L.value_outlier_value + token * n_out);
 }
 
-// Key outliers into the page's list, in token order: one warp per (page entry, KV head). The page's
-// earlier tokens (earlier calls) give the start; a token whose outliers do not fit keeps what fits (its
-// count says so) and raises its sequence slot's overflow flag, so no list runs into the next page's.
+// Key outliers into their streams' lists, in token order: one warp per (run of page entries of one slot,
+// KV head), taking the pages in order. The tokens always extend the stream's newest page, so its list
+// grows at the stream's end (the key_outliers counter); a fresh page records that end as its start. When
+// the list needs a new segment, lane 0 takes the next one of the sequence's pool. A token whose outliers
+// do not fit once the pool is used up keeps what fits (its count says so) and raises its sequence slot's
+// overflow flag, so no list runs into another sequence's segments.
 __global__ void CompactKeyOutliersKernel(const KvqAppendArgs a) {
-  const KvqFlushPage pg = a.pages[blockIdx.x];
+  const int first = blockIdx.x;
+  const int32_t slot = a.pages[first].slot;
+  if (first > 0 && a.pages[first - 1].slot == slot) return;  // a warp of an earlier entry takes this one
   const int h = blockIdx.y;
   const int lane = threadIdx.x;
   const KvqStoreLayer& L = a.layer;
-  const int64_t ph = static_cast<int64_t>(pg.page) * a.n_kv_heads + h;
-  const uint8_t* counts = L.key_outlier_count + ph * kPage;
-  int64_t used = 0;
-  for (int row = lane; row < pg.row0; row += 32) used += counts[row];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) used += __shfl_xor_sync(0xffffffffu, used, off);
-  const int64_t cap = L.key_outlier_capacity;
-  int64_t added = 0;
-  for (int i = 0; i < pg.n; ++i) {
-    const int64_t src = static_cast<int64_t>(pg.scratch0 + i) * a.n_kv_heads + h;
-    const int count = a.scratch_count[src];
-    const int kept = static_cast<int>(min(static_cast<int64_t>(count), max(cap - used, int64_t{0})));
-    for (int e = lane; e < kept; e += 32) {
-      L.key_outlier_channel[ph * cap + used + e] = a.scratch_channel[src * a.head_dim + e];
-      L.key_outlier_value[ph * cap + used + e] = a.scratch_value[src * a.head_dim + e];
+  const int shift = L.key_outlier_segment_shift;
+  const int64_t segment_size = int64_t{1} << shift;
+  const int32_t* stream_pages = a.page_table + static_cast<int64_t>(slot) * a.page_table_stride;
+  int64_t* stream_end = L.key_outliers + static_cast<int64_t>(slot) * a.n_kv_heads + h;
+  int64_t end = *stream_end;
+  int64_t room = (end + segment_size - 1) >> shift << shift;  // the list's segments hold this many
+  const int64_t pool = static_cast<int64_t>(a.pages[first].stream_pages) * a.n_kv_heads * L.n_layers;
+  const int64_t table = static_cast<int64_t>(a.pages[first].stream_pages) * kKvqSegmentTableWidth;
+  bool full = false;
+  for (int entry = first; entry < a.n_pages && a.pages[entry].slot == slot; ++entry) {
+    const KvqFlushPage pg = a.pages[entry];
+    const int64_t ph = static_cast<int64_t>(pg.page) * a.n_kv_heads + h;
+    if (pg.row0 == 0 && lane == 0) L.key_outlier_start[ph] = end;
+    for (int i = 0; i < pg.n; ++i) {
+      const int64_t src = static_cast<int64_t>(pg.scratch0 + i) * a.n_kv_heads + h;
+      const int count = a.scratch_count[src];
+      while (!full && room < end + count) {  // the same in every lane: lane 0 takes, all read its answer
+        int taken = static_cast<int>(pool);
+        if (lane == 0 && (room >> shift) < table) {
+          // Pool entry n: layer n % n_layers, then (page, head) of the sequence, so the first takers
+          // spread over layers.
+          taken = atomicAdd(L.key_outlier_segments_taken + slot, 1);
+          if (taken < pool) {
+            const int64_t layer = taken % L.n_layers, rest = taken / L.n_layers;
+            const int64_t page = rest / a.n_kv_heads;
+            const int64_t segment = layer * L.layer_segments + stream_pages[page] * a.n_kv_heads + (rest - page * a.n_kv_heads);
+            L.key_outlier_segments[KvqKeyOutlierSegmentEntry(room >> shift, stream_pages, a.n_kv_heads, h)] =
+                static_cast<int32_t>(segment);
+          }
+        }
+        taken = __shfl_sync(0xffffffffu, taken, 0);
+        __syncwarp();  // lane 0's table entry is visible to the warp
+        if (taken >= pool) {
+          full = true;
+        } else {
+          room += segment_size;
+        }
+      }
+      const int kept = static_cast<int>(min(static_cast<int64_t>(count), room - end));
+      for (int e = lane; e < kept; e += 32) {
+        const int64_t dst = KvqKeyOutlierIndex(end + e, stream_pages, L.key_outlier_segments, a.n_kv_heads, h, shift);
+        L.key_outlier_channel[dst] = a.scratch_channel[src * a.head_dim + e];
+        L.key_outlier_value[dst] = a.scratch_value[src * a.head_dim + e];
+      }
+      if (lane == 0) {
+        L.key_outlier_count[ph * kPage + pg.row0 + i] = static_cast<uint8_t>(kept);
+        if (kept < count) reinterpret_cast<volatile int*>(L.overflow)[slot] = 1;  // may be mapped host memory
+      }
+      end += kept;
     }
-    if (lane == 0) {
-      L.key_outlier_count[ph * kPage + pg.row0 + i] = static_cast<uint8_t>(kept);
-      if (kept < count) reinterpret_cast<volatile int*>(L.overflow)[pg.slot] = 1;  // may be mapped host memory
-    }
-    used += kept;
-    added += kept;
   }
-  if (lane == 0 && added > 0) {
-    atomicAdd(reinterpret_cast<unsigned long long*>(L.key_outliers + static_cast<int64_t>(pg.slot) * a.n_kv_heads + h),
-              static_cast<unsigned long long>(added));
-  }
+  __syncwarp();
+  if (lane == 0) *stream_end = end;
 }
 
 // New fp16 tokens: one block per (token, KV head), one thread per RoPE pair (i, i + head_dim / 2). Sink
@@ -268,11 +299,13 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
           x[u] = __fadd_rn(lo, __fmul_rn(__fmul_rn(__fadd_rn(cu, 1.0f), 0.5f), __fsub_rn(hi, lo)));
         }
         const int count = L.key_outlier_count[ph * kPage + row];
-        const int64_t o0 = ph * L.key_outlier_capacity + prefix[h][row];
+        const int64_t o0 = L.key_outlier_start[ph] + prefix[h][row];
         for (int e = 0; e < count; ++e) {
-          const int ch = L.key_outlier_channel[o0 + e];
-          if (ch == i) x[0] = __half2float(__ushort_as_half(L.key_outlier_value[o0 + e]));
-          if (ch == i + half) x[1] = __half2float(__ushort_as_half(L.key_outlier_value[o0 + e]));
+          const int64_t o = KvqKeyOutlierIndex(o0 + e, a.page_table, L.key_outlier_segments, a.n_kv_heads, h,
+                                               L.key_outlier_segment_shift);
+          const int ch = L.key_outlier_channel[o];
+          if (ch == i) x[0] = __half2float(__ushort_as_half(L.key_outlier_value[o]));
+          if (ch == i + half) x[1] = __half2float(__ushort_as_half(L.key_outlier_value[o]));
         }
         const float r0 = __fsub_rn(__fmul_rn(x[0], cs), __fmul_rn(x[1], sn));
         const float r1 = __fadd_rn(__fmul_rn(x[1], cs), __fmul_rn(x[0], sn));
@@ -357,6 +390,12 @@ absl::Status KvqStoreAppendCuda(const KvqAppendArgs& a, cudaStream_t stream) {
     return absl::InvalidArgumentError("KvqStoreAppendCuda: null k or v");
   }
   if (a.layer.ring <= 0) return absl::InvalidArgumentError("KvqStoreAppendCuda: the residual ring needs a row");
+  if (a.n_pages > 0 && (a.page_table == nullptr || a.layer.key_outlier_start == nullptr ||
+                        a.layer.key_outlier_segments == nullptr || a.layer.key_outlier_segments_taken == nullptr ||
+                        a.layer.key_outlier_segment_shift < 0 || a.layer.key_outlier_segment_shift > 24)) {
+    return absl::InvalidArgumentError("KvqStoreAppendCuda: key outliers need the page table, their page starts, "
+                                      "segment tables and a segment shift in [0, 24]");
+  }
   return KV_DISPATCH_KVQ_BITS(a.bits, BITS, {
     if (a.n_runs > 0) {
       FlushKeysKernel<BITS><<<dim3(a.n_runs, a.n_kv_heads), a.head_dim, 0, stream>>>(a);

@@ -6,10 +6,15 @@
 // kv_codecs.cc's kvq codecs; the codes are bit-exact (kvq_codes.cuh, shared with kv_pack.cu).
 //
 // Layout: kvq_attention.h's KvqStoreView with slots and residual_ring: per layer, pages p of 128
-// quantized tokens for all KV heads (index ph = p * n_kv_heads + h), key outliers of (page, head) ph
-// in a fixed-capacity list at ph * key_outlier_capacity, and per sequence slot s an fp16 sink
+// quantized tokens for all KV heads (index ph = p * n_kv_heads + h), and per sequence slot s an fp16 sink
 // [s][n_kv_heads][max_sink][head_dim] (keys after RoPE) and residual ring [s][n_kv_heads][ring][head_dim]
 // (keys pre-RoPE) where the token of part index t (local index - sink) sits at row t % ring.
+// Key outliers: every (layer l, page, head) brings a segment of 2^key_outlier_segment_shift entries to its
+// sequence's pool: segment l * layer_segments + ph of the outlier arrays, which all layers share. A stream
+// (slot, layer, KV head) keeps its outliers in one list, a chain of segments it takes from that pool as the
+// list grows (kvq_codes.cuh, KvqKeyOutlierIndex); a page's outliers start where the previous page's end
+// (key_outlier_start). So a page, KV head or layer may hold many times its share, as long as the
+// sequence's pool holds all its outliers.
 #pragma once
 
 #include <cstdint>
@@ -30,9 +35,14 @@ struct KvqStoreLayer {
   uint8_t* value_outlier_channel = nullptr;  // [ph][128][n_value_outliers]
   uint16_t* value_outlier_value = nullptr;   // fp16 [ph][128][n_value_outliers]
   uint8_t* key_outlier_count = nullptr;      // [ph][128]
-  uint8_t* key_outlier_channel = nullptr;    // [ph][key_outlier_capacity]
-  uint16_t* key_outlier_value = nullptr;     // fp16 [ph][key_outlier_capacity]
-  int64_t key_outlier_capacity = 0;
+  int64_t* key_outlier_start = nullptr;      // [ph]: the page's first outlier in its stream's list
+  uint8_t* key_outlier_channel = nullptr;    // [n_layers][ph][2^key_outlier_segment_shift], every layer's
+  uint16_t* key_outlier_value = nullptr;     // fp16, same shape
+  int key_outlier_segment_shift = 0;
+  int n_layers = 1;
+  int64_t layer_segments = 0;                // segments per layer (pages * n_kv_heads)
+  int32_t* key_outlier_segments = nullptr;   // [ph][kKvqSegmentTableWidth]: the streams' chains
+  int* key_outlier_segments_taken = nullptr; // [slot]: segments of the sequence's pool in use (all layers)
   uint16_t* sink_k = nullptr;                // fp16 [slot][n_kv_heads][max_sink][head_dim], after RoPE
   uint16_t* sink_v = nullptr;
   int max_sink = 0;
@@ -44,9 +54,10 @@ struct KvqStoreLayer {
   const float* key_codebook = nullptr;       // [2^bits]
   const float* value_codebook = nullptr;
   const float* inv_freq = nullptr;           // [head_dim / 2]
-  int64_t* key_outliers = nullptr;           // [slot][n_kv_heads]: key outliers stored (memory accounting)
-  int* overflow = nullptr;                   // [slot]: set to 1 when a page of the slot's sequence gets more
-                                             // key outliers than the capacity
+  int64_t* key_outliers = nullptr;           // [slot][n_kv_heads]: key outliers stored, the length of the
+                                             // stream's list (memory accounting)
+  int* overflow = nullptr;                   // [slot]: set to 1 when a stream of the slot's sequence gets more
+                                             // key outliers than its pages' segments hold
 };
 
 // Tokens that move into the quantized range: n (1..32) consecutive part tokens part0.. of a slot, all in
@@ -57,9 +68,11 @@ struct KvqFlushRun {
   int32_t slot, page, part0, n, fp_from, chunk0, scratch0;
 };
 // The same tokens grouped by page (one entry per page and call, consecutive part tokens from row0), for
-// the compaction of key outliers into the page's list in token order.
+// the compaction of key outliers into the stream's list in token order. The entries of one slot must be
+// consecutive and in page order; stream_pages: the pages the slot's sequence holds (its pool holds
+// n_layers * stream_pages * n_kv_heads segments).
 struct KvqFlushPage {
-  int32_t slot, page, row0, n, scratch0;
+  int32_t slot, page, row0, n, scratch0, stream_pages;
 };
 // A new token that stays fp16: new token `chunk_token` of the call's k/v goes to the ring row `dest`
 // (>= 0, pre-RoPE) or to the sink row -1 - dest (rotated at `position`).
@@ -74,6 +87,8 @@ struct KvqWriteToken {
 // Supported: head_dim 64, 128; bits 3 (2 and 4 unless KVSHARD_QUICK_KERNELS); n_value_outliers <= 8.
 struct KvqAppendArgs {
   KvqStoreLayer layer;
+  const int32_t* page_table = nullptr;  // [slot][page_table_stride]: the sequences' physical pages
+  int64_t page_table_stride = 0;
   int n_kv_heads = 0;
   int head_dim = 0;
   int bits = 3;

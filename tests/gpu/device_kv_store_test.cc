@@ -86,6 +86,10 @@ struct Case {
   int head_dim;
   int group;
   int64_t tile;
+  // > 0: kvq key outlier room per page (DeviceKvStoreOptions::key_outlier_capacity), small enough that
+  // every page's outliers spill into the room of the sequence's later pages; the sequences then reserve
+  // 3x the tokens so their pages together hold them.
+  int outlier_segment = 0;
 };
 
 class DeviceKvStoreTest : public ::testing::TestWithParam<Case> {};
@@ -115,10 +119,12 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
   opt.max_chunk = 320;
   opt.chunk_tile_tokens = c.tile;
   opt.fill_chunk = 256;
+  opt.key_outlier_capacity = c.outlier_segment;
   auto made = DeviceKvStore::Create(g, *config, &cal, opt);
   ASSERT_TRUE(made.ok()) << made.status();
   DeviceKvStore& store = **made;
   cudaStream_t stream = nullptr;
+  const int64_t reserve = c.outlier_segment > 0 ? 3 : 1;
 
   std::map<int64_t, Twin> twins;
   auto add = [&](int64_t id, int64_t start, int64_t capacity) {
@@ -128,10 +134,10 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
     Twin t{id, start, std::move(*cpu), std::vector<std::vector<float>>(kLayers), std::vector<std::vector<float>>(kLayers)};
     twins.emplace(id, std::move(t));
   };
-  add(1, 0, 1200);
-  add(2, 2, 700);     // sink of 2 tokens (positions 2, 3)
-  add(3, 0, 100);     // sink tokens only
-  add(7, 1000, 600);  // past the sink
+  add(1, 0, 1200 * reserve);
+  add(2, 2, 700 * reserve);     // sink of 2 tokens (positions 2, 3)
+  add(3, 0, 100);               // sink tokens only
+  add(7, 1000, 600 * reserve);  // past the sink
   EXPECT_EQ(store.AddSequence(1, 0, 10).code(), absl::StatusCode::kAlreadyExists);
 
   const int64_t row = static_cast<int64_t>(kKvHeads) * d;
@@ -321,6 +327,12 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
   check_memory("after seal");
   check_rows({2, 1, -1}, "after seal");
   check_chunk(2, 100, "seq2 after seal");
+  for (auto& [id, t] : twins) EXPECT_TRUE(store.Health(id).ok()) << store.Health(id);
+  if (c.outlier_segment > 0) {  // the pages' outliers did run past their own room
+    const auto* qs = dynamic_cast<const QuantizedKvShard*>(twins.at(1).cpu.get());
+    const int64_t quantized_pages = qs->key_codes(0, 0).pages();
+    EXPECT_GT(qs->KeyOutliers(0, 0), c.outlier_segment * quantized_pages);
+  }
   float* none = nullptr;
   EXPECT_EQ(store.Append(0, 2, 0, none, none, row, stream).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(store.Append(0, 3, 200, none, none, row, stream).code(), absl::StatusCode::kOutOfRange);
@@ -330,13 +342,15 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
 
 std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
   return info.param.scheme + "_d" + std::to_string(info.param.head_dim) + "_g" + std::to_string(info.param.group) +
-         "_tile" + std::to_string(info.param.tile);
+         "_tile" + std::to_string(info.param.tile) +
+         (info.param.outlier_segment > 0 ? "_segment" + std::to_string(info.param.outlier_segment) : "");
 }
 
 INSTANTIATE_TEST_SUITE_P(Schemes, DeviceKvStoreTest,
                          ::testing::Values(Case{"kvq3", 64, 4, 32768}, Case{"kvq3", 128, 4, 128},
                                            Case{"kvq3", 128, 3, 64}, Case{"kvq2", 64, 4, 192},
-                                           Case{"kvq4", 128, 4, 32768}, Case{"fp16", 64, 4, 32768},
+                                           Case{"kvq4", 128, 4, 32768}, Case{"kvq3", 64, 4, 32768, 32},
+                                           Case{"kvq3", 128, 3, 128, 64}, Case{"fp16", 64, 4, 32768},
                                            Case{"fp16", 128, 3, 32768}),
                          CaseName);
 
@@ -384,11 +398,11 @@ TEST(DeviceKvStoreAdmissionTest, KeyOutlierOverflowFailsClearly) {
   opt.max_sequences = 2;
   opt.max_chunk = 256;
   opt.fill_chunk = 256;
-  opt.key_outlier_capacity = 16;  // a page of 128 tokens brings ~100
+  opt.key_outlier_capacity = 16;  // a page of 128 tokens brings ~100; sequence 1's 3 pages hold 48
   auto made = DeviceKvStore::Create(g, *config, &cal, opt);
   ASSERT_TRUE(made.ok()) << made.status();
   DeviceKvStore& store = **made;
-  ASSERT_TRUE(store.AddSequence(1, 0, 1000).ok());
+  ASSERT_TRUE(store.AddSequence(1, 0, 300).ok());
   ASSERT_TRUE(store.AddSequence(2, 0, 100).ok());
   const testing::SyntheticKv kv = testing::MakeSyntheticKv(g, 0, 256, 4);
   auto dk = ToDevice(kv.k);

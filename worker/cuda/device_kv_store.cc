@@ -1,6 +1,7 @@
 #include "worker/cuda/device_kv_store.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <unordered_map>
@@ -196,7 +197,7 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   DeviceKvStoreOptions options_;
   bool kvq_;
   int n_value_outliers_ = 0;
-  int64_t key_outlier_capacity_ = 0;
+  int key_outlier_shift_ = 0;  // kvq: a (page, KV head) holds 2^shift key outliers of its stream's list
   int ring_ = 1;
   int64_t n_pages_ = 0;
   int64_t code_bytes_ = 0;
@@ -205,7 +206,6 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
 
   DeviceMemory pool_;         // pages of every layer, and the sink/residual slots
   DeviceMemory page_table_;   // int32 [max_sequences][n_pages_]
-  DeviceMemory outlier_offset_;  // int64 [n_pages_ * n_kv_heads]
   DeviceMemory tables_;       // calibration per layer, inv_freq, key outlier counters
   DeviceMemory scratch_;
   std::vector<KvqStoreLayer> layers_;   // kvq
@@ -214,6 +214,7 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   float* inv_freq_ = nullptr;
   uint2* rope_table_ = nullptr;  // kvq: KvqRopeTable, the fp16 RoPE factors of page offsets
   int64_t* key_outliers_ = nullptr;  // [layer][slot][n_kv_heads]
+  int* segments_taken_ = nullptr;    // [slot]: key outlier segments of the sequence's pool in use
   int* overflow_host_ = nullptr;     // mapped pinned flags [slot] the kernels raise
   int* overflow_device_ = nullptr;
 
@@ -269,11 +270,19 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
     n_value_outliers_ = std::clamp(KvqValueOutliersPerToken(config_, d), 0, d - 1);
     ring_ = static_cast<int>(std::max<int64_t>(1, config_.residual_tokens));
     code_bytes_ = 16 * config_.bits * d;
-    key_outlier_capacity_ =
+    if (!(options_.key_outlier_headroom > 0.0)) {
+      return absl::InvalidArgumentError("DeviceKvStoreOptions: key_outlier_headroom must be positive");
+    }
+    const int64_t segment =
         options_.key_outlier_capacity > 0
             ? options_.key_outlier_capacity
-            : static_cast<int64_t>(options_.key_outlier_headroom * config_.outlier_fraction * kPageTokens * d + 0.5);
-    key_outlier_capacity_ = AlignUp(std::max<int64_t>(key_outlier_capacity_, 64), 16);
+            : static_cast<int64_t>(std::ceil(options_.key_outlier_headroom * config_.outlier_fraction * kPageTokens * d));
+    key_outlier_shift_ = 4;
+    while ((int64_t{1} << key_outlier_shift_) < segment) ++key_outlier_shift_;
+    if (key_outlier_shift_ > 24) {
+      return absl::InvalidArgumentError(absl::StrCat("DeviceKvStoreOptions: key outlier room of ", segment,
+                                                     " per page is beyond 2^24"));
+    }
   }
 
   // Scratch first, so that "all free memory" below leaves room for it.
@@ -325,7 +334,8 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
   const std::vector<uint2> rope_table = kvq_ ? KvqRopeTable(inv_freq) : std::vector<uint2>();
   const int64_t rope_bytes = static_cast<int64_t>(rope_table.size() * sizeof(uint2));
   const int64_t table_bytes = AlignUp(static_cast<int64_t>(inv_freq.size()) * 4, kAlign) + AlignUp(rope_bytes, kAlign) +
-                              AlignUp(L * per_layer_floats * 4, kAlign) + AlignUp(counters * 8, kAlign);
+                              AlignUp(L * per_layer_floats * 4, kAlign) + AlignUp(counters * 8, kAlign) +
+                              AlignUp(static_cast<int64_t>(max_seq) * 4, kAlign);
   KV_ASSIGN_OR_RETURN(tables_, DeviceMemory::Allocate(table_bytes, "KV store tables"));
   {
     char* base = tables_.as<char>();
@@ -356,6 +366,9 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
       base += AlignUp(L * per_layer_floats * 4, kAlign);
       key_outliers_ = reinterpret_cast<int64_t*>(base);
       CUDA_RETURN_IF_ERROR(cudaMemset(key_outliers_, 0, counters * 8));
+      base += AlignUp(counters * 8, kAlign);
+      segments_taken_ = reinterpret_cast<int*>(base);
+      CUDA_RETURN_IF_ERROR(cudaMemset(segments_taken_, 0, static_cast<int64_t>(max_seq) * 4));
     }
   }
   // One overflow flag per sequence slot: a sequence whose pages overflow fails on its own.
@@ -374,8 +387,8 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
       kvq_ ? static_cast<int64_t>(L) * max_seq * kvh * (sink_max() + ring_) * d * 2 * 2 : 0;
   int64_t per_ph = 0;  // bytes of one (page, KV head) of one layer
   if (kvq_) {
-    per_ph = 2 * code_bytes_ + 2 * kPageTokens * 2 + kPageTokens * n_value_outliers_ * 3 + kPageTokens +
-             key_outlier_capacity_ * 3;
+    per_ph = 2 * code_bytes_ + 2 * kPageTokens * 2 + kPageTokens * n_value_outliers_ * 3 + kPageTokens + 8 +
+             4 * kKvqSegmentTableWidth + (int64_t{3} << key_outlier_shift_);
   } else {
     per_ph = 2 * kPageTokens * d * 2;
   }
@@ -395,6 +408,7 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
                                                      max_seq, " sequence slots ", slot_bytes, ")"));
   }
   n_pages_ = std::min<int64_t>(n_pages_, std::numeric_limits<int32_t>::max() / std::max(kvh, 1) / kPageTokens);
+  n_pages_ = std::min<int64_t>(n_pages_, std::numeric_limits<int32_t>::max() / std::max(kvh * L, 1));  // segment ids
   const int64_t phs = n_pages_ * kvh;
   int64_t pool_total = 0;
   auto sized = [&](int64_t bytes) {
@@ -411,9 +425,11 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
       sized(phs * kPageTokens * n_value_outliers_);
       sized(phs * kPageTokens * n_value_outliers_ * 2);
       sized(phs * kPageTokens);
-      sized(phs * key_outlier_capacity_);
-      sized(phs * key_outlier_capacity_ * 2);
+      sized(phs * 8);
+      sized(phs * kKvqSegmentTableWidth * 4);
     }
+    sized((L * phs) << key_outlier_shift_);  // key outliers of every layer: one pool per sequence
+    sized(((L * phs) << key_outlier_shift_) * 2);
     sized(slot_bytes / 2);
     sized(slot_bytes / 2);
   } else {
@@ -440,9 +456,11 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
       x.value_outlier_channel = reinterpret_cast<uint8_t*>(take(phs * kPageTokens * n_value_outliers_));
       x.value_outlier_value = reinterpret_cast<uint16_t*>(take(phs * kPageTokens * n_value_outliers_ * 2));
       x.key_outlier_count = reinterpret_cast<uint8_t*>(take(phs * kPageTokens));
-      x.key_outlier_channel = reinterpret_cast<uint8_t*>(take(phs * key_outlier_capacity_));
-      x.key_outlier_value = reinterpret_cast<uint16_t*>(take(phs * key_outlier_capacity_ * 2));
-      x.key_outlier_capacity = key_outlier_capacity_;
+      x.key_outlier_start = reinterpret_cast<int64_t*>(take(phs * 8));
+      x.key_outlier_segments = reinterpret_cast<int32_t*>(take(phs * kKvqSegmentTableWidth * 4));
+      x.key_outlier_segment_shift = key_outlier_shift_;
+      x.n_layers = L;
+      x.layer_segments = phs;
       x.max_sink = static_cast<int>(sink_max());
       x.ring = ring_;
       x.key_low = key_low_[l];
@@ -451,7 +469,14 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
       x.value_codebook = value_codebook_[l];
       x.inv_freq = inv_freq_;
       x.key_outliers = key_outliers_ + static_cast<int64_t>(l) * max_seq * kvh;
+      x.key_outlier_segments_taken = segments_taken_;
       x.overflow = overflow_device_;
+    }
+    uint8_t* outlier_channel = reinterpret_cast<uint8_t*>(take((L * phs) << key_outlier_shift_));
+    uint16_t* outlier_value = reinterpret_cast<uint16_t*>(take(((L * phs) << key_outlier_shift_) * 2));
+    for (KvqStoreLayer& x : layers_) {
+      x.key_outlier_channel = outlier_channel;
+      x.key_outlier_value = outlier_value;
     }
     const int64_t per_layer_sink = static_cast<int64_t>(max_seq) * kvh * sink_max() * d;
     const int64_t per_layer_ring = static_cast<int64_t>(max_seq) * kvh * ring_ * d;
@@ -464,10 +489,6 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
       layers_[l].residual_k = k_slots + off + per_layer_sink;
       layers_[l].residual_v = v_slots + off + per_layer_sink;
     }
-    std::vector<int64_t> offsets(phs);
-    for (int64_t i = 0; i < phs; ++i) offsets[i] = i * key_outlier_capacity_;
-    KV_ASSIGN_OR_RETURN(outlier_offset_, DeviceMemory::Allocate(phs * 8, "key outlier offsets"));
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(outlier_offset_.get(), offsets.data(), phs * 8, cudaMemcpyHostToDevice));
   } else {
     for (int l = 0; l < L; ++l) {
       fp_k_.push_back(reinterpret_cast<uint16_t*>(take(phs * kPageTokens * d * 2)));
@@ -484,9 +505,10 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
 absl::Status DeviceKvStoreImpl::CheckOverflow(int64_t id, const Sequence& s) const {
   if (kvq_ && reinterpret_cast<volatile int*>(overflow_host_)[s.slot] != 0) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "sequence ", id, ": kvq key outliers of a page exceeded its capacity of ", key_outlier_capacity_,
-        " (raise --kv_outlier_headroom, or calibrate on text like this request's: thresholds from other text keep "
-        "fewer keys inside them); the excess was dropped, so the sequence is refused"));
+        "sequence ", id, ": kvq key outliers exceeded the room of its ", s.pages.size(), " pages (",
+        int64_t{1} << key_outlier_shift_, " per page, KV head and layer, shared; raise --kv_outlier_headroom, or "
+        "calibrate on text like this request's: thresholds from other text keep fewer keys inside them); the excess "
+        "was dropped, so the sequence is refused"));
   }
   return absl::OkStatus();
 }
@@ -573,6 +595,7 @@ absl::Status DeviceKvStoreImpl::AddSequence(int64_t id, int64_t start_position, 
     for (const KvqStoreLayer& x : layers_) {
       CUDA_RETURN_IF_ERROR(cudaMemset(x.key_outliers + static_cast<int64_t>(s.slot) * kvh, 0, kvh * 8));
     }
+    CUDA_RETURN_IF_ERROR(cudaMemset(segments_taken_ + s.slot, 0, 4));
   }
   CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   overflow_host_[s.slot] = 0;  // the slot's last holder may have overflowed; its work is done
@@ -610,7 +633,8 @@ void DeviceKvStoreImpl::PlanKvqAppend(const Sequence& s, int64_t old, int64_t no
     r.scratch0 = plan.n_flush;
     plan.runs.push_back(r);
     if (plan.pages.empty() || t % kPageTokens == 0 || plan.pages.back().slot != s.slot) {
-      plan.pages.push_back(KvqFlushPage{s.slot, r.page, static_cast<int32_t>(t % kPageTokens), 0, plan.n_flush});
+      plan.pages.push_back(KvqFlushPage{s.slot, r.page, static_cast<int32_t>(t % kPageTokens), 0, plan.n_flush,
+                                        static_cast<int32_t>(s.pages.size())});
     }
     plan.pages.back().n += static_cast<int32_t>(n);
     plan.n_flush += static_cast<int>(n);
@@ -640,6 +664,8 @@ absl::Status DeviceKvStoreImpl::RunKvqAppend(int layer, const KvqAppendPlan& pla
   SlotWriter w(slot);
   KvqAppendArgs a;
   a.layer = LayerView(layer);
+  a.page_table = page_table_.as<int32_t>();
+  a.page_table_stride = n_pages_;
   a.n_kv_heads = geometry_.n_kv_heads;
   a.head_dim = geometry_.head_dim;
   a.bits = config_.bits;
@@ -864,7 +890,9 @@ absl::Status DeviceKvStoreImpl::AttendRows(int layer, std::span<const int64_t> i
     kv.value_outlier_channel = x.value_outlier_channel;
     kv.value_outlier_value = x.value_outlier_value;
     kv.key_outlier_count = x.key_outlier_count;
-    kv.key_outlier_offset = outlier_offset_.as<int64_t>();
+    kv.key_outlier_offset = x.key_outlier_start;
+    kv.key_outlier_segment_shift = key_outlier_shift_;
+    kv.key_outlier_segments = x.key_outlier_segments;
     kv.key_outlier_channel = x.key_outlier_channel;
     kv.key_outlier_value = x.key_outlier_value;
     kv.page_table = page_table_.as<int32_t>();

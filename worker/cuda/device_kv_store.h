@@ -45,10 +45,13 @@ struct DeviceKvStoreOptions {
   int max_sequences = 64;  // sequences held at once
   int max_rows = 64;       // decode rows per AttendRows/AppendRows call
   int max_chunk = 512;     // queries per AttendChunk call, tokens per Append call
-  // kvq key outliers: each (page, KV head) has room for capacity = headroom * outlier_fraction * 128 *
-  // head_dim of them (at least 64, rounded up to 16), or key_outlier_capacity when that is > 0. A page
-  // whose tokens bring more keeps what fits, and every later call naming its sequence returns
-  // ResourceExhausted (Health says so too); other sequences are not affected.
+  // kvq key outliers: each (page, KV head) brings room for headroom * outlier_fraction * 128 * head_dim
+  // of them (or key_outlier_capacity when that is > 0), rounded up to a power of two (at least 16). The
+  // pages a sequence reserves pool their room per layer, for all KV heads, so one page or head may hold
+  // many times its share (real text has pages with 10-20x the calibrated fraction, and heads with several
+  // times it on average) as long as the sequence's pages together hold the layer's outliers. A sequence
+  // whose outliers do not fit keeps what fits, and every later call naming it returns ResourceExhausted
+  // (Health says so too); other sequences are not affected.
   double key_outlier_headroom = 3.0;
   int key_outlier_capacity = 0;
   // kvq AttendChunk dequantizes the visible tokens to fp16 in tiles of this many tokens (a multiple of
