@@ -24,7 +24,7 @@ RunResult RunKvshard(const std::string& args) {
   // Per-process, per-test file names: ctest runs test cases as parallel processes.
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
   const std::string stem = "kvshard_cli_" + std::string(info->name()) + "_" + std::to_string(getpid());
-  const auto dir = std::filesystem::temp_directory_path();
+  static const std::filesystem::path dir = testing::FreshTempDir("cli");
   const std::string err = (dir / (stem + "_stderr.txt")).string();
   const std::string out = (dir / (stem + "_stdout.txt")).string();
   const std::string command = "timeout 120 " + std::string(KVSHARD_BINARY_DIR) + "/kvshard " + args + " >" + out +
@@ -39,7 +39,8 @@ RunResult RunKvshard(const std::string& args) {
 }
 
 std::string TempFile(const std::string& name, const std::string& bytes) {
-  const auto path = std::filesystem::temp_directory_path() / (std::to_string(getpid()) + "_" + name);
+  static const std::filesystem::path dir = testing::FreshTempDir("cli_inputs");
+  const auto path = dir / name;
   std::ofstream(path, std::ios::binary) << bytes;
   return path.string();
 }

@@ -5,6 +5,7 @@
 #include "absl/flags/flag.h"
 #include "common/config.h"
 #include "gtest/gtest.h"
+#include "tests/test_util.h"
 
 ABSL_FLAG(int, test_int_setting, 1, "test");
 ABSL_FLAG(std::string, test_kv_scheme, "fp16", "test: a nested YAML key");
@@ -14,7 +15,8 @@ namespace kvshard {
 namespace {
 
 std::string WriteFile(const std::string& name, const std::string& text) {
-  auto path = std::filesystem::temp_directory_path() / name;
+  static const std::filesystem::path dir = testing::FreshTempDir("config");
+  auto path = dir / name;
   std::ofstream(path) << text;
   return path.string();
 }

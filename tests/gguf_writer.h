@@ -14,8 +14,11 @@
 
 #include "common/gguf.h"
 #include "gtest/gtest.h"
+#include "tests/test_util.h"
 
 namespace kvshard::testing_gguf {
+
+using kvshard::testing::FreshTempDir;
 
 // GGUF metadata value type ids.
 enum ValueType : uint32_t {
@@ -151,24 +154,6 @@ class GgufWriter {
   std::vector<Entry> entries_;
   std::vector<Tensor> tensors_;
 };
-
-// A fresh, empty directory under the test temp dir, private to this process (ctest runs tests in parallel)
-// and removed when the process exits.
-inline std::string FreshTempDir(const std::string& name) {
-  struct Root {
-    std::filesystem::path path =
-        std::filesystem::path(::testing::TempDir()) / ("kvshard_test_" + std::to_string(::getpid()));
-    ~Root() {
-      std::error_code ec;
-      std::filesystem::remove_all(path, ec);
-    }
-  };
-  static Root root;
-  const std::filesystem::path dir = root.path / name;
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
 
 inline std::vector<float> RandomValues(size_t n, uint32_t seed, float scale = 0.1f) {
   std::mt19937 rng(seed);

@@ -20,11 +20,7 @@ namespace kvshard {
 namespace {
 
 std::filesystem::path TempDir() {
-  static const std::filesystem::path dir = [] {
-    auto d = std::filesystem::temp_directory_path() / ("kvshard_quality_test_" + std::to_string(getpid()));
-    std::filesystem::create_directories(d);
-    return d;
-  }();
+  static const std::filesystem::path dir = testing::FreshTempDir("quality");
   return dir;
 }
 

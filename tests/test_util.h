@@ -2,6 +2,8 @@
 // first mismatches.
 #pragma once
 
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -62,6 +64,24 @@ inline int64_t CountMismatches(const std::vector<float>& actual, const std::vect
   EXPECT_EQ(actual.size(), ref.size());
   return CountMismatches(actual.data(), ref.data(), static_cast<int64_t>(std::min(actual.size(), ref.size())),
                          atol, rtol, label);
+}
+
+// A fresh, empty directory under the test temp dir, private to this process (ctest runs tests in parallel)
+// and removed when the process exits, so repeated runs leave nothing behind.
+inline std::string FreshTempDir(const std::string& name) {
+  struct Root {
+    std::filesystem::path path =
+        std::filesystem::path(::testing::TempDir()) / ("kvshard_test_" + std::to_string(::getpid()));
+    ~Root() {
+      std::error_code ec;
+      std::filesystem::remove_all(path, ec);
+    }
+  };
+  static Root root;
+  const std::filesystem::path dir = root.path / name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir.string();
 }
 
 }  // namespace kvshard::testing
