@@ -35,7 +35,7 @@ uint32_t PagedCodes::Get(int64_t token, int channel) const {
 }
 
 void PagedCodes::UnpackTokens(int64_t first, int64_t n, uint8_t* out) const {
-  std::vector<uint8_t> column;
+  thread_local std::vector<uint8_t> column;
   for (int64_t t = first; t < first + n;) {
     const int64_t t0 = t % kPageTokens;
     const int64_t run = std::min<int64_t>(kPageTokens - t0, first + n - t);
@@ -54,12 +54,30 @@ void PagedCodes::UnpackTokens(int64_t first, int64_t n, uint8_t* out) const {
   }
 }
 
+void PagedCodes::UnpackChannelRun(int64_t first, int64_t n, int channel, uint8_t* out) const {
+  UnpackCodesCpu(pages_[first / kPageTokens].data(), Index(first % kPageTokens, channel), n, bits_, out);
+}
+
 void PagedCodes::SetIndex(int64_t page, int64_t index, uint32_t code) {
   SetPackedCode(PageFor(page), index, bits_, code);
 }
 
 uint32_t PagedCodes::GetIndex(int64_t page, int64_t index) const {
   return GetPackedCode(pages_[page].data(), index, bits_);
+}
+
+// Unpacks the codes of tokens [first, first + n) a page at a time into a reused buffer and calls
+// fn(first token, tokens, codes [tokens][head_dim]): no allocation per call, and the codes stay in cache.
+template <typename Fn>
+void ForEachCodeChunk(const PagedCodes& codes, int64_t first, int64_t n, Fn fn) {
+  thread_local std::vector<uint8_t> buffer;
+  buffer.resize(static_cast<size_t>(kPageTokens) * codes.head_dim());
+  for (int64_t t = first; t < first + n;) {
+    const int64_t run = std::min<int64_t>(kPageTokens - t % kPageTokens, first + n - t);
+    codes.UnpackTokens(t, run, buffer.data());
+    fn(t, run, buffer.data());
+    t += run;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -159,14 +177,16 @@ class IntCodec final : public PartCodec {
     }
   }
   void Decode(int64_t first, int64_t n, float* x) const override {
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t j = first + t;
-      for (int g = 0; g < groups_; ++g) {
-        const float s = HalfToFloat(scales_[j * groups_ + g]);
-        for (int c = g * group_; c < std::min(d_, (g + 1) * group_); ++c)
-          x[t * d_ + c] = SymmetricValue(codes_.Get(j, c), s, bits_);
+    ForEachCodeChunk(codes_, first, n, [&](int64_t t0, int64_t run, const uint8_t* codes) {
+      for (int64_t t = 0; t < run; ++t) {
+        const int64_t j = t0 + t;
+        for (int g = 0; g < groups_; ++g) {
+          const float s = HalfToFloat(scales_[j * groups_ + g]);
+          for (int c = g * group_; c < std::min(d_, (g + 1) * group_); ++c)
+            x[(j - first) * d_ + c] = SymmetricValue(codes[t * d_ + c], s, bits_);
+        }
       }
-    }
+    });
   }
   int64_t size() const override { return size_; }
   int64_t bits() const override {
@@ -207,14 +227,16 @@ class KiviKeyCodec final : public PartCodec {
     size_ += n;
   }
   void Decode(int64_t first, int64_t n, float* x) const override {
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t j = first + t;
-      const int64_t g = j / group_;
-      for (int c = 0; c < d_; ++c) {
-        const float s = HalfToFloat(scales_[g * d_ + c]), z = HalfToFloat(zeros_[g * d_ + c]);
-        x[t * d_ + c] = static_cast<float>(codes_.Get(j, c)) * s + z;
+    ForEachCodeChunk(codes_, first, n, [&](int64_t t0, int64_t run, const uint8_t* codes) {
+      for (int64_t t = 0; t < run; ++t) {
+        const int64_t j = t0 + t;
+        const int64_t g = j / group_;
+        for (int c = 0; c < d_; ++c) {
+          const float s = HalfToFloat(scales_[g * d_ + c]), z = HalfToFloat(zeros_[g * d_ + c]);
+          x[(j - first) * d_ + c] = static_cast<float>(codes[t * d_ + c]) * s + z;
+        }
       }
-    }
+    });
   }
   int64_t size() const override { return size_; }
   int64_t bits() const override {
@@ -263,16 +285,18 @@ class PerTokenAsymmetricCodec final : public PartCodec {
     }
   }
   void Decode(int64_t first, int64_t n, float* x) const override {
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t j = first + t;
-      for (int g = 0; g < groups_; ++g) {
-        const float s = HalfToFloat(scales_[j * groups_ + g]), z = HalfToFloat(zeros_[j * groups_ + g]);
-        for (int c = g * group_; c < std::min(d_, (g + 1) * group_); ++c) {
-          const float y = static_cast<float>(codes_.Get(j, c)) * s + z;
-          x[t * d_ + c] = shift_.empty() ? y : y * scale_[c] + shift_[c];
+    ForEachCodeChunk(codes_, first, n, [&](int64_t t0, int64_t run, const uint8_t* codes) {
+      for (int64_t t = 0; t < run; ++t) {
+        const int64_t j = t0 + t;
+        for (int g = 0; g < groups_; ++g) {
+          const float s = HalfToFloat(scales_[j * groups_ + g]), z = HalfToFloat(zeros_[j * groups_ + g]);
+          for (int c = g * group_; c < std::min(d_, (g + 1) * group_); ++c) {
+            const float y = static_cast<float>(codes[t * d_ + c]) * s + z;
+            x[(j - first) * d_ + c] = shift_.empty() ? y : y * scale_[c] + shift_[c];
+          }
         }
       }
-    }
+    });
   }
   int64_t size() const override { return size_; }
   int64_t bits() const override {
@@ -304,6 +328,11 @@ class KvqKeyCodec final : public PartCodec {
       : d_(d), bits_(bits), low_(std::move(low)), high_(std::move(high)), codebook_(std::move(codebook)),
         codes_(d, bits, PagedCodes::Order::kChannelMajor) {
     offsets_.push_back(0);
+    // Every (channel, code)'s dequantized value, by the same expression Decode used per element.
+    const int k = static_cast<int>(codebook_.size());
+    lut_.resize(static_cast<size_t>(d_) * k);
+    for (int c = 0; c < d_; ++c)
+      for (int i = 0; i < k; ++i) lut_[c * k + i] = low_[c] + (codebook_[i] + 1.0f) * 0.5f * (high_[c] - low_[c]);
   }
 
   void Encode(int n, const float* x) override {
@@ -325,16 +354,23 @@ class KvqKeyCodec final : public PartCodec {
     }
   }
   void Decode(int64_t first, int64_t n, float* x) const override {
-    std::vector<uint8_t> codes(static_cast<size_t>(n) * d_);
-    codes_.UnpackTokens(first, n, codes.data());
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t j = first + t;
-      float* row = x + t * d_;
+    // Channel by channel within a page: the channel's codes are contiguous, and its values come from
+    // its own 2^bits-entry row of the table.
+    const int k = static_cast<int>(codebook_.size());
+    uint8_t column[kPageTokens];
+    for (int64_t t0 = first; t0 < first + n;) {
+      const int64_t run = std::min<int64_t>(kPageTokens - t0 % kPageTokens, first + n - t0);
+      float* rows = x + (t0 - first) * d_;
       for (int c = 0; c < d_; ++c) {
-        const float u = codebook_[codes[t * d_ + c]];
-        row[c] = low_[c] + (u + 1.0f) * 0.5f * (high_[c] - low_[c]);
+        codes_.UnpackChannelRun(t0, run, c, column);
+        const float* lut = lut_.data() + c * k;
+        for (int64_t t = 0; t < run; ++t) rows[t * d_ + c] = lut[column[t]];
       }
-      for (int64_t o = offsets_[j]; o < offsets_[j + 1]; ++o) row[outlier_channel_[o]] = HalfToFloat(outlier_value_[o]);
+      for (int64_t j = t0; j < t0 + run; ++j) {
+        float* row = x + (j - first) * d_;
+        for (int64_t o = offsets_[j]; o < offsets_[j + 1]; ++o) row[outlier_channel_[o]] = HalfToFloat(outlier_value_[o]);
+      }
+      t0 += run;
     }
   }
   int64_t size() const override { return size_; }
@@ -355,6 +391,7 @@ class KvqKeyCodec final : public PartCodec {
  private:
   int d_, bits_;
   std::vector<float> low_, high_, codebook_;
+  std::vector<float> lut_;  // [channel][code]: the dequantized value
   int64_t size_ = 0;
   std::vector<int64_t> offsets_;  // outliers of token j: [offsets_[j], offsets_[j+1])
   std::vector<uint8_t> outlier_channel_;
@@ -395,18 +432,19 @@ class KvqValueCodec final : public PartCodec {
     }
   }
   void Decode(int64_t first, int64_t n, float* x) const override {
-    std::vector<uint8_t> codes(static_cast<size_t>(n) * d_);
-    codes_.UnpackTokens(first, n, codes.data());
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t j = first + t;
-      float* row = x + t * d_;
-      const float lo = HalfToFloat(low_[j]), hi = HalfToFloat(high_[j]);
-      for (int c = 0; c < d_; ++c) {
-        const float u = codebook_[codes[t * d_ + c]];
-        row[c] = lo + (u + 1.0f) * 0.5f * (hi - lo);
+    const int k = static_cast<int>(codebook_.size());
+    float lut[16];  // this token's value of each code, by the expression the encoder inverts
+    ForEachCodeChunk(codes_, first, n, [&](int64_t t0, int64_t run, const uint8_t* codes) {
+      for (int64_t t = 0; t < run; ++t) {
+        const int64_t j = t0 + t;
+        float* row = x + (j - first) * d_;
+        const float lo = HalfToFloat(low_[j]), hi = HalfToFloat(high_[j]);
+        for (int i = 0; i < k; ++i) lut[i] = lo + (codebook_[i] + 1.0f) * 0.5f * (hi - lo);
+        const uint8_t* code = codes + t * d_;
+        for (int c = 0; c < d_; ++c) row[c] = lut[code[c]];
+        for (int64_t o = j * n_out_; o < (j + 1) * n_out_; ++o) row[outlier_channel_[o]] = HalfToFloat(outlier_value_[o]);
       }
-      for (int64_t o = j * n_out_; o < (j + 1) * n_out_; ++o) row[outlier_channel_[o]] = HalfToFloat(outlier_value_[o]);
-    }
+    });
   }
   int64_t size() const override { return size_; }
   int64_t bits() const override {

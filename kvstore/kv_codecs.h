@@ -46,12 +46,15 @@ class PagedCodes {
   uint32_t Get(int64_t token, int channel) const;
   // The codes of tokens [first, first + n), every channel: out[(token - first) * head_dim + channel].
   void UnpackTokens(int64_t first, int64_t n, uint8_t* out) const;
+  // Channel-major pages: the codes of one channel for tokens [first, first + n) of one page.
+  void UnpackChannelRun(int64_t first, int64_t n, int channel, uint8_t* out) const;
   // Block-major access: code `index` of the page holding `token` (index within the page stream).
   void SetIndex(int64_t page, int64_t index, uint32_t code);
   uint32_t GetIndex(int64_t page, int64_t index) const;
   int64_t pages() const { return static_cast<int64_t>(pages_.size()); }
   const std::vector<uint8_t>& page(int64_t p) const { return pages_[p]; }
   int bits() const { return bits_; }
+  int head_dim() const { return head_dim_; }
   void Clear() { pages_.clear(); }
 
  private:

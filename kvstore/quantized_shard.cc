@@ -15,6 +15,8 @@ namespace kvshard {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kAttendTile = 512;  // tokens Attend dequantizes at a time (K and V: 256 KB at head_dim 64)
+constexpr int64_t kTiledRows = 64;    // Attend's (KV head, tile) work items up to this many query rows
 
 // Attention partials of `rows` query rows over a band of `n` keys (absolute positions first_position..,
 // local indices first_local..) where row r sees key j (position <= row_positions[r]) in its quantized
@@ -301,23 +303,85 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
       row_boundary[i * group + g] = boundary[i];
     }
 
+  // Rows of KV head h's group: (query i, head h*group + g) -> row i*group + g.
+  auto gather_rows = [&](int h, float* q_rows) {
+    for (int i = 0; i < n_queries; ++i) {
+      const float* src = q + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
+      std::copy(src, src + group * d, q_rows + static_cast<int64_t>(i) * group * d);
+    }
+  };
+  auto scatter_rows = [&](int h, const float* out_rows, const float* lse_rows) {
+    for (int i = 0; i < n_queries; ++i) {
+      float* dst = out + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
+      std::copy(out_rows + static_cast<int64_t>(i) * group * d, out_rows + static_cast<int64_t>(i + 1) * group * d, dst);
+      for (int g = 0; g < group; ++g)
+        lse[static_cast<int64_t>(i) * geometry_.n_heads + h * group + g] = lse_rows[i * group + g];
+    }
+  };
   // Threads only pay off on real work: small calls (tests, single decode steps of short contexts) stay
   // on the calling thread.
   const bool parallel = visible * rows * d > (int64_t{1} << 18);
+  const int kvh = geometry_.n_kv_heads;
+
+  if (first_boundary == last_boundary && rows <= kTiledRows) {
+    // Decode: tiles of kAttendTile tokens of every KV head are the work items (a few KV heads would leave
+    // threads idle), each materialized into buffers its thread reuses; the tiles' partials then merge.
+    const int64_t n_tiles = std::max<int64_t>(1, (visible + kAttendTile - 1) / kAttendTile);
+    std::vector<float> q_rows(kvh * rows * d), part_out(kvh * n_tiles * rows * d), part_lse(kvh * n_tiles * rows);
+    for (int h = 0; h < kvh; ++h) gather_rows(h, q_rows.data() + h * rows * d);
 #pragma omp parallel for schedule(dynamic) if (parallel)
-  for (int h = 0; h < geometry_.n_kv_heads; ++h) {
-    const Stream& s = L.streams[h];
-    // Rows of this KV head's group: (query i, head h*group + g) -> row i*group + g.
-    std::vector<float> q_rows(rows * d), out_rows(rows * d), lse_rows(rows);
-    for (int i = 0; i < n_queries; ++i) {
-      const float* src = q + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-      std::copy(src, src + group * d, q_rows.data() + static_cast<int64_t>(i) * group * d);
+    for (int64_t item = 0; item < kvh * n_tiles; ++item) {
+      const int h = static_cast<int>(item / n_tiles);
+      const int64_t t0 = (item % n_tiles) * kAttendTile, n = std::min(visible - t0, kAttendTile);
+      thread_local std::vector<float> k, v;
+      k.resize(kAttendTile * d);
+      v.resize(kAttendTile * d);
+      Materialize(L.streams[h], now.sink, t0, t0 + n, first_boundary, k.data(), v.data());
+      AttentionPartialsCpu(q_rows.data() + h * rows * d, d, rows, row_positions.data(), k.data(), v.data(), d, n,
+                           start_position_ + t0, d, geometry_.scale(), part_out.data() + item * rows * d, d,
+                           part_lse.data() + item * rows);
     }
+    std::vector<const float*> outs(n_tiles), lses(n_tiles);
+    std::vector<float> out_rows(rows * d), lse_rows(rows);
+    for (int h = 0; h < kvh; ++h) {
+      for (int64_t t = 0; t < n_tiles; ++t) {
+        outs[t] = part_out.data() + (h * n_tiles + t) * rows * d;
+        lses[t] = part_lse.data() + (h * n_tiles + t) * rows;
+      }
+      MergePartialsCpu(static_cast<int>(n_tiles), outs.data(), lses.data(), rows, d, out_rows.data(), lse_rows.data());
+      scatter_rows(h, out_rows.data(), lse_rows.data());
+    }
+    return absl::OkStatus();
+  }
+
+#pragma omp parallel for schedule(dynamic) if (parallel)
+  for (int h = 0; h < kvh; ++h) {
+    const Stream& s = L.streams[h];
+    std::vector<float> q_rows(rows * d), out_rows(rows * d), lse_rows(rows);
+    gather_rows(h, q_rows.data());
     if (first_boundary == last_boundary) {
-      std::vector<float> k(visible * d), v(visible * d);
-      Materialize(s, now.sink, 0, visible, first_boundary, k.data(), v.data());
-      AttentionPartialsCpu(q_rows.data(), d, rows, row_positions.data(), k.data(), v.data(), d, visible,
-                           start_position_, d, geometry_.scale(), out_rows.data(), d, lse_rows.data());
+      // Tiles of kAttendTile tokens, materialized into buffers this thread reuses and merged as partials:
+      // the dequantized K/V stay in cache, and no call allocates the whole context.
+      thread_local std::vector<float> k, v, tile_out, tile_lse;
+      const int64_t tile = std::min<int64_t>(visible, kAttendTile);
+      k.resize(tile * d);
+      v.resize(tile * d);
+      tile_out.resize(rows * d);
+      tile_lse.resize(rows);
+      for (int64_t t0 = 0; t0 < visible || t0 == 0; t0 += kAttendTile) {
+        const int64_t n = std::min(visible - t0, kAttendTile);
+        Materialize(s, now.sink, t0, t0 + n, first_boundary, k.data(), v.data());
+        float* o = t0 == 0 ? out_rows.data() : tile_out.data();
+        float* l = t0 == 0 ? lse_rows.data() : tile_lse.data();
+        AttentionPartialsCpu(q_rows.data(), d, rows, row_positions.data(), k.data(), v.data(), d, n,
+                             start_position_ + t0, d, geometry_.scale(), o, d, l);
+        if (t0 > 0) {
+          const float* outs[2] = {out_rows.data(), tile_out.data()};
+          const float* lses[2] = {lse_rows.data(), tile_lse.data()};
+          MergePartialsCpu(2, outs, lses, rows, d, out_rows.data(), lse_rows.data());
+        }
+        if (visible == 0) break;
+      }
     } else {
       // Tokens before the earliest boundary look the same to every query: one pass for all rows. In the
       // band [first_boundary, visible) each row sees tokens quantized before its boundary and fp16 from
@@ -339,13 +403,7 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
       const float* lses[2] = {lse_rows.data(), band_lse.data()};
       MergePartialsCpu(2, outs, lses, rows, d, out_rows.data(), lse_rows.data());
     }
-    for (int i = 0; i < n_queries; ++i) {
-      float* dst = out + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-      std::copy(out_rows.data() + static_cast<int64_t>(i) * group * d,
-                out_rows.data() + static_cast<int64_t>(i + 1) * group * d, dst);
-      for (int g = 0; g < group; ++g)
-        lse[static_cast<int64_t>(i) * geometry_.n_heads + h * group + g] = lse_rows[i * group + g];
-    }
+    scatter_rows(h, out_rows.data(), lse_rows.data());
   }
   return absl::OkStatus();
 }

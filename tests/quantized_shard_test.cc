@@ -1,5 +1,9 @@
 // The quantized KV store: attention equals exact attention over the dequantized K/V, bits equal the
 // formula, outlier counts, chunking invariance, the decode view, splitting over shards, fp16 identity.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -200,7 +204,7 @@ TEST_P(StoreTest, DequantizationErrorIsBounded) {
 
 INSTANTIATE_TEST_SUITE_P(Schemes, StoreTest,
                          ::testing::Combine(::testing::ValuesIn(kSchemes), ::testing::Values(64, 32),
-                                            ::testing::Values(1, 37, 127, 129, 300), ::testing::Values(1, 64)),
+                                            ::testing::Values(1, 37, 127, 129, 300, 1100), ::testing::Values(1, 64)),
                          [](const auto& info) {
                            std::string name = std::get<0>(info.param);
                            for (char& c : name)
@@ -209,6 +213,32 @@ INSTANTIATE_TEST_SUITE_P(Schemes, StoreTest,
                                   std::to_string(std::get<2>(info.param)) + "_c" +
                                   std::to_string(std::get<3>(info.param));
                          });
+
+// A prefill chunk of many queries (Attend's per-KV-head path, more than kTiledRows rows) over a context of
+// several 512-token tiles, against the reference over the dequantized K/V.
+TEST(QuantizedStore, ManyQueriesOverSeveralTilesEqualExactAttention) {
+  const KvGeometry g = SmallGeometry(64);
+  for (const std::string scheme : {"kvq3", "int4", "kivi2"}) {
+    auto store = MakeStore(scheme, g, 3);
+    const int tokens = 1300;
+    const auto data = MakeData(g, tokens);
+    AppendRange(*store, data, 0, tokens, 300);
+    const int nq = 40;  // 80 rows at group 2
+    std::vector<int64_t> positions(nq);
+    for (int i = 0; i < nq; ++i) positions[i] = 3 + i * 33;  // spread over every tile
+    const std::vector<float> q = MakeQueries(g, nq, 23);
+    for (int l = 0; l < g.n_layers; ++l) {
+      std::vector<float> out(nq * g.n_heads * 64), lse(nq * g.n_heads);
+      ASSERT_TRUE(store->Attend(l, nq, q.data(), positions.data(), out.data(), lse.data()).ok());
+      std::vector<std::vector<float>> k, v;
+      DequantizedLayer(*store, l, &k, &v);
+      std::vector<double> ref_out, ref_lse;
+      ReferenceAttention(g, k, v, 3, nq, q.data(), positions.data(), &ref_out, &ref_lse);
+      EXPECT_EQ(CountMismatches(out, ref_out, 1e-5, 1e-5, scheme + " out"), 0);
+      EXPECT_EQ(CountMismatches(lse, ref_lse, 1e-5, 1e-5, scheme + " lse"), 0);
+    }
+  }
+}
 
 // Bulk unpacking (what Decode uses) gives Get's codes, for both orders, across page edges and odd sizes.
 TEST(PagedCodesTest, UnpackTokensEqualsGet) {
@@ -455,6 +485,65 @@ TEST(QuantizedStore, RefusesBadInput) {
   store->Clear();
   EXPECT_EQ(store->length(0), 0);
   EXPECT_TRUE(store->Append(0, 1, data[0].k.data(), data[0].v.data()).ok());
+}
+
+}  // namespace
+}  // namespace kvshard
+
+namespace kvshard {
+namespace {
+
+// The CPU decode step's attention at long context, for profiling (opt-in: KVSHARD_SHARD_PERF_TOKENS=N):
+// every layer of the demo model's geometry (30 layers, 9 query / 3 KV heads, d 64) holds N tokens, then
+// one query per layer attends; prints the median of 5 steps for fp16 and kvq3.
+TEST(QuantizedShardPerfTest, DecodeStepAtLongContext) {
+  const char* env = std::getenv("KVSHARD_SHARD_PERF_TOKENS");
+  if (env == nullptr) GTEST_SKIP() << "set KVSHARD_SHARD_PERF_TOKENS to run";
+  const int64_t n = std::atoll(env);
+  const KvGeometry g = SmallGeometry(64, 30, 9, 3);
+  const Calibration cal = MakeSyntheticCalibration(g, 512);
+  for (const std::string spec : {"fp16", "kvq3"}) {
+    auto config = ParseKvScheme(spec);
+    ASSERT_TRUE(config.ok());
+    auto shard = MakeKvShard(*config, g, 0, &cal);
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    for (int l = 0; l < g.n_layers; ++l) {
+      const SyntheticKv kv = MakeSyntheticKv(g, l, n, 7 + l);
+      ASSERT_TRUE((*shard)->Append(l, static_cast<int>(n), kv.k.data(), kv.v.data()).ok());
+    }
+    const std::vector<float> q = MakeQueries(g, 1, 3);
+    std::vector<float> out(q.size()), lse(g.n_heads);
+    const int64_t position = n - 1;
+    std::vector<double> ms;
+    for (int step = 0; step < 6; ++step) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int l = 0; l < g.n_layers; ++l) {
+        ASSERT_TRUE((*shard)->Attend(l, 1, q.data(), &position, out.data(), lse.data()).ok());
+      }
+      if (step > 0) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(ms.begin(), ms.end());
+    std::printf("%s: %lld tokens, decode-step attention over %d layers: %.2f ms (median of %zu)\n", spec.c_str(),
+                static_cast<long long>(n), g.n_layers, ms[ms.size() / 2], ms.size());
+    // A prefill chunk: the last 512 positions attend (causal) over all layers, once.
+    const int chunk = static_cast<int>(std::min<int64_t>(512, n));
+    const std::vector<float> qc = MakeQueries(g, chunk, 5);
+    std::vector<float> out_c(qc.size()), lse_c(static_cast<size_t>(chunk) * g.n_heads);
+    std::vector<int64_t> positions(chunk);
+    for (int i = 0; i < chunk; ++i) positions[i] = n - chunk + i;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int l = 0; l < g.n_layers; ++l) {
+      ASSERT_TRUE((*shard)->Attend(l, chunk, qc.data(), positions.data(), out_c.data(), lse_c.data()).ok());
+    }
+    std::printf("%s: %lld tokens, %d-query chunk attention over %d layers: %.2f ms\n", spec.c_str(),
+                static_cast<long long>(n), chunk, g.n_layers,
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    double sum = 0.0;
+    for (float x : out_c) sum += x;
+    for (float x : lse_c) sum += x;
+    std::printf("%s: checksum of the last layer's chunk partials %.9g, decode lse[0] %.9g\n", spec.c_str(), sum,
+                lse[0]);
+  }
 }
 
 }  // namespace
