@@ -44,7 +44,7 @@ void PagedCodes::UnpackTokens(int64_t first, int64_t n, uint8_t* out) const {
     if (order_ == Order::kChannelMajor) {
       column.resize(run);
       for (int c = 0; c < head_dim_; ++c) {
-        UnpackCodesCpu(stream, Index(t0, c), run, bits_, column.data());
+        UnpackChannelRun(t, run, c, column.data());
         for (int64_t i = 0; i < run; ++i) dst[i * head_dim_ + c] = column[i];
       }
     } else {  // a token's channels are consecutive codes (Index)

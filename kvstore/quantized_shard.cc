@@ -322,24 +322,29 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
   // on the calling thread.
   const bool parallel = visible * rows * d > (int64_t{1} << 18);
   const int kvh = geometry_.n_kv_heads;
+  // Without per-query boundaries the context is taken in tiles of kAttendTile tokens, each dequantized into
+  // buffers its thread reuses (the K/V stay in cache; no call allocates the whole context) and merged as
+  // partials. attend_tile: KV head h's rows over tile `tile` into (o, l).
+  const int64_t n_tiles = std::max<int64_t>(1, (visible + kAttendTile - 1) / kAttendTile);
+  auto attend_tile = [&](int h, const float* q_rows, int64_t tile, float* o, float* l) {
+    thread_local std::vector<float> k, v;
+    k.resize(kAttendTile * d);
+    v.resize(kAttendTile * d);
+    const int64_t t0 = tile * kAttendTile, n = std::min(visible - t0, kAttendTile);
+    Materialize(L.streams[h], now.sink, t0, t0 + n, first_boundary, k.data(), v.data());
+    AttentionPartialsCpu(q_rows, d, rows, row_positions.data(), k.data(), v.data(), d, n, start_position_ + t0, d,
+                         geometry_.scale(), o, d, l);
+  };
 
   if (first_boundary == last_boundary && rows <= kTiledRows) {
-    // Decode: tiles of kAttendTile tokens of every KV head are the work items (a few KV heads would leave
-    // threads idle), each materialized into buffers its thread reuses; the tiles' partials then merge.
-    const int64_t n_tiles = std::max<int64_t>(1, (visible + kAttendTile - 1) / kAttendTile);
+    // Decode: the (KV head, tile) pairs are the work items (a few KV heads would leave threads idle).
     std::vector<float> q_rows(kvh * rows * d), part_out(kvh * n_tiles * rows * d), part_lse(kvh * n_tiles * rows);
     for (int h = 0; h < kvh; ++h) gather_rows(h, q_rows.data() + h * rows * d);
 #pragma omp parallel for schedule(dynamic) if (parallel)
     for (int64_t item = 0; item < kvh * n_tiles; ++item) {
       const int h = static_cast<int>(item / n_tiles);
-      const int64_t t0 = (item % n_tiles) * kAttendTile, n = std::min(visible - t0, kAttendTile);
-      thread_local std::vector<float> k, v;
-      k.resize(kAttendTile * d);
-      v.resize(kAttendTile * d);
-      Materialize(L.streams[h], now.sink, t0, t0 + n, first_boundary, k.data(), v.data());
-      AttentionPartialsCpu(q_rows.data() + h * rows * d, d, rows, row_positions.data(), k.data(), v.data(), d, n,
-                           start_position_ + t0, d, geometry_.scale(), part_out.data() + item * rows * d, d,
-                           part_lse.data() + item * rows);
+      attend_tile(h, q_rows.data() + h * rows * d, item % n_tiles, part_out.data() + item * rows * d,
+                  part_lse.data() + item * rows);
     }
     std::vector<const float*> outs(n_tiles), lses(n_tiles);
     std::vector<float> out_rows(rows * d), lse_rows(rows);
@@ -360,27 +365,17 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
     std::vector<float> q_rows(rows * d), out_rows(rows * d), lse_rows(rows);
     gather_rows(h, q_rows.data());
     if (first_boundary == last_boundary) {
-      // Tiles of kAttendTile tokens, materialized into buffers this thread reuses and merged as partials:
-      // the dequantized K/V stay in cache, and no call allocates the whole context.
-      thread_local std::vector<float> k, v, tile_out, tile_lse;
-      const int64_t tile = std::min<int64_t>(visible, kAttendTile);
-      k.resize(tile * d);
-      v.resize(tile * d);
+      // Many rows (prefill): one KV head per thread, its tiles merged one by one (partials of every tile
+      // at once would take tiles x rows x head_dim floats).
+      attend_tile(h, q_rows.data(), 0, out_rows.data(), lse_rows.data());
+      thread_local std::vector<float> tile_out, tile_lse;
       tile_out.resize(rows * d);
       tile_lse.resize(rows);
-      for (int64_t t0 = 0; t0 < visible || t0 == 0; t0 += kAttendTile) {
-        const int64_t n = std::min(visible - t0, kAttendTile);
-        Materialize(s, now.sink, t0, t0 + n, first_boundary, k.data(), v.data());
-        float* o = t0 == 0 ? out_rows.data() : tile_out.data();
-        float* l = t0 == 0 ? lse_rows.data() : tile_lse.data();
-        AttentionPartialsCpu(q_rows.data(), d, rows, row_positions.data(), k.data(), v.data(), d, n,
-                             start_position_ + t0, d, geometry_.scale(), o, d, l);
-        if (t0 > 0) {
-          const float* outs[2] = {out_rows.data(), tile_out.data()};
-          const float* lses[2] = {lse_rows.data(), tile_lse.data()};
-          MergePartialsCpu(2, outs, lses, rows, d, out_rows.data(), lse_rows.data());
-        }
-        if (visible == 0) break;
+      for (int64_t tile = 1; tile < n_tiles; ++tile) {
+        attend_tile(h, q_rows.data(), tile, tile_out.data(), tile_lse.data());
+        const float* outs[2] = {out_rows.data(), tile_out.data()};
+        const float* lses[2] = {lse_rows.data(), tile_lse.data()};
+        MergePartialsCpu(2, outs, lses, rows, d, out_rows.data(), lse_rows.data());
       }
     } else {
       // Tokens before the earliest boundary look the same to every query: one pass for all rows. In the

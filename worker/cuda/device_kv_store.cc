@@ -197,7 +197,8 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   DeviceKvStoreOptions options_;
   bool kvq_;
   int n_value_outliers_ = 0;
-  int key_outlier_shift_ = 0;  // kvq: a (page, KV head) holds 2^shift key outliers of its stream's list
+  int key_outlier_shift_ = 0;  // kvq: each (layer, page, KV head) brings 2^shift key outlier entries to its
+                               // sequence's pool
   int ring_ = 1;
   int64_t n_pages_ = 0;
   int64_t code_bytes_ = 0;
