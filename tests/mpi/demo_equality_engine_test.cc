@@ -1,14 +1,16 @@
-// The demo model (SmolLM2-135M) with a prompt of over 6,000 tokens of a novel, split over every worker:
+// The demo model (SmolLM2-135M) with a prompt of 6,000 tokens of a novel, split over every worker:
 // greedy decoding for 128 steps gives exactly the tokens of single-process mode with the fp16 KV store,
-// and with kvq3 the same tokens up to a near tie of the logits (see Kvq3GreedyTokensEqualSingleProcess),
-// where the comparison ends. Run by ctest with 1+2 and 1+4 ranks. The single-process tokens (and kvq3's calibration)
+// and with kvq3 the same tokens up to a tie within kvq3's own noise (see kKvq3NoiseTokens), where the
+// comparison ends. Run by ctest with 1+2 and 1+4 ranks. The single-process tokens (and kvq3's calibration)
 // are computed once and kept in the build folder, keyed by the model file, the prompt and this test's
 // build, so the second rank count reuses them.
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -32,17 +34,20 @@
 namespace kvshard {
 namespace {
 
-// Long enough to span every worker and several prefill chunks; short enough for a 2-core CI run.
-constexpr int64_t kPromptTokens = 2600;
-constexpr int kSteps = 48;
-// kvq3 in several workers and in one process stores bytes that can differ: a 3-bit code flips when the
-// fp16-rounded value it codes moves by one ulp, which the merge's other summation order does now and then
-// in layers >= 1, and each flip moves later logits. So kvq3's tokens must agree for the first
-// kKvq3MustAgree steps, except at a near tie (a single-process margin under kKvq3NearTie, in logits);
-// after that they may part. Measured on this prompt: the tokens parted at step 25 (margin 0.22, 2
-// workers) and step 23 (margin 0.055, 4 workers). fp16 stores are exact and must agree at every step.
-constexpr float kKvq3NearTie = 0.05f;
-constexpr size_t kKvq3MustAgree = 16;
+// Spans every worker and 12 prefill chunks.
+constexpr int64_t kPromptTokens = 6000;
+constexpr int kSteps = 128;
+// kvq3 in several workers and in one process stores bytes that can differ: the workers' merge sums the
+// same softmax in another order, a 3-bit code flips when the fp16-rounded value it codes moves by one
+// ulp, and each flip moves the next layers' inputs, so more codes flip. The two runs end as two draws of
+// kvq3's quantization noise, whose size is how far kvq3 moves the logits from fp16's. So kvq3's tokens may
+// part only where single-process mode's choice led the runner-up by less than twice that noise: the
+// largest |kvq3 - fp16| difference of the logits after the prompt, over fp16's kKvq3NoiseTokens most
+// likely tokens. (With a fixed bound of 0.05 logits instead, one run parted at step 4 at a margin of
+// 0.17 with 2 workers and passed with 4.) That a split store holds the codes of one store, given the same
+// K/V, is checked exactly elsewhere (SealedSplitAttendsLikeOneShard, SplitShardsMergeToTheUnsplitStore).
+// fp16 stores are exact and must agree at every step.
+constexpr int kKvq3NoiseTokens = 16;
 
 std::vector<int32_t> NovelPrompt(const Tokenizer& tokenizer) {
   const std::string dir = testing::TextsDir();
@@ -74,10 +79,12 @@ std::filesystem::path CachePath(const std::string& model_path, const std::string
 }
 
 // Single-process mode's greedy tokens and, for each, the margin of its logit over the runner-up's; when a
-// stop id ended generation, `margins` has one more entry, the stop id's margin.
+// stop id ended generation, `margins` has one more entry, the stop id's margin. `first_logits`: the
+// logits after the prompt.
 struct Reference {
   std::vector<int32_t> tokens;
   std::vector<float> margins;
+  std::vector<float> first_logits;
 };
 
 // The single-process CPU loop (SingleProcessEngine's: prompt chunks of max_chunk() from position 0,
@@ -90,13 +97,18 @@ Reference SingleProcessReference(const std::string& model_path, const std::strin
                 absl::StrCat(request.kv_scheme, ":", calibration_path, ":", request.max_tokens, ":",
                              absl::StrJoin(request.prompt_ids, ",")),
                 ".reference");
+  std::filesystem::path logits_cache = cache;
+  logits_cache += ".logits";
   Reference ref;
-  if (std::ifstream in(cache); in) {
+  if (std::ifstream in(cache), logits_in(logits_cache, std::ios::binary); in && logits_in) {
     std::string tokens, margins;
     std::getline(in, tokens);
     std::getline(in, margins);
     for (absl::string_view t : absl::StrSplit(tokens, ',', absl::SkipEmpty())) ref.tokens.push_back(std::stoi(std::string(t)));
     for (absl::string_view m : absl::StrSplit(margins, ',', absl::SkipEmpty())) ref.margins.push_back(std::stof(std::string(m)));
+    ref.first_logits.resize(std::filesystem::file_size(logits_cache) / sizeof(float));
+    logits_in.read(reinterpret_cast<char*>(ref.first_logits.data()),
+                   static_cast<std::streamsize>(ref.first_logits.size() * sizeof(float)));
     return ref;
   }
   auto weights = LoadModel(model_path);
@@ -119,6 +131,7 @@ Reference SingleProcessReference(const std::string& model_path, const std::strin
     EXPECT_TRUE(model.Forward(std::span<const int32_t>(request.prompt_ids.data() + pos, len), pos, context, false,
                               logits).ok());
   }
+  ref.first_logits = logits;
   const std::vector<int32_t> stop_ids = description->second->stop_ids();
   Sampler sampler(request.sampling);
   const int64_t budget = std::min<int64_t>(request.max_tokens, weights->config.max_context - n);
@@ -135,17 +148,17 @@ Reference SingleProcessReference(const std::string& model_path, const std::strin
     if (step + 1 == budget) break;
     EXPECT_TRUE(model.Forward(std::span<const int32_t>(&token, 1), n + step, context, false, logits).ok());
   }
+  std::ofstream(logits_cache, std::ios::binary)
+      .write(reinterpret_cast<const char*>(ref.first_logits.data()),
+             static_cast<std::streamsize>(ref.first_logits.size() * sizeof(float)));
   std::ofstream(cache) << absl::StrJoin(ref.tokens, ",") << "\n" << absl::StrJoin(ref.margins, ",") << "\n";
   return ref;
 }
 
-// `near_tie`: 0 asks for every token equal. Above 0, the tokens may part after `must_agree` steps, or
-// earlier where single-process mode's choice led the runner-up by less than `near_tie` (a logit
-// difference): there the workers' merge, summing the same softmax in another order, may legitimately
-// choose the other.
+// `near_tie`: 0 asks for every token equal. Above 0, the tokens may part where single-process mode's
+// choice led the runner-up by less than `near_tie` (a logit difference); the comparison ends there.
 void ExpectSameTokensAsSingleProcess(const std::string& model, const std::string& scheme,
-                                     const std::string& calibration_path = "", float near_tie = 0,
-                                     size_t must_agree = 0) {
+                                     const std::string& calibration_path = "", float near_tie = 0) {
   auto description = LoadModelDescription(model, std::nullopt);
   ASSERT_TRUE(description.ok()) << description.status();
   std::vector<int32_t> prompt = NovelPrompt(*description->second);
@@ -198,7 +211,7 @@ void ExpectSameTokensAsSingleProcess(const std::string& model, const std::string
   }
   if (near_tie == 0) {
     EXPECT_EQ(got, want) << "the first " << agree << " tokens agree";
-  } else if (parted && agree < must_agree) {
+  } else if (parted) {
     // Past a near tie the two runs continue from different tokens: the comparison ends there.
     EXPECT_TRUE(margin_known) << "the tokens part at step " << agree << ", past single-process mode's last margin";
     EXPECT_LT(parting_margin, near_tie) << "the tokens part at step " << agree
@@ -257,8 +270,24 @@ TEST(DemoEqualityTest, Kvq3GreedyTokensEqualSingleProcess) {
   if (testing::TextsDir().empty()) GTEST_SKIP() << "texts not found: set KVSHARD_TEXTS";
   const std::string calibration = DemoCalibration(model);
   ASSERT_FALSE(calibration.empty());
-  // See kKvq3MustAgree for why kvq3's tokens may part.
-  ExpectSameTokensAsSingleProcess(model, "kvq3", calibration, kKvq3NearTie, kKvq3MustAgree);
+  // kvq3's noise (see kKvq3NoiseTokens): how far it moves the logits after the prompt from fp16's.
+  auto description = LoadModelDescription(model, std::nullopt);
+  ASSERT_TRUE(description.ok()) << description.status();
+  const std::vector<int32_t> prompt = NovelPrompt(*description->second);
+  const Reference fp16 = SingleProcessReference(model, "", GreedyRequest(prompt, "fp16"));
+  const Reference kvq3 = SingleProcessReference(model, calibration, GreedyRequest(prompt, "kvq3"));
+  ASSERT_EQ(fp16.first_logits.size(), kvq3.first_logits.size());
+  std::vector<int> likely(fp16.first_logits.size());
+  std::iota(likely.begin(), likely.end(), 0);
+  std::partial_sort(likely.begin(), likely.begin() + kKvq3NoiseTokens, likely.end(),
+                    [&](int a, int b) { return fp16.first_logits[a] > fp16.first_logits[b]; });
+  float noise = 0;
+  for (int i = 0; i < kKvq3NoiseTokens; ++i) {
+    noise = std::max(noise, std::abs(kvq3.first_logits[likely[i]] - fp16.first_logits[likely[i]]));
+  }
+  std::printf("kvq3 moves the logits after the prompt by up to %.4g from fp16's (the %d most likely tokens)\n",
+              noise, kKvq3NoiseTokens);
+  ExpectSameTokensAsSingleProcess(model, "kvq3", calibration, 2 * noise);
 }
 
 }  // namespace
