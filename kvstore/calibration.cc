@@ -5,6 +5,7 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <numeric>
@@ -235,11 +236,20 @@ absl::StatusOr<Calibration> ParseCalibration(std::string_view bytes) {
 
 absl::Status SaveCalibration(const Calibration& calibration, const std::string& path) {
   const std::string bytes = SerializeCalibration(calibration);
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  // Written under another name and renamed: an interrupted run never leaves half a file under `path`,
+  // where engines look for a model's calibration by default.
+  const std::string partial = absl::StrCat(path, ".partial");
+  std::ofstream f(partial, std::ios::binary | std::ios::trunc);
   if (!f) return absl::PermissionDeniedError(absl::StrCat("cannot write calibration file ", path));
   f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   f.close();
-  if (!f) return absl::DataLossError(absl::StrCat("writing calibration file ", path, " failed"));
+  std::error_code renamed;
+  if (f) std::filesystem::rename(partial, path, renamed);
+  if (!f || renamed) {
+    std::error_code ignored;
+    std::filesystem::remove(partial, ignored);
+    return absl::DataLossError(absl::StrCat("writing calibration file ", path, " failed"));
+  }
   return absl::OkStatus();
 }
 
