@@ -36,9 +36,10 @@ ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
 ABSL_FLAG(double, repetition_penalty, 1.1,
           "Penalty on recently generated tokens (1: none); keeps small models from looping");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
-ABSL_FLAG(std::string, kv_scheme, "fp16",
-          "KV cache scheme: fp16, fp32, int8, int4, kivi2, kvq3, wkv4, deco, ... with optional parameters "
-          "(kvq3:outliers=0.01,sink=4,residual=32); kvq and wkv need --calibration");
+ABSL_FLAG(std::string, kv_scheme, "auto",
+          "KV cache scheme: auto, fp16, fp32, int8, int4, kivi2, kvq3, wkv4, deco, ... with optional parameters "
+          "(kvq3:outliers=0.01,sink=4,residual=32). kvq and wkv need a calibration (--calibration, or MODEL.kvcal "
+          "beside the model, which `kvshard calibrate` writes by default); auto is kvq3 when there is one, else fp16");
 ABSL_FLAG(std::string, device, "auto", "Where the model runs: auto (the GPU when present), gpu, or cpu");
 ABSL_DECLARE_FLAG(int64_t, synthetic_fill_tokens);
 
@@ -89,7 +90,7 @@ GenerationRequest RequestFromFlags() {
   request.sampling.seed = absl::GetFlag(FLAGS_seed);
   request.sampling.repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
   request.stop = absl::GetFlag(FLAGS_stop);
-  request.kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
+  // The engine's default scheme is --kv_scheme, resolved (auto) where the engine is made.
   return request;
 }
 
@@ -102,7 +103,8 @@ std::vector<ChatMessage> ChatWith(const std::string& user_text) {
 }
 
 // Runs one request with streamed output and progress; prints a one-line summary on stderr.
-absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
+// `kv_note`: what --kv_scheme auto chose and why, shown in the closing line.
+absl::Status RunStreaming(Engine& engine, GenerationRequest request, const std::string& kv_note) {
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
   // Started before the first chunk, so its rate and ETA count the first chunk too.
   auto progress = std::make_unique<ProgressLine>("prefill", "tokens", n_prompt);
@@ -128,7 +130,7 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
                                "in %.1f s (%.1f tokens/s); kv %s; finish %s; on %s",
                                fill_note, n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
                                result.decode_seconds, decode_rate,
-                               request.kv_scheme.empty() ? "default" : request.kv_scheme,
+                               kv_note.empty() ? result.kv_scheme : absl::StrCat(result.kv_scheme, " (", kv_note, ")"),
                                result.finish_reason == FinishReason::kStop ? "stop" : "length",
                                engine.device_name())
                    .c_str());
@@ -137,25 +139,29 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Engine>> MakeEngineFromFlags() { return CreateEngineFromFlags(); }
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngineFromFlags(std::string* kv_note) {
+  return CreateEngineFromFlags(kv_note);
+}
 
 absl::Status RunGenerate(const std::vector<std::string>& args) {
   const std::string prompt = absl::GetFlag(FLAGS_prompt);
   if (prompt.empty()) return absl::InvalidArgumentError("generate needs --prompt TEXT");
-  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
+  std::string kv_note;
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags(&kv_note));
   GenerationRequest request = RequestFromFlags();
   const Tokenizer& tok = engine->tokenizer();
   const std::string text =
       absl::GetFlag(FLAGS_chat) ? ApplyChatTemplate(tok.DefaultChatTemplate(), ChatWith(prompt), true) : prompt;
   request.prompt_ids = tok.Encode(text, /*parse_special=*/absl::GetFlag(FLAGS_chat));
-  return RunStreaming(*engine, std::move(request));
+  return RunStreaming(*engine, std::move(request), kv_note);
 }
 
 absl::Status RunSummarize(const std::vector<std::string>& args) {
   const std::string input = absl::GetFlag(FLAGS_input);
   if (input.empty()) return absl::InvalidArgumentError("summarize needs --input FILE");
   KV_ASSIGN_OR_RETURN(std::string document, ReadTextFile(input));
-  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
+  std::string kv_note;
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags(&kv_note));
   const Tokenizer& tok = engine->tokenizer();
   const std::string user = absl::StrCat(absl::GetFlag(FLAGS_summary_instruction), "\n\n", document);
   GenerationRequest request = RequestFromFlags();
@@ -168,7 +174,7 @@ absl::Status RunSummarize(const std::vector<std::string>& args) {
   request.prompt_ids.insert(request.prompt_ids.end(), body.begin(), body.end());
   const std::vector<int32_t> tail = tok.Encode(templ.substr(hole + 1), true);
   request.prompt_ids.insert(request.prompt_ids.end(), tail.begin(), tail.end());
-  return RunStreaming(*engine, std::move(request));
+  return RunStreaming(*engine, std::move(request), kv_note);
 }
 
 }  // namespace kvshard

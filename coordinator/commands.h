@@ -38,7 +38,7 @@ absl::Status RunSummarizeCommand(const std::vector<std::string>& args);
 
 // The engine the flags describe: --model (or --synthetic_model), --device, --kv_scheme, --calibration
 // (checked against the model); the distributed engine on rank 0 under mpirun (CreateEngineFromFlags).
-absl::StatusOr<std::unique_ptr<Engine>> MakeEngineFromFlags();
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngineFromFlags(std::string* kv_note = nullptr);
 
 // The model path: --model, or the cached demo model. An error says how to fetch the demo model.
 absl::StatusOr<std::string> ResolveModelPath();

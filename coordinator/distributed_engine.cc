@@ -245,6 +245,7 @@ absl::StatusOr<GenerationResult> DistributedEngine::Generate(const GenerationReq
 
   GenerationResult result;
   result.prompt_tokens = n_prompt;
+  result.kv_scheme = r->scheme;
   GenerationStream stream(*tokenizer_, request, on_token, result);
   // Started now, so its rate counts from the request's start.
   std::unique_ptr<ProgressLine> fill_progress =

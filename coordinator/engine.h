@@ -37,6 +37,7 @@ struct GenerationResult {
   int64_t prompt_tokens = 0;
   double prefill_seconds = 0;
   double decode_seconds = 0;
+  std::string kv_scheme;  // the KV scheme the request ran with (its own, or the engine's default)
 };
 
 struct PrefillProgress {

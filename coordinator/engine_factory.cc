@@ -1,5 +1,6 @@
 #include "coordinator/engine_factory.h"
 
+#include <cstdio>
 #include <filesystem>
 
 #include "absl/flags/declare.h"
@@ -102,17 +103,51 @@ absl::StatusOr<std::pair<ModelConfig, std::unique_ptr<Tokenizer>>> LoadModelDesc
   return std::make_pair(std::move(config), std::move(tokenizer));
 }
 
-absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags() {
+std::string DefaultCalibrationPath(const std::string& model_path) {
+  if (model_path.empty()) return "";
+  const std::filesystem::path model = std::filesystem::absolute(model_path);
+  if (std::filesystem::is_directory(model)) return (model / "kvshard.kvcal").string();
+  return model.string() + ".kvcal";
+}
+
+absl::StatusOr<KvSettings> KvSettingsFromFlags(const std::string& model_path) {
+  KvSettings settings;
+  settings.scheme = absl::GetFlag(FLAGS_kv_scheme);
+  settings.calibration_path = absl::GetFlag(FLAGS_calibration);
+  const std::string beside = DefaultCalibrationPath(model_path);
+  if (settings.calibration_path.empty() && !beside.empty() && std::filesystem::is_regular_file(beside)) {
+    settings.calibration_path = beside;
+  }
+  if (!settings.calibration_path.empty()) {
+    settings.calibration_path = std::filesystem::absolute(settings.calibration_path).string();
+  }
+  if (settings.scheme == "auto") {
+    if (!settings.calibration_path.empty()) {
+      settings.scheme = "kvq3";
+      settings.note = absl::StrCat("auto: calibration ", settings.calibration_path);
+    } else {
+      settings.scheme = "fp16";
+      if (!beside.empty()) {
+        settings.note = absl::StrCat("auto: kvq3 needs a calibration of the model, which `kvshard calibrate "
+                                     "--model ", model_path, " --text FILE` writes to ", beside);
+      }
+    }
+  }
+  return settings;
+}
+
+absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags(std::string* kv_note) {
   DistributedEngineOptions options;
-  options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
   WorkerConfig& w = options.worker;
   w.synthetic = SyntheticSpecFromFlags();
   if (!w.synthetic) {
     KV_ASSIGN_OR_RETURN(w.model_path, ResolveModelPath());
     w.model_path = std::filesystem::absolute(w.model_path).string();
   }
-  w.calibration_path = absl::GetFlag(FLAGS_calibration);
-  if (!w.calibration_path.empty()) w.calibration_path = std::filesystem::absolute(w.calibration_path).string();
+  KV_ASSIGN_OR_RETURN(KvSettings kv, KvSettingsFromFlags(w.model_path));
+  if (kv_note != nullptr) *kv_note = kv.note;
+  options.default_kv_scheme = kv.scheme;
+  w.calibration_path = kv.calibration_path;
   // The coordinator measures each scheme's bytes per token with the same factory the workers make (they
   // check the calibration against the weights they load).
   KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(w.calibration_path, nullptr));
@@ -158,10 +193,10 @@ KvShardFactoryMaker KvShardFactoryMakerForThisBuild() {
   };
 }
 
-absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
+absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags(std::string* kv_note) {
   MpiRuntime* mpi = MpiRuntime::Get();
   if (mpi != nullptr && mpi->n_workers() > 0) {
-    KV_ASSIGN_OR_RETURN(DistributedEngineOptions options, DistributedOptionsFromFlags());
+    KV_ASSIGN_OR_RETURN(DistributedEngineOptions options, DistributedOptionsFromFlags(kv_note));
     KV_ASSIGN_OR_RETURN(auto description, LoadModelDescription(options.worker.model_path, options.worker.synthetic));
     KV_ASSIGN_OR_RETURN(auto engine, DistributedEngine::Create(*mpi, std::move(description.first),
                                                                std::move(description.second), std::move(options)));
@@ -172,19 +207,30 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags() {
         "--synthetic_fill_tokens needs the distributed runtime: run under mpirun with at least one worker");
   }
   EngineOptions options;
-  options.default_kv_scheme = absl::GetFlag(FLAGS_kv_scheme);
   options.device = absl::GetFlag(FLAGS_device);
-  const std::string calibration_path = absl::GetFlag(FLAGS_calibration);
+  const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
+  std::string model_path;
+  if (!synthetic) {
+    KV_ASSIGN_OR_RETURN(model_path, ResolveModelPath());
+  }
+  KV_ASSIGN_OR_RETURN(KvSettings kv, KvSettingsFromFlags(model_path));
+  options.default_kv_scheme = kv.scheme;
+  const std::string& calibration_path = kv.calibration_path;
   KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(calibration_path, nullptr));
   std::unique_ptr<SingleProcessEngine> engine;
-  if (auto synthetic = SyntheticSpecFromFlags()) {
+  if (synthetic) {
     KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
     KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(weights.config.vocab_size));
     KV_ASSIGN_OR_RETURN(engine, SingleProcessEngine::Create(std::move(weights), std::move(tokenizer), options));
   } else {
-    KV_ASSIGN_OR_RETURN(std::string model_path, ResolveModelPath());
     KV_ASSIGN_OR_RETURN(engine, SingleProcessEngine::Create(model_path, options));
   }
+  if (!kv.note.empty() && kv.scheme != "fp16" && engine->has_gpu()) {
+    // One process on a GPU holds fp16 only; kvq3 on GPUs runs in workers under mpirun.
+    engine->set_default_kv_scheme("fp16");
+    kv.note = "auto: one process on a GPU holds fp16; GPU workers under mpirun hold kvq3";
+  }
+  if (kv_note != nullptr) *kv_note = kv.note;
   if (!calibration_path.empty()) {  // checked against the model once it is loaded
     KV_RETURN_IF_ERROR(KvShardFactoryMakerForThisBuild()(calibration_path, &engine->weights()).status());
   }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "coordinator/distributed_engine.h"
@@ -12,17 +13,34 @@
 
 namespace kvshard {
 
-absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags();
+// `kv_note`, when given, receives what --kv_scheme auto chose and why (empty when it was not auto), for
+// the command to show.
+absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags(std::string* kv_note = nullptr);
 
 // The KV shard factories of every scheme this binary knows, from a calibration file (empty: none). The
 // engines here and the workers (RunWorker) make theirs with it.
 KvShardFactoryMaker KvShardFactoryMakerForThisBuild();
 
+// Where a model's calibration is looked for when --calibration is empty: MODEL.kvcal beside a model file,
+// DIR/kvshard.kvcal in a Hugging Face directory ("" for no model: a synthetic one). `kvshard calibrate`
+// writes there by default.
+std::string DefaultCalibrationPath(const std::string& model_path);
+
+// The KV scheme and calibration the engine uses, from --kv_scheme and --calibration. An empty
+// --calibration takes DefaultCalibrationPath(model_path) when that file exists. --kv_scheme auto (the
+// default) is kvq3 when there is a calibration, else fp16; `note` says which and why.
+struct KvSettings {
+  std::string scheme;
+  std::string calibration_path;  // absolute; empty: none
+  std::string note;              // empty unless the scheme was chosen by auto
+};
+absl::StatusOr<KvSettings> KvSettingsFromFlags(const std::string& model_path);
+
 // The pieces, for tests and tools.
 // --synthetic_model: the synthetic geometry from the --synthetic_* flags; nullopt otherwise.
 std::optional<SyntheticModelSpec> SyntheticSpecFromFlags();
 // The distributed engine's options from the flags (model, budget, merge, timeouts, faults, ...).
-absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags();
+absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags(std::string* kv_note = nullptr);
 // The coordinator's view of a model (config and tokenizer, no weights): a .gguf file, a Hugging Face
 // directory, or a synthetic spec (byte tokenizer).
 absl::StatusOr<std::pair<ModelConfig, std::unique_ptr<Tokenizer>>> LoadModelDescription(

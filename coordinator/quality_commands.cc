@@ -22,12 +22,16 @@
 ABSL_DECLARE_FLAG(std::string, kv_scheme);
 ABSL_DECLARE_FLAG(std::string, device);
 ABSL_FLAG(std::string, text, "", "calibrate, perplexity: the text file");
-ABSL_FLAG(std::string, out, "", "calibrate: the calibration file to write");
+ABSL_FLAG(std::string, out, "",
+          "calibrate: the calibration file to write (default: MODEL.kvcal beside the model, where the other "
+          "commands look for it)");
 ABSL_FLAG(int64_t, ctx, 2048, "perplexity, calibrate: tokens per window");
 ABSL_FLAG(std::string, kv, "",
           "perplexity: KV scheme with optional parameters, e.g. kvq3 or kvq3:outliers=0.005,residual=0 "
           "(default: --kv_scheme)");
-ABSL_FLAG(std::string, calibration, "", "KV calibration file (kvq and wkv schemes need one)");
+ABSL_FLAG(std::string, calibration, "",
+          "KV calibration file, which kvq and wkv schemes need (default: MODEL.kvcal beside the model when it "
+          "exists)");
 ABSL_FLAG(int64_t, max_eval_tokens, 0, "perplexity: evaluate at most this many tokens (0: the whole text)");
 ABSL_FLAG(int, perplexity_batch, 64,
           "perplexity on the GPU: windows decoded side by side (each window is one row of a decode batch)");
@@ -100,8 +104,13 @@ absl::StatusOr<Calibration> CalibrateSyntheticFill(const SyntheticModelSpec& spe
 }  // namespace
 
 absl::Status RunCalibrate(const std::vector<std::string>& args) {
-  const std::string out = absl::GetFlag(FLAGS_out);
-  if (out.empty()) return absl::InvalidArgumentError("calibrate needs --out FILE");
+  const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
+  std::string out = absl::GetFlag(FLAGS_out);
+  if (out.empty() && synthetic) return absl::InvalidArgumentError("calibrate of a synthetic model needs --out FILE");
+  if (out.empty()) {
+    KV_ASSIGN_OR_RETURN(const std::string model_path, ResolveModelPath());
+    out = DefaultCalibrationPath(model_path);
+  }
   CalibrateOptions options;
   options.ctx = absl::GetFlag(FLAGS_ctx);
   options.max_tokens = absl::GetFlag(FLAGS_calibration_tokens);
@@ -120,7 +129,6 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
     KV_ASSIGN_OR_RETURN(fisher, LoadFisherWeights(path));
     options.fisher = &fisher;
   }
-  const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
   if (synthetic && options.fisher != nullptr) {
     return absl::InvalidArgumentError("--fisher_weights: not for a synthetic model");
   }
@@ -151,7 +159,13 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
 
 absl::Status RunPerplexity(const std::vector<std::string>& args) {
   std::string spec = absl::GetFlag(FLAGS_kv);
-  if (spec.empty()) spec = absl::GetFlag(FLAGS_kv_scheme);
+  if (!spec.empty()) KV_RETURN_IF_ERROR(ParseKvScheme(spec).status());  // a bad scheme before the model
+  KV_ASSIGN_OR_RETURN(const std::string model_path, ResolveModelPath());
+  KV_ASSIGN_OR_RETURN(const KvSettings kv, KvSettingsFromFlags(model_path));
+  if (spec.empty()) {
+    spec = kv.scheme;
+    if (!kv.note.empty()) std::fprintf(stderr, "%s\n", kv.note.c_str());
+  }
   KV_ASSIGN_OR_RETURN(KvSchemeConfig scheme, ParseKvScheme(spec));
   PerplexityOptions options;
   options.ctx = absl::GetFlag(FLAGS_ctx);
@@ -159,13 +173,15 @@ absl::Status RunPerplexity(const std::vector<std::string>& args) {
   if (options.ctx < 2) return absl::InvalidArgumentError("--ctx must be at least 2");
 
   std::unique_ptr<Calibration> calibration;
-  const std::string calibration_path = absl::GetFlag(FLAGS_calibration);
+  const std::string& calibration_path = kv.calibration_path;
   if (!calibration_path.empty()) {
     KV_ASSIGN_OR_RETURN(Calibration c, LoadCalibration(calibration_path));
     calibration = std::make_unique<Calibration>(std::move(c));
   } else if (scheme.needs_calibration()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("KV scheme ", scheme.name(), " needs --calibration FILE (make one with kvshard calibrate)"));
+    return absl::InvalidArgumentError(absl::StrCat("KV scheme ", scheme.name(),
+                                                   " needs a calibration: --calibration FILE, or `kvshard "
+                                                   "calibrate --text FILE`, which writes ",
+                                                   DefaultCalibrationPath(model_path), " where it is found"));
   }
   KV_ASSIGN_OR_RETURN(LoadedModel m, LoadForQuality());
   if (calibration) {

@@ -27,7 +27,9 @@ absl::Status NoPositionalArguments(const char* command, const std::vector<std::s
 absl::Status RunServeCommand(const std::vector<std::string>& args) {
   KV_RETURN_IF_ERROR(NoPositionalArguments("serve", args));
   KV_ASSIGN_OR_RETURN(ServeOptions options, ServeOptionsFromFlags());
-  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
+  std::string kv_note;
+  KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags(&kv_note));
+  if (!kv_note.empty()) std::fprintf(stderr, "kvshard serve: KV cache of requests that name none: %s\n", kv_note.c_str());
   return RunServe(*engine, options);
 }
 

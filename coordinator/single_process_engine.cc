@@ -88,6 +88,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
 
   GenerationResult result;
   result.prompt_tokens = n_prompt;
+  result.kv_scheme = scheme;
   std::vector<float> logits;
   const auto prefill_start = Clock::now();
   const int64_t chunk = CpuModel::max_chunk();
@@ -140,6 +141,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const Genera
   KV_RETURN_IF_ERROR(gpu_->StartRequest(n_prompt + std::max<int64_t>(budget, 1), request.sampling));
   GenerationResult result;
   result.prompt_tokens = n_prompt;
+  result.kv_scheme = "fp16";
   const auto prefill_start = Clock::now();
   const int64_t chunk = gpu_->max_chunk();
   int32_t token = -1;

@@ -40,6 +40,9 @@ class SingleProcessEngine final : public Engine {
   const ModelWeights& weights() const { return weights_; }
   // Where the last request ran: "CPU", or the GPU's name.
   std::string device_name() const override { return last_device_; }
+  // Whether requests of the fp16 scheme run on the GPU (the only one this mode holds there).
+  bool has_gpu() const { return gpu_ != nullptr; }
+  void set_default_kv_scheme(std::string scheme) { options_.default_kv_scheme = std::move(scheme); }
 
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
                                             const PrefillCallback& on_prefill) override;

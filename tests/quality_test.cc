@@ -178,8 +178,7 @@ TEST(QualityCli, RefusesBadInput) {
   const std::string text = WriteTemp("short.txt", "Only a few words here.");
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv kvq9"), "out of range");
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv nuq3"), "unknown KV scheme");
-  ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv kvq3"), "needs --calibration");
-  ExpectCleanError(RunKvshard("calibrate --text " + text), "needs --out");
+  ExpectCleanError(RunKvshard("calibrate --synthetic_model --text " + text), "needs --out");
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv kvq3 --calibration " +
                               WriteTemp("corrupt.kvcal", "KVSHCAL\nrubbish")),
                    "calibration file");
@@ -194,6 +193,12 @@ TEST(QualityCli, RefusesShortTextAndForeignCalibration) {
   ExpectCleanError(RunKvshard("calibrate --model " + model + " --text " + text + " --ctx 64 --out " +
                               (TempDir() / "x.kvcal").string()),
                    "shorter than one window");
+  // No --calibration and none beside the model (a link to it in a folder of its own): the error says
+  // how to make one and where it will be found.
+  const std::filesystem::path alone = std::filesystem::path(testing::FreshTempDir("quality_uncalibrated")) / "model.gguf";
+  std::filesystem::create_symlink(model, alone);
+  ExpectCleanError(RunKvshard("perplexity --model " + alone.string() + " --text " + text + " --kv kvq3"),
+                   "kvshard calibrate --text FILE`, which writes " + alone.string() + ".kvcal");
   // A calibration made for another model (same geometry, other name and fingerprint).
   Calibration other;
   other.model = ModelIdentityOf(*weights);
