@@ -1,4 +1,5 @@
 // The unquantized KV cache: keys after RoPE and values, per layer and KV head, fp32 or fp16.
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -71,13 +72,17 @@ class FullPrecisionKvShard final : public KvShard {
     std::vector<int64_t> row_positions(static_cast<int64_t>(n_queries) * group);
     for (int i = 0; i < n_queries; ++i)
       for (int g = 0; g < group; ++g) row_positions[i * group + g] = q_positions[i];
+    // Work items: (KV head, kAttendQueriesPerItem queries).
+    const int query_blocks = (n_queries + kAttendQueriesPerItem - 1) / kAttendQueriesPerItem;
 #pragma omp parallel for schedule(dynamic)
-    for (int h = 0; h < geometry_.n_kv_heads; ++h) {
+    for (int item = 0; item < geometry_.n_kv_heads * query_blocks; ++item) {
+      const int h = item / query_blocks;
+      const int q0 = item % query_blocks * kAttendQueriesPerItem, q1 = std::min(n_queries, q0 + kAttendQueriesPerItem);
       const Head& H = L.heads[h];
       const float* kp = H.k32.data();
       const float* vp = H.v32.data();
-      std::vector<float> k_scratch, v_scratch;
       if (precision_ == FullPrecision::kFp16) {
+        thread_local std::vector<float> k_scratch, v_scratch;  // reused: fresh ones page-fault every call
         k_scratch.resize(H.k16.size());
         v_scratch.resize(H.v16.size());
         HalfToFloatRow(H.k16.data(), static_cast<int64_t>(H.k16.size()), k_scratch.data());
@@ -87,20 +92,19 @@ class FullPrecisionKvShard final : public KvShard {
       }
       // With [query][head][dim] layout, the group's heads of query i are contiguous: rows i*group+g sit
       // at stride d within a query and n_heads*d across queries. Gather to a dense block for the GEMMs.
-      const int64_t rows = static_cast<int64_t>(n_queries) * group;
+      const int64_t rows = static_cast<int64_t>(q1 - q0) * group;
       std::vector<float> q_rows(rows * d), out_rows(rows * d), lse_rows(rows);
-      for (int i = 0; i < n_queries; ++i) {
+      for (int i = q0; i < q1; ++i) {
         const float* src = q + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-        std::copy(src, src + group * d, q_rows.data() + static_cast<int64_t>(i) * group * d);
+        std::copy(src, src + group * d, q_rows.data() + static_cast<int64_t>(i - q0) * group * d);
       }
-      AttentionPartialsCpu(q_rows.data(), d, rows, row_positions.data(), kp, vp, d, L.length, start_position_, d,
-                           geometry_.scale(), out_rows.data(), d, lse_rows.data());
-      for (int i = 0; i < n_queries; ++i) {
+      AttentionPartialsCpu(q_rows.data(), d, rows, row_positions.data() + static_cast<int64_t>(q0) * group, kp, vp,
+                           d, L.length, start_position_, d, geometry_.scale(), out_rows.data(), d, lse_rows.data());
+      for (int i = q0; i < q1; ++i) {
         float* dst = out + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-        std::copy(out_rows.data() + static_cast<int64_t>(i) * group * d,
-                  out_rows.data() + static_cast<int64_t>(i + 1) * group * d, dst);
-        for (int g = 0; g < group; ++g)
-          lse[static_cast<int64_t>(i) * geometry_.n_heads + h * group + g] = lse_rows[i * group + g];
+        const int64_t r = static_cast<int64_t>(i - q0) * group;
+        std::copy(out_rows.data() + r * d, out_rows.data() + (r + group) * d, dst);
+        for (int g = 0; g < group; ++g) lse[static_cast<int64_t>(i) * geometry_.n_heads + h * group + g] = lse_rows[r + g];
       }
     }
     return absl::OkStatus();

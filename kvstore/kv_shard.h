@@ -17,6 +17,11 @@
 
 namespace kvshard {
 
+// The CPU shards' Attend works in items of (KV head, block of this many queries): a 512-query prefill
+// chunk gives 4 per KV head, so the demo's 3 KV heads keep 2 or 4 threads busy (one item per head left
+// one of two threads idle a third of the time). Fixed, so results do not depend on the thread count.
+inline constexpr int kAttendQueriesPerItem = 128;
+
 struct KvGeometry {
   int n_layers = 0;
   int n_heads = 0;     // query heads

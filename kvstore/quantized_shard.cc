@@ -16,7 +16,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kAttendTile = 512;  // tokens Attend dequantizes at a time (K and V: 256 KB at head_dim 64)
-constexpr int64_t kTiledRows = 64;    // Attend's (KV head, tile) work items up to this many query rows
+constexpr int64_t kTiledRows = 64;  // Attend's work items are (KV head, tile) up to this many query rows, else
+                                    // (KV head, kAttendQueriesPerItem queries)
 
 // Attention partials of `rows` query rows over a band of `n` keys (absolute positions first_position..,
 // local indices first_local..) where row r sees key j (position <= row_positions[r]) in its quantized
@@ -303,19 +304,19 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
       row_boundary[i * group + g] = boundary[i];
     }
 
-  // Rows of KV head h's group: (query i, head h*group + g) -> row i*group + g.
-  auto gather_rows = [&](int h, float* q_rows) {
-    for (int i = 0; i < n_queries; ++i) {
+  // Rows of KV head h's group for queries [q0, q1): (query i, head h*group + g) -> row (i-q0)*group + g.
+  auto gather_rows = [&](int h, int q0, int q1, float* q_rows) {
+    for (int i = q0; i < q1; ++i) {
       const float* src = q + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-      std::copy(src, src + group * d, q_rows + static_cast<int64_t>(i) * group * d);
+      std::copy(src, src + group * d, q_rows + static_cast<int64_t>(i - q0) * group * d);
     }
   };
-  auto scatter_rows = [&](int h, const float* out_rows, const float* lse_rows) {
-    for (int i = 0; i < n_queries; ++i) {
+  auto scatter_rows = [&](int h, int q0, int q1, const float* out_rows, const float* lse_rows) {
+    for (int i = q0; i < q1; ++i) {
       float* dst = out + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-      std::copy(out_rows + static_cast<int64_t>(i) * group * d, out_rows + static_cast<int64_t>(i + 1) * group * d, dst);
-      for (int g = 0; g < group; ++g)
-        lse[static_cast<int64_t>(i) * geometry_.n_heads + h * group + g] = lse_rows[i * group + g];
+      const int64_t r = static_cast<int64_t>(i - q0) * group;
+      std::copy(out_rows + r * d, out_rows + (r + group) * d, dst);
+      for (int g = 0; g < group; ++g) lse[static_cast<int64_t>(i) * geometry_.n_heads + h * group + g] = lse_rows[r + g];
     }
   };
   // Threads only pay off on real work: small calls (tests, single decode steps of short contexts) stay
@@ -326,24 +327,25 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
   // buffers its thread reuses (the K/V stay in cache; no call allocates the whole context) and merged as
   // partials. attend_tile: KV head h's rows over tile `tile` into (o, l).
   const int64_t n_tiles = std::max<int64_t>(1, (visible + kAttendTile - 1) / kAttendTile);
-  auto attend_tile = [&](int h, const float* q_rows, int64_t tile, float* o, float* l) {
+  // attend_tile: KV head h's rows [r0, r0 + n_rows) over tile `tile` into (o, l).
+  auto attend_tile = [&](int h, const float* q_rows, int64_t r0, int64_t n_rows, int64_t tile, float* o, float* l) {
     thread_local std::vector<float> k, v;
     k.resize(kAttendTile * d);
     v.resize(kAttendTile * d);
     const int64_t t0 = tile * kAttendTile, n = std::min(visible - t0, kAttendTile);
     Materialize(L.streams[h], now.sink, t0, t0 + n, first_boundary, k.data(), v.data());
-    AttentionPartialsCpu(q_rows, d, rows, row_positions.data(), k.data(), v.data(), d, n, start_position_ + t0, d,
-                         geometry_.scale(), o, d, l);
+    AttentionPartialsCpu(q_rows, d, n_rows, row_positions.data() + r0, k.data(), v.data(), d, n, start_position_ + t0,
+                         d, geometry_.scale(), o, d, l);
   };
 
   if (first_boundary == last_boundary && rows <= kTiledRows) {
     // Decode: the (KV head, tile) pairs are the work items (a few KV heads would leave threads idle).
     std::vector<float> q_rows(kvh * rows * d), part_out(kvh * n_tiles * rows * d), part_lse(kvh * n_tiles * rows);
-    for (int h = 0; h < kvh; ++h) gather_rows(h, q_rows.data() + h * rows * d);
+    for (int h = 0; h < kvh; ++h) gather_rows(h, 0, n_queries, q_rows.data() + h * rows * d);
 #pragma omp parallel for schedule(dynamic) if (parallel)
     for (int64_t item = 0; item < kvh * n_tiles; ++item) {
       const int h = static_cast<int>(item / n_tiles);
-      attend_tile(h, q_rows.data() + h * rows * d, item % n_tiles, part_out.data() + item * rows * d,
+      attend_tile(h, q_rows.data() + h * rows * d, 0, rows, item % n_tiles, part_out.data() + item * rows * d,
                   part_lse.data() + item * rows);
     }
     std::vector<const float*> outs(n_tiles), lses(n_tiles);
@@ -354,28 +356,32 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
         lses[t] = part_lse.data() + (h * n_tiles + t) * rows;
       }
       MergePartialsCpu(static_cast<int>(n_tiles), outs.data(), lses.data(), rows, d, out_rows.data(), lse_rows.data());
-      scatter_rows(h, out_rows.data(), lse_rows.data());
+      scatter_rows(h, 0, n_queries, out_rows.data(), lse_rows.data());
     }
     return absl::OkStatus();
   }
 
+  const int query_blocks = (n_queries + kAttendQueriesPerItem - 1) / kAttendQueriesPerItem;
 #pragma omp parallel for schedule(dynamic) if (parallel)
-  for (int h = 0; h < kvh; ++h) {
+  for (int item = 0; item < kvh * query_blocks; ++item) {
+    const int h = item / query_blocks;
+    const int q0 = item % query_blocks * kAttendQueriesPerItem, q1 = std::min(n_queries, q0 + kAttendQueriesPerItem);
+    const int64_t r0 = static_cast<int64_t>(q0) * group, n_rows = static_cast<int64_t>(q1 - q0) * group;
     const Stream& s = L.streams[h];
-    std::vector<float> q_rows(rows * d), out_rows(rows * d), lse_rows(rows);
-    gather_rows(h, q_rows.data());
+    std::vector<float> q_rows(n_rows * d), out_rows(n_rows * d), lse_rows(n_rows);
+    gather_rows(h, q0, q1, q_rows.data());
     if (first_boundary == last_boundary) {
-      // Many rows (prefill): one KV head per thread, its tiles merged one by one (partials of every tile
-      // at once would take tiles x rows x head_dim floats).
-      attend_tile(h, q_rows.data(), 0, out_rows.data(), lse_rows.data());
+      // Many rows (prefill): the tiles merged one by one (partials of every tile at once would take
+      // tiles x rows x head_dim floats).
+      attend_tile(h, q_rows.data(), r0, n_rows, 0, out_rows.data(), lse_rows.data());
       thread_local std::vector<float> tile_out, tile_lse;
-      tile_out.resize(rows * d);
-      tile_lse.resize(rows);
+      tile_out.resize(n_rows * d);
+      tile_lse.resize(n_rows);
       for (int64_t tile = 1; tile < n_tiles; ++tile) {
-        attend_tile(h, q_rows.data(), tile, tile_out.data(), tile_lse.data());
+        attend_tile(h, q_rows.data(), r0, n_rows, tile, tile_out.data(), tile_lse.data());
         const float* outs[2] = {out_rows.data(), tile_out.data()};
         const float* lses[2] = {lse_rows.data(), tile_lse.data()};
-        MergePartialsCpu(2, outs, lses, rows, d, out_rows.data(), lse_rows.data());
+        MergePartialsCpu(2, outs, lses, n_rows, d, out_rows.data(), lse_rows.data());
       }
     } else {
       // Tokens before the earliest boundary look the same to every query: one pass for all rows. In the
@@ -383,22 +389,24 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
       // it on: both versions are materialized once and the band's partials merged in.
       const int64_t head_len = std::min(first_boundary, visible);
       const int64_t band_len = visible - head_len;
-      std::vector<float> k(head_len * d), v(head_len * d);
+      thread_local std::vector<float> k, v;  // reused: a fresh context-sized buffer page-faults every call
+      k.resize(head_len * d);
+      v.resize(head_len * d);
       Materialize(s, now.sink, 0, head_len, head_len, k.data(), v.data());
-      AttentionPartialsCpu(q_rows.data(), d, rows, row_positions.data(), k.data(), v.data(), d, head_len,
+      AttentionPartialsCpu(q_rows.data(), d, n_rows, row_positions.data() + r0, k.data(), v.data(), d, head_len,
                            start_position_, d, geometry_.scale(), out_rows.data(), d, lse_rows.data());
       std::vector<float> kq(band_len * d), vq(band_len * d), kf(band_len * d), vf(band_len * d);
       Materialize(s, now.sink, head_len, visible, std::min(last_boundary, visible), kq.data(), vq.data());
       Materialize(s, now.sink, head_len, visible, head_len, kf.data(), vf.data());
-      std::vector<float> band_out(rows * d), band_lse(rows);
-      BandAttention(q_rows.data(), rows, row_positions.data(), row_boundary.data(), kq.data(), vq.data(),
+      std::vector<float> band_out(n_rows * d), band_lse(n_rows);
+      BandAttention(q_rows.data(), n_rows, row_positions.data() + r0, row_boundary.data() + r0, kq.data(), vq.data(),
                     kf.data(), vf.data(), band_len, start_position_ + head_len, head_len, d, geometry_.scale(),
                     band_out.data(), band_lse.data());
       const float* outs[2] = {out_rows.data(), band_out.data()};
       const float* lses[2] = {lse_rows.data(), band_lse.data()};
-      MergePartialsCpu(2, outs, lses, rows, d, out_rows.data(), lse_rows.data());
+      MergePartialsCpu(2, outs, lses, n_rows, d, out_rows.data(), lse_rows.data());
     }
-    scatter_rows(h, out_rows.data(), lse_rows.data());
+    scatter_rows(h, q0, q1, out_rows.data(), lse_rows.data());
   }
   return absl::OkStatus();
 }

@@ -214,18 +214,25 @@ INSTANTIATE_TEST_SUITE_P(Schemes, StoreTest,
                                   std::to_string(std::get<3>(info.param));
                          });
 
-// A prefill chunk of many queries (Attend's per-KV-head path, more than kTiledRows rows) over a context of
-// several 512-token tiles, against the reference over the dequantized K/V.
+// A prefill chunk of many queries (Attend's (KV head, query block) path, more than kTiledRows rows) over a
+// context of several 512-token tiles, against the reference over the dequantized K/V: 40 queries spread
+// over every tile (one query block), 300 spread (three blocks of 128, 128 and 44), and 300 at the last
+// position (every query with the same view: the path that merges tiles one by one).
 TEST(QuantizedStore, ManyQueriesOverSeveralTilesEqualExactAttention) {
   const KvGeometry g = SmallGeometry(64);
+  struct Chunk {
+    int nq, stride;
+  };
+  for (const Chunk chunk : {Chunk{40, 33}, Chunk{300, 4}, Chunk{300, 0}})
   for (const std::string scheme : {"kvq3", "int4", "kivi2"}) {
+    SCOPED_TRACE(scheme + ", " + std::to_string(chunk.nq) + " queries, stride " + std::to_string(chunk.stride));
     auto store = MakeStore(scheme, g, 3);
     const int tokens = 1300;
     const auto data = MakeData(g, tokens);
     AppendRange(*store, data, 0, tokens, 300);
-    const int nq = 40;  // 80 rows at group 2
+    const int nq = chunk.nq;  // 2 rows each at group 2
     std::vector<int64_t> positions(nq);
-    for (int i = 0; i < nq; ++i) positions[i] = 3 + i * 33;  // spread over every tile
+    for (int i = 0; i < nq; ++i) positions[i] = chunk.stride > 0 ? 3 + i * chunk.stride : tokens - 1;
     const std::vector<float> q = MakeQueries(g, nq, 23);
     for (int l = 0; l < g.n_layers; ++l) {
       std::vector<float> out(nq * g.n_heads * 64), lse(nq * g.n_heads);
@@ -278,6 +285,18 @@ TEST(QuantizedStore, Fp16IsTheFoundationCacheBitForBit) {
     std::vector<float> o1(5 * g.n_heads * g.head_dim), o2(o1.size()), l1(5 * g.n_heads), l2(l1.size());
     ASSERT_TRUE((*fp16)->Attend(l, 5, q.data(), positions.data(), o1.data(), l1.data()).ok());
     ASSERT_TRUE(foundation->Attend(l, 5, q.data(), positions.data(), o2.data(), l2.data()).ok());
+    EXPECT_EQ(std::memcmp(o1.data(), o2.data(), o1.size() * 4), 0);
+    EXPECT_EQ(std::memcmp(l1.data(), l2.data(), l1.size() * 4), 0);
+  }
+  // A prefill-sized chunk: 300 queries, three blocks of Attend's work items in each store.
+  const int nq = 300;
+  std::vector<int64_t> chunk_positions(nq);
+  for (int i = 0; i < nq; ++i) chunk_positions[i] = i % 140;
+  const std::vector<float> chunk_q = MakeQueries(g, nq, 2);
+  for (int l = 0; l < g.n_layers; ++l) {
+    std::vector<float> o1(nq * g.n_heads * g.head_dim), o2(o1.size()), l1(nq * g.n_heads), l2(l1.size());
+    ASSERT_TRUE((*fp16)->Attend(l, nq, chunk_q.data(), chunk_positions.data(), o1.data(), l1.data()).ok());
+    ASSERT_TRUE(foundation->Attend(l, nq, chunk_q.data(), chunk_positions.data(), o2.data(), l2.data()).ok());
     EXPECT_EQ(std::memcmp(o1.data(), o2.data(), o1.size() * 4), 0);
     EXPECT_EQ(std::memcmp(l1.data(), l2.data(), l1.size() * 4), 0);
   }
