@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <array>
 #include <cstring>
 
 #include "kernels/kv_pack.h"
@@ -9,6 +11,22 @@ void PackCodesCpu(const uint8_t* codes, int64_t n_codes, int bits, uint8_t* stre
   std::memset(stream, 0, static_cast<size_t>(bytes));
   if (bits == 8) {
     std::memcpy(stream, codes, static_cast<size_t>(n_codes));
+    return;
+  }
+  if (bits == 3) {  // plane groups of 32 codes (kv_pack.h)
+    for (int64_t g0 = 0; g0 < n_codes; g0 += kPlaneGroupCodes) {
+      uint32_t words[3] = {0u, 0u, 0u};
+      const int n = static_cast<int>(std::min<int64_t>(kPlaneGroupCodes, n_codes - g0));
+      for (int r = 0; r < n; ++r) {
+        const uint32_t code = codes[g0 + r] & 7u;
+        words[r >> 4] |= (code & 3u) << (2 * (r & 15));
+        words[2] |= (code >> 2) << ThreeBitHighBit(r);
+      }
+      uint8_t* out = stream + g0 / kPlaneGroupCodes * 12;
+      for (int w = 0; w < 3; ++w) {
+        for (int b = 0; b < 4; ++b) out[4 * w + b] = static_cast<uint8_t>(words[w] >> (8 * b));
+      }
+    }
     return;
   }
   // Accumulate into a 64-bit register and flush whole bytes: the stream is little-endian.
@@ -67,6 +85,39 @@ void UnpackCodesFixed(const uint8_t* stream, int64_t first, int64_t n, uint8_t* 
   for (; i < n; ++i) codes[i] = static_cast<uint8_t>(GetPackedCode(stream, first + i, BITS));
 }
 
+// 3-bit plane groups, four codes a step through byte tables: byte b of a group's word h holds the low
+// bits of codes 16 h + 4 b .. + 3, byte b of word 2 their high bits (ThreeBitHighBit), for both halves.
+struct ThreeBitTables {
+  std::array<uint32_t, 256> low;      // 4 two-bit fields to 4 bytes
+  std::array<uint32_t, 256> high[2];  // [h]: the high bits of half h's 4 codes, at bit 2 of their bytes
+  ThreeBitTables() {
+    for (uint32_t x = 0; x < 256; ++x) {
+      low[x] = 0;
+      high[0][x] = high[1][x] = 0;
+      for (int j = 0; j < 4; ++j) {
+        low[x] |= ((x >> (2 * j)) & 3u) << (8 * j);
+        for (int h = 0; h < 2; ++h) high[h][x] |= ((x >> (ThreeBitHighBit(16 * h + j) & 7)) & 1u) << (8 * j + 2);
+      }
+    }
+  }
+};
+
+void UnpackThreeBit(const uint8_t* stream, int64_t first, int64_t n, uint8_t* codes) {
+  static const ThreeBitTables tables;
+  int64_t i = 0;
+  for (; i < n && (first + i) % kPlaneGroupCodes != 0; ++i) codes[i] = static_cast<uint8_t>(GetPackedCode(stream, first + i, 3));
+  for (; i + kPlaneGroupCodes <= n; i += kPlaneGroupCodes) {
+    const uint8_t* group = stream + (first + i) / kPlaneGroupCodes * 12;
+    for (int h = 0; h < 2; ++h) {
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t four = tables.low[group[4 * h + b]] | tables.high[h][group[8 + b]];
+        std::memcpy(codes + i + 16 * h + 4 * b, &four, 4);  // little-endian hosts
+      }
+    }
+  }
+  for (; i < n; ++i) codes[i] = static_cast<uint8_t>(GetPackedCode(stream, first + i, 3));
+}
+
 }  // namespace
 
 void UnpackCodesCpu(const uint8_t* stream, int64_t first, int64_t n_codes, int bits, uint8_t* codes) {
@@ -77,7 +128,7 @@ void UnpackCodesCpu(const uint8_t* stream, int64_t first, int64_t n_codes, int b
     case 2:
       return UnpackCodesFixed<2>(stream, first, n_codes, codes);
     case 3:
-      return UnpackCodesFixed<3>(stream, first, n_codes, codes);
+      return UnpackThreeBit(stream, first, n_codes, codes);
     case 4:
       return UnpackCodesFixed<4>(stream, first, n_codes, codes);
     default:

@@ -1,4 +1,5 @@
 // Dense code packing (kernels/kv_pack.h): exact round trips, the documented byte layout, block alignment.
+#include <cstring>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -26,11 +27,18 @@ TEST_P(PackTest, RoundTripIsExact) {
   std::vector<uint8_t> stream(PackedBytes(n, bits), 0xAB);
   PackCodesCpu(codes.data(), n, bits, stream.data());
 
-  // Dense: b bits per code, rounded up to whole 128-code blocks of 16*b bytes; padding is zero.
+  // Dense: b bits per code, rounded up to whole 128-code blocks of 16*b bytes; padding is zero. The bits
+  // codes own are those that n codes of all ones set.
   EXPECT_EQ(static_cast<int64_t>(stream.size()), (n + 127) / 128 * 16 * bits);
-  for (int64_t bit = n * bits; bit < static_cast<int64_t>(stream.size()) * 8; ++bit) {
-    ASSERT_EQ((stream[bit / 8] >> (bit % 8)) & 1, 0) << "padding bit " << bit;
+  std::vector<uint8_t> owned(stream.size(), 0);
+  const std::vector<uint8_t> ones(n, static_cast<uint8_t>((1u << bits) - 1u));
+  PackCodesCpu(ones.data(), n, bits, owned.data());
+  int64_t owned_bits = 0;
+  for (size_t b = 0; b < stream.size(); ++b) {
+    ASSERT_EQ(stream[b] & ~owned[b], 0) << "padding bits of byte " << b;
+    owned_bits += __builtin_popcount(owned[b]);
   }
+  EXPECT_EQ(owned_bits, n * bits);
 
   std::vector<uint8_t> unpacked(n, 0xFF);
   UnpackCodesCpu(stream.data(), 0, n, bits, unpacked.data());
@@ -80,16 +88,38 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(1, 2, 37, 127, 128, 129)));
 
 TEST(PackLayout, ThreeBitGolden) {
-  // Codes 0..7 at 3 bits, little-endian bit stream: 000 001 010 011 100 101 110 111 (LSB first)
-  // -> bytes 0x88 0xC6 0xFA, the rest of the 48-byte block zero.
-  std::vector<uint8_t> codes = {0, 1, 2, 3, 4, 5, 6, 7};
-  std::vector<uint8_t> stream(PackedBytes(8, 3));
+  // Plane groups of 32 codes: codes 0..7 = 000 .. 111 put their low bits 00 01 10 11 00 01 10 11 at bits
+  // 0..15 of word 0 (bytes 0xE4 0xE4) and the high bits of codes 4..7 at bits 10, 11, 14, 15 of word 2
+  // (byte 9 = 0xCC); code 16 = 7 puts 11 at bits 0, 1 of word 1 (byte 4) and its high bit at bit 0 of
+  // word 2 (byte 8). The rest of the 48-byte block is zero.
+  std::vector<uint8_t> codes = {0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0, 7};
+  std::vector<uint8_t> stream(PackedBytes(codes.size(), 3));
   ASSERT_EQ(stream.size(), 48u);
-  PackCodesCpu(codes.data(), 8, 3, stream.data());
-  EXPECT_EQ(stream[0], 0x88);
-  EXPECT_EQ(stream[1], 0xC6);
-  EXPECT_EQ(stream[2], 0xFA);
-  for (size_t i = 3; i < stream.size(); ++i) EXPECT_EQ(stream[i], 0) << i;
+  PackCodesCpu(codes.data(), static_cast<int64_t>(codes.size()), 3, stream.data());
+  std::vector<uint8_t> want(48, 0);
+  want[0] = 0xE4;
+  want[1] = 0xE4;
+  want[4] = 0x03;
+  want[8] = 0x01;
+  want[9] = 0xCC;
+  EXPECT_EQ(stream, want);
+}
+
+TEST(PackLayout, ThreeBitPlaneNibbles) {
+  // The GPU kernels' extraction: 16 codes of a half group as even and odd nibbles.
+  std::vector<uint8_t> codes = RandomCodes(32, 3, 11);
+  std::vector<uint8_t> stream(PackedBytes(32, 3));
+  PackCodesCpu(codes.data(), 32, 3, stream.data());
+  uint32_t words[3];
+  std::memcpy(words, stream.data(), 12);  // little-endian hosts
+  for (int h = 0; h < 2; ++h) {
+    uint32_t even = 0, odd = 0;
+    ThreeBitPlaneNibbles(words[h], words[2], h, &even, &odd);
+    for (int k = 0; k < 8; ++k) {
+      EXPECT_EQ((even >> (4 * k)) & 15u, codes[16 * h + 2 * k]) << "half " << h << " nibble " << k;
+      EXPECT_EQ((odd >> (4 * k)) & 15u, codes[16 * h + 2 * k + 1]) << "half " << h << " nibble " << k;
+    }
+  }
 }
 
 TEST(PackLayout, FourBitNibblesLowFirst) {

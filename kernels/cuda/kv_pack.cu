@@ -16,8 +16,8 @@ constexpr int kWordTokens = 32;  // one thread packs 32 tokens of one channel: e
 constexpr int kMaxKeyOutliers = 255;  // kvstore's kMaxKeyOutliersPerToken (a uint8 count per token)
 
 // One thread per (32-token word group, channel). Part token j = first_token + 32 g + i of channel c is
-// code c * 128 + (j % 128) of page j / 128; the group's 32 codes are stream bits starting at a multiple of
-// 32 * BITS, i.e. BITS whole aligned words.
+// code c * 128 + (j % 128) of page j / 128; the group's 32 codes are one code group of the stream (kv_pack.h):
+// BITS whole aligned words.
 template <int BITS>
 __global__ void PackKvqKeyCodesKernel(const float* __restrict__ keys, int64_t n_tokens, int64_t first_token,
                                       int head_dim, const float* __restrict__ low, const float* __restrict__ high,
@@ -37,9 +37,7 @@ __global__ void PackKvqKeyCodesKernel(const float* __restrict__ keys, int64_t n_
     const int64_t t = g * kWordTokens + i;
     uint32_t code = 0;
     if (t < n_tokens) code = KvqNearest<BITS>(cb, KvqNormalize(RoundToHalf(keys[t * head_dim + c]), lo, hi));
-    const int bit = i * BITS;
-    words[bit >> 5] |= code << (bit & 31);
-    if ((bit & 31) + BITS > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
+    PutCode<BITS>(words, i, code);
   }
   const int64_t page_bytes = static_cast<int64_t>(16 * BITS) * head_dim;  // PackedBytes(128 * head_dim, BITS)
   const int64_t page = j0 / kPackBlockCodes;

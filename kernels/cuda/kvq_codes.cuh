@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/kvq_attention.h"
+#include "kernels/kv_pack.h"
 
 namespace kvshard {
 
@@ -36,6 +37,37 @@ __device__ __forceinline__ uint32_t KvqNearest(const float (&cb)[1 << BITS], flo
   return __fsub_rn(u, cb[hi - 1]) <= __fsub_rn(cb[hi], u) ? hi - 1 : hi;
 }
 
+// Code streams as 32-bit words (kernels/kv_pack.h): every 32 codes are BITS whole words, bit planes for
+// 3 bits and a little-endian bit stream otherwise. `words` starts at a 32-code group.
+
+// ORs code `index` into a zeroed slot of the stream (with constant indices the words stay in registers).
+template <int BITS>
+__device__ __forceinline__ void PutCode(uint32_t* words, int index, uint32_t code) {
+  uint32_t* group = words + (index / kPlaneGroupCodes) * BITS;
+  const int r = index % kPlaneGroupCodes;
+  if constexpr (BITS == 3) {
+    group[r >> 4] |= (code & 3u) << (2 * (r & 15));
+    group[2] |= (code >> 2) << ThreeBitHighBit(r);
+  } else {
+    const int bit = r * BITS;
+    group[bit >> 5] |= code << (bit & 31);
+    if ((bit & 31) + BITS > 32) group[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ uint32_t CodeAt(const uint32_t* words, int64_t index) {
+  const uint32_t* group = words + (index / kPlaneGroupCodes) * BITS;
+  const int r = static_cast<int>(index % kPlaneGroupCodes);
+  if constexpr (BITS == 3) {
+    return ((group[r >> 4] >> (2 * (r & 15))) & 3u) | (((group[2] >> ThreeBitHighBit(r)) & 1u) << 2);
+  } else {
+    const int bit = r * BITS;
+    const uint32_t hi = (bit & 31) + BITS > 32 ? group[(bit >> 5) + 1] : 0u;
+    return __funnelshift_r(group[bit >> 5], hi, bit & 31) & ((1u << BITS) - 1u);
+  }
+}
+
 // (value, channel) order of KvqValueThresholds: ties broken by the lower channel.
 __device__ __forceinline__ bool KvqValueLess(const float* x, int a, int b) {
   return x[a] < x[b] || (x[a] == x[b] && a < b);
@@ -44,7 +76,7 @@ __device__ __forceinline__ bool KvqValueLess(const float* x, int a, int b) {
 // Encodes one token's values (x: HEAD_DIM fp16-rounded floats) as KvqValueCodec::Encode does: the n_out
 // + 1 smallest and largest channels by selection (n_out is small), the split with the narrowest remaining
 // range (the first on ties, as the CPU loop), then the codes. Writes HEAD_DIM * BITS / 32 code words
-// (token-major: whole words per token), the fp16 thresholds and the n_out outliers (ascending channels).
+// (token-major: whole plane groups per token), the fp16 thresholds and the n_out outliers (ascending channels).
 template <int BITS, int HEAD_DIM>
 __device__ __forceinline__ void KvqEncodeValueToken(const float (&x)[HEAD_DIM], int n_out, const float (&cb)[1 << BITS],
                                                     uint32_t* __restrict__ words_out, uint16_t* low_out,
@@ -111,12 +143,7 @@ __device__ __forceinline__ void KvqEncodeValueToken(const float (&x)[HEAD_DIM], 
   constexpr int kWords = HEAD_DIM * BITS / 32;
   uint32_t words[kWords] = {};
 #pragma unroll
-  for (int c = 0; c < HEAD_DIM; ++c) {
-    const uint32_t code = KvqNearest<BITS>(cb, KvqNormalize(x[c], lo, hi));
-    const int bit = c * BITS;
-    words[bit >> 5] |= code << (bit & 31);
-    if ((bit & 31) + BITS > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
-  }
+  for (int c = 0; c < HEAD_DIM; ++c) PutCode<BITS>(words, c, KvqNearest<BITS>(cb, KvqNormalize(x[c], lo, hi)));
 #pragma unroll
   for (int w = 0; w < kWords; ++w) words_out[w] = words[w];
 }

@@ -81,22 +81,21 @@ struct Smem {
   static constexpr int kCount = kHigh + 2 * kPage;                 // u8 [128]
   static constexpr int kScores = kCount + kPage;                   // float [ScoreIndex(128)]
   // float [128][4] alpha = p * half for E, then float [4][HEAD_DIM] value outlier corrections for F.
-  // The tensor-core path (kvq3) keeps fp16 p [4][kProbsStride] and fp16 half [128] there instead of alpha.
+  // The tensor-core path (kvq3) keeps fp16 p * half [4][kProbsStride] there instead of alpha.
   static constexpr int kAlpha = kScores + 4 * kScoreFloats;
   static constexpr int kCorr = kAlpha;
   static constexpr int kProbs = kAlpha;
-  static constexpr int kHalfScale = kProbs + 2 * kGroupTile * kProbsStride;
   static constexpr int kAnchor = kAlpha + 4 * kGroupTile * (HEAD_DIM > kPage ? HEAD_DIM : kPage);  // float2 [HEAD_DIM / 2]
   static constexpr int kOutlierChannel = kAnchor + 4 * HEAD_DIM;    // u8 [128][n_out]
   __host__ __device__ static int OutlierValue(int n_out) { return kOutlierChannel + kPage * n_out; }
   __host__ __device__ static int WarpBytes(int n_out) { return (OutlierValue(n_out) + 2 * kPage * n_out + 127) / 128 * 128; }
   __host__ __device__ static int Total(int n_out) { return kWarpBase + kWarps * WarpBytes(n_out); }
-  static_assert(kWarpBase % 128 == 0 && kValueCodes % 128 == 0 && kKeyPairs % 16 == 0 && kProbs % 16 == 0 && kHalfScale % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
+  static_assert(kWarpBase % 128 == 0 && kValueCodes % 128 == 0 && kKeyPairs % 16 == 0 && kProbs % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
                     kOutlierChannel % 16 == 0 && kAnchor % 16 == 0,
                 "cp.async destinations must be 16-byte aligned");
   // The block's combine reuses the warp area: float [kWarps][4][HEAD_DIM].
   static_assert(kWarps * kGroupTile * HEAD_DIM * 4 <= kWarps * kOutlierChannel, "combine state must fit");
-  static_assert(kHalfScale + 2 * kPage <= kAnchor, "kvq3 weights and half-ranges must fit the alpha area");
+  static_assert(kProbs + 2 * kGroupTile * kProbsStride <= kAnchor, "kvq3 weights must fit the alpha area");
 };
 
 struct KvqParams {
@@ -118,15 +117,6 @@ struct KvqParams {
 // index (local - sink) modulo the capacity.
 __device__ __forceinline__ int64_t ResidualIndex(const KvqStoreView& kv, int64_t quantized_len, int r) {
   return kv.residual_ring ? (quantized_len + r) % kv.max_residual : r;
-}
-
-// Code `index` of a packed stream held as 32-bit words (bits <= 8, may straddle two words).
-template <int BITS>
-__device__ __forceinline__ uint32_t CodeAt(const uint32_t* words, int index) {
-  const int bit = index * BITS;
-  const uint32_t lo = words[bit >> 5];
-  const uint32_t hi = words[(bit >> 5) + 1];
-  return __funnelshift_r(lo, hi, bit & 31) & ((1u << BITS) - 1u);
 }
 
 // Copies `bytes` (a multiple of 16) from global to shared memory with the warp's lanes, 16 bytes each.
@@ -189,27 +179,32 @@ __device__ __forceinline__ void AddAngle(float2 anchor, float cb, float sb, floa
 // ---- kvq3 on tensor cores ----
 // QK^T and PV run as m16n8k16 fp16 MMAs with fp32 accumulation. Codes go to fp16 through a register
 // lookup table (byte permutes), so no shared-memory read per code:
-//   * a lane's 3-bit codes are "spread" to one nibble each (Spread24), pairs of nibbles from two code
-//     streams are joined into a 4-nibble selector (one byte permute), and two byte permutes on the
-//     codebook's low and high bytes give the four fp16 values, two more pair them up (LutLookup);
+//   * the store's 3-bit plane groups (kernels/kv_pack.h) give a lane 16 codes of a channel (keys) or a
+//     token (values) as two words of nibbles, even and odd codes, with a few masks (KeyNibbles,
+//     ValueNibbles); a byte of each of two such words is joined into a 4-nibble selector (one byte
+//     permute), and two byte permutes on the codebook's low and high bytes give the four fp16 values, two
+//     more pair them up (LutLookup). The fragments' rows are assigned to fit that order:
 //   * keys (S^T = K Q^T): A = keys [16 tokens][16 channels], B = query group [16 channels][8 heads].
-//     Lane (g = lane / 4, q = lane % 4) holds tokens 16g + 2mt and 16g + 2mt + 1 of m-tile mt, and the
-//     RoPE pairs 8s + 2q + {0, 1} of k-step s (their channels i and i + HEAD_DIM / 2 are the
-//     fragment's columns 2q, 2q + 1 and 2q + 8, 2q + 9), so each lane rotates its own pairs: the key by
-//     the page offset t (fp16 factors from rope_table), the query by the page's first position (fp32,
-//     then fp16). Its 16 tokens of a channel are one 48-bit field of the channel-major stream.
-//   * values (O^T = V^T P^T): A = values [16 channels][16 tokens] times the token's half-range, B = p
-//     [16 tokens][8 heads]. Lane (g, q) holds channels (HEAD_DIM / 8) g + 2mt + {0, 1} and tokens 16r + 4q
-//     + {0..3} of k-step r: its channels of a token are one field of the token-major stream.
+//     Lane (g = lane / 4, q = lane % 4) holds tokens KeyToken(g, mt, 0) and KeyToken(g, mt, 1) (rows g
+//     and g + 8) of m-tile mt, and the RoPE pairs 8s + 2q + {0, 1} of k-step s (their channels i and
+//     i + HEAD_DIM / 2 are the fragment's columns 2q, 2q + 1 and 2q + 8, 2q + 9), so each lane rotates its
+//     own pairs: the key by the page offset t (fp16 factors from rope_table), the query by the page's
+//     first position (fp32, then fp16).
+//   * values (O^T = V^T P^T): A = values [16 channels][16 tokens], B = p times the token's half-range
+//     [16 tokens][8 heads]. Lane (g, q) holds channels ValueChannel(g, mt, 0) and ValueChannel(g, mt, 1)
+//     (rows g and g + 8) of m-tile mt, and tokens 16r + 4q + {0..3} of k-step r.
 // Lanes of one query-column group read neighbouring words (the 8-byte RoPE factors, the fp16 weights), so
 // those loads are coalesced and free of bank conflicts.
 // Heads beyond the tile's four are zero columns.
 
-// Eight 3-bit codes (bits 0..23) to eight nibbles: code j in bits 4j .. 4j + 2, bit 4j + 3 clear.
-__device__ __forceinline__ uint32_t Spread24(uint32_t x) {
-  uint32_t y = (x & 0x00000FFFu) | ((x << 4) & 0x0FFF0000u);
-  y = (y & 0x003F003Fu) | ((y << 2) & 0x3F003F00u);
-  return (y & 0x07070707u) | ((y << 1) & 0x70707070u);
+// Token of row g (upper = 0) or g + 8 (upper = 1) of key m-tile mt: byte mt / 2 of the even (mt even) or
+// odd nibble words, whose two nibbles are tokens two apart.
+__device__ __forceinline__ int KeyToken(int g, int mt, int upper) { return 16 * g + 4 * (mt >> 1) + 2 * upper + (mt & 1); }
+
+// Channel of row g (upper = 0) or g + 8 (upper = 1) of value m-tile mt, by the same rule.
+template <int HEAD_DIM>
+__device__ __forceinline__ int ValueChannel(int g, int mt, int upper) {
+  return (HEAD_DIM / 8) * g + 4 * (mt >> 1) + 2 * upper + (mt & 1);
 }
 
 // The fp16 codebook of 8 entries as byte tables: lo[k / 4] byte k % 4 is the low byte of entry k.
@@ -253,25 +248,23 @@ __device__ __forceinline__ uint32_t AsWord(__half2 h) {
   return x;
 }
 
-// 8 * WORDS consecutive 3-bit codes of a staged page stream from bit `bit` on, spread (eight a word).
-// Reads may touch the word after the field (the staging areas are padded).
-template <int WORDS>
-__device__ __forceinline__ void SpreadField(const uint32_t* stream, int bit, uint32_t (&out)[WORDS]) {
-  const uint32_t* w = stream + (bit >> 5);
-  const uint32_t lo = __funnelshift_r(w[0], w[1], bit & 31);
-  out[0] = Spread24(lo);
-  if constexpr (WORDS == 2) out[1] = Spread24(__funnelshift_r(lo, __funnelshift_r(w[1], w[2], bit & 31), 24));
+// Channel c's codes of tokens 16g .. 16g + 15 of a channel-major kvq3 key page (128 codes, four plane
+// groups, a channel) as nibbles: *even holds token 16g + 2k in nibble k, *odd token 16g + 2k + 1.
+__device__ __forceinline__ void KeyNibbles(const uint32_t* kcodes, int c, int g, uint32_t* even, uint32_t* odd) {
+  const uint32_t* group = kcodes + c * (kPage * 3 / 32) + 3 * (g >> 1);
+  ThreeBitPlaneNibbles(group[g & 1], group[2], g & 1, even, odd);
 }
 
-// Channel c's codes of tokens 16g .. 16g + 15 of a channel-major key page (128 codes a channel).
-__device__ __forceinline__ void KeyField(const uint32_t* kcodes, int c, int g, uint32_t (&out)[2]) {
-  SpreadField<2>(kcodes, 3 * (c * kPage + 16 * g), out);
-}
-
-// Token t's codes of channels (HEAD_DIM / 8) g .. + HEAD_DIM / 8 - 1 of a token-major value page.
+// Token t's codes of channels (HEAD_DIM / 8) g .. + HEAD_DIM / 8 - 1 of a token-major kvq3 value page as
+// nibbles: *even holds channel (HEAD_DIM / 8) g + 2k in nibble k, *odd the next channel (k < HEAD_DIM / 16).
 template <int HEAD_DIM>
-__device__ __forceinline__ void ValueField(const uint32_t* vcodes, int t, int g, uint32_t (&out)[HEAD_DIM / 64]) {
-  SpreadField<HEAD_DIM / 64>(vcodes, 3 * (t * HEAD_DIM + (HEAD_DIM / 8) * g), out);
+__device__ __forceinline__ void ValueNibbles(const uint32_t* vcodes, int t, int g, uint32_t* even, uint32_t* odd) {
+  const int index = t * HEAD_DIM + (HEAD_DIM / 8) * g;
+  const int r = index % kPlaneGroupCodes;  // 0 or 16 (head_dim 128); 0, 8, 16 or 24 (head_dim 64)
+  const uint32_t* group = vcodes + (index / kPlaneGroupCodes) * 3;
+  ThreeBitPlaneNibbles(group[r >> 4], group[2], r >> 4, even, odd);
+  *even >>= 2 * (r & 15);
+  *odd >>= 2 * (r & 15);
 }
 
 // RoPE of the pair (a at channel i, b at channel i + HEAD_DIM / 2) of two channels at once, in fp16:
@@ -316,17 +309,17 @@ __device__ __forceinline__ void MmaKeyScores(const uint32_t* kcodes, const float
   // The RoPE factors of tokens (t0, t0 + 1) at pair column 4s + q, loaded one m-tile ahead: the table is
   // read through L1, and its latency otherwise stalls the rotation right after the load.
   const auto rope_at = [&](int s, int mt, int u) {
-    return __ldg(rope_table + (16 * g + 2 * mt + u) * (HEAD_DIM / 4) + 4 * s + q);
+    return __ldg(rope_table + KeyToken(g, mt, u) * (HEAD_DIM / 4) + 4 * s + q);
   };
   uint2 rope0 = rope_at(0, 0, 0), rope1 = rope_at(0, 0, 1);
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     const int i0 = 8 * s + 2 * q;
-    uint32_t fa0[2], fa1[2], fb0[2], fb1[2];
-    KeyField(kcodes, i0, g, fa0);
-    KeyField(kcodes, i0 + 1, g, fa1);
-    KeyField(kcodes, i0 + kHalf, g, fb0);
-    KeyField(kcodes, i0 + 1 + kHalf, g, fb1);
+    uint32_t fa0[2], fa1[2], fb0[2], fb1[2];  // [even, odd] nibble words of channels i0, i0 + 1 (a), + kHalf (b)
+    KeyNibbles(kcodes, i0, g, &fa0[0], &fa0[1]);
+    KeyNibbles(kcodes, i0 + 1, g, &fa1[0], &fa1[1]);
+    KeyNibbles(kcodes, i0 + kHalf, g, &fb0[0], &fb0[1]);
+    KeyNibbles(kcodes, i0 + 1 + kHalf, g, &fb1[0], &fb1[1]);
     const uint4 dq = pairs_s[i0 / 2];
 #pragma unroll
     for (int mt = 0; mt < 8; ++mt) {
@@ -338,9 +331,9 @@ __device__ __forceinline__ void MmaKeyScores(const uint32_t* kcodes, const float
         next0 = rope_at(s + 1, 0, 0);
         next1 = rope_at(s + 1, 0, 1);
       }
-      uint32_t xa0, xa1, xb0, xb1;  // {channel i0, i0 + 1} of tokens t0 and t0 + 1, a and b sides
-      LutLookup(lut, JoinBytes(fa0[mt >> 2], fa1[mt >> 2], mt & 3), &xa0, &xa1);
-      LutLookup(lut, JoinBytes(fb0[mt >> 2], fb1[mt >> 2], mt & 3), &xb0, &xb1);
+      uint32_t xa0, xa1, xb0, xb1;  // {channel i0, i0 + 1} of tokens KeyToken(g, mt, 0) and (.., 1), a and b sides
+      LutLookup(lut, JoinBytes(fa0[mt & 1], fa1[mt & 1], mt >> 1), &xa0, &xa1);
+      LutLookup(lut, JoinBytes(fb0[mt & 1], fb1[mt & 1], mt >> 1), &xb0, &xb1);
       const __half2 a0 = __hfma2(AsHalf2(xa0), AsHalf2(dq.x), AsHalf2(dq.y));
       const __half2 a1 = __hfma2(AsHalf2(xa1), AsHalf2(dq.x), AsHalf2(dq.y));
       const __half2 b0 = __hfma2(AsHalf2(xb0), AsHalf2(dq.z), AsHalf2(dq.w));
@@ -356,36 +349,33 @@ __device__ __forceinline__ void MmaKeyScores(const uint32_t* kcodes, const float
   if (q < 2) {
 #pragma unroll
     for (int mt = 0; mt < 8; ++mt) {
-      const int t0 = 16 * g + 2 * mt;
-      *reinterpret_cast<float2*>(scores_s + ScoreIndex(t0) + 2 * q) = make_float2(acc[mt][0], acc[mt][1]);
-      *reinterpret_cast<float2*>(scores_s + ScoreIndex(t0 + 1) + 2 * q) = make_float2(acc[mt][2], acc[mt][3]);
+      *reinterpret_cast<float2*>(scores_s + ScoreIndex(KeyToken(g, mt, 0)) + 2 * q) = make_float2(acc[mt][0], acc[mt][1]);
+      *reinterpret_cast<float2*>(scores_s + ScoreIndex(KeyToken(g, mt, 1)) + 2 * q) = make_float2(acc[mt][2], acc[mt][3]);
     }
   }
 }
 
 // acc[mt] += values of the staged kvq3 page times p, on tensor cores: O^T fragments (channel rows
-// (HEAD_DIM / 8) g + 2mt + {0, 1}, head columns 2q, 2q + 1). p_s: fp16 [4][kProbsStride]; half_s: fp16 [128], the
-// tokens' half-ranges (the value is low + half + half * codebook[code]; the rest is summed apart).
+// ValueChannel(g, mt, 0 and 1), head columns 2q, 2q + 1). p_s: fp16 [4][kProbsStride], p times the token's
+// half-range (the value is low + half + half * codebook[code]; the rest is summed apart), so the codebook
+// entries are the fragments as they are.
 template <int HEAD_DIM>
-__device__ __forceinline__ void MmaValues(const uint32_t* vcodes, const __half* p_s, const __half* half_s,
-                                          const HalfLut& lut, int lane, float (&acc)[HEAD_DIM / 16][4]) {
+__device__ __forceinline__ void MmaValues(const uint32_t* vcodes, const __half* p_s, const HalfLut& lut, int lane,
+                                          float (&acc)[HEAD_DIM / 16][4]) {
   constexpr int kTiles = HEAD_DIM / 16;
   const int g = lane >> 2, q = lane & 3;
 #pragma unroll 2
   for (int r = 0; r < 8; ++r) {
     const int t0 = 16 * r + 4 * q;
-    uint32_t f[4][HEAD_DIM / 64];
+    uint32_t f[4][2];  // tokens t0 .. t0 + 3: [even, odd] nibble words
 #pragma unroll
-    for (int u = 0; u < 4; ++u) ValueField<HEAD_DIM>(vcodes, t0 + u, g, f[u]);
-    const uint2 hh = *reinterpret_cast<const uint2*>(half_s + t0);
+    for (int u = 0; u < 4; ++u) ValueNibbles<HEAD_DIM>(vcodes, t0 + u, g, &f[u][0], &f[u][1]);
     const uint2 pb = g < kGroupTile ? *reinterpret_cast<const uint2*>(p_s + g * kProbsStride + t0) : make_uint2(0u, 0u);
 #pragma unroll
     for (int mt = 0; mt < kTiles; ++mt) {
-      uint32_t x02, x13, y02, y13;  // channel rows (2mt, 2mt + 1) of tokens (t0, t0 + 1), then (t0 + 2, t0 + 3)
-      LutLookup(lut, JoinBytes(f[0][mt >> 2], f[1][mt >> 2], mt & 3), &x02, &x13);
-      LutLookup(lut, JoinBytes(f[2][mt >> 2], f[3][mt >> 2], mt & 3), &y02, &y13);
-      const uint32_t frag[4] = {AsWord(__hmul2(AsHalf2(x02), AsHalf2(hh.x))), AsWord(__hmul2(AsHalf2(x13), AsHalf2(hh.x))),
-                                AsWord(__hmul2(AsHalf2(y02), AsHalf2(hh.y))), AsWord(__hmul2(AsHalf2(y13), AsHalf2(hh.y)))};
+      uint32_t frag[4];  // channel rows of tokens (t0, t0 + 1), then (t0 + 2, t0 + 3)
+      LutLookup(lut, JoinBytes(f[0][mt & 1], f[1][mt & 1], mt >> 1), &frag[0], &frag[1]);
+      LutLookup(lut, JoinBytes(f[2][mt & 1], f[3][mt & 1], mt >> 1), &frag[2], &frag[3]);
       Mma16816<__half>(acc[mt], frag, pb.x, pb.y);
     }
   }
@@ -772,7 +762,7 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
             oacc[mt][3] *= co;
           }
         }
-        uint16_t hh16[4];
+        float hhs[4];  // kvq3: the half-ranges, folded into MmaValues' p
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int tok = 4 * lane + u;
@@ -789,21 +779,16 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
             beta[3] = fmaf(sv[u].w, base, beta[3]);
           }
           *reinterpret_cast<float4*>(scores_s + ScoreIndex(tok)) = sv[u];
-          if constexpr (kMma) {
-            hh16[u] = __half_as_ushort(__float2half_rn(hh));
-          } else {
-            reinterpret_cast<float4*>(alpha_s)[tok] = al;
-          }
+          hhs[u] = hh;
+          if constexpr (!kMma) reinterpret_cast<float4*>(alpha_s)[tok] = al;
         }
-        if constexpr (kMma) {  // fp16 p [4][128] and half-ranges [128] for MmaValues
+        if constexpr (kMma) {  // fp16 p * half [4][128] for MmaValues
           __half* p16 = reinterpret_cast<__half*>(wbase + L::kProbs);
-          reinterpret_cast<uint2*>(wbase + L::kHalfScale)[lane] =
-              make_uint2(hh16[0] | (static_cast<uint32_t>(hh16[1]) << 16), hh16[2] | (static_cast<uint32_t>(hh16[3]) << 16));
 #pragma unroll
           for (int g = 0; g < kGroupTile; ++g) {
             const float* f = reinterpret_cast<const float*>(sv) + g;
             reinterpret_cast<uint2*>(p16 + g * kProbsStride)[lane] =
-                make_uint2(PackPair<__half>(f[0], f[4]), PackPair<__half>(f[8], f[12]));
+                make_uint2(PackPair<__half>(f[0] * hhs[0], f[4] * hhs[1]), PackPair<__half>(f[8] * hhs[2], f[12] * hhs[3]));
           }
         }
       }
@@ -811,8 +796,7 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
 
       // E. Values: lane owns channels 8 * kg .. 8 * kg + 7 of its token group's tokens.
       if constexpr (kMma) {
-        MmaValues<HEAD_DIM>(vcodes, reinterpret_cast<const __half*>(wbase + L::kProbs),
-                            reinterpret_cast<const __half*>(wbase + L::kHalfScale), vlut, lane, oacc);
+        MmaValues<HEAD_DIM>(vcodes, reinterpret_cast<const __half*>(wbase + L::kProbs), vlut, lane, oacc);
       } else {
         const int t_begin = tg * kGroupTokens;
         const int t_end = min(t_begin + kGroupTokens, n_valid);
@@ -895,11 +879,11 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
           if (mq < 2) {
 #pragma unroll
             for (int mt = 0; mt < HEAD_DIM / 16; ++mt) {
-              const int ch = (HEAD_DIM / 8) * (lane >> 2) + 2 * mt;
+              const int ch = ValueChannel<HEAD_DIM>(lane >> 2, mt, 0), ch2 = ValueChannel<HEAD_DIM>(lane >> 2, mt, 1);
               oacc[mt][0] += corr_s[2 * mq * HEAD_DIM + ch];
               oacc[mt][1] += corr_s[(2 * mq + 1) * HEAD_DIM + ch];
-              oacc[mt][2] += corr_s[2 * mq * HEAD_DIM + ch + 1];
-              oacc[mt][3] += corr_s[(2 * mq + 1) * HEAD_DIM + ch + 1];
+              oacc[mt][2] += corr_s[2 * mq * HEAD_DIM + ch2];
+              oacc[mt][3] += corr_s[(2 * mq + 1) * HEAD_DIM + ch2];
             }
           }
         } else if (tg == 0) {
@@ -940,11 +924,11 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
         float* odd = even + HEAD_DIM;
 #pragma unroll
         for (int mt = 0; mt < HEAD_DIM / 16; ++mt) {
-          const int ch = (HEAD_DIM / 8) * (lane >> 2) + 2 * mt;
+          const int ch = ValueChannel<HEAD_DIM>(lane >> 2, mt, 0), ch2 = ValueChannel<HEAD_DIM>(lane >> 2, mt, 1);
           even[ch] = oacc[mt][0] + be;
           odd[ch] = oacc[mt][1] + bo;
-          even[ch + 1] = oacc[mt][2] + be;
-          odd[ch + 1] = oacc[mt][3] + bo;
+          even[ch2] = oacc[mt][2] + be;
+          odd[ch2] = oacc[mt][3] + bo;
         }
       }
     } else if (tg == 0) {

@@ -63,9 +63,7 @@ __global__ void FlushKeysKernel(const KvqAppendArgs a) {
       const float x = FlushSource(a, r, a.k, L.residual_k, r.part0 + i, h, c);
       xs[i] = x;
       const uint32_t code = KvqNearest<BITS>(cb, KvqNormalize(x, lo, hi));
-      const int bit = ((row0 + i) % kWordTokens) * BITS;
-      words[bit >> 5] |= code << (bit & 31);
-      if ((bit & 31) + BITS > 32) words[(bit >> 5) + 1] |= code >> (32 - (bit & 31));
+      PutCode<BITS>(words, (row0 + i) % kWordTokens, code);
     }
   }
 #pragma unroll
@@ -222,15 +220,6 @@ __global__ void WriteFp16TokensKernel(const KvqAppendArgs a) {
   vd[i + half] = __half_as_ushort(__float2half_rn(v1));
 }
 
-template <int BITS>
-__device__ __forceinline__ uint32_t CodeAt(const uint8_t* stream, int64_t index) {
-  const int64_t bit = index * BITS;
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(stream);
-  const uint32_t lo = words[bit >> 5];
-  const uint32_t hi = ((bit & 31) + BITS > 32) ? words[(bit >> 5) + 1] : 0u;
-  return __funnelshift_r(lo, hi, static_cast<int>(bit & 31)) & ((1u << BITS) - 1u);
-}
-
 __device__ __forceinline__ void RotatePair(float* a, float* b, int64_t position, float inv_freq) {
   double s_d, c_d;
   sincos(static_cast<double>(position) * static_cast<double>(inv_freq), &s_d, &c_d);
@@ -290,7 +279,7 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
       const float cs = static_cast<float>(c_d), sn = static_cast<float>(s_d);
       for (int h = 0; h < a.n_kv_heads; ++h) {
         const int64_t ph = phys * a.n_kv_heads + h;
-        const uint8_t* kc = L.key_codes + ph * code_bytes;
+        const uint32_t* kc = reinterpret_cast<const uint32_t*>(L.key_codes + ph * code_bytes);
         float x[2];
         for (int u = 0; u < 2; ++u) {
           const int c = i + u * half;
@@ -313,7 +302,7 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
         a.k[out + i] = __float2half_rn(r0);
         a.k[out + i + half] = __float2half_rn(r1);
         // Values: token-major codes, per-token thresholds, n_out outliers.
-        const uint8_t* vc = L.value_codes + ph * code_bytes;
+        const uint32_t* vc = reinterpret_cast<const uint32_t*>(L.value_codes + ph * code_bytes);
         const int64_t token = ph * kPage + row;
         const float lo = __half2float(__ushort_as_half(L.value_low[token]));
         const float hi = __half2float(__ushort_as_half(L.value_high[token]));
