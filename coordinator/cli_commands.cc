@@ -134,6 +134,10 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request, const std::
                                result.finish_reason == FinishReason::kStop ? "stop" : "length",
                                engine.device_name())
                    .c_str());
+  if (result.token_ids.empty() && result.finish_reason == FinishReason::kStop) {
+    std::fprintf(stderr, "kvshard: the model ended its answer at once (an end token came first); another prompt or "
+                         "instruction, or --temperature above 0, may get an answer\n");
+  }
   return absl::OkStatus();
 }
 

@@ -2,9 +2,12 @@
 #include <cstdio>
 #include <memory>
 #include <optional>
+#include <utility>
 
+#include "absl/flags/commandlineflag.h"
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -101,9 +104,26 @@ absl::StatusOr<Calibration> CalibrateSyntheticFill(const SyntheticModelSpec& spe
   return builder.Finish("uniform");
 }
 
+// Flags of other commands that one may reach for here (--max_tokens to shorten a perplexity run) are
+// refused with the flag that does the job, rather than ignored: a run is never silently longer than asked.
+absl::Status RefuseOtherCommandsFlags(absl::string_view command,
+                                      std::initializer_list<std::pair<const char*, const char*>> flags) {
+  for (const auto& [name, instead] : flags) {
+    const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    if (flag != nullptr && flag->CurrentValue() != flag->DefaultValue()) {  // set (to other than its default)
+      return absl::InvalidArgumentError(absl::StrCat(command, " does not use --", name, "; ", instead));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status RunCalibrate(const std::vector<std::string>& args) {
+  KV_RETURN_IF_ERROR(RefuseOtherCommandsFlags(
+      "calibrate", {{"max_tokens", "--calibration_tokens N calibrates on the first N tokens of --text"},
+                    {"max_eval_tokens", "--calibration_tokens N calibrates on the first N tokens of --text"},
+                    {"kv", "a calibration serves every kvq and wkv scheme"}}));
   const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
   std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty() && synthetic) return absl::InvalidArgumentError("calibrate of a synthetic model needs --out FILE");
@@ -158,6 +178,9 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
 }
 
 absl::Status RunPerplexity(const std::vector<std::string>& args) {
+  KV_RETURN_IF_ERROR(RefuseOtherCommandsFlags(
+      "perplexity", {{"max_tokens", "--max_eval_tokens N evaluates at most N tokens of --text"},
+                     {"calibration_tokens", "--max_eval_tokens N evaluates at most N tokens of --text"}}));
   std::string spec = absl::GetFlag(FLAGS_kv);
   if (!spec.empty()) KV_RETURN_IF_ERROR(ParseKvScheme(spec).status());  // a bad scheme before the model
   KV_ASSIGN_OR_RETURN(const std::string model_path, ResolveModelPath());
