@@ -5,7 +5,8 @@
 //   A. has the page's key codes and outlier counts (one cp.async group) and value codes and per-token
 //      metadata (another) staged into its shared memory with 16-byte cp.async loads; each group of the
 //      next page is issued as soon as this page is done with it, so loads overlap the math; computes
-//      the page's RoPE anchor cos/sin(position0 * f_i) in double once per frequency;
+//      the page's RoPE anchor cos/sin(position0 * f_i) in double once per frequency (stepped from the
+//      warp's previous page by the angle addition formula);
 //   B. computes the dense key scores: head_dim/8 lanes share a token, each lane owns 4 RoPE pairs
 //      (i, i + head_dim/2), reads its channels' codes of 32 tokens as b whole 32-bit words (keys are
 //      channel-major), dequantizes through the key codebook and the per-channel thresholds, rotates
@@ -70,7 +71,9 @@ struct Smem {
   // kvq3 (tensor cores): fp16x2 {half, mid} of channels (2j, 2j + 1), then of (2j + h, 2j + 1 + h) with
   // h = HEAD_DIM / 2: uint4 [HEAD_DIM / 4].
   static constexpr int kKeyPairs = kStateL + 4 * kWarps * kGroupTile;
-  static constexpr int kWarpBase = kKeyPairs + 4 * HEAD_DIM;
+  // double2 [HEAD_DIM / 2]: cos/sin(kWarps * 128 * f_i), the step of a warp's page anchors.
+  static constexpr int kAnchorStep = kKeyPairs + 4 * HEAD_DIM;
+  static constexpr int kWarpBase = kAnchorStep + 8 * HEAD_DIM;
   // Per-warp part, at kWarpBase + warp * WarpBytes(n_out).
   // The code areas start on 128-byte lines (cp.async fills them in whole lines); each has 128 bytes
   // more than the stream, as reads may touch one word past it.
@@ -86,12 +89,13 @@ struct Smem {
   static constexpr int kCorr = kAlpha;
   static constexpr int kProbs = kAlpha;
   static constexpr int kAnchor = kAlpha + 4 * kGroupTile * (HEAD_DIM > kPage ? HEAD_DIM : kPage);  // float2 [HEAD_DIM / 2]
-  static constexpr int kOutlierChannel = kAnchor + 4 * HEAD_DIM;    // u8 [128][n_out]
+  static constexpr int kAnchorExact = kAnchor + 4 * HEAD_DIM;     // double2 [HEAD_DIM / 2], the next page's anchor
+  static constexpr int kOutlierChannel = kAnchorExact + 8 * HEAD_DIM;  // u8 [128][n_out]
   __host__ __device__ static int OutlierValue(int n_out) { return kOutlierChannel + kPage * n_out; }
   __host__ __device__ static int WarpBytes(int n_out) { return (OutlierValue(n_out) + 2 * kPage * n_out + 127) / 128 * 128; }
   __host__ __device__ static int Total(int n_out) { return kWarpBase + kWarps * WarpBytes(n_out); }
   static_assert(kWarpBase % 128 == 0 && kValueCodes % 128 == 0 && kKeyPairs % 16 == 0 && kProbs % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
-                    kOutlierChannel % 16 == 0 && kAnchor % 16 == 0,
+                    kOutlierChannel % 16 == 0 && kAnchor % 16 == 0 && kAnchorStep % 16 == 0 && kAnchorExact % 16 == 0,
                 "cp.async destinations must be 16-byte aligned");
   // The block's combine reuses the warp area: float [kWarps][4][HEAD_DIM].
   static_assert(kWarps * kGroupTile * HEAD_DIM * 4 <= kWarps * kOutlierChannel, "combine state must fit");
@@ -445,7 +449,12 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
     cbk_s[threadIdx.x] = p.kv.key_codebook[threadIdx.x];
     cbv_s[threadIdx.x] = p.kv.value_codebook[threadIdx.x];
   }
-  for (int i = threadIdx.x; i < kHalf; i += kThreads) invf_s[i] = p.kv.inv_freq[i];
+  for (int i = threadIdx.x; i < kHalf; i += kThreads) {
+    invf_s[i] = p.kv.inv_freq[i];
+    double sn, cs;
+    sincos(static_cast<double>(kWarps * kPage) * static_cast<double>(p.kv.inv_freq[i]), &sn, &cs);
+    reinterpret_cast<double2*>(smem + L::kAnchorStep)[i] = make_double2(cs, sn);
+  }
   __syncthreads();
 
   const int sink_len = p.kv.sink_lens[request];
@@ -547,21 +556,32 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
     };
     stage_keys(page_begin + warp);
     stage_values(page_begin + warp);
+    // The pages' RoPE anchors cos/sin(position0 * f_i) in double: the warp's first page's from sincos, each
+    // next one (kWarps pages on) by the angle addition formula in double (4 roundings of 1e-16 a page,
+    // where a sincos per frequency and page cost 2.4% of the kernel's instructions).
+    double2* anchor_exact = reinterpret_cast<double2*>(wbase + L::kAnchorExact);
+    if (page_begin + warp < page_end) {
+      for (int i = lane; i < kHalf; i += 32) {
+        double sn, cs;
+        sincos(static_cast<double>(start_position + sink_len + (page_begin + warp) * kPage) * static_cast<double>(invf_s[i]),
+               &sn, &cs);
+        anchor_exact[i] = make_double2(cs, sn);
+      }
+    }
 
     for (int64_t pg = page_begin + warp; pg < page_end; pg += kWarps) {
       const int64_t ph = page_head(pg);
       const int n_valid = static_cast<int>(min(static_cast<int64_t>(kPage), quantized_len - pg * kPage));
-      const int64_t position0 = start_position + sink_len + pg * kPage;
       const int64_t outlier_base = p.kv.key_outlier_offset[ph];
 
-      // A. The page's RoPE anchor: cos/sin(position0 * f_i) in double, once per frequency and page (the
-      // angles reach ~1e6 rad; the CPU twin takes every angle in double). Token t of the page then only
-      // needs the small angle t f_i (SmallAngle) and the angle addition formula in fp32 (AddAngle):
-      // < 4e-7 absolute in cos and sin, against the test's 2e-5 relative bound on the scores.
+      // A. The page's RoPE anchor: cos/sin(position0 * f_i) in double (the angles reach ~1e6 rad; the CPU
+      // twin takes every angle in double), rounded to fp32, then stepped to the warp's next page. Token t
+      // of the page then only needs the small angle t f_i (SmallAngle) and the angle addition formula in
+      // fp32 (AddAngle): < 4e-7 absolute in cos and sin, against the test's 2e-5 relative bound on the scores.
       for (int i = lane; i < kHalf; i += 32) {
-        float c, sn;
-        RopeAngle(position0, invf_s[i], &c, &sn);
-        anchor_s[i] = make_float2(c, sn);
+        const double2 a = anchor_exact[i], st = reinterpret_cast<const double2*>(smem + L::kAnchorStep)[i];
+        anchor_s[i] = make_float2(static_cast<float>(a.x), static_cast<float>(a.y));
+        anchor_exact[i] = make_double2(fma(a.x, st.x, -a.y * st.y), fma(a.y, st.x, a.x * st.y));
       }
       CpAsyncWait<1>();  // this page's key group
       __syncwarp();
@@ -827,13 +847,16 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
         // other lane has adds on its own; each channel held by several lanes is summed over the warp
         // once and added by its first lane.
         const int n_entries = n_valid * n_out;
+        const float inv_n_out = 1.0f / static_cast<float>(n_out);
         for (int e0 = 0; e0 < n_entries; e0 += 32) {
           const int e = e0 + lane;
           const bool valid = e < n_entries;
           int ch = -1 - lane;  // distinct from every channel and from the other lanes' placeholders
           float4 add = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
           if (valid) {
-            const int tok = e / n_out;
+            // e / n_out without an integer division: e + 0.5 is at least 0.5 from a multiple of n_out
+            // (<= 127), far more than the product's rounding (e < 2^14).
+            const int tok = static_cast<int>((static_cast<float>(e) + 0.5f) * inv_n_out);
             ch = och_s[e];
             const float lo = __half2float(low_s[tok]);
             const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
