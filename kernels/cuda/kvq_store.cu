@@ -233,17 +233,20 @@ __device__ __forceinline__ void RotatePair(float* a, float* b, int64_t position,
 constexpr int kDequantThreads = 128;
 constexpr int kMaxKvHeads = 16;
 
-// Blocks 0 .. n_pages - 1: quantized page page_begin + blockIdx.x (codes as KvqKeyCodec::Decode /
-// KvqValueCodec::Decode, outliers replace, keys rotated at their positions); the last block: the fp16
-// tokens (sink as stored, residual keys rotated). Thread work item: (token, RoPE pair), all KV heads.
+// Blocks (x, h), x < n_pages: KV head h of quantized page page_begin + x (codes as KvqKeyCodec::Decode /
+// KvqValueCodec::Decode, outliers replace, keys rotated at their positions); x = n_pages: head h of the
+// fp16 tokens (sink as stored, residual keys rotated). Thread work item: (token, RoPE pair). A block per
+// head, not per page: with one a prefill chunk's tile of a few thousand tokens had a few dozen blocks
+// and took about 2 ms (56% of a layer's GPU time in a 8K-token prefill).
 template <int BITS>
 __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDequantizeArgs a, int64_t page_begin,
                                                                      int n_pages) {
-  __shared__ int prefix[kMaxKvHeads][kPage];
+  __shared__ int prefix[kPage];
   const KvqStoreLayer& L = a.layer;
   const int d = a.head_dim, half = d / 2;
   const int64_t end = a.first + a.n;
   const int n_out = a.n_value_outliers;
+  const int h = blockIdx.y;
   if (static_cast<int>(blockIdx.x) < n_pages) {
     const int64_t pg = page_begin + blockIdx.x;
     const int64_t phys = a.page_table[pg];
@@ -252,16 +255,14 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
     // Exclusive prefix of the key outlier counts of the page, per KV head (a token's outliers follow
     // those of earlier tokens).
     const int t = threadIdx.x;
-    for (int h = 0; h < a.n_kv_heads; ++h) {
-      const int64_t ph = phys * a.n_kv_heads + h;
-      prefix[h][t] = t < n_valid ? L.key_outlier_count[ph * kPage + t] : 0;
-    }
+    const int64_t ph = phys * a.n_kv_heads + h;
+    prefix[t] = t < n_valid ? L.key_outlier_count[ph * kPage + t] : 0;
     __syncthreads();
-    if (t < a.n_kv_heads) {
+    if (t == 0) {
       int run = 0;
       for (int j = 0; j < kPage; ++j) {
-        const int c = prefix[t][j];
-        prefix[t][j] = run;
+        const int c = prefix[j];
+        prefix[j] = run;
         run += c;
       }
     }
@@ -277,8 +278,7 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
       double s_d, c_d;
       sincos(static_cast<double>(a.start_position + local) * static_cast<double>(L.inv_freq[i]), &s_d, &c_d);
       const float cs = static_cast<float>(c_d), sn = static_cast<float>(s_d);
-      for (int h = 0; h < a.n_kv_heads; ++h) {
-        const int64_t ph = phys * a.n_kv_heads + h;
+      {
         const uint32_t* kc = reinterpret_cast<const uint32_t*>(L.key_codes + ph * code_bytes);
         float x[2];
         for (int u = 0; u < 2; ++u) {
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
           x[u] = __fadd_rn(lo, __fmul_rn(__fmul_rn(__fadd_rn(cu, 1.0f), 0.5f), __fsub_rn(hi, lo)));
         }
         const int count = L.key_outlier_count[ph * kPage + row];
-        const int64_t o0 = L.key_outlier_start[ph] + prefix[h][row];
+        const int64_t o0 = L.key_outlier_start[ph] + prefix[row];
         for (int e = 0; e < count; ++e) {
           const int64_t o = KvqKeyOutlierIndex(o0 + e, a.page_table, L.key_outlier_segments, a.n_kv_heads, h,
                                                L.key_outlier_segment_shift);
@@ -331,7 +331,7 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
     const int i = static_cast<int>(item % half);
     const bool in_sink = j < n_sink;
     const int64_t local = in_sink ? a.first + j : res_begin + (j - n_sink);
-    for (int h = 0; h < a.n_kv_heads; ++h) {
+    {
       const int64_t stream = static_cast<int64_t>(a.slot) * a.n_kv_heads + h;
       const uint16_t* kp;
       const uint16_t* vp;
@@ -427,7 +427,7 @@ absl::Status KvqDequantizeCuda(const KvqDequantizeArgs& a, cudaStream_t stream) 
     n_pages = static_cast<int>((q1 - a.sink - 1) / kPage - page_begin + 1);
   }
   return KV_DISPATCH_KVQ_BITS(a.bits, BITS, {
-    DequantizeKernel<BITS><<<n_pages + 1, kDequantThreads, 0, stream>>>(a, page_begin, n_pages);
+    DequantizeKernel<BITS><<<dim3(n_pages + 1, a.n_kv_heads), kDequantThreads, 0, stream>>>(a, page_begin, n_pages);
     CUDA_RETURN_IF_LAUNCH_ERROR();
     return absl::OkStatus();
   });
