@@ -86,12 +86,22 @@ absl::Status ApplyYamlConfig(const std::string& path, const std::set<std::string
   }
 }
 
+namespace {
+std::set<std::string>& CommandLineFlagNames() {
+  static std::set<std::string> names;
+  return names;
+}
+}  // namespace
+
+bool GivenOnCommandLine(const std::string& name) { return CommandLineFlagNames().count(name) > 0; }
+
 absl::StatusOr<std::vector<std::string>> ParseFlagsAndConfig(int argc, char** argv, const std::string& usage) {
   absl::SetProgramUsageMessage(usage);
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  CommandLineFlagNames() = FlagsOnCommandLine(argc, argv);
   const std::string config_path = absl::GetFlag(FLAGS_config);
   if (!config_path.empty()) {
-    KV_RETURN_IF_ERROR(ApplyYamlConfig(config_path, FlagsOnCommandLine(argc, argv)));
+    KV_RETURN_IF_ERROR(ApplyYamlConfig(config_path, CommandLineFlagNames()));
   }
   return std::vector<std::string>(positional.begin(), positional.end());
 }

@@ -22,4 +22,8 @@ absl::Status ApplyYamlConfig(const std::string& path, const std::set<std::string
 // Returns the positional arguments, argv[0] first.
 absl::StatusOr<std::vector<std::string>> ParseFlagsAndConfig(int argc, char** argv, const std::string& usage);
 
+// Whether flag `name` was written on the command line that ParseFlagsAndConfig parsed (not set by the
+// config file, which holds settings of every command).
+bool GivenOnCommandLine(const std::string& name);
+
 }  // namespace kvshard

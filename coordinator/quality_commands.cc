@@ -4,14 +4,13 @@
 #include <optional>
 #include <utility>
 
-#include "absl/flags/commandlineflag.h"
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
-#include "absl/flags/reflection.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "common/config.h"
 #include "common/status.h"
 #include "coordinator/byte_tokenizer.h"
 #include "coordinator/commands.h"
@@ -105,12 +104,12 @@ absl::StatusOr<Calibration> CalibrateSyntheticFill(const SyntheticModelSpec& spe
 }
 
 // Flags of other commands that one may reach for here (--max_tokens to shorten a perplexity run) are
-// refused with the flag that does the job, rather than ignored: a run is never silently longer than asked.
+// refused when written on the command line, with the flag that does the job, rather than ignored: a run is
+// never silently longer than asked. The config file sets every command's settings and is not checked.
 absl::Status RefuseOtherCommandsFlags(absl::string_view command,
                                       std::initializer_list<std::pair<const char*, const char*>> flags) {
   for (const auto& [name, instead] : flags) {
-    const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
-    if (flag != nullptr && flag->CurrentValue() != flag->DefaultValue()) {  // set (to other than its default)
+    if (GivenOnCommandLine(name)) {
       return absl::InvalidArgumentError(absl::StrCat(command, " does not use --", name, "; ", instead));
     }
   }

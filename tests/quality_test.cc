@@ -183,6 +183,10 @@ TEST(QualityCli, RefusesBadInput) {
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --max_tokens 100"), "--max_eval_tokens");
   ExpectCleanError(RunKvshard("calibrate --synthetic_model --out x.kvcal --text " + text + " --max_tokens 100"),
                    "--calibration_tokens");
+  // The config file holds every command's settings: a max_tokens there is not refused (the run goes on to
+  // the next check).
+  const std::string config = WriteTemp("generation.yaml", "max_tokens: 100\n");
+  ExpectCleanError(RunKvshard("perplexity --config " + config + " --text " + text + " --kv kvq9"), "out of range");
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv kvq3 --calibration " +
                               WriteTemp("corrupt.kvcal", "KVSHCAL\nrubbish")),
                    "calibration file");
