@@ -109,11 +109,10 @@ struct KvqAppendArgs {
 };
 absl::Status KvqStoreAppendCuda(const KvqAppendArgs& args, cudaStream_t stream);
 
-// Keys (after RoPE) and values of local tokens [first, first + n) of one sequence, as the store holds
-// them now (QuantizedKvShard::Dequantize), rounded to fp16: k, v [n_kv_heads][out_stride][head_dim], token
-// first + i at row i. page_table: the sequence's physical pages (device, int32). Stream layout now:
-// local [0, sink) sink, [sink, quantized_end) quantized, [quantized_end, length) residual ring.
-struct KvqDequantizeArgs {
+// One sequence's stream of one layer in the store: its slot, its physical pages (page_table, device int32)
+// and the layout now: local [0, sink) sink, [sink, quantized_end) quantized, [quantized_end, length)
+// residual ring; local token i sits at absolute position start_position + i.
+struct KvqStream {
   KvqStoreLayer layer;
   int n_kv_heads = 0;
   int head_dim = 0;
@@ -125,6 +124,12 @@ struct KvqDequantizeArgs {
   int64_t sink = 0;
   int64_t quantized_end = 0;
   int64_t length = 0;
+};
+
+// Keys (after RoPE) and values of local tokens [first, first + n) of the stream, as the store holds them
+// now (QuantizedKvShard::Dequantize), rounded to fp16: k, v [n_kv_heads][out_stride][head_dim], token
+// first + i at row i.
+struct KvqDequantizeArgs : KvqStream {
   int64_t first = 0;
   int64_t n = 0;
   __half* k = nullptr;
@@ -132,5 +137,27 @@ struct KvqDequantizeArgs {
   int64_t out_stride = 0;
 };
 absl::Status KvqDequantizeCuda(const KvqDequantizeArgs& args, cudaStream_t stream);
+
+// Causal prefill attention of a chunk of `n_queries` consecutive query tokens over the stream's kvq3 pages,
+// read directly (kvq_prefill_attention.cu): the fused twin of KvqDequantizeCuda followed by
+// PrefillAttentionCuda over the dequantized tokens.
+//   q:   fp16 [n_queries][n_heads][head_dim], RoPE applied, unscaled; query i sits at absolute position
+//        query_first_position + i and sees the stream's tokens at positions <= its own.
+//   out: fp32 [n_queries][n_heads][head_dim];  lse: fp32 [n_queries][n_heads], natural log (a row that sees
+//        no key: o = 0, lse = -inf), as attention.h's partials.
+// Keys and values are dequantized into shared memory in fp16 (keys rotated in fp16 by factors computed in
+// fp32), and QK^T and PV run on tensor cores with fp32 accumulation. Supported: bits 3, head_dim 64 and 128,
+// n_value_outliers <= 8. It needs no scratch, but each block of 128 query rows dequantizes the whole
+// visible context again, so it is slower than the two-pass path for chunks of many rows (bench/RESULTS.md).
+struct KvqPrefillArgs : KvqStream {
+  int n_heads = 0;
+  const __half* q = nullptr;
+  int64_t n_queries = 0;
+  int64_t query_first_position = 0;
+  float scale = 0.0f;
+  float* out = nullptr;
+  float* lse = nullptr;
+};
+absl::Status KvqPrefillAttentionCuda(const KvqPrefillArgs& args, cudaStream_t stream);
 
 }  // namespace kvshard

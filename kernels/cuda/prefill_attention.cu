@@ -4,8 +4,7 @@
 // query token r / group, head kv_head * group + r % group, so every K/V tile loaded into shared memory
 // serves the whole group. Four warps own 16 rows each. K/V tiles of 64 keys are double-buffered with
 // cp.async; scores S = Q K^T and the output O += P V run on tensor cores, with the online softmax in
-// registers (log2 domain) between them. Shared-memory rows are XOR-swizzled in 16-byte chunks so that
-// ldmatrix reads are free of bank conflicts.
+// registers (log2 domain) between them (prefill_tile.cuh, shared with the kvq3 kernel).
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -14,12 +13,13 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_utils.cuh"
 #include "kernels/cuda/dispatch.cuh"
+#include "kernels/cuda/prefill_tile.cuh"
 
 namespace kvshard {
 namespace {
 
 constexpr int kBlockM = 64;
-constexpr int kBlockN = 64;
+constexpr int kBlockN = kPrefillTileKeys;
 constexpr int kPrefillWarps = 4;
 constexpr int kPrefillThreads = kPrefillWarps * 32;
 
@@ -42,12 +42,6 @@ struct PrefillParams {
   float* lse;
 };
 
-// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][HEAD_DIM] tile.
-template <int HEAD_DIM>
-__device__ __forceinline__ int Swizzle(int row, int chunk) {
-  return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3);
-}
-
 template <int HEAD_DIM>
 constexpr int PrefillSmemBytes() {
   return (kBlockM + 4 * kBlockN) * HEAD_DIM * 2;  // Q, K x2, V x2 of 16-bit values
@@ -55,11 +49,7 @@ constexpr int PrefillSmemBytes() {
 
 template <int HEAD_DIM, typename T>
 __global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(const PrefillParams<T> p) {
-  constexpr int kChunks = HEAD_DIM / 8;   // 16-byte chunks per row
-  constexpr int kKSteps = HEAD_DIM / 16;  // k-steps of the QK^T product
-  constexpr int kDTiles = HEAD_DIM / 8;   // n-tiles of the PV product
-  constexpr int kNTiles = kBlockN / 8;    // n-tiles of the QK^T product
-  constexpr float kNegInf = -INFINITY;
+  constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks per row
 
   extern __shared__ uint4 smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
@@ -80,20 +70,7 @@ __global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(const 
   const int64_t unmasked = max(int64_t{0}, min(p.n_keys, first_pos - p.key_first_position + 1));
   const int n_tiles = static_cast<int>((visible + kBlockN - 1) / kBlockN);
 
-  // Q tile: row r -> token (row0 + r) / group, head kv_head * group + (row0 + r) % group.
-  for (int i = tid; i < kBlockM * kChunks; i += kPrefillThreads) {
-    const int r = i / kChunks;
-    const int c = i % kChunks;
-    const int64_t row = row0 + r;
-    const bool valid = row < total_rows;
-    const T* src = p.q;
-    if (valid) {
-      const int64_t token = row / p.group;
-      const int head = kv_head * p.group + static_cast<int>(row % p.group);
-      src = p.q + (token * p.n_heads + head) * HEAD_DIM + c * 8;
-    }
-    CpAsync16(s_q + Swizzle<HEAD_DIM>(r, c), src, valid);
-  }
+  LoadQueryTileAsync<HEAD_DIM, kBlockM, kPrefillThreads>(s_q, p.q, row0, total_rows, p.group, kv_head, p.n_heads, tid);
 
   auto load_kv = [&](int tile, int buffer) {
     const int64_t key0 = static_cast<int64_t>(tile) * kBlockN;
@@ -107,24 +84,22 @@ __global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(const 
       const int c = i % kChunks;
       const bool valid = key0 + r < p.n_keys;
       const int64_t offset = valid ? (base_row + r) * HEAD_DIM + c * 8 : 0;
-      CpAsync16(dst_k + Swizzle<HEAD_DIM>(r, c), p.k + offset, valid);
-      CpAsync16(dst_v + Swizzle<HEAD_DIM>(r, c), p.v + offset, valid);
+      CpAsync16(dst_k + TileOffset<HEAD_DIM>(r, c), p.k + offset, valid);
+      CpAsync16(dst_v + TileOffset<HEAD_DIM>(r, c), p.v + offset, valid);
     }
   };
 
   if (n_tiles > 0) load_kv(0, 0);
   CpAsyncCommit();
 
-  // This thread's two rows within the warp's 16: row_a = lane / 4, row_b = row_a + 8.
+  // This thread's rows within the warp's 16 (PrefillRows): a = lane / 4, b = a + 8.
   const int local_a = warp * 16 + (lane >> 2);
   const int64_t pos_a = p.query_first_position + (row0 + local_a) / p.group;
   const int64_t pos_b = p.query_first_position + (row0 + local_a + 8) / p.group;
 
-  float o[kDTiles][4];
-#pragma unroll
-  for (int d = 0; d < kDTiles; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
-  float m_a = kNegInf, m_b = kNegInf, l_a = 0.0f, l_b = 0.0f;
-  uint32_t q_frag[kKSteps][4];
+  PrefillRows<HEAD_DIM> rows;
+  rows.Init();
+  uint32_t q_frag[HEAD_DIM / 16][4];
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int buffer = tile & 1;
@@ -136,126 +111,18 @@ __global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(const 
       CpAsyncWait<0>();
     }
     __syncthreads();
-    if (tile == 0) {
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk) {
-        LdMatrixX4(q_frag[kk], s_q + Swizzle<HEAD_DIM>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-      }
-    }
-    const T* tile_k = s_k + buffer * kBlockN * HEAD_DIM;
-    const T* tile_v = s_v + buffer * kBlockN * HEAD_DIM;
-
-    float s[kNTiles][4];
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-#pragma unroll
-      for (int jj = 0; jj < kNTiles / 2; ++jj) {
-        uint32_t b[4];
-        LdMatrixX4(b, tile_k + Swizzle<HEAD_DIM>(jj * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                 kk * 2 + ((lane >> 3) & 1)));
-        Mma16816<T>(s[2 * jj], q_frag[kk], b[0], b[1]);
-        Mma16816<T>(s[2 * jj + 1], q_frag[kk], b[2], b[3]);
-      }
-    }
-
+    if (tile == 0) LoadQueryFragments<HEAD_DIM>(s_q, warp * 16, lane, q_frag);
     const int64_t key0 = static_cast<int64_t>(tile) * kBlockN;
-    const bool needs_mask = key0 + kBlockN > unmasked;
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float value = s[j][e] * p.scale_log2;
-        if (needs_mask) {
-          const int64_t key = key0 + j * 8 + (lane & 3) * 2 + (e & 1);
-          const int64_t row_pos = e < 2 ? pos_a : pos_b;
-          if (key >= p.n_keys || p.key_first_position + key > row_pos) value = kNegInf;
-        }
-        s[j][e] = value;
-      }
-    }
-
-    float max_a = m_a, max_b = m_b;
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
-      max_a = fmaxf(max_a, fmaxf(s[j][0], s[j][1]));
-      max_b = fmaxf(max_b, fmaxf(s[j][2], s[j][3]));
-    }
-    max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, 1));
-    max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, 2));
-    max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, 1));
-    max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, 2));
-    const float base_a = max_a == kNegInf ? 0.0f : max_a;  // guards -inf - (-inf)
-    const float base_b = max_b == kNegInf ? 0.0f : max_b;
-    const float corr_a = exp2f(m_a - base_a);
-    const float corr_b = exp2f(m_b - base_b);
-    m_a = max_a;
-    m_b = max_b;
-    float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
-      s[j][0] = exp2f(s[j][0] - base_a);
-      s[j][1] = exp2f(s[j][1] - base_a);
-      s[j][2] = exp2f(s[j][2] - base_b);
-      s[j][3] = exp2f(s[j][3] - base_b);
-      sum_a += s[j][0] + s[j][1];
-      sum_b += s[j][2] + s[j][3];
-    }
-    l_a = l_a * corr_a + sum_a;  // per-thread partial; the quad sums at the end
-    l_b = l_b * corr_b + sum_b;
-#pragma unroll
-    for (int d = 0; d < kDTiles; ++d) {
-      o[d][0] *= corr_a;
-      o[d][1] *= corr_a;
-      o[d][2] *= corr_b;
-      o[d][3] *= corr_b;
-    }
-
-    // O += P V: the S accumulator layout of two n-tiles is the A-operand layout of one k-step.
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = PackPair<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = PackPair<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = PackPair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = PackPair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dd = 0; dd < kDTiles / 2; ++dd) {
-        uint32_t b[4];
-        LdMatrixX4Trans(b, tile_v + Swizzle<HEAD_DIM>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                      dd * 2 + (lane >> 4)));
-        Mma16816<T>(o[2 * dd], a, b[0], b[1]);
-        Mma16816<T>(o[2 * dd + 1], a, b[2], b[3]);
-      }
-    }
+    const auto masked = [&](int key, int upper) {
+      const int64_t k = key0 + key;
+      return k >= p.n_keys || p.key_first_position + k > (upper ? pos_b : pos_a);
+    };
+    PrefillTileStep<HEAD_DIM, T>(q_frag, s_k + buffer * kBlockN * HEAD_DIM, s_v + buffer * kBlockN * HEAD_DIM,
+                                 p.scale_log2, key0 + kBlockN > unmasked, masked, lane, rows);
     __syncthreads();  // the next iteration's loads overwrite the other buffer
   }
   CpAsyncWait<0>();  // n_tiles == 0: the Q copy is still outstanding
-
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t row = row0 + local_a + half * 8;
-    if (row >= total_rows) continue;
-    const float l = half == 0 ? l_a : l_b;
-    const float m = half == 0 ? m_a : m_b;
-    const bool empty = l == 0.0f;
-    const float inv = empty ? 0.0f : 1.0f / l;
-    const int64_t token = row / p.group;
-    const int head = kv_head * p.group + static_cast<int>(row % p.group);
-    const int64_t out_row = token * p.n_heads + head;
-    float* dst = p.out + out_row * HEAD_DIM + (lane & 3) * 2;
-#pragma unroll
-    for (int d = 0; d < kDTiles; ++d) {
-      *reinterpret_cast<float2*>(dst + d * 8) = make_float2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
-    }
-    if ((lane & 3) == 0) p.lse[out_row] = empty ? kNegInf : (m + log2f(l)) * kLn2;
-  }
+  StorePrefillRows<HEAD_DIM>(rows, row0 + warp * 16, total_rows, p.group, kv_head, p.n_heads, lane, p.out, p.lse);
 }
 
 template <int HEAD_DIM, typename T>

@@ -17,6 +17,7 @@
 #include "gpu_test_util.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/synthetic_kv.h"
+#include "absl/strings/str_split.h"
 #include "kvstore/kv_codecs.h"
 #include "kvstore/kv_scheme.h"
 #include "kvstore/quantized_shard.h"
@@ -90,6 +91,7 @@ struct Case {
   // every page's outliers spill into the room of the sequence's later pages; the sequences then reserve
   // 3x the tokens so their pages together hold them.
   int outlier_segment = 0;
+  bool packed_prefill = false;  // kvq3 chunks read the packed pages (DeviceKvStoreOptions::prefill_reads_packed)
 };
 
 class DeviceKvStoreTest : public ::testing::TestWithParam<Case> {};
@@ -120,6 +122,7 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
   opt.chunk_tile_tokens = c.tile;
   opt.fill_chunk = 256;
   opt.key_outlier_capacity = c.outlier_segment;
+  opt.prefill_reads_packed = c.packed_prefill;
   auto made = DeviceKvStore::Create(g, *config, &cal, opt);
   ASSERT_TRUE(made.ok()) << made.status();
   DeviceKvStore& store = **made;
@@ -200,11 +203,18 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
       ASSERT_TRUE(store.AttendChunk(l, id, n, dq.get(), g.n_heads * d, first, out.get(), lse.get(), stream).ok());
       KV_CUDA_OK(cudaDeviceSynchronize());
       // fp16 queries and keys (2 roundings of 2^-11 relative, one more for the rotation of dequantized
-      // keys) and fp16 probabilities/values in the tensor-core products.
+      // keys) and fp16 probabilities/values in the tensor-core products. kvq3 over its packed pages
+      // dequantizes and rotates keys in fp16, as its decode kernel does: the decode bound below.
       std::vector<std::vector<float>> k, v;
       stored(t, l, &k, &v);
       Bounds b;
-      AddBounds(g, q.data(), n, k, v, t.cpu->length(l), 2e-3, 2e-3, &b);
+      if (kvq3 && c.packed_prefill) {
+        const std::vector<std::vector<double>> range =
+            testing::KvqKeyRange(cal.layers[l].kvq[*cal.FractionIndex(config->outlier_fraction)], kKvHeads, d);
+        AddBounds(g, q.data(), n, k, v, t.cpu->length(l), 6e-3, 4e-3, &b, &range);
+      } else {
+        AddBounds(g, q.data(), n, k, v, t.cpu->length(l), 2e-3, 2e-3, &b);
+      }
       EXPECT_EQ(CountMismatches(what + " chunk out", out.Download(), want_out, 0, 1e-4, &b.out), 0);
       EXPECT_EQ(CountMismatches(what + " chunk lse", lse.Download(), want_lse, 0, 1e-5, &b.lse), 0);
     }
@@ -343,14 +353,17 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
 std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
   return info.param.scheme + "_d" + std::to_string(info.param.head_dim) + "_g" + std::to_string(info.param.group) +
          "_tile" + std::to_string(info.param.tile) +
-         (info.param.outlier_segment > 0 ? "_segment" + std::to_string(info.param.outlier_segment) : "");
+         (info.param.outlier_segment > 0 ? "_segment" + std::to_string(info.param.outlier_segment) : "") +
+         (info.param.packed_prefill ? "_packed" : "");
 }
 
 INSTANTIATE_TEST_SUITE_P(Schemes, DeviceKvStoreTest,
                          ::testing::Values(Case{"kvq3", 64, 4, 32768}, Case{"kvq3", 128, 4, 128},
                                            Case{"kvq3", 128, 3, 64}, Case{"kvq2", 64, 4, 192},
                                            Case{"kvq4", 128, 4, 32768}, Case{"kvq3", 64, 4, 32768, 32},
-                                           Case{"kvq3", 128, 3, 128, 64}, Case{"fp16", 64, 4, 32768},
+                                           Case{"kvq3", 128, 3, 128, 64}, Case{"kvq3", 64, 4, 32768, 0, true},
+                                           Case{"kvq3", 128, 4, 32768, 0, true}, Case{"kvq3", 128, 3, 32768, 64, true},
+                                           Case{"fp16", 64, 4, 32768},
                                            Case{"fp16", 128, 3, 32768}),
                          CaseName);
 
@@ -602,6 +615,75 @@ TEST(DeviceKvStorePerfTest, FillAndAttendLongContext) {
   EXPECT_TRUE(store.Seal(1, stream).ok());
   KV_CUDA_OK(cudaStreamSynchronize(stream));
   KV_CUDA_OK(cudaStreamDestroy(stream));
+}
+
+
+// kvq3 chunk attention over the packed pages against the path through dequantized fp16 tiles, at a long
+// context (Llama-3-8B's KV geometry): times (CUDA events, median of 7 after a warm-up) and the largest
+// difference of the two outputs. Run with KVSHARD_STORE_PERF_TOKENS=N (a comma-separated list runs each).
+TEST(DeviceKvStorePerfTest, PackedPrefillAgainstDequantizedTiles) {
+  KV_SKIP_WITHOUT_GPU();
+  const char* env = std::getenv("KVSHARD_STORE_PERF_TOKENS");
+  if (env == nullptr) GTEST_SKIP() << "set KVSHARD_STORE_PERF_TOKENS to run";
+  KvGeometry g = testing::SmallGeometry(128, 32, 32, 8);
+  g.rope.theta = 500000.0f;
+  const Calibration cal = GeneratorCalibration(g, 256);
+  auto config = ParseKvScheme("kvq3:sink=4,residual=32");
+  ASSERT_TRUE(config.ok());
+  constexpr int kQueries = 512;
+  const std::vector<float> q_host = testing::MakeQueries(g, kQueries, 77);
+  auto q = ToDevice(q_host);
+  for (const std::string& item : std::vector<std::string>(absl::StrSplit(env, ','))) {
+    const int64_t n_tokens = std::atoll(item.c_str());
+    std::vector<float> outs[2];
+    double ms[2] = {0, 0};
+    for (int packed = 0; packed < 2; ++packed) {
+      DeviceKvStoreOptions opt;
+      opt.max_sequences = 1;
+      opt.max_rows = 1;
+      opt.pool_bytes = n_tokens * 32768 + (int64_t{1} << 30);  // about 29 KB a token over 32 layers
+      opt.prefill_reads_packed = packed == 1;
+      auto made = DeviceKvStore::Create(g, *config, &cal, opt);
+      ASSERT_TRUE(made.ok()) << made.status();
+      DeviceKvStore& store = **made;
+      ASSERT_TRUE(store.AddSequence(1, 0, n_tokens + 64).ok());
+      ASSERT_TRUE(store.SyntheticFill(1, n_tokens, 5, nullptr).ok());
+      DeviceBuffer<float> out(q_host.size()), lse(static_cast<size_t>(kQueries) * g.n_heads);
+      const int64_t first = n_tokens - kQueries;
+      cudaEvent_t start, stop;
+      KV_CUDA_OK(cudaEventCreate(&start));
+      KV_CUDA_OK(cudaEventCreate(&stop));
+      std::vector<float> times;
+      for (int rep = 0; rep < 8; ++rep) {
+        out.Poison();
+        KV_CUDA_OK(cudaEventRecord(start, nullptr));
+        ASSERT_TRUE(store.AttendChunk(3, 1, kQueries, q.get(), g.n_heads * 128, first, out.get(), lse.get(), nullptr).ok());
+        KV_CUDA_OK(cudaEventRecord(stop, nullptr));
+        KV_CUDA_OK(cudaEventSynchronize(stop));
+        float t = 0;
+        KV_CUDA_OK(cudaEventElapsedTime(&t, start, stop));
+        if (rep > 0) times.push_back(t);
+      }
+      std::sort(times.begin(), times.end());
+      ms[packed] = times[times.size() / 2];
+      outs[packed] = out.Download();
+      KV_CUDA_OK(cudaEventDestroy(start));
+      KV_CUDA_OK(cudaEventDestroy(stop));
+    }
+    double max_diff = 0.0, max_ref = 0.0;
+    int64_t not_finite = 0;
+    for (size_t i = 0; i < outs[0].size(); ++i) {
+      if (!std::isfinite(outs[1][i])) ++not_finite;
+      max_diff = std::max(max_diff, std::fabs(static_cast<double>(outs[1][i]) - outs[0][i]));
+      max_ref = std::max(max_ref, std::fabs(static_cast<double>(outs[0][i])));
+    }
+    std::printf("AttendChunk kvq3, %d queries over %lld tokens, one layer: dequantized tiles %.3f ms, packed pages "
+                "%.3f ms (%.2fx); max |packed - tiles| %.3g (max |out| %.3g), %lld not finite\n",
+                kQueries, static_cast<long long>(n_tokens), ms[0], ms[1], ms[0] / ms[1], max_diff, max_ref,
+                static_cast<long long>(not_finite));
+    EXPECT_EQ(not_finite, 0);
+    EXPECT_LE(max_diff, 0.02 * max_ref + 1e-3);
+  }
 }
 
 }  // namespace

@@ -204,6 +204,9 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   int64_t code_bytes_ = 0;
   int64_t max_tokens_ = 0;  // tokens one internal append may bring (max_chunk or fill_chunk)
   int64_t tile_tokens_ = 0;
+  // kvq3 chunks attend over the packed pages (KvqPrefillAttentionCuda) when the options ask; otherwise,
+  // and for kvq2 and kvq4, over fp16 tiles dequantized first.
+  bool ReadsPackedInPrefill() const { return kvq_ && config_.bits == 3 && options_.prefill_reads_packed; }
 
   DeviceMemory pool_;         // pages of every layer, and the sink/residual slots
   DeviceMemory page_table_;   // int32 [max_sequences][n_pages_]
@@ -309,6 +312,8 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
     parts.push_back({reinterpret_cast<void**>(&flush_count_), max_flush * kvh});
     parts.push_back({reinterpret_cast<void**>(&flush_channel_), max_flush * kvh * d});
     parts.push_back({reinterpret_cast<void**>(&flush_value_), max_flush * kvh * d * 2});
+  }
+  if (kvq_ && !ReadsPackedInPrefill()) {  // chunk attention over dequantized tiles
     parts.push_back({reinterpret_cast<void**>(&tile_k_), static_cast<int64_t>(kvh) * tile_tokens_ * d * 2});
     parts.push_back({reinterpret_cast<void**>(&tile_v_), static_cast<int64_t>(kvh) * tile_tokens_ * d * 2});
     for (int i = 0; i < 2; ++i) {
@@ -968,26 +973,43 @@ absl::Status DeviceKvStoreImpl::AttendChunk(int layer, int64_t id, int n_queries
     p.lse = lse;
     return PrefillAttentionCuda(p, stream);
   }
-  // kvq: the visible tokens dequantized to fp16 a tile at a time, the tiles' partials merged in turn
-  // (two [2][rows] buffers: the running partial and the new tile, merged into the other's first half).
   const KvStreamLayout l = StreamLayout(config_, s->start, length, s->sealed);
+  const auto stream_of = [&](const KvStreamLayout& layout) {
+    KvqStream x;
+    x.layer = layers_[layer];
+    x.n_kv_heads = g.n_kv_heads;
+    x.head_dim = d;
+    x.bits = config_.bits;
+    x.n_value_outliers = n_value_outliers_;
+    x.slot = s->slot;
+    x.page_table = page_table_.as<int32_t>() + static_cast<int64_t>(s->slot) * n_pages_;
+    x.start_position = s->start;
+    x.sink = layout.sink;
+    x.quantized_end = layout.quantized_end;
+    x.length = length;
+    return x;
+  };
+  if (ReadsPackedInPrefill()) {
+    KvqPrefillArgs k;
+    static_cast<KvqStream&>(k) = stream_of(l);
+    k.n_heads = g.n_heads;
+    k.q = q_half_;
+    k.n_queries = n_queries;
+    k.query_first_position = first_position;
+    k.scale = g.scale();
+    k.out = out;
+    k.lse = lse;
+    return KvqPrefillAttentionCuda(k, stream);
+  }
+  // kvq2, kvq4: the visible tokens dequantized to fp16 a tile at a time, the tiles' partials merged in turn
+  // (two [2][rows] buffers: the running partial and the new tile, merged into the other's first half).
   const int64_t n_tiles = CeilDiv(visible, tile_tokens_);
   int cur = 0;
   for (int64_t t = 0; t < n_tiles; ++t) {
     const int64_t first = t * tile_tokens_;
     const int64_t n = std::min(tile_tokens_, visible - first);
     KvqDequantizeArgs dq;
-    dq.layer = layers_[layer];
-    dq.n_kv_heads = g.n_kv_heads;
-    dq.head_dim = d;
-    dq.bits = config_.bits;
-    dq.n_value_outliers = n_value_outliers_;
-    dq.slot = s->slot;
-    dq.page_table = page_table_.as<int32_t>() + static_cast<int64_t>(s->slot) * n_pages_;
-    dq.start_position = s->start;
-    dq.sink = l.sink;
-    dq.quantized_end = l.quantized_end;
-    dq.length = length;
+    static_cast<KvqStream&>(dq) = stream_of(l);
     dq.first = first;
     dq.n = n;
     dq.k = tile_k_;

@@ -54,9 +54,14 @@ struct DeviceKvStoreOptions {
   // (Health says so too); other sequences are not affected.
   double key_outlier_headroom = 3.0;
   int key_outlier_capacity = 0;
-  // kvq AttendChunk dequantizes the visible tokens to fp16 in tiles of this many tokens (a multiple of
-  // 64): 4 * n_kv_heads * head_dim bytes per token of scratch.
+  // kvq AttendChunk dequantizes the visible tokens to fp16 in tiles of this many tokens (a multiple of 64):
+  // 4 * n_kv_heads * head_dim bytes per token of scratch (none with prefill_reads_packed).
   int64_t chunk_tile_tokens = 32768;
+  // kvq3 AttendChunk reads the packed pages in one kernel (KvqPrefillAttentionCuda: no tile scratch) instead
+  // of the kvq2/kvq4 path through dequantized fp16 tiles. Off by default: on an H100 it is 0.55-0.75x the
+  // speed of the tiles at 4K-131K tokens (bench/RESULTS.md), as each block of 128 query rows dequantizes the
+  // whole visible context again.
+  bool prefill_reads_packed = false;
   // SyntheticFill appends in chunks of this many tokens (device scratch: 8 * n_kv_heads * head_dim bytes
   // per token).
   int fill_chunk = 8192;

@@ -1,0 +1,201 @@
+// The tensor-core core of the flash-style prefill kernels (prefill_attention.cu over fp16/bf16 pages,
+// kvq_prefill_attention.cu over packed kvq3 pages): one warp's 16 query rows against a tile of 64 keys
+// in shared memory. S = Q K^T and O += P V run as m16n8k16 MMAs with fp32 accumulation; the online
+// softmax runs in registers in the log2 domain. CUDA sources only.
+//
+// V tiles are [64 keys][HEAD_DIM] of 16-bit values; K tiles the same or, channel-major, [HEAD_DIM][64 keys]
+// (KEYS_BY_CHANNEL: a writer that holds a channel's consecutive keys stores them as 16-byte vectors). Rows
+// are XOR-swizzled in 16-byte chunks (TileOffset) so that ldmatrix reads are free of bank conflicts.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/device_utils.cuh"
+
+namespace kvshard {
+
+inline constexpr int kPrefillTileKeys = 64;
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][HEAD_DIM] tile.
+template <int HEAD_DIM>
+__device__ __forceinline__ int TileOffset(int row, int chunk) {
+  return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3);
+}
+
+// One warp's running state: lane (g = lane / 4) holds rows g ("a") and g + 8 ("b") of the warp's 16.
+// o: output accumulators (columns 8 d + 2 (lane % 4) + {0, 1}); m: running max of log2-domain scores;
+// l: this lane's part of the row sums (the quad's lanes are summed at the end).
+template <int HEAD_DIM>
+struct PrefillRows {
+  float o[HEAD_DIM / 8][4];
+  float m_a, m_b, l_a, l_b;
+
+  __device__ __forceinline__ void Init() {
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    m_a = m_b = -INFINITY;
+    l_a = l_b = 0.0f;
+  }
+};
+
+// Starts the cp.async copies of a block's query rows [row0, row0 + ROWS) into a swizzled [ROWS][HEAD_DIM]
+// tile (rows past total_rows are zeros). Row r is query token r / group, head kv_head * group + r % group
+// of q [tokens][n_heads][HEAD_DIM], so the rows of one KV head's group share every K/V tile.
+template <int HEAD_DIM, int ROWS, int THREADS, typename T>
+__device__ __forceinline__ void LoadQueryTileAsync(T* s_q, const T* q, int64_t row0, int64_t total_rows, int group,
+                                                   int kv_head, int n_heads, int tid) {
+  constexpr int kChunks = HEAD_DIM / 8;
+  for (int i = tid; i < ROWS * kChunks; i += THREADS) {
+    const int r = i / kChunks, c = i % kChunks;
+    const int64_t row = row0 + r;
+    const bool valid = row < total_rows;
+    const T* src = q;
+    if (valid) {
+      const int64_t token = row / group;
+      const int head = kv_head * group + static_cast<int>(row % group);
+      src = q + (token * n_heads + head) * HEAD_DIM + c * 8;
+    }
+    CpAsync16(s_q + TileOffset<HEAD_DIM>(r, c), src, valid);
+  }
+}
+
+// The warp's Q fragments (16 rows of a swizzled [rows][HEAD_DIM] tile from row `row0`).
+template <int HEAD_DIM, typename T>
+__device__ __forceinline__ void LoadQueryFragments(const T* s_q, int row0, int lane,
+                                                   uint32_t (&q_frag)[HEAD_DIM / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+    LdMatrixX4(q_frag[kk], s_q + TileOffset<HEAD_DIM>(row0 + (lane & 15), kk * 2 + (lane >> 4)));
+  }
+}
+
+// One tile step (K [64][HEAD_DIM], or [HEAD_DIM][64] when KEYS_BY_CHANNEL). masked(key, upper) says whether key column `key` (0..63) is hidden from the lane's row
+// a (upper = 0) or b (upper = 1); it is called only when needs_mask. A hidden key may hold any finite
+// values in the tile (its weight is exactly 0).
+template <int HEAD_DIM, typename T, bool KEYS_BY_CHANNEL = false, typename Masked>
+__device__ __forceinline__ void PrefillTileStep(const uint32_t (&q_frag)[HEAD_DIM / 16][4], const T* tile_k,
+                                                const T* tile_v, float scale_log2, bool needs_mask,
+                                                const Masked& masked, int lane, PrefillRows<HEAD_DIM>& r) {
+  constexpr int kKSteps = HEAD_DIM / 16;
+  constexpr int kDTiles = HEAD_DIM / 8;
+  constexpr int kNTiles = kPrefillTileKeys / 8;
+  constexpr float kNegInf = -INFINITY;
+
+  float s[kNTiles][4];
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+    for (int jj = 0; jj < kNTiles / 2; ++jj) {
+      uint32_t b[4];  // matrices (keys 16 jj + {0, 8}) x (channels 16 kk + {0, 8})
+      if constexpr (KEYS_BY_CHANNEL) {
+        LdMatrixX4Trans(b, tile_k + TileOffset<kPrefillTileKeys>(kk * 16 + (((lane >> 3) & 1) << 3) + (lane & 7),
+                                                                 jj * 2 + (lane >> 4)));
+      } else {
+        LdMatrixX4(b, tile_k + TileOffset<HEAD_DIM>(jj * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                    kk * 2 + ((lane >> 3) & 1)));
+      }
+      Mma16816<T>(s[2 * jj], q_frag[kk], b[0], b[1]);
+      Mma16816<T>(s[2 * jj + 1], q_frag[kk], b[2], b[3]);
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float value = s[j][e] * scale_log2;
+      if (needs_mask && masked(j * 8 + (lane & 3) * 2 + (e & 1), e >> 1)) value = kNegInf;
+      s[j][e] = value;
+    }
+  }
+
+  float max_a = r.m_a, max_b = r.m_b;
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+    max_a = fmaxf(max_a, fmaxf(s[j][0], s[j][1]));
+    max_b = fmaxf(max_b, fmaxf(s[j][2], s[j][3]));
+  }
+  max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, 1));
+  max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, 2));
+  max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, 1));
+  max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, 2));
+  const float base_a = max_a == kNegInf ? 0.0f : max_a;  // guards -inf - (-inf)
+  const float base_b = max_b == kNegInf ? 0.0f : max_b;
+  const float corr_a = exp2f(r.m_a - base_a);
+  const float corr_b = exp2f(r.m_b - base_b);
+  r.m_a = max_a;
+  r.m_b = max_b;
+  float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+    s[j][0] = exp2f(s[j][0] - base_a);
+    s[j][1] = exp2f(s[j][1] - base_a);
+    s[j][2] = exp2f(s[j][2] - base_b);
+    s[j][3] = exp2f(s[j][3] - base_b);
+    sum_a += s[j][0] + s[j][1];
+    sum_b += s[j][2] + s[j][3];
+  }
+  r.l_a = r.l_a * corr_a + sum_a;
+  r.l_b = r.l_b * corr_b + sum_b;
+#pragma unroll
+  for (int d = 0; d < kDTiles; ++d) {
+    r.o[d][0] *= corr_a;
+    r.o[d][1] *= corr_a;
+    r.o[d][2] *= corr_b;
+    r.o[d][3] *= corr_b;
+  }
+
+  // O += P V: the S accumulator layout of two n-tiles is the A-operand layout of one k-step.
+#pragma unroll
+  for (int kk = 0; kk < kPrefillTileKeys / 16; ++kk) {
+    uint32_t a[4];
+    a[0] = PackPair<T>(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = PackPair<T>(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = PackPair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = PackPair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+    for (int dd = 0; dd < kDTiles / 2; ++dd) {
+      uint32_t b[4];
+      LdMatrixX4Trans(b, tile_v + TileOffset<HEAD_DIM>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                       dd * 2 + (lane >> 4)));
+      Mma16816<T>(r.o[2 * dd], a, b[0], b[1]);
+      Mma16816<T>(r.o[2 * dd + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Writes the warp's rows as partials (o normalized, lse natural log; a row that saw no key gets o = 0,
+// lse = -inf). Row `row` (block row row0 + local row) is query token row / group, head
+// kv_head * group + row % group; rows >= total_rows are skipped.
+template <int HEAD_DIM>
+__device__ __forceinline__ void StorePrefillRows(PrefillRows<HEAD_DIM>& r, int64_t first_row, int64_t total_rows,
+                                                 int group, int kv_head, int n_heads, int lane, float* out,
+                                                 float* lse) {
+  r.l_a += __shfl_xor_sync(0xffffffffu, r.l_a, 1);
+  r.l_a += __shfl_xor_sync(0xffffffffu, r.l_a, 2);
+  r.l_b += __shfl_xor_sync(0xffffffffu, r.l_b, 1);
+  r.l_b += __shfl_xor_sync(0xffffffffu, r.l_b, 2);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = first_row + (lane >> 2) + half * 8;
+    if (row >= total_rows) continue;
+    const float l = half == 0 ? r.l_a : r.l_b;
+    const float m = half == 0 ? r.m_a : r.m_b;
+    const bool empty = l == 0.0f;
+    const float inv = empty ? 0.0f : 1.0f / l;
+    const int64_t token = row / group;
+    const int head = kv_head * group + static_cast<int>(row % group);
+    const int64_t out_row = token * n_heads + head;
+    float* dst = out + out_row * HEAD_DIM + (lane & 3) * 2;
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; ++d) {
+      *reinterpret_cast<float2*>(dst + d * 8) = make_float2(r.o[d][2 * half] * inv, r.o[d][2 * half + 1] * inv);
+    }
+    if ((lane & 3) == 0) lse[out_row] = empty ? -INFINITY : (m + log2f(l)) * kLn2;
+  }
+}
+
+}  // namespace kvshard
