@@ -6,6 +6,7 @@
 #include "kernels/cuda/dispatch.cuh"
 #include "kernels/cuda/kvq_codes.cuh"
 #include "kernels/cuda/kvq_store.h"
+#include "kernels/cuda/kvq_tiles.cuh"
 
 namespace kvshard {
 namespace {
@@ -281,16 +282,24 @@ __device__ __forceinline__ void RotatePair(float* a, float* b, int64_t position,
 
 constexpr int kDequantThreads = 128;
 constexpr int kMaxKvHeads = 16;
+constexpr int kDequantStagedOutliers = 2048;  // a page's key outliers read once into shared memory (else: per item)
 
 // Blocks (x, h), x < n_pages: KV head h of quantized page page_begin + x (codes as KvqKeyCodec::Decode /
 // KvqValueCodec::Decode, outliers replace, keys rotated at their positions); x = n_pages: head h of the
 // fp16 tokens (sink as stored, residual keys rotated). Thread work item: (token, RoPE pair). A block per
 // head, not per page: with one a prefill chunk's tile of a few thousand tokens had a few dozen blocks
-// and took about 2 ms (56% of a layer's GPU time in a 8K-token prefill).
+// and took about 2 ms (56% of a layer's GPU time in a 8K-token prefill). Per page, the RoPE anchors
+// cos/sin(position of row 0 * f) are computed in double once per frequency and the rows add their small
+// angle in fp32 (kvq_tiles.cuh, within 4e-7 of the double angle; the outputs are fp16), and the page's key
+// outliers are resolved once into shared memory, instead of a double sincos and a walk of the token's
+// outlier list through the segment tables for every item.
 template <int BITS>
 __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDequantizeArgs a, int64_t page_begin,
                                                                      int n_pages) {
   __shared__ int prefix[kPage];
+  __shared__ float2 anchor[kPage / 2];  // head_dim <= 128
+  __shared__ uint8_t staged_channel[kDequantStagedOutliers];
+  __shared__ uint16_t staged_value[kDequantStagedOutliers];
   const KvqStoreLayer& L = a.layer;
   const int d = a.head_dim, half = d / 2;
   const int64_t end = a.first + a.n;
@@ -315,8 +324,21 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
         run += c;
       }
     }
-    __syncthreads();
     const int64_t local0 = a.sink + pg * kPage;  // local index of the page's row 0
+    if (t < half) RopeAngle(a.start_position + local0, L.inv_freq[t], &anchor[t].x, &anchor[t].y);
+    __syncthreads();
+    // The page's outliers in list order, when they fit.
+    const int64_t page_outliers = prefix[kPage - 1] + (n_valid == kPage ? L.key_outlier_count[ph * kPage + kPage - 1] : 0);
+    const bool staged = page_outliers <= kDequantStagedOutliers;
+    if (staged) {
+      for (int e = t; e < page_outliers; e += blockDim.x) {
+        const int64_t o = KvqKeyOutlierIndex(L.key_outlier_start[ph] + e, a.page_table, L.key_outlier_segments,
+                                             a.n_kv_heads, h, L.key_outlier_segment_shift);
+        staged_channel[e] = L.key_outlier_channel[o];
+        staged_value[e] = L.key_outlier_value[o];
+      }
+    }
+    __syncthreads();
     const int row_begin = static_cast<int>(max(int64_t{0}, a.first - local0));
     const int row_end = static_cast<int>(min(static_cast<int64_t>(n_valid), end - local0));
     const int64_t code_bytes = static_cast<int64_t>(16 * BITS) * d;
@@ -324,9 +346,9 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
       const int row = row_begin + static_cast<int>(item / half);
       const int i = static_cast<int>(item % half);
       const int64_t local = local0 + row;
-      double s_d, c_d;
-      sincos(static_cast<double>(a.start_position + local) * static_cast<double>(L.inv_freq[i]), &s_d, &c_d);
-      const float cs = static_cast<float>(c_d), sn = static_cast<float>(s_d);
+      float cs, sn, small_c, small_s;
+      SmallAngle(row, L.inv_freq[i], &small_c, &small_s);
+      AddAngle(anchor[i], small_c, small_s, &cs, &sn);
       {
         const uint32_t* kc = reinterpret_cast<const uint32_t*>(L.key_codes + ph * code_bytes);
         float x[2];
@@ -339,11 +361,19 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
         const int count = L.key_outlier_count[ph * kPage + row];
         const int64_t o0 = L.key_outlier_start[ph] + prefix[row];
         for (int e = 0; e < count; ++e) {
-          const int64_t o = KvqKeyOutlierIndex(o0 + e, a.page_table, L.key_outlier_segments, a.n_kv_heads, h,
-                                               L.key_outlier_segment_shift);
-          const int ch = L.key_outlier_channel[o];
-          if (ch == i) x[0] = __half2float(__ushort_as_half(L.key_outlier_value[o]));
-          if (ch == i + half) x[1] = __half2float(__ushort_as_half(L.key_outlier_value[o]));
+          int ch;
+          uint16_t value;
+          if (staged) {
+            ch = staged_channel[prefix[row] + e];
+            value = staged_value[prefix[row] + e];
+          } else {
+            const int64_t o = KvqKeyOutlierIndex(o0 + e, a.page_table, L.key_outlier_segments, a.n_kv_heads, h,
+                                                 L.key_outlier_segment_shift);
+            ch = L.key_outlier_channel[o];
+            value = L.key_outlier_value[o];
+          }
+          if (ch == i) x[0] = __half2float(__ushort_as_half(value));
+          if (ch == i + half) x[1] = __half2float(__ushort_as_half(value));
         }
         const float r0 = __fsub_rn(__fmul_rn(x[0], cs), __fmul_rn(x[1], sn));
         const float r1 = __fadd_rn(__fmul_rn(x[1], cs), __fmul_rn(x[0], sn));
