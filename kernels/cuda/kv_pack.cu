@@ -79,17 +79,18 @@ __global__ void PackKvqKeyOutliersKernel(const float* __restrict__ keys, int64_t
   if (lane == 0) count_out[t] = static_cast<uint8_t>(count < kMaxKeyOutliers ? count : kMaxKeyOutliers);
 }
 
-// One thread per token: kvq_codes.cuh's KvqEncodeValueToken into the token's row of its page.
+// A warp per token: kvq_codes.cuh's KvqEncodeValueTokenWarp into the token's row of its page.
 template <int BITS, int HEAD_DIM>
 __global__ void PackKvqValuesKernel(const float* __restrict__ values, int64_t n_tokens, int64_t first_token, int n_out,
                                     const float* __restrict__ codebook, uint8_t* __restrict__ pages,
                                     uint16_t* __restrict__ low_out, uint16_t* __restrict__ high_out,
                                     uint8_t* __restrict__ channel_out, uint16_t* __restrict__ value_out) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= n_tokens) return;
-  float x[HEAD_DIM];
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (t >= n_tokens) return;  // whole warps: the encoder's shuffles need all 32 lanes
+  float x[HEAD_DIM / 32];
 #pragma unroll
-  for (int c = 0; c < HEAD_DIM; ++c) x[c] = RoundToHalf(values[t * HEAD_DIM + c]);
+  for (int j = 0; j < HEAD_DIM / 32; ++j) x[j] = RoundToHalf(values[t * HEAD_DIM + lane + 32 * j]);
   float cb[1 << BITS];
 #pragma unroll
   for (int i = 0; i < (1 << BITS); ++i) cb[i] = codebook[i];
@@ -97,14 +98,14 @@ __global__ void PackKvqValuesKernel(const float* __restrict__ values, int64_t n_
   const int64_t j = first_token + t;
   const int64_t page_bytes = static_cast<int64_t>(16 * BITS) * HEAD_DIM;
   uint32_t* out = reinterpret_cast<uint32_t*>(pages + (j / kPackBlockCodes) * page_bytes) + (j % kPackBlockCodes) * kWords;
-  KvqEncodeValueToken<BITS, HEAD_DIM>(x, n_out, cb, out, low_out + t, high_out + t, channel_out + t * n_out,
-                                      value_out + t * n_out);
+  KvqEncodeValueTokenWarp<BITS, HEAD_DIM>(x, n_out, cb, lane, out, low_out + t, high_out + t, channel_out + t * n_out,
+                                          value_out + t * n_out);
 }
 
 template <int BITS>
 absl::Status LaunchValues(const KvqValuePackArgs& a, int n_out, cudaStream_t stream) {
-  constexpr int kThreads = 128;
-  const int64_t blocks = (a.n_tokens + kThreads - 1) / kThreads;
+  constexpr int kThreads = 128;  // four tokens a block
+  const int64_t blocks = (a.n_tokens * 32 + kThreads - 1) / kThreads;
   if (a.head_dim == 128) {
     PackKvqValuesKernel<BITS, 128><<<blocks, kThreads, 0, stream>>>(a.values, a.n_tokens, a.first_token, n_out, a.codebook,
                                                                     a.pages, a.low, a.high, a.outlier_channel, a.outlier_value);

@@ -68,84 +68,123 @@ __device__ __forceinline__ uint32_t CodeAt(const uint32_t* words, int64_t index)
   }
 }
 
-// (value, channel) order of KvqValueThresholds: ties broken by the lower channel.
-__device__ __forceinline__ bool KvqValueLess(const float* x, int a, int b) {
-  return x[a] < x[b] || (x[a] == x[b] && a < b);
+// A key whose unsigned order is KvqValueThresholds' (value, channel) order: ties broken by the channel.
+// -0 and +0 compare equal there, so both map to +0's key.
+__device__ __forceinline__ uint64_t KvqValueKey(float x, int channel) {
+  uint32_t b = __float_as_uint(x == 0.0f ? 0.0f : x);
+  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return (static_cast<uint64_t>(b) << 32) | static_cast<uint32_t>(channel);
 }
 
-// Encodes one token's values (x: HEAD_DIM fp16-rounded floats) as KvqValueCodec::Encode does: the n_out
-// + 1 smallest and largest channels by selection (n_out is small), the split with the narrowest remaining
-// range (the first on ties, as the CPU loop), then the codes. Writes HEAD_DIM * BITS / 32 code words
-// (token-major: whole plane groups per token), the fp16 thresholds and the n_out outliers (ascending channels).
+__device__ __forceinline__ uint64_t WarpMin64(uint64_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = other < v ? other : v;
+  }
+  return v;
+}
+__device__ __forceinline__ uint64_t WarpMax64(uint64_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+// Encodes one token's values with a warp, as KvqValueCodec::Encode does: lane l holds channels l + 32 k
+// (x: fp16-rounded floats). The n_out + 1 smallest and largest channels by (value, channel) come from warp
+// reductions (ties: the lower channel for the smallest, the higher for the largest, as the CPU's
+// selection); the split with the narrowest remaining range (the first on ties); then the codes. Writes
+// HEAD_DIM * BITS / 32 code words (token-major: whole plane groups per token), the fp16 thresholds and the
+// n_out outliers (ascending channels). All lanes must call it.
 template <int BITS, int HEAD_DIM>
-__device__ __forceinline__ void KvqEncodeValueToken(const float (&x)[HEAD_DIM], int n_out, const float (&cb)[1 << BITS],
-                                                    uint32_t* __restrict__ words_out, uint16_t* low_out,
-                                                    uint16_t* high_out, uint8_t* channel_out, uint16_t* value_out) {
+__device__ __forceinline__ void KvqEncodeValueTokenWarp(const float (&x)[HEAD_DIM / 32], int n_out,
+                                                        const float (&cb)[1 << BITS], int lane,
+                                                        uint32_t* __restrict__ words_out, uint16_t* low_out,
+                                                        uint16_t* high_out, uint8_t* channel_out, uint16_t* value_out) {
+  constexpr int kPerLane = HEAD_DIM / 32;
+  // The value of channel c, from the lane that holds it.
+  auto value_of = [&](int c) {
+    float v = x[0];
+#pragma unroll
+    for (int j = 1; j < kPerLane; ++j) v = (c >> 5) == j ? x[j] : v;
+    return __shfl_sync(0xffffffffu, v, c & 31);
+  };
   int smallest[kKvqMaxValueOutliers + 1], largest[kKvqMaxValueOutliers + 1];
-  float lo, hi;
+  float small_value[kKvqMaxValueOutliers + 1], large_value[kKvqMaxValueOutliers + 1];
+  uint32_t taken_small = 0u, taken_large = 0u;  // this lane's channels already chosen
+  for (int k = 0; k <= n_out; ++k) {
+    uint64_t best_small = ~uint64_t{0}, best_large = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const uint64_t key = KvqValueKey(x[j], lane + 32 * j);
+      if (!((taken_small >> j) & 1u) && key < best_small) best_small = key;
+      if (!((taken_large >> j) & 1u) && key > best_large) best_large = key;
+    }
+    const int s = static_cast<int>(static_cast<uint32_t>(WarpMin64(best_small)));
+    const int l = static_cast<int>(static_cast<uint32_t>(WarpMax64(best_large)));
+    if ((s & 31) == lane) taken_small |= 1u << (s >> 5);
+    if ((l & 31) == lane) taken_large |= 1u << (l >> 5);
+    smallest[k] = s;
+    largest[k] = l;
+    small_value[k] = value_of(s);
+    large_value[k] = value_of(l);
+  }
   int best_a = 0;
-  if (n_out == 0) {
-    lo = x[0];
-    hi = x[0];
-    for (int c = 1; c < HEAD_DIM; ++c) {
-      lo = fminf(lo, x[c]);
-      hi = fmaxf(hi, x[c]);
+  float best_range = 0.0f;
+  for (int a = 0; a <= n_out; ++a) {
+    const float range = __fsub_rn(large_value[n_out - a], small_value[a]);
+    if (a == 0 || range < best_range) {
+      best_range = range;
+      best_a = a;
     }
-  } else {
-    for (int k = 0; k <= n_out; ++k) {
-      int s = -1, l = -1;
-      for (int c = 0; c < HEAD_DIM; ++c) {
-        bool taken_s = false, taken_l = false;
-        for (int j = 0; j < k; ++j) {
-          taken_s |= smallest[j] == c;
-          taken_l |= largest[j] == c;
-        }
-        if (!taken_s && (s < 0 || KvqValueLess(x, c, s))) s = c;
-        if (!taken_l && (l < 0 || KvqValueLess(x, l, c))) l = c;
-      }
-      smallest[k] = s;
-      largest[k] = l;
-    }
-    float best_range = 0.0f;
-    for (int a = 0; a <= n_out; ++a) {
-      const float range = __fsub_rn(x[largest[n_out - a]], x[smallest[a]]);
-      if (a == 0 || range < best_range) {
-        best_range = range;
-        best_a = a;
-      }
-    }
-    lo = x[smallest[best_a]];
-    hi = x[largest[n_out - best_a]];
-    // The outlier channels in ascending order: a merge of the chosen smallest and largest (each list is
-    // sorted by value, so sort the n_out channels by a small insertion sort).
+  }
+  const __half lo16 = __float2half_rn(small_value[best_a]), hi16 = __float2half_rn(large_value[n_out - best_a]);
+  if (lane == 0) {
+    *low_out = __half_as_ushort(lo16);
+    *high_out = __half_as_ushort(hi16);
+    // The outlier channels in ascending order (a small insertion sort of the chosen n_out).
     int chosen[kKvqMaxValueOutliers];
-    for (int i = 0; i < best_a; ++i) chosen[i] = smallest[i];
-    for (int i = 0; i < n_out - best_a; ++i) chosen[best_a + i] = largest[i];
+    float chosen_value[kKvqMaxValueOutliers];
+    for (int i = 0; i < best_a; ++i) {
+      chosen[i] = smallest[i];
+      chosen_value[i] = small_value[i];
+    }
+    for (int i = 0; i < n_out - best_a; ++i) {
+      chosen[best_a + i] = largest[i];
+      chosen_value[best_a + i] = large_value[i];
+    }
     for (int i = 1; i < n_out; ++i) {
-      const int v = chosen[i];
+      const int c = chosen[i];
+      const float v = chosen_value[i];
       int j = i - 1;
-      while (j >= 0 && chosen[j] > v) {
+      while (j >= 0 && chosen[j] > c) {
         chosen[j + 1] = chosen[j];
+        chosen_value[j + 1] = chosen_value[j];
         --j;
       }
-      chosen[j + 1] = v;
+      chosen[j + 1] = c;
+      chosen_value[j + 1] = v;
     }
     for (int i = 0; i < n_out; ++i) {
       channel_out[i] = static_cast<uint8_t>(chosen[i]);
-      value_out[i] = __half_as_ushort(__float2half_rn(x[chosen[i]]));
+      value_out[i] = __half_as_ushort(__float2half_rn(chosen_value[i]));
     }
   }
-  const __half lo16 = __float2half_rn(lo), hi16 = __float2half_rn(hi);
-  *low_out = __half_as_ushort(lo16);
-  *high_out = __half_as_ushort(hi16);
-  lo = __half2float(lo16);
-  hi = __half2float(hi16);
-  constexpr int kWords = HEAD_DIM * BITS / 32;
-  uint32_t words[kWords] = {};
+  const float lo = __half2float(lo16), hi = __half2float(hi16);
+  // Group j of the token's codes holds channels 32 j .. 32 j + 31: this lane's code is its code `lane`.
 #pragma unroll
-  for (int c = 0; c < HEAD_DIM; ++c) PutCode<BITS>(words, c, KvqNearest<BITS>(cb, KvqNormalize(x[c], lo, hi)));
+  for (int j = 0; j < kPerLane; ++j) {
+    uint32_t words[BITS] = {};
+    PutCode<BITS>(words, lane, KvqNearest<BITS>(cb, KvqNormalize(x[j], lo, hi)));
 #pragma unroll
-  for (int w = 0; w < kWords; ++w) words_out[w] = words[w];
+    for (int w = 0; w < BITS; ++w) {
+      const uint32_t word = __reduce_or_sync(0xffffffffu, words[w]);
+      if (lane == w) words_out[j * BITS + w] = word;
+    }
+  }
 }
 
 // Where entry v of a KV stream's key outlier list lives (KvqStoreView::key_outlier_segment_shift). shift < 0:
