@@ -94,18 +94,10 @@ class FullPrecisionKvShard final : public KvShard {
       // at stride d within a query and n_heads*d across queries. Gather to a dense block for the GEMMs.
       const int64_t rows = static_cast<int64_t>(q1 - q0) * group;
       std::vector<float> q_rows(rows * d), out_rows(rows * d), lse_rows(rows);
-      for (int i = q0; i < q1; ++i) {
-        const float* src = q + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-        std::copy(src, src + group * d, q_rows.data() + static_cast<int64_t>(i - q0) * group * d);
-      }
+      GatherGroupRows(geometry_, q, h, q0, q1, q_rows.data());
       AttentionPartialsCpu(q_rows.data(), d, rows, row_positions.data() + static_cast<int64_t>(q0) * group, kp, vp,
                            d, L.length, start_position_, d, geometry_.scale(), out_rows.data(), d, lse_rows.data());
-      for (int i = q0; i < q1; ++i) {
-        float* dst = out + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-        const int64_t r = static_cast<int64_t>(i - q0) * group;
-        std::copy(out_rows.data() + r * d, out_rows.data() + (r + group) * d, dst);
-        for (int g = 0; g < group; ++g) lse[static_cast<int64_t>(i) * geometry_.n_heads + h * group + g] = lse_rows[r + g];
-      }
+      ScatterGroupRows(geometry_, out_rows.data(), lse_rows.data(), h, q0, q1, out, lse);
     }
     return absl::OkStatus();
   }

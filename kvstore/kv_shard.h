@@ -7,6 +7,7 @@
 // A query that sees no token of the shard gets out = 0 and lse = -inf, and merges as a no-op.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -30,6 +31,28 @@ struct KvGeometry {
   RopeParams rope;     // stores that keep pre-RoPE keys rotate at attention time
   float scale() const;  // 1/sqrt(head_dim)
 };
+
+// The CPU shards' Attend gathers the query rows of one KV head's group into a dense block for its GEMMs:
+// with q and out laid out [query][n_heads][head_dim], (query i, head h * group + g) is row
+// (i - q0) * group + g of the block for queries [q0, q1).
+inline void GatherGroupRows(const KvGeometry& geometry, const float* q, int h, int q0, int q1, float* rows) {
+  const int group = geometry.n_heads / geometry.n_kv_heads, d = geometry.head_dim;
+  for (int i = q0; i < q1; ++i) {
+    const float* src = q + (static_cast<int64_t>(i) * geometry.n_heads + h * group) * d;
+    std::copy(src, src + group * d, rows + static_cast<int64_t>(i - q0) * group * d);
+  }
+}
+// The block's outputs and log-sum-exps back to out [query][n_heads][head_dim] and lse [query][n_heads].
+inline void ScatterGroupRows(const KvGeometry& geometry, const float* out_rows, const float* lse_rows, int h, int q0,
+                             int q1, float* out, float* lse) {
+  const int group = geometry.n_heads / geometry.n_kv_heads, d = geometry.head_dim;
+  for (int i = q0; i < q1; ++i) {
+    float* dst = out + (static_cast<int64_t>(i) * geometry.n_heads + h * group) * d;
+    const int64_t r = static_cast<int64_t>(i - q0) * group;
+    std::copy(out_rows + r * d, out_rows + (r + group) * d, dst);
+    for (int g = 0; g < group; ++g) lse[static_cast<int64_t>(i) * geometry.n_heads + h * group + g] = lse_rows[r + g];
+  }
+}
 
 struct KvMemory {
   int64_t bytes = 0;     // everything the store holds for its tokens: codes, scales, zero points,

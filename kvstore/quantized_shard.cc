@@ -304,20 +304,9 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
       row_boundary[i * group + g] = boundary[i];
     }
 
-  // Rows of KV head h's group for queries [q0, q1): (query i, head h*group + g) -> row (i-q0)*group + g.
-  auto gather_rows = [&](int h, int q0, int q1, float* q_rows) {
-    for (int i = q0; i < q1; ++i) {
-      const float* src = q + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-      std::copy(src, src + group * d, q_rows + static_cast<int64_t>(i - q0) * group * d);
-    }
-  };
+  auto gather_rows = [&](int h, int q0, int q1, float* q_rows) { GatherGroupRows(geometry_, q, h, q0, q1, q_rows); };
   auto scatter_rows = [&](int h, int q0, int q1, const float* out_rows, const float* lse_rows) {
-    for (int i = q0; i < q1; ++i) {
-      float* dst = out + (static_cast<int64_t>(i) * geometry_.n_heads + h * group) * d;
-      const int64_t r = static_cast<int64_t>(i - q0) * group;
-      std::copy(out_rows + r * d, out_rows + (r + group) * d, dst);
-      for (int g = 0; g < group; ++g) lse[static_cast<int64_t>(i) * geometry_.n_heads + h * group + g] = lse_rows[r + g];
-    }
+    ScatterGroupRows(geometry_, out_rows, lse_rows, h, q0, q1, out, lse);
   };
   // Threads only pay off on real work: small calls (tests, single decode steps of short contexts) stay
   // on the calling thread.
