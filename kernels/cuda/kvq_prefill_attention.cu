@@ -4,8 +4,9 @@
 // A block owns 128 rows and one KV head; rows pack the query heads of the KV head's group as in
 // prefill_attention.cu, and each of the eight warps owns 16 of them (prefill_tile.cuh's tensor-core step).
 // Keys come in tiles of 64: first the quantized part, 64 tokens of a page at a time, then the fp16 sink and
-// residual tokens gathered into tiles. The block turns each tile into fp16 K (rotated) and V in shared
-// memory itself, in a pipeline with one barrier per tile. In iteration j:
+// residual tokens gathered into tiles. The block turns each tile into fp16 K (rotated; channel-major, so a
+// thread's 16 keys of a channel are two 16-byte stores) and V in shared memory itself, in a pipeline with
+// one barrier per tile. In iteration j:
 //   S (tile j + 4): cp.async stages the tile's key and value codes, value metadata and its page's key
 //      outlier counts;
 //   A (tile j + 2): writes the tile's key positions and RoPE anchors, and puts its key outliers (pre-RoPE
