@@ -379,13 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1) KvqPrefillKernel(const PrefillPar
                                         : layer.residual_k + (stream * layer.ring + (local - a.sink) % layer.ring) * HEAD_DIM;
               k0 = __half2float(__ushort_as_half(row[c]));
               k1 = __half2float(__ushort_as_half(row[c + kHalf]));
-              if (local >= a.sink) {
-                float rc, rs;
-                RopeAngle(a.start_position + local, inv_freq, &rc, &rs);
-                const float r0 = __fsub_rn(__fmul_rn(k0, rc), __fmul_rn(k1, rs));
-                k1 = __fadd_rn(__fmul_rn(k1, rc), __fmul_rn(k0, rs));
-                k0 = r0;
-              }
+              if (local >= a.sink) RotatePair(&k0, &k1, a.start_position + local, inv_freq);
             }
             tile_k[TileOffset<kTile>(c, t >> 3) + (t & 7)] = __float2half_rn(k0);
             tile_k[TileOffset<kTile>(c + kHalf, t >> 3) + (t & 7)] = __float2half_rn(k1);

@@ -261,28 +261,12 @@ __global__ void WriteFp16TokensKernel(const KvqAppendArgs a) {
     const int64_t row = ((static_cast<int64_t>(w.slot) * a.n_kv_heads + h) * L.max_sink + (-1 - w.dest)) * a.head_dim;
     kd = L.sink_k + row;
     vd = L.sink_v + row;
-    double s_d, c_d;
-    sincos(static_cast<double>(w.position) * static_cast<double>(L.inv_freq[i]), &s_d, &c_d);
-    const float cs = static_cast<float>(c_d), sn = static_cast<float>(s_d);
-    const float r0 = __fsub_rn(__fmul_rn(k0, cs), __fmul_rn(k1, sn));
-    const float r1 = __fadd_rn(__fmul_rn(k1, cs), __fmul_rn(k0, sn));
-    k0 = r0;
-    k1 = r1;
+    RotatePair(&k0, &k1, w.position, L.inv_freq[i]);
   }
   kd[i] = __half_as_ushort(__float2half_rn(k0));
   kd[i + half] = __half_as_ushort(__float2half_rn(k1));
   vd[i] = __half_as_ushort(__float2half_rn(v0));
   vd[i + half] = __half_as_ushort(__float2half_rn(v1));
-}
-
-__device__ __forceinline__ void RotatePair(float* a, float* b, int64_t position, float inv_freq) {
-  double s_d, c_d;
-  sincos(static_cast<double>(position) * static_cast<double>(inv_freq), &s_d, &c_d);
-  const float cs = static_cast<float>(c_d), sn = static_cast<float>(s_d);
-  const float r0 = __fsub_rn(__fmul_rn(*a, cs), __fmul_rn(*b, sn));
-  const float r1 = __fadd_rn(__fmul_rn(*b, cs), __fmul_rn(*a, sn));
-  *a = r0;
-  *b = r1;
 }
 
 constexpr int kDequantThreads = 128;
@@ -380,11 +364,10 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
           if (ch == i) x[0] = __half2float(__ushort_as_half(value));
           if (ch == i + half) x[1] = __half2float(__ushort_as_half(value));
         }
-        const float r0 = __fsub_rn(__fmul_rn(x[0], cs), __fmul_rn(x[1], sn));
-        const float r1 = __fadd_rn(__fmul_rn(x[1], cs), __fmul_rn(x[0], sn));
+        RotatePairBy(&x[0], &x[1], cs, sn);
         const int64_t out = (static_cast<int64_t>(h) * a.out_stride + (local - a.first)) * d;
-        a.k[out + i] = __float2half_rn(r0);
-        a.k[out + i + half] = __float2half_rn(r1);
+        a.k[out + i] = __float2half_rn(x[0]);
+        a.k[out + i + half] = __float2half_rn(x[1]);
         // Values: token-major codes, per-token thresholds, n_out outliers.
         const uint32_t* vc = reinterpret_cast<const uint32_t*>(L.value_codes + ph * code_bytes);
         const int64_t token = ph * kPage + row;

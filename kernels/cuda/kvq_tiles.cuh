@@ -29,6 +29,22 @@ __device__ __forceinline__ void RopeAngle(int64_t position, float inv_freq, floa
   *s = static_cast<float>(sn);
 }
 
+// RoPE of the pair (a at channel i, b at channel i + head_dim / 2) by cos/sin, in fp32 with explicitly
+// rounded, unfused products, as the CPU twin's rotation (so --use_fast_math does not contract them).
+__device__ __forceinline__ void RotatePairBy(float* a, float* b, float c, float s) {
+  const float r0 = __fsub_rn(__fmul_rn(*a, c), __fmul_rn(*b, s));
+  const float r1 = __fadd_rn(__fmul_rn(*b, c), __fmul_rn(*a, s));
+  *a = r0;
+  *b = r1;
+}
+
+// The same at `position`, the angle in double (RopeAngle).
+__device__ __forceinline__ void RotatePair(float* a, float* b, int64_t position, float inv_freq) {
+  float c, s;
+  RopeAngle(position, inv_freq, &c, &s);
+  RotatePairBy(a, b, c, s);
+}
+
 // sin and cos of 0 <= x < 128 in fp32 with explicit operations, so --use_fast_math (which turns sincosf
 // into the hardware approximation, ~1e-5 off at 100 rad) does not touch them: three-part Cody-Waite
 // reduction by pi/2 (FMA), then the Cephes minimax polynomials on [-pi/4, pi/4]. Within 1e-7 of the
