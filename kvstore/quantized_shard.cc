@@ -304,10 +304,6 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
       row_boundary[i * group + g] = boundary[i];
     }
 
-  auto gather_rows = [&](int h, int q0, int q1, float* q_rows) { GatherGroupRows(geometry_, q, h, q0, q1, q_rows); };
-  auto scatter_rows = [&](int h, int q0, int q1, const float* out_rows, const float* lse_rows) {
-    ScatterGroupRows(geometry_, out_rows, lse_rows, h, q0, q1, out, lse);
-  };
   // Threads only pay off on real work: small calls (tests, single decode steps of short contexts) stay
   // on the calling thread.
   const bool parallel = visible * rows * d > (int64_t{1} << 18);
@@ -330,7 +326,7 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
   if (first_boundary == last_boundary && rows <= kTiledRows) {
     // Decode: the (KV head, tile) pairs are the work items (a few KV heads would leave threads idle).
     std::vector<float> q_rows(kvh * rows * d), part_out(kvh * n_tiles * rows * d), part_lse(kvh * n_tiles * rows);
-    for (int h = 0; h < kvh; ++h) gather_rows(h, 0, n_queries, q_rows.data() + h * rows * d);
+    for (int h = 0; h < kvh; ++h) GatherGroupRows(geometry_, q, h, 0, n_queries, q_rows.data() + h * rows * d);
 #pragma omp parallel for schedule(dynamic) if (parallel)
     for (int64_t item = 0; item < kvh * n_tiles; ++item) {
       const int h = static_cast<int>(item / n_tiles);
@@ -345,7 +341,7 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
         lses[t] = part_lse.data() + (h * n_tiles + t) * rows;
       }
       MergePartialsCpu(static_cast<int>(n_tiles), outs.data(), lses.data(), rows, d, out_rows.data(), lse_rows.data());
-      scatter_rows(h, 0, n_queries, out_rows.data(), lse_rows.data());
+      ScatterGroupRows(geometry_, out_rows.data(), lse_rows.data(), h, 0, n_queries, out, lse);
     }
     return absl::OkStatus();
   }
@@ -358,7 +354,7 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
     const int64_t r0 = static_cast<int64_t>(q0) * group, n_rows = static_cast<int64_t>(q1 - q0) * group;
     const Stream& s = L.streams[h];
     std::vector<float> q_rows(n_rows * d), out_rows(n_rows * d), lse_rows(n_rows);
-    gather_rows(h, q0, q1, q_rows.data());
+    GatherGroupRows(geometry_, q, h, q0, q1, q_rows.data());
     if (first_boundary == last_boundary) {
       // Many rows (prefill): the tiles merged one by one (partials of every tile at once would take
       // tiles x rows x head_dim floats).
@@ -395,7 +391,7 @@ absl::Status QuantizedKvShard::Attend(int layer, int n_queries, const float* q, 
       const float* lses[2] = {lse_rows.data(), band_lse.data()};
       MergePartialsCpu(2, outs, lses, n_rows, d, out_rows.data(), lse_rows.data());
     }
-    scatter_rows(h, q0, q1, out_rows.data(), lse_rows.data());
+    ScatterGroupRows(geometry_, out_rows.data(), lse_rows.data(), h, q0, q1, out, lse);
   }
   return absl::OkStatus();
 }

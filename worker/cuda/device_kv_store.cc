@@ -974,24 +974,21 @@ absl::Status DeviceKvStoreImpl::AttendChunk(int layer, int64_t id, int n_queries
     return PrefillAttentionCuda(p, stream);
   }
   const KvStreamLayout l = StreamLayout(config_, s->start, length, s->sealed);
-  const auto stream_of = [&](const KvStreamLayout& layout) {
-    KvqStream x;
-    x.layer = layers_[layer];
-    x.n_kv_heads = g.n_kv_heads;
-    x.head_dim = d;
-    x.bits = config_.bits;
-    x.n_value_outliers = n_value_outliers_;
-    x.slot = s->slot;
-    x.page_table = page_table_.as<int32_t>() + static_cast<int64_t>(s->slot) * n_pages_;
-    x.start_position = s->start;
-    x.sink = layout.sink;
-    x.quantized_end = layout.quantized_end;
-    x.length = length;
-    return x;
-  };
+  KvqStream kvq_stream;
+  kvq_stream.layer = layers_[layer];
+  kvq_stream.n_kv_heads = g.n_kv_heads;
+  kvq_stream.head_dim = d;
+  kvq_stream.bits = config_.bits;
+  kvq_stream.n_value_outliers = n_value_outliers_;
+  kvq_stream.slot = s->slot;
+  kvq_stream.page_table = page_table_.as<int32_t>() + static_cast<int64_t>(s->slot) * n_pages_;
+  kvq_stream.start_position = s->start;
+  kvq_stream.sink = l.sink;
+  kvq_stream.quantized_end = l.quantized_end;
+  kvq_stream.length = length;
   if (ReadsPackedInPrefill()) {
     KvqPrefillArgs k;
-    static_cast<KvqStream&>(k) = stream_of(l);
+    static_cast<KvqStream&>(k) = kvq_stream;
     k.n_heads = g.n_heads;
     k.q = q_half_;
     k.n_queries = n_queries;
@@ -1001,7 +998,7 @@ absl::Status DeviceKvStoreImpl::AttendChunk(int layer, int64_t id, int n_queries
     k.lse = lse;
     return KvqPrefillAttentionCuda(k, stream);
   }
-  // kvq2, kvq4: the visible tokens dequantized to fp16 a tile at a time, the tiles' partials merged in turn
+  // Otherwise (kvq3 by default, kvq2, kvq4): the visible tokens dequantized to fp16 a tile at a time, the tiles' partials merged in turn
   // (two [2][rows] buffers: the running partial and the new tile, merged into the other's first half).
   const int64_t n_tiles = CeilDiv(visible, tile_tokens_);
   int cur = 0;
@@ -1009,7 +1006,7 @@ absl::Status DeviceKvStoreImpl::AttendChunk(int layer, int64_t id, int n_queries
     const int64_t first = t * tile_tokens_;
     const int64_t n = std::min(tile_tokens_, visible - first);
     KvqDequantizeArgs dq;
-    static_cast<KvqStream&>(dq) = stream_of(l);
+    static_cast<KvqStream&>(dq) = kvq_stream;
     dq.first = first;
     dq.n = n;
     dq.k = tile_k_;
