@@ -16,7 +16,9 @@
 #   GEMM rate, a calibration of the synthetic fill, then for 1 worker and for one worker per GPU the
 #   decode step at --scale-tokens tokens per worker and --scale-batches, and the real prefill of
 #   --scale-prefill prompts (--scale-scheme, --scale-workers "1 2" choose the rest; an empty size list
-#   skips that part). Logs scale.log, scale.jsonl (bench/scale_plot.py draws them).
+#   skips that part). Logs scale.log, scale.jsonl (bench/scale_plot.py draws them). The calibrations (minutes
+#   of CPU) are kept in --scale-calibrations DIR (default the build directory) and reused from there when
+#   present; a file that does not match the model is refused by kvshard, so a stale one fails loudly.
 #
 # Dependencies the host lacks come from .deps/ (deploy/fetch-device-debs.sh); the build directory keeps a
 # copy, so later runs against the same build need no .deps/. Ends with a summary.
@@ -36,6 +38,7 @@ scale_tokens=262144,2097152
 scale_batches=1,16
 scale_prefill=32768,131072
 scale_worker_counts=""
+scale_calibrations=""
 phases=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,6 +52,7 @@ while [ $# -gt 0 ]; do
     --scale-batches) scale_batches="$2"; shift 2 ;;
     --scale-prefill) scale_prefill="$2"; shift 2 ;;
     --scale-workers) scale_worker_counts="$2"; shift 2 ;;
+    --scale-calibrations) scale_calibrations="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
     *) phases+=("$1"); shift ;;
   esac
 done
@@ -242,6 +246,10 @@ if want scale; then
   calibrate() {
     local file="$1" start
     shift
+    if [ -s "$file" ]; then
+      note "scale: calibration $(basename "$file"): reused"
+      return
+    fi
     start=$(date +%s)
     "$build/kvshard" calibrate "${model_flags[@]}" --outlier_fractions 0.01 --out "$file" "$@" >>"$out/scale.log" 2>&1
     note "scale: calibration $(basename "$file"): rc=$? ($(($(date +%s) - start)) s)"
@@ -259,12 +267,13 @@ if want scale; then
     note "scale: $what, $n worker(s): rc=$? ($(($(date +%s) - start)) s)"
   }
   fill_calibration=() text_calibration=()
+  calibrations="${scale_calibrations:-$build}"
   if [ "$scale_scheme" != fp16 ]; then
-    [ -n "$scale_tokens" ] && calibrate "$build/synthetic-8b-fill.kvcal" --calibration_tokens 4096
+    [ -n "$scale_tokens" ] && calibrate "$calibrations/synthetic-8b-fill.kvcal" --calibration_tokens 4096
     [ -n "$scale_prefill" ] &&
-      calibrate "$build/synthetic-8b-text.kvcal" --text "$root/README.md" --calibration_tokens 512 --ctx 256
-    fill_calibration=(--calibration "$build/synthetic-8b-fill.kvcal")
-    text_calibration=(--calibration "$build/synthetic-8b-text.kvcal")
+      calibrate "$calibrations/synthetic-8b-text.kvcal" --text "$root/README.md" --calibration_tokens 512 --ctx 256
+    fill_calibration=(--calibration "$calibrations/synthetic-8b-fill.kvcal")
+    text_calibration=(--calibration "$calibrations/synthetic-8b-text.kvcal")
   fi
   : >"$out/scale.jsonl"
   for n in ${scale_worker_counts:-1 $workers}; do
