@@ -145,7 +145,8 @@ std::string WireTypeName(WireType type) { return type == WireType::kBf16 ? "bf16
 
 absl::Status MergePartialsAcrossWorkers(Collectives& collectives, const MergeOptions& options, int64_t rows,
                                         int head_dim, float* out, float* lse) {
-  if (rows == 0) return absl::OkStatus();
+  // One worker's partials are already the merged result (and keep full precision on a bf16 wire).
+  if (rows == 0 || collectives.size() == 1) return absl::OkStatus();
   if (options.mode == MergeMode::kTree) return MergeByTree(collectives, options.wire, rows, head_dim, out, lse);
   return MergeByAllGather(collectives, options.wire, rows, head_dim, out, lse);
 }

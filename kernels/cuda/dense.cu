@@ -1,6 +1,7 @@
 #include "kernels/cuda/dense.h"
 
 #include <climits>
+#include <cstdint>
 #include <utility>
 
 #include "common/status.h"
@@ -50,7 +51,9 @@ absl::Status CheckRows(int64_t rows, int64_t dim, const char* what) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// RMSNorm: one block per row; the row is read twice (the second pass hits L1/L2).
+// RMSNorm: one block per row; the row is read twice (the second pass hits L1/L2). Rows of a multiple of 4
+// floats (16-byte aligned) go as float4 with four loads in flight per thread: a decode step normalizes a single row, so the
+// kernel is one block and its time is the latency of its dependent loads.
 constexpr int kNormThreads = 256;
 
 template <typename OutT>
@@ -60,39 +63,78 @@ __global__ void __launch_bounds__(kNormThreads) RmsNormKernel(const float* __res
   const int64_t row = blockIdx.x;
   const float* xr = x + row * dim;
   OutT* yr = y + row * dim;
-  float sum_sq = 0.0f;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) sum_sq += xr[i] * xr[i];
   __shared__ float scratch[kNormThreads / 32];
+  float sum_sq = 0.0f;
+  if (dim % 4 == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight)) & 15) == 0) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    const float4* w4 = reinterpret_cast<const float4*>(weight);
+    const int64_t n4 = dim / 4;
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < n4; i += kNormThreads) {
+      const float4 v = x4[i];
+      sum_sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    sum_sq = BlockSum(sum_sq, scratch);
+    const float inv_rms = rsqrtf(sum_sq / static_cast<float>(dim) + eps);
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < n4; i += kNormThreads) {
+      const float4 v = x4[i], w = w4[i];
+      OutT* out = yr + 4 * i;
+      out[0] = FromFloat<OutT>(v.x * inv_rms * w.x);
+      out[1] = FromFloat<OutT>(v.y * inv_rms * w.y);
+      out[2] = FromFloat<OutT>(v.z * inv_rms * w.z);
+      out[3] = FromFloat<OutT>(v.w * inv_rms * w.w);
+    }
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) sum_sq += xr[i] * xr[i];
   sum_sq = BlockSum(sum_sq, scratch);
   const float inv_rms = rsqrtf(sum_sq / static_cast<float>(dim) + eps);
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = FromFloat<OutT>(xr[i] * inv_rms * weight[i]);
+  for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) yr[i] = FromFloat<OutT>(xr[i] * inv_rms * weight[i]);
 }
 
 // ---------------------------------------------------------------------------------------------------
-// RoPE: one thread per (row, channel pair); it computes cos/sin once and rotates every head.
+// RoPE: one thread per (row, channel pair, group of kRopeHeadsPerThread heads); it computes cos/sin once (in
+// double, as the CPU twin) and rotates its heads with their loads issued together. A decode row has 64 pairs,
+// so spreading the heads over threads is what gives the kernel more than one block.
 constexpr int kRopeThreads = 128;
+constexpr int kRopeHeadsPerThread = 4;
 
 __global__ void __launch_bounds__(kRopeThreads) RopeKernel(float* __restrict__ x, int64_t row_stride,
                                                            const int64_t* __restrict__ positions,
                                                            const float* __restrict__ inv_freq, int64_t rows,
                                                            int n_heads, int head_dim) {
   const int half = head_dim / 2;
+  const int head_groups = (n_heads + kRopeHeadsPerThread - 1) / kRopeHeadsPerThread;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= rows * half) return;
-  const int64_t row = idx / half;
-  const int i = static_cast<int>(idx % half);
+  if (idx >= rows * half * head_groups) return;
+  const int64_t row = idx / (static_cast<int64_t>(half) * head_groups);
+  const int rest = static_cast<int>(idx % (static_cast<int64_t>(half) * head_groups));
+  const int group = rest / half;
+  const int i = rest % half;
   const double angle = static_cast<double>(positions[row]) * static_cast<double>(inv_freq[i]);
   double s_d, c_d;
   sincos(angle, &s_d, &c_d);
   const float c = static_cast<float>(c_d);
   const float s = static_cast<float>(s_d);
   float* xr = x + row * row_stride;
-  for (int h = 0; h < n_heads; ++h) {
-    float* v = xr + static_cast<int64_t>(h) * head_dim;
-    const float a = v[i];
-    const float b = v[i + half];
-    v[i] = a * c - b * s;
-    v[i + half] = b * c + a * s;
+  const int h0 = group * kRopeHeadsPerThread;
+  const int n = min(kRopeHeadsPerThread, n_heads - h0);
+  float a[kRopeHeadsPerThread], b[kRopeHeadsPerThread];
+#pragma unroll
+  for (int k = 0; k < kRopeHeadsPerThread; ++k) {
+    if (k < n) {
+      a[k] = xr[static_cast<int64_t>(h0 + k) * head_dim + i];
+      b[k] = xr[static_cast<int64_t>(h0 + k) * head_dim + i + half];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kRopeHeadsPerThread; ++k) {
+    if (k < n) {
+      float* v = xr + static_cast<int64_t>(h0 + k) * head_dim;
+      v[i] = a[k] * c - b[k] * s;
+      v[i + half] = b[k] * c + a[k] * s;
+    }
   }
 }
 
@@ -245,8 +287,9 @@ absl::Status RopeCuda(float* x, int64_t row_stride, const int64_t* positions, co
     return absl::InvalidArgumentError(absl::StrCat("RopeCuda: bad shape rows=", rows, " n_heads=", n_heads,
                                                    " head_dim=", head_dim, " row_stride=", row_stride));
   }
-  const int64_t threads = rows * (head_dim / 2);
+  const int64_t threads = rows * (head_dim / 2) * ((n_heads + kRopeHeadsPerThread - 1) / kRopeHeadsPerThread);
   if (threads == 0) return absl::OkStatus();
+  if (CeilDiv(threads, kRopeThreads) > INT_MAX) return absl::InvalidArgumentError("RopeCuda: too many rows");
   RopeKernel<<<static_cast<unsigned>(CeilDiv(threads, kRopeThreads)), kRopeThreads, 0, stream>>>(
       x, row_stride, positions, inv_freq, rows, n_heads, head_dim);
   CUDA_RETURN_IF_LAUNCH_ERROR();

@@ -49,7 +49,10 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kGroupTile = 4;       // query heads per block (Llama-3: group 4; SmolLM2: group 3)
 constexpr int kPage = kKvqPageTokens;
 constexpr int kMaxSplits = 128;
-constexpr int kMinPagesPerSplit = 8;  // two pages per warp: below that the per-block setup dominates
+// One page per warp at least. Short contexts need the splits: 8K tokens of a single request are 64 pages
+// per KV head, and at two pages per warp they filled a quarter of an H100's block slots, each warp walking
+// its pages one after another at its own latency. Long contexts are unaffected (PlanKvq's wave count).
+constexpr int kMinPagesPerSplit = 4;
 constexpr int kProbsStride = kPage + 16;  // kvq3: fp16 weights per head row, padded against bank conflicts
 // A page's scores, float [token][kGroupTile] with 4 floats of padding after every 16 tokens: the MMA
 // epilogue's stores (lanes 16 tokens apart) then hit distinct banks, and the softmax's float4 rows

@@ -41,7 +41,9 @@ absl::Status NcclPartialsMerger::Merge(const MergeOptions& options, int64_t rows
     return absl::InvalidArgumentError(
         absl::StrCat("GPU merge of partials: bad shape rows=", rows, " head_dim=", head_dim));
   }
-  if (rows == 0) return absl::OkStatus();
+  // One worker's partials are already the merged result: no pack, collective or merge kernel (as the CPU
+  // twin, MergePartialsAcrossWorkers).
+  if (rows == 0 || nccl_.size() == 1) return absl::OkStatus();
   if (options.mode == MergeMode::kTree) return MergeByTree(options.wire, rows, head_dim, out, lse);
   return MergeByAllGather(options.wire, rows, head_dim, out, lse);
 }
