@@ -434,7 +434,7 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
 
   std::map<int64_t, int32_t> sampled;
   for (const StepReport& report : reports) {
-    for (const SampledToken& s : report.sampled) sampled[s.id] = s.token;
+    for (const ReportedToken& s : report.sampled) sampled[s.id] = s.token;
   }
   auto take_token = [&](const std::shared_ptr<Request>& r) {
     auto s = sampled.find(r->id);

@@ -242,7 +242,7 @@ absl::StatusOr<WorkerHello> DecodeHello(const std::string& bytes) {
 
 std::string EncodeReport(const StepReport& r) {
   json sampled = json::array();
-  for (const SampledToken& s : r.sampled) sampled.push_back(json::array({s.id, s.token}));
+  for (const ReportedToken& s : r.sampled) sampled.push_back(json::array({s.id, s.token}));
   json failed = json::array();
   for (const FailedRequest& f : r.failed) failed.push_back({{"id", f.id}, {"message", f.message}});
   return Pack({{"type", "report"},

@@ -96,7 +96,8 @@ struct StepPlan {
   std::vector<DecodeWork> decode;  // one row per request; the sampler of each samples its next token
 };
 
-struct SampledToken {
+// A token a worker sampled for a request in a step.
+struct ReportedToken {
   int64_t id = 0;
   int32_t token = 0;
 };
@@ -108,7 +109,7 @@ struct FailedRequest {
 struct StepReport {
   int64_t step = 0;
   int worker = 0;
-  std::vector<SampledToken> sampled;
+  std::vector<ReportedToken> sampled;
   std::vector<FailedRequest> failed;
   int64_t kv_bytes = 0;     // KV bytes this worker holds after the step
   int64_t kv_elements = 0;  // K and V elements they represent

@@ -28,9 +28,8 @@ class GpuBackend {
   // holds for the whole request.
   virtual absl::Status StartRequest(int64_t max_positions, const SamplingParams& sampling) = 0;
   // Feeds `tokens` (at most max_chunk()) at positions first_position.. and returns the next token, drawn
-  // on the GPU as the step-th draw of the request (kernels/sampling.h: greedy picks the lowest id among
-  // equal logits, like Sampler; the repetition penalty follows Sampler's rule over the accepted tokens;
-  // temperature sampling uses the device's counter-based stream, not Sampler's).
+  // on the GPU as the step-th draw of the request (kernels/sampling.h, as Sampler draws on the CPU; the
+  // repetition penalty covers the accepted tokens of Sampler's window).
   virtual absl::StatusOr<int32_t> Feed(std::span<const int32_t> tokens, int64_t first_position, uint64_t step) = 0;
   // Records a generated token for the repetition penalty (as Sampler::Accept).
   virtual void Accept(int32_t token) = 0;

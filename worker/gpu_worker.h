@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "kernels/sampling.h"
 #include "kvstore/calibration.h"
 #include "kvstore/kv_shard.h"
 #include "worker/collectives.h"
@@ -48,6 +50,10 @@ struct GpuDecodeRow {
   bool held = false;     // this worker holds tokens of the request: it computes partials for the row
   bool appends = false;  // this worker holds the row's position: the row's KV goes into its store
   bool failed = false;   // the request already failed here: neutral partials, nothing appended
+  // When set, the row's next token is drawn on this worker's GPU with these settings (Sampler::TakeDraw),
+  // the repetition penalty covering `recent` (Sampler::recent(); the span must outlive the call).
+  std::optional<TokenSampling> draw;
+  std::span<const int32_t> recent;
 };
 
 class GpuWorker {
@@ -89,11 +95,12 @@ class GpuWorker {
   // over this worker's tokens of `id`.
   virtual absl::Status PrefillSource(int64_t id, int owner, int n_queries, int64_t first_position, bool failed,
                                      const InjectedFault& fault, absl::Status* error) = 0;
-  // A decode step over `rows`; every worker runs the same rows. logits gets [rows][vocab] of the rows
-  // with want_logits[i] (others left unset) when any is wanted; errors[i] the local failure of row i.
-  // step_seconds / merge_seconds: the forward pass and, of it, the cross-worker merges (host time).
+  // A decode step over `rows`; every worker runs the same rows. (*tokens)[i] gets the token drawn on the
+  // device for each row with a `draw` (-1 for the others): only token ids leave the GPU. logits gets
+  // [rows][vocab] of the rows with want_logits[i] (others left unset), before any penalty, when any is
+  // wanted; errors[i] the local failure of row i. merge_seconds: the cross-worker merges (GPU time).
   virtual absl::Status Decode(std::span<const GpuDecodeRow> rows, const std::vector<bool>& want_logits,
-                              const InjectedFault& fault, std::vector<float>* logits,
+                              const InjectedFault& fault, std::vector<float>* logits, std::vector<int32_t>* tokens,
                               std::vector<absl::Status>* errors, double* merge_seconds, int64_t* merges) = 0;
 };
 

@@ -297,7 +297,7 @@ class Worker {
       }
     }
     // Sampled tokens of failed requests are dropped: the request is over.
-    std::erase_if(report.sampled, [&](const SampledToken& s) { return !Lookup(s.id).state.error.ok(); });
+    std::erase_if(report.sampled, [&](const ReportedToken& s) { return !Lookup(s.id).state.error.ok(); });
     // Placeholders of requests the coordinator never announced (reported failed above) go now.
     std::vector<int64_t> unannounced;
     for (const auto& [id, request] : requests_) {
@@ -438,7 +438,6 @@ class Worker {
 
   absl::Status DecodeOnGpu(const std::vector<DecodeWork>& work, const InjectedFault& fault, StepReport& report) {
     std::vector<GpuDecodeRow> rows;
-    std::vector<bool> want_logits;
     for (const DecodeWork& w : work) {
       LocalRequest& request = Lookup(w.id);
       std::vector<int32_t> token = {w.token};
@@ -451,20 +450,24 @@ class Worker {
       row.appends = row.held && me_ < static_cast<int>(request.state.ranges.size()) &&
                     request.state.ranges[me_].contains(w.position);
       row.failed = !request.state.error.ok();
+      if (request.sampler.has_value() && request.state.error.ok()) {  // drawn on the GPU: no logits to the host
+        row.draw = request.sampler->TakeDraw();
+        row.recent = request.sampler->recent();
+      }
       rows.push_back(row);
-      want_logits.push_back(request.sampler.has_value() && request.state.error.ok());
     }
-    std::vector<float> logits;
+    std::vector<int32_t> drawn;
     std::vector<absl::Status> errors;
     const auto start = std::chrono::steady_clock::now();
-    KV_RETURN_IF_ERROR(gpu_->Decode(rows, want_logits, fault, &logits, &errors, &report.merge_seconds, &report.merges));
+    KV_RETURN_IF_ERROR(gpu_->Decode(rows, /*want_logits=*/{}, fault, /*logits=*/nullptr, &drawn, &errors,
+                                    &report.merge_seconds, &report.merges));
     report.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    const int vocab = model_->config().vocab_size;
     for (size_t i = 0; i < work.size(); ++i) {
       LocalRequest& request = Lookup(work[i].id);
       request.state.Fail(errors[i]);
-      if (want_logits[i] && request.state.error.ok()) {
-        report.sampled.push_back({work[i].id, SampleAndAccept(*request.sampler, logits.data() + i * vocab)});
+      if (rows[i].draw.has_value() && request.state.error.ok()) {
+        request.sampler->Accept(drawn[i]);
+        report.sampled.push_back({work[i].id, drawn[i]});
       }
     }
     return absl::OkStatus();

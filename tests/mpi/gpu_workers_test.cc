@@ -14,6 +14,7 @@
 #include "common/half.h"
 #include "coordinator/quality.h"
 #include "gtest/gtest.h"
+#include "kernels/sampling.h"
 #include "kvstore/quantized_shard.h"
 #include "worker/forward.h"
 #include "worker/gpu_worker.h"
@@ -224,18 +225,50 @@ TEST_P(GpuWorkerTest, ShardedPrefillAndBatchedDecodeMatchOneCpuShard) {
   double worst_a = 0, worst_b = 0;
   for (int step = 0; step < kSteps; ++step) {
     std::vector<GpuDecodeRow> rows(2);
-    rows[0] = {kA, PromptToken(kPrompt + step, kA), kPrompt + step, true, me == n_workers - 1, false};
-    rows[1] = {kB, PromptToken(kShortPrompt + step, kB), kShortPrompt + step, me == 0, me == 0, false};
+    rows[0] = {kA, PromptToken(kPrompt + step, kA), kPrompt + step, true, me == n_workers - 1, false, {}, {}};
+    rows[1] = {kB, PromptToken(kShortPrompt + step, kB), kShortPrompt + step, me == 0, me == 0, false, {}, {}};
     const std::vector<bool> want_logits = {me == n_workers - 1, me == 0};
+    // The rows whose logits come back are also drawn on the device: greedy, or at a temperature with
+    // top-k and top-p (odd steps), under a repetition penalty over two earlier prompt ids.
+    const std::vector<int32_t> recent = {PromptToken(step, kA), PromptToken(step + 1, kB)};
+    TokenSampling draw;
+    draw.repetition_penalty = 1.3f;
+    draw.seed = 7;
+    draw.step = static_cast<uint64_t>(step);
+    if (step % 2 == 1) {
+      draw.temperature = 0.8f;
+      draw.top_k = 40;
+      draw.top_p = 0.9f;
+    }
+    for (int r = 0; r < 2; ++r) {
+      if (!want_logits[r]) continue;
+      rows[r].draw = draw;
+      rows[r].recent = recent;
+    }
     std::vector<float> logits;
+    std::vector<int32_t> drawn;
     std::vector<absl::Status> errors;
     double merge_seconds = 0;
     int64_t merges = 0;
-    ASSERT_TRUE((*gpu)->Decode(rows, want_logits, {}, &logits, &errors, &merge_seconds, &merges).ok());
+    ASSERT_TRUE((*gpu)->Decode(rows, want_logits, {}, &logits, &drawn, &errors, &merge_seconds, &merges).ok());
     EXPECT_TRUE(errors[0].ok() && errors[1].ok()) << errors[0] << " " << errors[1];
     EXPECT_EQ(merges, weights.config.n_layers);
     if (want_logits[0]) worst_a = std::max(worst_a, RelativeL2(logits.data(), want_a[step + 1]));
     if (want_logits[1]) worst_b = std::max(worst_b, RelativeL2(logits.data() + vocab, want_b[step + 1]));
+    for (int r = 0; r < 2; ++r) {
+      if (!want_logits[r]) {
+        EXPECT_EQ(drawn[r], -1);
+        continue;
+      }
+      // The CPU twin on the same logits (returned before the penalty) picks the same token, unless the
+      // draw fell within rounding of a boundary (kernels/sampling.h).
+      std::vector<float> penalized(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
+      ApplyRepetitionPenaltyCpu(penalized.data(), vocab, recent.data(), static_cast<int>(recent.size()), 1.3f);
+      const SampledToken want = SampleTokenCpu(penalized.data(), vocab, draw);
+      if (want.margin > 1e-5) {
+        EXPECT_EQ(drawn[r], want.token) << "row " << r << " step " << step;
+      }
+    }
   }
   std::printf("worker %d of %d, %s, merge %s: worst relative L2 of decode logits: A %.2e, B %.2e\n", me,
               n_workers, scheme.c_str(), MergeModeName(GetParam().merge).c_str(), worst_a, worst_b);

@@ -1,4 +1,5 @@
 // GpuBackend over GpuModel and GpuKvCache.
+#include <optional>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -8,6 +9,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "worker/cuda/gpu_model.h"
 #include "worker/gpu_backend.h"
+#include "worker/sampler.h"
 
 namespace kvshard {
 namespace {
@@ -24,9 +26,7 @@ class CudaBackend final : public GpuBackend {
   }
 
   absl::Status StartRequest(int64_t max_positions, const SamplingParams& sampling) override {
-    sampling_ = sampling;
-    recent_.clear();
-    recent_next_ = 0;
+    sampler_.emplace(sampling);
     if (cache_ != nullptr && cache_->capacity() >= max_positions) {
       cache_->Clear();
       return absl::OkStatus();
@@ -37,25 +37,14 @@ class CudaBackend final : public GpuBackend {
   }
 
   absl::StatusOr<int32_t> Feed(std::span<const int32_t> tokens, int64_t first_position, uint64_t step) override {
-    if (cache_ == nullptr) return absl::FailedPreconditionError("Feed before StartRequest");
-    TokenSampling s;
-    s.temperature = sampling_.temperature;
-    s.top_k = sampling_.top_k;
-    s.top_p = sampling_.top_p;
-    s.repetition_penalty = sampling_.repetition_penalty;
-    s.seed = sampling_.seed;
-    s.step = step;
-    return model_->Forward(tokens, first_position, *cache_, &s, nullptr, recent_);
+    if (cache_ == nullptr || !sampler_) return absl::FailedPreconditionError("Feed before StartRequest");
+    TokenSampling s = sampler_->TakeDraw();
+    s.step = step;  // the caller numbers the draws: every prefill chunk draws, only the last one counts
+    return model_->Forward(tokens, first_position, *cache_, &s, nullptr, sampler_->recent());
   }
 
-  void Accept(int32_t token) override {  // the ring of Sampler::Accept
-    if (sampling_.repetition_penalty == 1.0f || sampling_.repetition_window <= 0) return;
-    if (recent_.size() < static_cast<size_t>(sampling_.repetition_window)) {
-      recent_.push_back(token);
-    } else {
-      recent_[recent_next_] = token;
-      recent_next_ = (recent_next_ + 1) % recent_.size();
-    }
+  void Accept(int32_t token) override {
+    if (sampler_) sampler_->Accept(token);
   }
 
   int max_chunk() const override { return model_->max_chunk(); }
@@ -63,9 +52,7 @@ class CudaBackend final : public GpuBackend {
  private:
   std::unique_ptr<GpuModel> model_;
   std::unique_ptr<GpuKvCache> cache_;
-  SamplingParams sampling_;
-  std::vector<int32_t> recent_;  // the last repetition_window accepted tokens (a ring)
-  size_t recent_next_ = 0;
+  std::optional<Sampler> sampler_;  // the request's settings and the repetition penalty's window
 };
 
 }  // namespace

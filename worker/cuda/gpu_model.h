@@ -128,6 +128,7 @@ class GpuModel {
   absl::Status Enqueue(std::span<const int32_t> tokens, std::span<const int64_t> positions,
                        GpuAttentionContext& context, bool logits_of_every_row);
   const float* logits() const { return logits_.as<float>(); }
+  float* mutable_logits() { return logits_.as<float>(); }  // a device draw's penalty changes them in place
   absl::Status Synchronize();
 
  private:

@@ -5,6 +5,7 @@
 #include <chrono>
 
 #include <cuda_runtime.h>
+#include <nvtx3/nvToolsExt.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -12,6 +13,7 @@
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/dense.h"
+#include "kernels/cuda/sampling.h"
 #include "kvstore/kv_scheme.h"
 #include "worker/cuda/device_kv_store.h"
 #include "worker/cuda/gpu_model.h"
@@ -23,6 +25,15 @@ namespace {
 
 constexpr int64_t kKvReserveBytes = int64_t{3} << 29;  // 1.5 GiB left for cuBLAS, NCCL and scratch growth
 constexpr int32_t kNegativeInfinityBits = static_cast<int32_t>(0xff800000u);
+
+// Names a span of host work for profilers (ncu --nvtx --nvtx-include "decode step/"); free without one.
+class ProfileRange {
+ public:
+  explicit ProfileRange(const char* name) { nvtxRangePushA(name); }
+  ~ProfileRange() { nvtxRangePop(); }
+  ProfileRange(const ProfileRange&) = delete;
+  ProfileRange& operator=(const ProfileRange&) = delete;
+};
 
 DType WireDType(WireType wire) { return wire == WireType::kBf16 ? DType::kBF16 : DType::kF32; }
 
@@ -51,6 +62,76 @@ struct Scratch {
 void FailOnce(absl::Status* slot, const absl::Status& status) {
   if (slot != nullptr && slot->ok()) *slot = status;
 }
+
+// The device draws of a decode step: the rows' sampling settings and repetition-penalty ids go up in one
+// pinned buffer, the penalty and the draw run on the logits in place, and only the token ids come back.
+class DeviceDraws {
+ public:
+  DeviceDraws() = default;
+  DeviceDraws(const DeviceDraws&) = delete;
+  DeviceDraws& operator=(const DeviceDraws&) = delete;
+  ~DeviceDraws() {
+    if (host_ != nullptr) cudaFreeHost(host_);
+  }
+
+  // Enqueues the draws of `rows` (rows without a draw are drawn greedily and ignored) from logits
+  // [rows][vocab] (device), which the penalty changes.
+  absl::Status Enqueue(std::span<const GpuDecodeRow> rows, float* logits, int vocab, cudaStream_t stream) {
+    const int n = static_cast<int>(rows.size());
+    int window = 1;
+    for (const GpuDecodeRow& row : rows) window = std::max(window, static_cast<int>(row.recent.size()));
+    // Layout: TokenSampling [n], then int32 recent counts [n], recent ids [n][window], tokens [n].
+    const int64_t params_bytes = static_cast<int64_t>(n) * sizeof(TokenSampling);
+    const int64_t bytes = params_bytes + 4 * (static_cast<int64_t>(n) * (window + 2));
+    KV_RETURN_IF_ERROR(Reserve(bytes));
+    auto* params = reinterpret_cast<TokenSampling*>(host_);
+    auto* counts = reinterpret_cast<int32_t*>(host_ + params_bytes);
+    int32_t* recent = counts + n;
+    for (int i = 0; i < n; ++i) {
+      params[i] = rows[i].draw.value_or(TokenSampling{});
+      counts[i] = rows[i].draw.has_value() ? static_cast<int32_t>(rows[i].recent.size()) : 0;
+      std::copy(rows[i].recent.begin(), rows[i].recent.begin() + counts[i], recent + static_cast<int64_t>(i) * window);
+    }
+    const int64_t upload = bytes - 4 * n;
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_.get(), host_, upload, cudaMemcpyHostToDevice, stream));
+    auto* d_params = device_.as<TokenSampling>();
+    auto* d_counts = reinterpret_cast<int32_t*>(device_.as<char>() + params_bytes);
+    int32_t* d_recent = d_counts + n;
+    int32_t* d_tokens = d_recent + static_cast<int64_t>(n) * window;
+    KV_RETURN_IF_ERROR(ApplyRepetitionPenaltyCuda(logits, vocab, vocab, n, d_recent, window, d_counts, d_params, stream));
+    KV_RETURN_IF_ERROR(SampleTokensCuda(logits, vocab, vocab, n, d_params, d_tokens, stream));
+    tokens_ = reinterpret_cast<int32_t*>(host_ + upload);
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tokens_, d_tokens, 4 * n, cudaMemcpyDeviceToHost, stream));
+    return absl::OkStatus();
+  }
+
+  // After the stream has finished: the drawn token of each row with a draw.
+  void Tokens(std::span<const GpuDecodeRow> rows, std::vector<int32_t>& tokens) const {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (rows[i].draw.has_value()) tokens[i] = tokens_[i];
+    }
+  }
+
+ private:
+  absl::Status Reserve(int64_t bytes) {
+    if (bytes <= capacity_) return absl::OkStatus();
+    if (host_ != nullptr) CUDA_RETURN_IF_ERROR(cudaFreeHost(host_));
+    host_ = nullptr;
+    capacity_ = 0;
+    device_ = DeviceMemory();
+    KV_ASSIGN_OR_RETURN(device_, DeviceMemory::Allocate(bytes, "decode draws"));
+    void* host = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&host, bytes));
+    host_ = static_cast<char*>(host);
+    capacity_ = bytes;
+    return absl::OkStatus();
+  }
+
+  char* host_ = nullptr;  // pinned
+  int64_t capacity_ = 0;
+  DeviceMemory device_;
+  int32_t* tokens_ = nullptr;
+};
 
 // Decode: every worker runs the same rows; partials of the rows it holds, then the merge of every layer.
 class DecodeContext final : public GpuAttentionContext {
@@ -280,6 +361,7 @@ class CudaGpuWorker final : public GpuWorker {
   absl::Status PrefillOwner(int64_t id, std::span<const int32_t> tokens, int64_t first_position,
                             std::span<const int> sources, bool failed, const InjectedFault& fault,
                             std::vector<float>* logits, absl::Status* error) override {
+    ProfileRange range("prefill chunk");
     const int64_t n = static_cast<int64_t>(tokens.size());
     std::vector<int64_t> positions(n);
     for (int64_t i = 0; i < n; ++i) positions[i] = first_position + i;
@@ -332,25 +414,41 @@ class CudaGpuWorker final : public GpuWorker {
   }
 
   absl::Status Decode(std::span<const GpuDecodeRow> rows, const std::vector<bool>& want_logits,
-                      const InjectedFault& fault, std::vector<float>* logits, std::vector<absl::Status>* errors,
-                      double* merge_seconds, int64_t* merges) override {
+                      const InjectedFault& fault, std::vector<float>* logits, std::vector<int32_t>* tokens,
+                      std::vector<absl::Status>* errors, double* merge_seconds, int64_t* merges) override {
+    ProfileRange range("decode step");
     const int64_t n = static_cast<int64_t>(rows.size());
     if (n > options_.max_decode_rows || n > model_->max_chunk()) {
       return absl::InvalidArgumentError(absl::StrCat("a decode step of ", n, " rows; GPU workers take at most ",
                                                      std::min(options_.max_decode_rows, model_->max_chunk())));
     }
     errors->assign(n, absl::OkStatus());
-    std::vector<int32_t> tokens(n);
+    tokens->assign(n, -1);
+    std::vector<int32_t> ids(n);
     std::vector<int64_t> positions(n);
+    bool any_draws = false;
     for (int64_t i = 0; i < n; ++i) {
-      tokens[i] = rows[i].token;
+      ids[i] = rows[i].token;
       positions[i] = rows[i].position;
+      any_draws = any_draws || rows[i].draw.has_value();
     }
     const bool any_logits = std::find(want_logits.begin(), want_logits.end(), true) != want_logits.end();
     DecodeContext context(store_.get(), merger_, options_.merge, model_->kv_geometry(), rows, fault, *errors,
                           scratch_, merge_events_);
-    KV_RETURN_IF_ERROR(model_->Enqueue(tokens, positions, context, any_logits));
+    KV_RETURN_IF_ERROR(model_->Enqueue(ids, positions, context, any_logits || any_draws));
+    const int64_t vocab = model_->config().vocab_size;
+    cudaStream_t stream = model_->stream();
+    if (any_logits) {  // queued before the draws' penalty changes them
+      logits->resize(n * vocab);
+      for (int64_t i = 0; i < n; ++i) {
+        if (!want_logits[i]) continue;
+        CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits->data() + i * vocab, model_->logits() + i * vocab, vocab * 4,
+                                             cudaMemcpyDeviceToHost, stream));
+      }
+    }
+    if (any_draws) KV_RETURN_IF_ERROR(draws_.Enqueue(rows, model_->mutable_logits(), static_cast<int>(vocab), stream));
     KV_RETURN_IF_ERROR(nccl_->Synchronize());
+    if (any_draws) draws_.Tokens(rows, *tokens);
     float total_ms = 0;
     for (int layer = 0; layer < model_->config().n_layers; ++layer) {
       float ms = 0;
@@ -359,15 +457,6 @@ class CudaGpuWorker final : public GpuWorker {
     }
     *merge_seconds = total_ms / 1000.0;
     *merges = model_->config().n_layers;
-    if (any_logits) {
-      const int64_t vocab = model_->config().vocab_size;
-      logits->resize(n * vocab);
-      for (int64_t i = 0; i < n; ++i) {
-        if (!want_logits[i]) continue;
-        CUDA_RETURN_IF_ERROR(cudaMemcpy(logits->data() + i * vocab, model_->logits() + i * vocab, vocab * 4,
-                                        cudaMemcpyDeviceToHost));
-      }
-    }
     return absl::OkStatus();
   }
 
@@ -376,6 +465,7 @@ class CudaGpuWorker final : public GpuWorker {
   std::unique_ptr<GpuModel> model_;
   std::unique_ptr<NcclCollectives> nccl_;
   NcclPartialsMerger merger_;
+  DeviceDraws draws_;
   int64_t kv_budget_;
   std::unique_ptr<DeviceKvStore> store_;
   std::string scheme_;
