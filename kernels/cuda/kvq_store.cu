@@ -124,25 +124,28 @@ __global__ void __launch_bounds__(32 * kFlushValueWarps) FlushValuesKernel(const
 }
 
 // Key outliers into their streams' lists, in token order: one block per (run of page entries of one slot,
-// KV head), taking the pages in order, one thread per token of a page entry (an entry lies within one
-// page). The tokens always extend the stream's newest page, so its list grows at the stream's end (the
-// key_outliers counter); a fresh page records that end as its start. A scan of the tokens' counts gives
-// each token its place in the list, so an entry's outliers are copied in parallel (one warp walking the
-// tokens one by one took 0.55 ms per call, 16.5% of the GPU time, in a 512-token prefill chunk of an
-// 8B-shaped model). When the list needs new segments, thread 0 takes them from the sequence's pool one at
-// a time, as a token-by-token walk would, so the pool counter and the segment table come out the same. A
-// token whose outliers do not fit once the pool is used up keeps what fits (its count says so; later
-// tokens keep none) and raises its sequence slot's overflow flag, so no list runs into another sequence's
-// segments.
-constexpr int kCompactThreads = kPage;
+// KV head). The run's tokens, across its entries, are taken as one sequence in tiles of kCompactThreads (a
+// 512-token prefill chunk is one tile), one thread per token. The tokens always extend the stream's newest
+// page, so its list grows at the stream's end (the key_outliers counter); a fresh page records that end as
+// its start. A scan of the tokens' counts gives each token its place in the list, so the outliers are
+// copied in parallel. (One warp walking the tokens took 0.55 ms per 512-token chunk of an 8B-shaped model;
+// a tile per page entry, the entries one after another, 88 us.) When the list needs new segments, thread 0
+// takes them from the sequence's pool one at a time, as a token-by-token walk would, so the pool counter and
+// the segment table come out the same. A token whose outliers do not fit once the pool is used up keeps
+// what fits (its count says so; later tokens keep none) and raises its sequence slot's overflow flag, so no
+// list runs into another sequence's segments.
+constexpr int kCompactThreads = 512;
 
 __global__ void __launch_bounds__(kCompactThreads) CompactKeyOutliersKernel(const KvqAppendArgs a) {
-  __shared__ int token_offset[kCompactThreads];  // exclusive prefix of the counts: a token's place
+  __shared__ int token_offset[kCompactThreads];     // exclusive prefix of the counts: a token's place
+  __shared__ int64_t token_source[kCompactThreads];  // a token's scratch row
   __shared__ int warp_totals[kCompactThreads / 32];
   __shared__ int64_t shared_room;
   const int first = blockIdx.x;
   const int32_t slot = a.pages[first].slot;
   if (first > 0 && a.pages[first - 1].slot == slot) return;  // the block of an earlier entry takes this one
+  int64_t run_tokens = 0;
+  for (int e = first; e < a.n_pages && a.pages[e].slot == slot; ++e) run_tokens += a.pages[e].n;
   const int h = blockIdx.y;
   const int t = threadIdx.x;
   const int lane = t & 31, warp = t >> 5;
@@ -156,86 +159,90 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKeyOutliersKernel(cons
   const int64_t pool = static_cast<int64_t>(a.pages[first].stream_pages) * a.n_kv_heads * L.n_layers;
   const int64_t table = static_cast<int64_t>(a.pages[first].stream_pages) * kKvqSegmentTableWidth;
   bool full = false;  // thread 0's: no more segments for the rest of the launch
-  for (int entry = first; entry < a.n_pages && a.pages[entry].slot == slot; ++entry) {
-    const KvqFlushPage pg = a.pages[entry];
-    const int64_t ph = static_cast<int64_t>(pg.page) * a.n_kv_heads + h;
-    if (pg.row0 == 0 && t == 0) L.key_outlier_start[ph] = end;
-    // An entry has at most a page of tokens; the tiles only keep a longer one correct.
-    for (int tile = 0; tile < pg.n; tile += kCompactThreads) {
-      const int n = min(pg.n - tile, kCompactThreads);
-      const int i = tile + t;  // this thread's token of the entry
-      const int64_t src = static_cast<int64_t>(pg.scratch0 + i) * a.n_kv_heads + h;
-      const int count = t < n ? a.scratch_count[src] : 0;
-      int inclusive = count;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
-        if (lane >= d) inclusive += other;
-      }
-      if (lane == 31) warp_totals[warp] = inclusive;
-      __syncthreads();
-      int offset = inclusive - count, total = 0;
-#pragma unroll
-      for (int w = 0; w < kCompactThreads / 32; ++w) {
-        if (w < warp) offset += warp_totals[w];
-        total += warp_totals[w];
-      }
-      token_offset[t] = offset;
-      if (t == 0) {
-        // Room for every token of the tile, segment by segment: the takes a token-by-token walk makes,
-        // in its order, up to its first failed take.
-        while (!full && room < end + total) {
-          int taken = static_cast<int>(pool);
-          if ((room >> shift) < table) {
-            // Pool entry n: layer n % n_layers, then (page, head) of the sequence, so the first takers
-            // spread over layers.
-            taken = atomicAdd(L.key_outlier_segments_taken + slot, 1);
-            if (taken < pool) {
-              const int64_t layer = taken % L.n_layers, rest = taken / L.n_layers;
-              const int64_t page = rest / a.n_kv_heads;
-              const int64_t segment =
-                  layer * L.layer_segments + stream_pages[page] * a.n_kv_heads + (rest - page * a.n_kv_heads);
-              L.key_outlier_segments[KvqKeyOutlierSegmentEntry(room >> shift, stream_pages, a.n_kv_heads, h)] =
-                  static_cast<int32_t>(segment);
-            }
-          }
-          if (taken >= pool) {
-            full = true;
-          } else {
-            room += segment_size;
-          }
-        }
-        shared_room = room;
-      }
-      __syncthreads();  // thread 0's table entries and room, and the offsets, are visible to the block
-      room = shared_room;
-      // The tokens keep the first room - end outliers of the tile: all of theirs until the list is full,
-      // then what fits for the first token that does not fit, and none for later ones.
-      const int kept_total = static_cast<int>(max(int64_t{0}, min(static_cast<int64_t>(total), room - end)));
-      for (int f = t; f < kept_total; f += kCompactThreads) {
-        int lo = 0, hi = n - 1;  // the last token whose place is at or before f (it has outliers)
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) / 2;
-          if (token_offset[mid] <= f) {
-            lo = mid;
-          } else {
-            hi = mid - 1;
-          }
-        }
-        const int64_t from = (static_cast<int64_t>(pg.scratch0 + tile + lo) * a.n_kv_heads + h) * a.head_dim +
-                             (f - token_offset[lo]);
-        const int64_t dst = KvqKeyOutlierIndex(end + f, stream_pages, L.key_outlier_segments, a.n_kv_heads, h, shift);
-        L.key_outlier_channel[dst] = a.scratch_channel[from];
-        L.key_outlier_value[dst] = a.scratch_value[from];
-      }
-      if (t < n) {
-        const int kept = max(0, min(count, kept_total - offset));
-        L.key_outlier_count[ph * kPage + pg.row0 + i] = static_cast<uint8_t>(kept);
-        if (kept < count) reinterpret_cast<volatile int*>(L.overflow)[slot] = 1;  // may be mapped host memory
-      }
-      end += kept_total;
-      __syncthreads();  // the next tile rewrites the offsets and warp totals
+  int entry = first;  // this thread's token's entry and the entry's first token in the run
+  int64_t entry_base = 0;
+  for (int64_t tile = 0; tile < run_tokens; tile += kCompactThreads) {
+    const int n = static_cast<int>(min(run_tokens - tile, static_cast<int64_t>(kCompactThreads)));
+    const int64_t token = tile + t;  // this thread's token of the run
+    KvqFlushPage pg{};
+    int i = 0, count = 0;
+    if (t < n) {
+      while (token >= entry_base + a.pages[entry].n) entry_base += a.pages[entry++].n;
+      pg = a.pages[entry];
+      i = static_cast<int>(token - entry_base);
+      token_source[t] = static_cast<int64_t>(pg.scratch0 + i) * a.n_kv_heads + h;
+      count = a.scratch_count[token_source[t]];
     }
+    int inclusive = count;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d) inclusive += other;
+    }
+    if (lane == 31) warp_totals[warp] = inclusive;
+    __syncthreads();
+    int offset = inclusive - count, total = 0;
+#pragma unroll
+    for (int w = 0; w < kCompactThreads / 32; ++w) {
+      if (w < warp) offset += warp_totals[w];
+      total += warp_totals[w];
+    }
+    token_offset[t] = offset;
+    if (t == 0) {
+      // Room for every token of the tile, segment by segment: the takes a token-by-token walk makes,
+      // in its order, up to its first failed take.
+      while (!full && room < end + total) {
+        int taken = static_cast<int>(pool);
+        if ((room >> shift) < table) {
+          // Pool entry n: layer n % n_layers, then (page, head) of the sequence, so the first takers
+          // spread over layers.
+          taken = atomicAdd(L.key_outlier_segments_taken + slot, 1);
+          if (taken < pool) {
+            const int64_t layer = taken % L.n_layers, rest = taken / L.n_layers;
+            const int64_t page = rest / a.n_kv_heads;
+            const int64_t segment =
+                layer * L.layer_segments + stream_pages[page] * a.n_kv_heads + (rest - page * a.n_kv_heads);
+            L.key_outlier_segments[KvqKeyOutlierSegmentEntry(room >> shift, stream_pages, a.n_kv_heads, h)] =
+                static_cast<int32_t>(segment);
+          }
+        }
+        if (taken >= pool) {
+          full = true;
+        } else {
+          room += segment_size;
+        }
+      }
+      shared_room = room;
+    }
+    __syncthreads();  // thread 0's table entries and room, and the offsets and sources, are visible to the block
+    room = shared_room;
+    // The tokens keep the first room - end outliers of the tile: all of theirs until the list is full,
+    // then what fits for the first token that does not fit, and none for later ones.
+    const int kept_total = static_cast<int>(max(int64_t{0}, min(static_cast<int64_t>(total), room - end)));
+    for (int f = t; f < kept_total; f += kCompactThreads) {
+      int lo = 0, hi = n - 1;  // the last token whose place is at or before f (it has outliers)
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (token_offset[mid] <= f) {
+          lo = mid;
+        } else {
+          hi = mid - 1;
+        }
+      }
+      const int64_t from = token_source[lo] * a.head_dim + (f - token_offset[lo]);
+      const int64_t dst = KvqKeyOutlierIndex(end + f, stream_pages, L.key_outlier_segments, a.n_kv_heads, h, shift);
+      L.key_outlier_channel[dst] = a.scratch_channel[from];
+      L.key_outlier_value[dst] = a.scratch_value[from];
+    }
+    if (t < n) {
+      const int64_t ph = static_cast<int64_t>(pg.page) * a.n_kv_heads + h;
+      if (i == 0 && pg.row0 == 0) L.key_outlier_start[ph] = end + min(offset, kept_total);
+      const int kept = max(0, min(count, kept_total - offset));
+      L.key_outlier_count[ph * kPage + pg.row0 + i] = static_cast<uint8_t>(kept);
+      if (kept < count) reinterpret_cast<volatile int*>(L.overflow)[slot] = 1;  // may be mapped host memory
+    }
+    end += kept_total;
+    __syncthreads();  // the next tile rewrites the offsets, sources and warp totals
   }
   if (t == 0) *stream_end = end;
 }
