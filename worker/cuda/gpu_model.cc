@@ -240,6 +240,7 @@ GpuModel::~GpuModel() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   if (staging_ids_ != nullptr) cudaFreeHost(staging_ids_);
   if (staging_positions_ != nullptr) cudaFreeHost(staging_positions_);
+  if (draws_host_ != nullptr) cudaFreeHost(draws_host_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
@@ -333,8 +334,6 @@ absl::Status GpuModel::AllocateActivations() {
   KV_ASSIGN_OR_RETURN(logits_, DeviceMemory::Allocate(static_cast<int64_t>(c.vocab_size) * 4, "logits"));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&staging_ids_, rows * 4));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&staging_positions_, rows * 8));
-  KV_ASSIGN_OR_RETURN(sampling_, DeviceMemory::Allocate(sizeof(TokenSampling), "sampling params"));
-  KV_ASSIGN_OR_RETURN(token_, DeviceMemory::Allocate(4, "token"));
   return absl::OkStatus();
 }
 
@@ -424,29 +423,56 @@ absl::StatusOr<int32_t> GpuModel::Forward(std::span<const int32_t> tokens, int64
     CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(logits->data(), logits_.get(), static_cast<int64_t>(c.vocab_size) * 4, cudaMemcpyDeviceToHost, s));
   }
-  int32_t token = -1;
   if (sampling != nullptr) {
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sampling_.get(), sampling, sizeof(TokenSampling), cudaMemcpyHostToDevice, s));
-    if (sampling->repetition_penalty != 1.0f && !recent.empty()) {
-      const int64_t bytes = static_cast<int64_t>(recent.size()) * 4;
-      if (recent_.bytes() < bytes) {
-        KV_ASSIGN_OR_RETURN(recent_, DeviceMemory::Allocate(bytes, "recent tokens"));
-      }
-      if (recent_count_.get() == nullptr) {
-        KV_ASSIGN_OR_RETURN(recent_count_, DeviceMemory::Allocate(4, "recent count"));
-      }
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(recent_.get(), recent.data(), bytes, cudaMemcpyHostToDevice, s));
-      KV_RETURN_IF_ERROR(FillInt32Cuda(recent_count_.as<int32_t>(), static_cast<int32_t>(recent.size()), 1, s));
-      KV_RETURN_IF_ERROR(ApplyRepetitionPenaltyCuda(logits_.as<float>(), c.vocab_size, c.vocab_size, 1,
-                                                    recent_.as<int32_t>(), static_cast<int>(recent.size()),
-                                                    recent_count_.as<int32_t>(), sampling_.as<TokenSampling>(), s));
-    }
-    KV_RETURN_IF_ERROR(SampleTokensCuda(logits_.as<float>(), c.vocab_size, c.vocab_size, 1,
-                                        sampling_.as<TokenSampling>(), token_.as<int32_t>(), s));
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&token, token_.get(), 4, cudaMemcpyDeviceToHost, s));
+    const LogitsDraw draw{*sampling, recent};
+    KV_RETURN_IF_ERROR(EnqueueDraws({&draw, 1}));
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
-  return token;
+  return sampling != nullptr ? drawn_[0] : -1;
+}
+
+absl::Status GpuModel::EnqueueDraws(std::span<const LogitsDraw> draws) {
+  const int n = static_cast<int>(draws.size());
+  if (n == 0) return absl::OkStatus();
+  int window = 1;
+  for (const LogitsDraw& d : draws) window = std::max(window, static_cast<int>(d.recent.size()));
+  // Layout: TokenSampling [n], int32 penalty counts [n], penalty ids [n][window], then the tokens [n].
+  const int64_t params_bytes = static_cast<int64_t>(n) * sizeof(TokenSampling);
+  const int64_t upload = params_bytes + 4 * static_cast<int64_t>(n) * (window + 1);
+  const int64_t bytes = upload + 4 * static_cast<int64_t>(n);
+  if (bytes > draws_capacity_) {
+    KV_RETURN_IF_ERROR(Synchronize());  // queued draws may still use the old buffers
+    if (draws_host_ != nullptr) CUDA_RETURN_IF_ERROR(cudaFreeHost(draws_host_));
+    draws_host_ = nullptr;
+    draws_capacity_ = 0;
+    draws_device_ = DeviceMemory();
+    KV_ASSIGN_OR_RETURN(draws_device_, DeviceMemory::Allocate(bytes, "token draws"));
+    void* host = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&host, bytes));
+    draws_host_ = static_cast<char*>(host);
+    draws_capacity_ = bytes;
+  }
+  auto* params = reinterpret_cast<TokenSampling*>(draws_host_);
+  auto* counts = reinterpret_cast<int32_t*>(draws_host_ + params_bytes);
+  int32_t* recent = counts + n;
+  for (int i = 0; i < n; ++i) {
+    params[i] = draws[i].sampling;
+    counts[i] = static_cast<int32_t>(draws[i].recent.size());
+    std::copy(draws[i].recent.begin(), draws[i].recent.end(), recent + static_cast<int64_t>(i) * window);
+  }
+  drawn_ = reinterpret_cast<int32_t*>(draws_host_ + upload);
+  cudaStream_t s = stream_;
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(draws_device_.get(), draws_host_, upload, cudaMemcpyHostToDevice, s));
+  const auto* d_params = draws_device_.as<TokenSampling>();
+  const auto* d_counts = reinterpret_cast<const int32_t*>(draws_device_.as<char>() + params_bytes);
+  const int32_t* d_recent = d_counts + n;
+  auto* d_tokens = reinterpret_cast<int32_t*>(draws_device_.as<char>() + upload);
+  const int vocab = config_.vocab_size;
+  KV_RETURN_IF_ERROR(
+      ApplyRepetitionPenaltyCuda(logits_.as<float>(), vocab, vocab, n, d_recent, window, d_counts, d_params, s));
+  KV_RETURN_IF_ERROR(SampleTokensCuda(logits_.as<float>(), vocab, vocab, n, d_params, d_tokens, s));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(drawn_, d_tokens, 4 * static_cast<int64_t>(n), cudaMemcpyDeviceToHost, s));
+  return absl::OkStatus();
 }
 
 }  // namespace kvshard

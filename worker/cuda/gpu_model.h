@@ -93,6 +93,13 @@ class GpuKvCache final : public GpuAttentionContext {
   std::vector<int64_t> lengths_;
 };
 
+// One row's draw from GpuModel::logits() (kernels/sampling.h): its settings and the ids its repetition
+// penalty covers.
+struct LogitsDraw {
+  TokenSampling sampling;
+  std::span<const int32_t> recent;
+};
+
 struct GpuModelOptions {
   int max_chunk = 512;  // most tokens per Forward call; longer prompts are fed in chunks
 };
@@ -128,7 +135,11 @@ class GpuModel {
   absl::Status Enqueue(std::span<const int32_t> tokens, std::span<const int64_t> positions,
                        GpuAttentionContext& context, bool logits_of_every_row);
   const float* logits() const { return logits_.as<float>(); }
-  float* mutable_logits() { return logits_.as<float>(); }  // a device draw's penalty changes them in place
+  // Enqueues on stream() a draw for each of the first draws.size() rows of logits(): the repetition penalty
+  // (which changes those logits in place), then the draw. The settings and penalty ids go up in one pinned
+  // buffer and only the token ids come back, into drawn() ([rows]; read it once the stream has finished).
+  absl::Status EnqueueDraws(std::span<const LogitsDraw> draws);
+  const int32_t* drawn() const { return drawn_; }
   absl::Status Synchronize();
 
  private:
@@ -158,8 +169,13 @@ class GpuModel {
   DeviceMemory inv_freq_;      // fp32 [head_dim / 2]
 
   // Activations for max_chunk rows.
-  DeviceMemory ids_, positions_, x_, h_, qkv_, attn_, attn16_, gate_up_, act_, logits_, sampling_, token_;
-  DeviceMemory recent_, recent_count_;  // repetition-penalty ids, grown on demand
+  DeviceMemory ids_, positions_, x_, h_, qkv_, attn_, attn16_, gate_up_, act_, logits_;
+  // The draws' settings, penalty counts and ids, and tokens (EnqueueDraws), on the device and pinned on the
+  // host, grown on demand.
+  DeviceMemory draws_device_;
+  char* draws_host_ = nullptr;
+  int64_t draws_capacity_ = 0;
+  int32_t* drawn_ = nullptr;
   int32_t* staging_ids_ = nullptr;        // pinned host [max_chunk]
   int64_t* staging_positions_ = nullptr;  // pinned host [max_chunk]
 };

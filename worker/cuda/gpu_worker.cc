@@ -13,7 +13,6 @@
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/dense.h"
-#include "kernels/cuda/sampling.h"
 #include "kvstore/kv_scheme.h"
 #include "worker/cuda/device_kv_store.h"
 #include "worker/cuda/gpu_model.h"
@@ -62,76 +61,6 @@ struct Scratch {
 void FailOnce(absl::Status* slot, const absl::Status& status) {
   if (slot != nullptr && slot->ok()) *slot = status;
 }
-
-// The device draws of a decode step: the rows' sampling settings and repetition-penalty ids go up in one
-// pinned buffer, the penalty and the draw run on the logits in place, and only the token ids come back.
-class DeviceDraws {
- public:
-  DeviceDraws() = default;
-  DeviceDraws(const DeviceDraws&) = delete;
-  DeviceDraws& operator=(const DeviceDraws&) = delete;
-  ~DeviceDraws() {
-    if (host_ != nullptr) cudaFreeHost(host_);
-  }
-
-  // Enqueues the draws of `rows` (rows without a draw are drawn greedily and ignored) from logits
-  // [rows][vocab] (device), which the penalty changes.
-  absl::Status Enqueue(std::span<const GpuDecodeRow> rows, float* logits, int vocab, cudaStream_t stream) {
-    const int n = static_cast<int>(rows.size());
-    int window = 1;
-    for (const GpuDecodeRow& row : rows) window = std::max(window, static_cast<int>(row.recent.size()));
-    // Layout: TokenSampling [n], then int32 recent counts [n], recent ids [n][window], tokens [n].
-    const int64_t params_bytes = static_cast<int64_t>(n) * sizeof(TokenSampling);
-    const int64_t bytes = params_bytes + 4 * (static_cast<int64_t>(n) * (window + 2));
-    KV_RETURN_IF_ERROR(Reserve(bytes));
-    auto* params = reinterpret_cast<TokenSampling*>(host_);
-    auto* counts = reinterpret_cast<int32_t*>(host_ + params_bytes);
-    int32_t* recent = counts + n;
-    for (int i = 0; i < n; ++i) {
-      params[i] = rows[i].draw.value_or(TokenSampling{});
-      counts[i] = rows[i].draw.has_value() ? static_cast<int32_t>(rows[i].recent.size()) : 0;
-      std::copy(rows[i].recent.begin(), rows[i].recent.begin() + counts[i], recent + static_cast<int64_t>(i) * window);
-    }
-    const int64_t upload = bytes - 4 * n;
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_.get(), host_, upload, cudaMemcpyHostToDevice, stream));
-    auto* d_params = device_.as<TokenSampling>();
-    auto* d_counts = reinterpret_cast<int32_t*>(device_.as<char>() + params_bytes);
-    int32_t* d_recent = d_counts + n;
-    int32_t* d_tokens = d_recent + static_cast<int64_t>(n) * window;
-    KV_RETURN_IF_ERROR(ApplyRepetitionPenaltyCuda(logits, vocab, vocab, n, d_recent, window, d_counts, d_params, stream));
-    KV_RETURN_IF_ERROR(SampleTokensCuda(logits, vocab, vocab, n, d_params, d_tokens, stream));
-    tokens_ = reinterpret_cast<int32_t*>(host_ + upload);
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tokens_, d_tokens, 4 * n, cudaMemcpyDeviceToHost, stream));
-    return absl::OkStatus();
-  }
-
-  // After the stream has finished: the drawn token of each row with a draw.
-  void Tokens(std::span<const GpuDecodeRow> rows, std::vector<int32_t>& tokens) const {
-    for (size_t i = 0; i < rows.size(); ++i) {
-      if (rows[i].draw.has_value()) tokens[i] = tokens_[i];
-    }
-  }
-
- private:
-  absl::Status Reserve(int64_t bytes) {
-    if (bytes <= capacity_) return absl::OkStatus();
-    if (host_ != nullptr) CUDA_RETURN_IF_ERROR(cudaFreeHost(host_));
-    host_ = nullptr;
-    capacity_ = 0;
-    device_ = DeviceMemory();
-    KV_ASSIGN_OR_RETURN(device_, DeviceMemory::Allocate(bytes, "decode draws"));
-    void* host = nullptr;
-    CUDA_RETURN_IF_ERROR(cudaMallocHost(&host, bytes));
-    host_ = static_cast<char*>(host);
-    capacity_ = bytes;
-    return absl::OkStatus();
-  }
-
-  char* host_ = nullptr;  // pinned
-  int64_t capacity_ = 0;
-  DeviceMemory device_;
-  int32_t* tokens_ = nullptr;
-};
 
 // Decode: every worker runs the same rows; partials of the rows it holds, then the merge of every layer.
 class DecodeContext final : public GpuAttentionContext {
@@ -446,9 +375,17 @@ class CudaGpuWorker final : public GpuWorker {
                                              cudaMemcpyDeviceToHost, stream));
       }
     }
-    if (any_draws) KV_RETURN_IF_ERROR(draws_.Enqueue(rows, model_->mutable_logits(), static_cast<int>(vocab), stream));
+    if (any_draws) {  // rows without a draw are drawn greedily and ignored
+      std::vector<LogitsDraw> draws(n);
+      for (int64_t i = 0; i < n; ++i) {
+        if (rows[i].draw.has_value()) draws[i] = {*rows[i].draw, rows[i].recent};
+      }
+      KV_RETURN_IF_ERROR(model_->EnqueueDraws(draws));
+    }
     KV_RETURN_IF_ERROR(nccl_->Synchronize());
-    if (any_draws) draws_.Tokens(rows, *tokens);
+    for (int64_t i = 0; i < n && any_draws; ++i) {
+      if (rows[i].draw.has_value()) (*tokens)[i] = model_->drawn()[i];
+    }
     float total_ms = 0;
     for (int layer = 0; layer < model_->config().n_layers; ++layer) {
       float ms = 0;
@@ -465,7 +402,6 @@ class CudaGpuWorker final : public GpuWorker {
   std::unique_ptr<GpuModel> model_;
   std::unique_ptr<NcclCollectives> nccl_;
   NcclPartialsMerger merger_;
-  DeviceDraws draws_;
   int64_t kv_budget_;
   std::unique_ptr<DeviceKvStore> store_;
   std::string scheme_;
