@@ -52,8 +52,8 @@ absl::Status CheckRows(int64_t rows, int64_t dim, const char* what) {
 
 // ---------------------------------------------------------------------------------------------------
 // RMSNorm: one block per row; the row is read twice (the second pass hits L1/L2). Rows of a multiple of 4
-// floats (16-byte aligned) go as float4 with four loads in flight per thread: a decode step normalizes a single row, so the
-// kernel is one block and its time is the latency of its dependent loads.
+// floats (16-byte aligned) go as float4 with four loads in flight per thread: a decode step normalizes a
+// single row, so the kernel is one block and its time is the latency of its dependent loads.
 constexpr int kNormThreads = 256;
 
 template <typename OutT>

@@ -438,10 +438,7 @@ __global__ void __launch_bounds__(kThreads, 1) KvqPrefillKernel(const PrefillPar
     }
   };
 
-  // This thread's rows (PrefillRows): a = lane / 4 and b = a + 8 of the warp's 16.
-  const int local_a = warp * 16 + (lane >> 2);
-  const int64_t pos_a = a.query_first_position + (row0 + local_a) / p.group;
-  const int64_t pos_b = a.query_first_position + (row0 + local_a + 8) / p.group;
+  const PrefillRowPositions pos = RowPositions(a.query_first_position, row0, p.group, warp, lane);
   PrefillRows<HEAD_DIM> rows;
   rows.Init();
   uint32_t q_frag[HEAD_DIM / 16][4];
@@ -456,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, 1) KvqPrefillKernel(const PrefillPar
       const int buffer = j % 3;
       const int64_t* positions = reinterpret_cast<const int64_t*>(smem + L::kPosition) + buffer * kTile;
       const int64_t last_key = tile_position(j, tile_tokens(j) - 1);
-      const auto masked = [&](int key, int upper) { return positions[key] > (upper ? pos_b : pos_a); };
+      const auto masked = [&](int key, int upper) { return positions[key] > (upper ? pos.b : pos.a); };
       PrefillTileStep<HEAD_DIM, __half, /*KEYS_BY_CHANNEL=*/true>(q_frag, reinterpret_cast<const __half*>(smem + L::kK + buffer * L::kTileBytes),
                                         reinterpret_cast<const __half*>(smem + L::kV + (j & 1) * L::kTileBytes),
                                         p.scale_log2, last_key > first_pos || tile_tokens(j) < kTile, masked, lane,

@@ -92,10 +92,7 @@ __global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(const 
   if (n_tiles > 0) load_kv(0, 0);
   CpAsyncCommit();
 
-  // This thread's rows within the warp's 16 (PrefillRows): a = lane / 4, b = a + 8.
-  const int local_a = warp * 16 + (lane >> 2);
-  const int64_t pos_a = p.query_first_position + (row0 + local_a) / p.group;
-  const int64_t pos_b = p.query_first_position + (row0 + local_a + 8) / p.group;
+  const PrefillRowPositions pos = RowPositions(p.query_first_position, row0, p.group, warp, lane);
 
   PrefillRows<HEAD_DIM> rows;
   rows.Init();
@@ -115,7 +112,7 @@ __global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(const 
     const int64_t key0 = static_cast<int64_t>(tile) * kBlockN;
     const auto masked = [&](int key, int upper) {
       const int64_t k = key0 + key;
-      return k >= p.n_keys || p.key_first_position + k > (upper ? pos_b : pos_a);
+      return k >= p.n_keys || p.key_first_position + k > (upper ? pos.b : pos.a);
     };
     PrefillTileStep<HEAD_DIM, T>(q_frag, s_k + buffer * kBlockN * HEAD_DIM, s_v + buffer * kBlockN * HEAD_DIM,
                                  p.scale_log2, key0 + kBlockN > unmasked, masked, lane, rows);

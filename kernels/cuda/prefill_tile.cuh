@@ -39,6 +39,17 @@ struct PrefillRows {
   }
 };
 
+// Query positions of this thread's rows a = lane / 4 and b = a + 8 of its warp's 16 (PrefillRows): block row r
+// of a block starting at chunk row row0 is query token (row0 + r) / group.
+struct PrefillRowPositions {
+  int64_t a, b;
+};
+__device__ __forceinline__ PrefillRowPositions RowPositions(int64_t query_first_position, int64_t row0, int group,
+                                                            int warp, int lane) {
+  const int64_t row_a = row0 + warp * 16 + (lane >> 2);
+  return {query_first_position + row_a / group, query_first_position + (row_a + 8) / group};
+}
+
 // Starts the cp.async copies of a block's query rows [row0, row0 + ROWS) into a swizzled [ROWS][HEAD_DIM]
 // tile (rows past total_rows are zeros). Row r is query token r / group, head kv_head * group + r % group
 // of q [tokens][n_heads][HEAD_DIM], so the rows of one KV head's group share every K/V tile.

@@ -998,8 +998,9 @@ absl::Status DeviceKvStoreImpl::AttendChunk(int layer, int64_t id, int n_queries
     k.lse = lse;
     return KvqPrefillAttentionCuda(k, stream);
   }
-  // Otherwise (kvq3 by default, kvq2, kvq4): the visible tokens dequantized to fp16 a tile at a time, the tiles' partials merged in turn
-  // (two [2][rows] buffers: the running partial and the new tile, merged into the other's first half).
+  // Otherwise (kvq3 by default, kvq2, kvq4): the visible tokens dequantized to fp16 a tile at a time, the
+  // tiles' partials merged in turn (two [2][rows] buffers: the running partial and the new tile, merged into
+  // the other's first half).
   const int64_t n_tiles = CeilDiv(visible, tile_tokens_);
   int cur = 0;
   for (int64_t t = 0; t < n_tiles; ++t) {
