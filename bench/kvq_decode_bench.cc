@@ -2,10 +2,12 @@
 // must read (codes, value thresholds, outliers with indices and counts, sink, residual), that bandwidth
 // as a fraction of a device-to-device copy measured in the same run, and our fp16 decode kernel
 // (DecodeAttentionCuda) on the same shape. Synthetic store: random codes and metadata, 4 sink and 32
-// residual tokens, one value outlier and one key outlier per token (head_dim 128, 1%).
+// residual tokens, one value outlier and one key outlier per token (head_dim 128, 1%), on channels spread
+// by a hash (--outlier_channels=same puts every token's on one channel).
 // The CSV has decode_attention_bench's columns, so bench/sdpa_baseline.py times SDPA on the same rows.
 //
-//   kvq_decode_bench [--contexts=65536,262144,1048576] [--batches=1,16] [--csv=out.csv]
+//   kvq_decode_bench [--contexts=65536,262144,1048576] [--batches=1,16] [--outlier_channels=spread|same]
+//                    [--csv=out.csv]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -29,6 +31,9 @@ ABSL_FLAG(std::string, batches, "1,16", "requests per decode step");
 ABSL_FLAG(std::string, csv, "", "also write the table as CSV here");
 ABSL_FLAG(int, warmup, 3, "untimed runs before timing");
 ABSL_FLAG(int, iters, 20, "timed runs (median reported)");
+ABSL_FLAG(std::string, outlier_channels, "spread",
+          "channels of the outliers: spread (a seeded hash per token and kind, as real text spreads them) or "
+          "same (every token's on one channel: the worst case of the value-outlier merge)");
 
 namespace kvshard::bench {
 namespace {
@@ -127,9 +132,22 @@ absl::Status RunOne(int64_t context, int batch, double copy_gbs, Row& row, cudaS
   ok(FillRandomF32(q, batch * kHeads * kDim, -1.0f, 1.0f, 8, stream));
   ok(FillRandomF32(klo, kKvHeads * kDim, -2.0f, -1.0f, 9, stream));
   ok(FillRandomF32(khi, kKvHeads * kDim, 1.0f, 2.0f, 10, stream));
-  CUDA_RETURN_IF_ERROR(cudaMemset(voc, 0x05, ph_total * kPage));
   CUDA_RETURN_IF_ERROR(cudaMemset(kcount, 1, ph_total * kPage));
-  CUDA_RETURN_IF_ERROR(cudaMemset(kch, 0x07, ph_total * kPage));
+  if (absl::GetFlag(FLAGS_outlier_channels) == "same") {
+    CUDA_RETURN_IF_ERROR(cudaMemset(voc, 0x05, ph_total * kPage));
+    CUDA_RETURN_IF_ERROR(cudaMemset(kch, 0x07, ph_total * kPage));
+  } else {
+    std::vector<uint8_t> channels(ph_total * kPage);
+    for (uint8_t* dst : {voc, kch}) {
+      const uint64_t salt = dst == voc ? 0x9E3779B97F4A7C15ull : 0xC2B2AE3D27D4EB4Full;
+      for (int64_t i = 0; i < static_cast<int64_t>(channels.size()); ++i) {
+        uint64_t x = (static_cast<uint64_t>(i) + 1) * salt;
+        x ^= x >> 31;
+        channels[i] = static_cast<uint8_t>((x * 0xBF58476D1CE4E5B9ull) >> 57);  // 0 .. 127
+      }
+      CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, channels.data(), channels.size(), cudaMemcpyHostToDevice));
+    }
+  }
   {
     std::vector<int64_t> offsets(ph_total);
     for (int64_t i = 0; i < ph_total; ++i) offsets[i] = i * kPage;
@@ -269,6 +287,11 @@ absl::Status RunOne(int64_t context, int batch, double copy_gbs, Row& row, cudaS
 int main(int argc, char** argv) {
   using namespace kvshard::bench;
   absl::ParseCommandLine(argc, argv);
+  const std::string outlier_channels = absl::GetFlag(FLAGS_outlier_channels);
+  if (outlier_channels != "spread" && outlier_channels != "same") {
+    std::fprintf(stderr, "--outlier_channels must be spread or same, not '%s'\n", outlier_channels.c_str());
+    return 2;
+  }
   if (kvshard::CudaDeviceCount() == 0) {
     std::fprintf(stderr, "no CUDA device\n");
     return 1;
@@ -281,7 +304,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::printf("# %s\n# device-to-device copy: %.1f GB/s (read + write)\n", DeviceSummary().c_str(), *copy);
-  std::printf("# kvq3, head_dim 128, 32 query heads, 8 KV heads (group 4), sink 4, residual 32\n");
+  std::printf("# kvq3, head_dim 128, 32 query heads, 8 KV heads (group 4), sink 4, residual 32, outlier channels: %s\n",
+              outlier_channels.c_str());
   std::printf("%8s %5s %6s %9s %10s %8s %7s %10s %9s %8s  %s\n", "context", "batch", "splits", "read_GB", "ms",
               "GB/s", "%copy", "fp16_ms", "fp16_GB/s", "vs_fp16", "note");
   std::vector<Row> rows;

@@ -93,8 +93,9 @@ struct KvqStoreView {
   const float* value_codebook = nullptr;
   const float* inv_freq = nullptr;
   // The fp16 RoPE factors of the offsets inside a page, for bits 3 (the tensor-core kernel rotates keys in
-  // fp16): entry [t][j] (t < 128, j < head_dim / 4) is {fp16x2 cos, fp16x2 sin} of t * inv_freq[2j] and
-  // t * inv_freq[2j + 1]. Upload KvqRopeTable(inv_freq) once per store.
+  // fp16): 128 * head_dim / 4 entries {fp16x2 cos, fp16x2 sin} of t * inv_freq[2j] and t * inv_freq[2j + 1]
+  // for every page offset t < 128 and j < head_dim / 4, in the order the kernel's lanes read them (one
+  // warp-wide load covers 256 contiguous bytes). Its contents are KvqRopeTable(inv_freq): upload once per store.
   const uint2* rope_table = nullptr;
 };
 

@@ -13,18 +13,19 @@
 //      (chunk start from the page anchor and a small fp32 angle, stepped in fp32 in between) and dots
 //      with the query group held in registers; four tokens' partial sums are reduced at once by a
 //      transposing butterfly (15 shuffles per 4 tokens instead of 64);
-//   C. adds the key outliers (the first of each token prefetched before B): a stored outlier replaces the
-//      pre-RoPE key value, so its score changes by (outlier - dequantized) times the query rotated back at
-//      that channel (RoPE is linear);
+//   C. adds the key outliers of its 4 tokens (the first of each token prefetched before B) in registers: a
+//      stored outlier replaces the pre-RoPE key value, so its score changes by (outlier - dequantized)
+//      times the query rotated back at that channel (RoPE is linear);
 //   D. runs the online softmax over the page (log2 domain), one lane per 4 tokens, and prepares the
 //      values' per-token terms: x = (low + half) + u * half with half = (high - low) / 2, so the
 //      channel-independent part p * (low + half) is summed here and E gets alpha = p * half;
-//   E. accumulates values: each code costs a table read and the group's FMAs with alpha;
-//   F. adds the value outliers (p * (outlier - dequantized)) through a shared per-warp correction row,
-//      without atomics: lanes sharing a channel are summed over the warp first.
+//   F. adds the value outliers of its 4 tokens (p * (outlier - dequantized)) into the warp's correction
+//      rows, which persist over its pages (scaled with the accumulators) and join them after the last
+//      one; lanes that share a channel take turns, or are summed over the warp when many do;
+//   E. accumulates values: each code costs a table read and the group's FMAs with alpha.
 // kvq3 (the default scheme) replaces B and E by tensor-core versions (MmaKeyScores, MmaValues: fp16
-// operands, fp32 accumulation; see "kvq3 on tensor cores" below); A, C, D and F are shared, and bits 2
-// and 4 keep the fp32 B and E above.
+// operands, fp32 accumulation; see "kvq3 on tensor cores" below), and its key outliers take the fp16 RoPE
+// factors of B; A, D and F are shared, and bits 2 and 4 keep the fp32 B, C and E above.
 // One more block per (KV head, tile, request) takes the fp16 sink (after RoPE) and residual (rotated
 // here). The block's warps combine in shared memory; MergePartialsCuda merges the splits.
 #include <algorithm>
@@ -87,23 +88,28 @@ struct Smem {
   static constexpr int kHigh = kLow + 2 * kPage;                   // fp16 [128]
   static constexpr int kCount = kHigh + 2 * kPage;                 // u8 [128]
   static constexpr int kScores = kCount + kPage;                   // float [ScoreIndex(128)]
-  // float [128][4] alpha = p * half for E, then float [4][HEAD_DIM] value outlier corrections for F.
-  // The tensor-core path (kvq3) keeps fp16 p * half [4][kProbsStride] there instead of alpha.
+  // float [128][4] alpha = p * half for E. The tensor-core path (kvq3) keeps fp16 p * half [4][kProbsStride]
+  // there instead, and before that (B, C) the page's rotated query pairs float2 [4][HEAD_DIM / 2].
   static constexpr int kAlpha = kScores + 4 * kScoreFloats;
-  static constexpr int kCorr = kAlpha;
   static constexpr int kProbs = kAlpha;
+  static constexpr int kQueryPairs = kAlpha;
   static constexpr int kAnchor = kAlpha + 4 * kGroupTile * (HEAD_DIM > kPage ? HEAD_DIM : kPage);  // float2 [HEAD_DIM / 2]
   static constexpr int kAnchorExact = kAnchor + 4 * HEAD_DIM;     // double2 [HEAD_DIM / 2], the next page's anchor
-  static constexpr int kOutlierChannel = kAnchorExact + 8 * HEAD_DIM;  // u8 [128][n_out]
+  // float4 [HEAD_DIM]: the warp's value outlier corrections of the 4 heads per channel, over all its pages
+  // (scaled with the accumulators), added to them once at the end.
+  static constexpr int kCorr = kAnchorExact + 8 * HEAD_DIM;
+  static constexpr int kOutlierChannel = kCorr + 16 * HEAD_DIM;   // u8 [128][n_out]
   __host__ __device__ static int OutlierValue(int n_out) { return kOutlierChannel + kPage * n_out; }
   __host__ __device__ static int WarpBytes(int n_out) { return (OutlierValue(n_out) + 2 * kPage * n_out + 127) / 128 * 128; }
   __host__ __device__ static int Total(int n_out) { return kWarpBase + kWarps * WarpBytes(n_out); }
   static_assert(kWarpBase % 128 == 0 && kValueCodes % 128 == 0 && kKeyPairs % 16 == 0 && kProbs % 16 == 0 && kLow % 16 == 0 && kScores % 16 == 0 &&
-                    kOutlierChannel % 16 == 0 && kAnchor % 16 == 0 && kAnchorStep % 16 == 0 && kAnchorExact % 16 == 0,
+                    kOutlierChannel % 16 == 0 && kAnchor % 16 == 0 && kAnchorStep % 16 == 0 && kAnchorExact % 16 == 0 &&
+                    kCorr % 16 == 0,
                 "cp.async destinations must be 16-byte aligned");
   // The block's combine reuses the warp area: float [kWarps][4][HEAD_DIM].
   static_assert(kWarps * kGroupTile * HEAD_DIM * 4 <= kWarps * kOutlierChannel, "combine state must fit");
-  static_assert(kProbs + 2 * kGroupTile * kProbsStride <= kAnchor, "kvq3 weights must fit the alpha area");
+  static_assert(kProbs + 2 * kGroupTile * kProbsStride <= kAnchor && kQueryPairs + kGroupTile * HEAD_DIM * 4 <= kAnchor,
+                "kvq3 weights and query pairs must fit the alpha area");
 };
 
 struct KvqParams {
@@ -150,7 +156,18 @@ __device__ __forceinline__ int64_t ResidualIndex(const KvqStoreView& kv, int64_t
 
 // Token of row g (upper = 0) or g + 8 (upper = 1) of key m-tile mt: byte mt / 2 of the even (mt even) or
 // odd nibble words, whose two nibbles are tokens two apart.
-__device__ __forceinline__ int KeyToken(int g, int mt, int upper) { return 16 * g + 4 * (mt >> 1) + 2 * upper + (mt & 1); }
+__host__ __device__ constexpr int KeyToken(int g, int mt, int upper) { return 16 * g + 4 * (mt >> 1) + 2 * upper + (mt & 1); }
+
+// Entry of KvqStoreView::rope_table that lane (g, q) reads at k-step s for row `upper` of m-tile mt: the
+// factors of token KeyToken(g, mt, upper) at pair column 4s + q. A warp's load is 32 consecutive entries.
+__host__ __device__ constexpr int RopeTableIndex(int s, int mt, int upper, int g, int q) {
+  return (((s * 8 + mt) * 2 + upper) * 8 + g) * 4 + q;
+}
+
+// The same entry for page offset t < 128 and pair column j < HEAD_DIM / 4 (KeyToken inverted).
+__device__ __forceinline__ int RopeTableIndexOf(int t, int j) {
+  return RopeTableIndex(j >> 2, 2 * ((t >> 2) & 3) + (t & 1), (t >> 1) & 1, t >> 4, j & 3);
+}
 
 // Channel of row g (upper = 0) or g + 8 (upper = 1) of value m-tile mt, by the same rule.
 template <int HEAD_DIM>
@@ -159,11 +176,14 @@ __device__ __forceinline__ int ValueChannel(int g, int mt, int upper) {
 }
 
 // Dense key scores of a staged kvq3 page for the group tile, on tensor cores, into scores_s (ScoreIndex)
-// (log2 domain: q_s is scaled). anchor_s: cos/sin of the page's first position per frequency.
+// (log2 domain: q_s is scaled). anchor_s: cos/sin of the page's first position per frequency. Also leaves
+// the query pairs rotated back by that position in qpairs_s [4][HEAD_DIM / 2] (fp32, zero for absent heads)
+// for the key outliers.
 template <int HEAD_DIM>
 __device__ __forceinline__ void MmaKeyScores(const uint32_t* kcodes, const float* q_s, const float2* anchor_s,
                                              const uint4* pairs_s, const uint2* __restrict__ rope_table,
-                                             const HalfLut& lut, int n_group, int lane, float* scores_s) {
+                                             const HalfLut& lut, int n_group, int lane, float* scores_s,
+                                             float2* qpairs_s) {
   constexpr int kHalf = HEAD_DIM / 2;
   constexpr int kSteps = HEAD_DIM / 16;
   const int g = lane >> 2, q = lane & 3;
@@ -181,6 +201,9 @@ __device__ __forceinline__ void MmaKeyScores(const uint32_t* kcodes, const float
         rb[e] = fmaf(qv, an.x, -qa * an.y);
       }
     }
+    if (g < kGroupTile) {
+      *reinterpret_cast<float4*>(qpairs_s + g * kHalf + 8 * s + 2 * q) = make_float4(ra[0], rb[0], ra[1], rb[1]);
+    }
     qb0[s] = PackPair<__half>(ra[0], ra[1]);
     qb1[s] = PackPair<__half>(rb[0], rb[1]);
   }
@@ -190,10 +213,10 @@ __device__ __forceinline__ void MmaKeyScores(const uint32_t* kcodes, const float
 #pragma unroll
     for (int k = 0; k < 4; ++k) acc[mt][k] = 0.0f;
   // The RoPE factors of tokens (t0, t0 + 1) at pair column 4s + q, loaded one m-tile ahead: the table is
-  // read through L1, and its latency otherwise stalls the rotation right after the load.
-  const auto rope_at = [&](int s, int mt, int u) {
-    return __ldg(rope_table + KeyToken(g, mt, u) * (HEAD_DIM / 4) + 4 * s + q);
-  };
+  // read through L1, and its latency otherwise stalls the rotation right after the load. The table is in
+  // the lanes' order, so a load is two 128-byte lines at a constant offset from this lane's entry.
+  const uint2* rope_lane = rope_table + lane;
+  const auto rope_at = [&](int s, int mt, int u) { return __ldg(rope_lane + RopeTableIndex(s, mt, u, 0, 0)); };
   uint2 rope0 = rope_at(0, 0, 0), rope1 = rope_at(0, 0, 1);
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
@@ -264,6 +287,46 @@ __device__ __forceinline__ void MmaValues(const uint32_t* vcodes, const __half* 
   }
 }
 
+// Adds `add` (the 4 heads' corrections) to corr_s[ch] for every lane with `valid`, without races between
+// lanes that share a channel (shared-memory float atomics would be compare-and-swap loops). Channels spread
+// over tokens (real text) collide in pairs and triples among 32 lanes, so such lanes take turns; a channel
+// held by more than kTurnLanes lanes is summed over the warp instead and added by one of them. All lanes
+// must call it; an invalid lane's `ch` must differ from every channel and from the other lanes'.
+__device__ __forceinline__ void AddValueCorrection(float4* corr_s, int ch, float4 add, bool valid, int lane) {
+  constexpr int kTurnLanes = 4;
+  const unsigned peers = __match_any_sync(0xffffffffu, ch);
+  const int rank = __popc(peers & ((1u << lane) - 1u));
+  const bool crowded = __popc(peers) > kTurnLanes;
+  const bool by_turn = valid && !crowded;
+  const int turns = static_cast<int>(__reduce_max_sync(0xffffffffu, by_turn ? static_cast<unsigned>(rank) : 0u));
+  for (int turn = 0; turn <= turns; ++turn) {
+    if (by_turn && rank == turn) {
+      const float4 x = corr_s[ch];
+      corr_s[ch] = make_float4(x.x + add.x, x.y + add.y, x.z + add.z, x.w + add.w);
+    }
+    __syncwarp();
+  }
+  unsigned crowded_lanes = __ballot_sync(0xffffffffu, valid && crowded);
+  while (crowded_lanes != 0) {
+    const int leader = __ffs(crowded_lanes) - 1;
+    const int key = __shfl_sync(0xffffffffu, ch, leader);
+    const bool mine = ch == key;
+    float4 sum = mine ? add : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      sum.x += __shfl_xor_sync(0xffffffffu, sum.x, off);
+      sum.y += __shfl_xor_sync(0xffffffffu, sum.y, off);
+      sum.z += __shfl_xor_sync(0xffffffffu, sum.z, off);
+      sum.w += __shfl_xor_sync(0xffffffffu, sum.w, off);
+    }
+    if (lane == leader) {
+      const float4 x = corr_s[key];
+      corr_s[key] = make_float4(x.x + sum.x, x.y + sum.y, x.z + sum.z, x.w + sum.w);
+    }
+    crowded_lanes &= ~__ballot_sync(0xffffffffu, mine);
+  }
+}
+
 // kvq3 asks for two blocks per SM, not three: the registers it then gets (about 250) hold the MMA loops
 // without spills, and the smaller shared-memory carveout leaves L1 room for the RoPE table. Measured
 // 7-13% faster on H200 than three blocks of 168 registers (bench/RESULTS.md).
@@ -303,7 +366,7 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
   const int warp = threadIdx.x >> 5;
   unsigned char* wbase = smem + L::kWarpBase + warp * L::WarpBytes(n_out);
   float* scores_s = reinterpret_cast<float*>(wbase + L::kScores);
-  float* corr_s = reinterpret_cast<float*>(wbase + L::kCorr);
+  float4* corr_s = reinterpret_cast<float4*>(wbase + L::kCorr);
   float* alpha_s = reinterpret_cast<float*>(wbase + L::kAlpha);
 
   for (int i = threadIdx.x; i < kGroupTile * HEAD_DIM; i += kThreads) {
@@ -397,6 +460,8 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
     const uint8_t* och_s = wbase + L::kOutlierChannel;
     const __half* oval_s = reinterpret_cast<const __half*>(wbase + L::OutlierValue(n_out));
     float2* anchor_s = reinterpret_cast<float2*>(wbase + L::kAnchor);
+    float2* qpairs_s = reinterpret_cast<float2*>(wbase + L::kQueryPairs);
+    for (int c = lane; c < HEAD_DIM; c += 32) corr_s[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 
     // Software pipeline over the warp's pages with one staging area: the key group (key codes, outlier
     // counts) of the next page loads while this page's softmax and values run, and the value group
@@ -495,7 +560,7 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
 
       if constexpr (kMma) {
         MmaKeyScores<HEAD_DIM>(kcodes, q_s, anchor_s, reinterpret_cast<const uint4*>(smem + L::kKeyPairs),
-                               p.kv.rope_table, klut, n_group, lane, scores_s);
+                               p.kv.rope_table, klut, n_group, lane, scores_s, qpairs_s);
       } else {
         // B. Dense key scores of this lane group's tokens, 32 at a time, four tokens per reduction: the
         // lanes of a token exchange halves of their 16 partial sums (4 tokens x 4 query heads) at each
@@ -581,13 +646,18 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
       }
       __syncwarp();
 
-      // C. Key outliers: a stored outlier replaces the pre-RoPE key value, so the score changes by
-      // (outlier - dequantized) times the query rotated back at that channel; its angle is the page anchor
-      // plus tok f_i.
+      // C. Key outliers of this lane's tokens: a stored outlier replaces the pre-RoPE key value, so the score
+      // changes by (outlier - dequantized) times the query rotated back at that channel. kvq3 takes the
+      // query pair rotated back by the page's first position (qpairs_s) and the fp16 factors of the token's
+      // page offset, as its dense scores do; bits 2 and 4 take the whole angle in fp32 (page anchor plus
+      // tok f_i). The changes stay in registers: D reads the same lane's tokens.
+      float score_delta[4][kGroupTile];
       {
         int64_t idx = lane_first;
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
+#pragma unroll
+          for (int g = 0; g < kGroupTile; ++g) score_delta[u][g] = 0.0f;
           const int tok = 4 * lane + u;
           for (int e = 0; e < counts[u]; ++e, ++idx) {
             const int64_t at = e == 0 ? 0 : outlier_index(idx);
@@ -596,15 +666,27 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
             const uint32_t code = CodeAt<BITS>(kcodes, ch * kPage + tok);
             const float delta = value - fmaf(half_s[ch], cbk_s[code], mid_s[ch]);
             const int i = ch % kHalf;
-            float tc, ts, c, s;
-            SmallAngle(tok, invf_s[i], &tc, &ts);
-            AddAngle(anchor_s[i], tc, ts, &c, &s);
-            float* sc = scores_s + ScoreIndex(tok);
+            if constexpr (kMma) {
+              const uint2 f = __ldg(p.kv.rope_table + RopeTableIndexOf(tok, i >> 1));
+              const __half2 c2 = AsHalf2(f.x), s2 = AsHalf2(f.y);
+              const float c = (i & 1) ? __high2float(c2) : __low2float(c2);
+              const float s = (i & 1) ? __high2float(s2) : __low2float(s2);
 #pragma unroll
-            for (int g = 0; g < kGroupTile; ++g) {
-              const float qa = q_s[g * HEAD_DIM + i], qb = q_s[g * HEAD_DIM + i + kHalf];
-              const float w = ch < kHalf ? qa * c + qb * s : qb * c - qa * s;
-              sc[g] = fmaf(delta, w, sc[g]);
+              for (int g = 0; g < kGroupTile; ++g) {
+                const float2 qp = qpairs_s[g * kHalf + i];
+                const float w = ch < kHalf ? fmaf(qp.x, c, qp.y * s) : fmaf(qp.y, c, -qp.x * s);
+                score_delta[u][g] = fmaf(delta, w, score_delta[u][g]);
+              }
+            } else {
+              float tc, ts, c, s;
+              SmallAngle(tok, invf_s[i], &tc, &ts);
+              AddAngle(anchor_s[i], tc, ts, &c, &s);
+#pragma unroll
+              for (int g = 0; g < kGroupTile; ++g) {
+                const float qa = q_s[g * HEAD_DIM + i], qb = q_s[g * HEAD_DIM + i + kHalf];
+                const float w = ch < kHalf ? qa * c + qb * s : qb * c - qa * s;
+                score_delta[u][g] = fmaf(delta, w, score_delta[u][g]);
+              }
             }
           }
         }
@@ -617,14 +699,19 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
 
       // D. Online softmax over the page (log2 domain). Each lane also takes its tokens' value terms:
       // alpha = p * half for E, and the channel-independent p * (low + half) into beta.
+      float4 sv[4];           // p of this lane's tokens 4 * lane + u, per head
+      float low[4], half_range[4];
+      float corr[kGroupTile];
       {
-        float4 sv[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          sv[u] = (4 * lane + u < n_valid) ? *reinterpret_cast<const float4*>(scores_s + ScoreIndex(4 * lane + u))
-                                           : make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+          sv[u] = make_float4(kNegInf, kNegInf, kNegInf, kNegInf);
+          if (4 * lane + u < n_valid) {
+            const float4 x = *reinterpret_cast<const float4*>(scores_s + ScoreIndex(4 * lane + u));
+            sv[u] = make_float4(x.x + score_delta[u][0], x.y + score_delta[u][1], x.z + score_delta[u][2],
+                                x.w + score_delta[u][3]);
+          }
         }
-        float corr[kGroupTile];
 #pragma unroll
         for (int g = 0; g < kGroupTile; ++g) {
           float page_max = kNegInf;
@@ -661,24 +748,22 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
             oacc[mt][3] *= co;
           }
         }
-        float hhs[4];  // kvq3: the half-ranges, folded into MmaValues' p
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int tok = 4 * lane + u;
           float4 al = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-          float hh = 0.0f;
+          low[u] = 0.0f;
+          half_range[u] = 0.0f;
           if (tok < n_valid) {
-            const float lo = __half2float(low_s[tok]);
-            hh = (__half2float(high_s[tok]) - lo) * 0.5f;
-            const float base = lo + hh;
+            low[u] = __half2float(low_s[tok]);
+            half_range[u] = (__half2float(high_s[tok]) - low[u]) * 0.5f;
+            const float hh = half_range[u], base = low[u] + hh;
             al = make_float4(sv[u].x * hh, sv[u].y * hh, sv[u].z * hh, sv[u].w * hh);
             beta[0] = fmaf(sv[u].x, base, beta[0]);
             beta[1] = fmaf(sv[u].y, base, beta[1]);
             beta[2] = fmaf(sv[u].z, base, beta[2]);
             beta[3] = fmaf(sv[u].w, base, beta[3]);
           }
-          *reinterpret_cast<float4*>(scores_s + ScoreIndex(tok)) = sv[u];
-          hhs[u] = hh;
           if constexpr (!kMma) reinterpret_cast<float4*>(alpha_s)[tok] = al;
         }
         if constexpr (kMma) {  // fp16 p * half [4][128] for MmaValues
@@ -687,7 +772,38 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
           for (int g = 0; g < kGroupTile; ++g) {
             const float* f = reinterpret_cast<const float*>(sv) + g;
             reinterpret_cast<uint2*>(p16 + g * kProbsStride)[lane] =
-                make_uint2(PackPair<__half>(f[0] * hhs[0], f[4] * hhs[1]), PackPair<__half>(f[8] * hhs[2], f[12] * hhs[3]));
+                make_uint2(PackPair<__half>(f[0] * half_range[0], f[4] * half_range[1]),
+                           PackPair<__half>(f[8] * half_range[2], f[12] * half_range[3]));
+          }
+        }
+      }
+
+      // F. Value outliers of this lane's tokens: p * (outlier - dequantized) into the warp's correction
+      // rows, which are scaled with the accumulators (when the running maximum moved) and added to them
+      // after the last page.
+      if (n_out > 0) {
+        if (corr[0] != 1.0f || corr[1] != 1.0f || corr[2] != 1.0f || corr[3] != 1.0f) {  // the same on every lane
+          for (int c = lane; c < HEAD_DIM; c += 32) {
+            const float4 x = corr_s[c];
+            corr_s[c] = make_float4(x.x * corr[0], x.y * corr[1], x.z * corr[2], x.w * corr[3]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int tok = 4 * lane + u;
+          const bool valid = tok < n_valid;
+          for (int k = 0; k < n_out; ++k) {
+            __syncwarp();
+            int ch = -1 - lane;  // distinct from every channel and from the other lanes' placeholders
+            float4 add = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (valid) {
+              ch = och_s[tok * n_out + k];
+              const uint32_t code = CodeAt<BITS>(vcodes, tok * HEAD_DIM + ch);
+              const float delta = __half2float(oval_s[tok * n_out + k]) -
+                                  fmaf(cbv_s[code], half_range[u], low[u] + half_range[u]);
+              add = make_float4(sv[u].x * delta, sv[u].y * delta, sv[u].z * delta, sv[u].w * delta);
+            }
+            AddValueCorrection(corr_s, ch, add, valid, lane);
           }
         }
       }
@@ -713,94 +829,36 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
           }
         }
       }
-
-      // F. Value outliers, through the warp's correction row (which reuses E's alpha rows).
-      if (n_out > 0) {
-        __syncwarp();
-        for (int i = lane; i < kGroupTile * HEAD_DIM / 4; i += 32) {
-          reinterpret_cast<float4*>(corr_s)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-        __syncwarp();
-        // Outlier channels repeat across tokens (and in the benchmark's store every token's is the same),
-        // so shared atomics would serialise the warp on one address. Instead a lane whose channel no
-        // other lane has adds on its own; each channel held by several lanes is summed over the warp
-        // once and added by its first lane.
-        const int n_entries = n_valid * n_out;
-        const float inv_n_out = 1.0f / static_cast<float>(n_out);
-        for (int e0 = 0; e0 < n_entries; e0 += 32) {
-          const int e = e0 + lane;
-          const bool valid = e < n_entries;
-          int ch = -1 - lane;  // distinct from every channel and from the other lanes' placeholders
-          float4 add = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-          if (valid) {
-            // e / n_out without an integer division: e + 0.5 is at least 0.5 from a multiple of n_out
-            // (<= 127), far more than the product's rounding (e < 2^14).
-            const int tok = static_cast<int>((static_cast<float>(e) + 0.5f) * inv_n_out);
-            ch = och_s[e];
-            const float lo = __half2float(low_s[tok]);
-            const float hh = (__half2float(high_s[tok]) - lo) * 0.5f;
-            const uint32_t code = CodeAt<BITS>(vcodes, tok * HEAD_DIM + ch);
-            const float delta = __half2float(oval_s[e]) - fmaf(cbv_s[code], hh, lo + hh);
-            const float4 pr = *reinterpret_cast<const float4*>(scores_s + ScoreIndex(tok));
-            add = make_float4(pr.x * delta, pr.y * delta, pr.z * delta, pr.w * delta);
-          }
-          const unsigned peers = __match_any_sync(0xffffffffu, ch);
-          const bool alone = __popc(peers) == 1;
-          if (valid && alone) {
-            corr_s[0 * HEAD_DIM + ch] += add.x;
-            corr_s[1 * HEAD_DIM + ch] += add.y;
-            corr_s[2 * HEAD_DIM + ch] += add.z;
-            corr_s[3 * HEAD_DIM + ch] += add.w;
-          }
-          __syncwarp();
-          unsigned shared_lanes = __ballot_sync(0xffffffffu, valid && !alone);
-          while (shared_lanes != 0) {
-            const int leader = __ffs(shared_lanes) - 1;
-            const int key = __shfl_sync(0xffffffffu, ch, leader);
-            const bool mine = ch == key;
-            float4 sum = mine ? add : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-              sum.x += __shfl_xor_sync(0xffffffffu, sum.x, off);
-              sum.y += __shfl_xor_sync(0xffffffffu, sum.y, off);
-              sum.z += __shfl_xor_sync(0xffffffffu, sum.z, off);
-              sum.w += __shfl_xor_sync(0xffffffffu, sum.w, off);
-            }
-            if (lane == leader) {
-              corr_s[0 * HEAD_DIM + key] += sum.x;
-              corr_s[1 * HEAD_DIM + key] += sum.y;
-              corr_s[2 * HEAD_DIM + key] += sum.z;
-              corr_s[3 * HEAD_DIM + key] += sum.w;
-            }
-            shared_lanes &= ~__ballot_sync(0xffffffffu, mine);
-            __syncwarp();
-          }
-        }
-        __syncwarp();
-        if constexpr (kMma) {
-          if (mq < 2) {
-#pragma unroll
-            for (int mt = 0; mt < HEAD_DIM / 16; ++mt) {
-              const int ch = ValueChannel<HEAD_DIM>(lane >> 2, mt, 0), ch2 = ValueChannel<HEAD_DIM>(lane >> 2, mt, 1);
-              oacc[mt][0] += corr_s[2 * mq * HEAD_DIM + ch];
-              oacc[mt][1] += corr_s[(2 * mq + 1) * HEAD_DIM + ch];
-              oacc[mt][2] += corr_s[2 * mq * HEAD_DIM + ch2];
-              oacc[mt][3] += corr_s[(2 * mq + 1) * HEAD_DIM + ch2];
-            }
-          }
-        } else if (tg == 0) {
-#pragma unroll
-          for (int g = 0; g < kGroupTile; ++g)
-#pragma unroll
-            for (int c = 0; c < 8; ++c) {
-              acc[g][c] += corr_s[g * HEAD_DIM + 8 * kg + c];
-            }
-        }
-      }
       __syncwarp();
       stage_values(pg + kWarps);  // the value group of this page is consumed
     }
     CpAsyncWait<0>();
+    // The value outlier corrections into the accumulators (the rows are this warp's own).
+    if (n_out > 0) {
+      __syncwarp();
+      if constexpr (kMma) {
+        if (mq < 2) {
+#pragma unroll
+          for (int mt = 0; mt < HEAD_DIM / 16; ++mt) {
+            const float2 a = reinterpret_cast<const float2*>(corr_s + ValueChannel<HEAD_DIM>(lane >> 2, mt, 0))[mq];
+            const float2 b = reinterpret_cast<const float2*>(corr_s + ValueChannel<HEAD_DIM>(lane >> 2, mt, 1))[mq];
+            oacc[mt][0] += a.x;
+            oacc[mt][1] += a.y;
+            oacc[mt][2] += b.x;
+            oacc[mt][3] += b.y;
+          }
+        }
+      } else if (tg == 0) {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          const float4 x = corr_s[8 * kg + c];
+          acc[0][c] += x.x;
+          acc[1][c] += x.y;
+          acc[2][c] += x.z;
+          acc[3][c] += x.w;
+        }
+      }
+    }
 
     // The warp's state: sum the token groups' accumulators, plus the token-independent part (every lane
     // holds that of its own tokens).
@@ -1072,18 +1130,22 @@ absl::Status DispatchKvq(const KvqDecodeAttentionArgs& a, cudaStream_t stream, i
 }  // namespace
 
 std::vector<uint2> KvqRopeTable(const std::vector<float>& inv_freq) {
-  const int quads = static_cast<int>(inv_freq.size()) / 2;
+  const int quads = static_cast<int>(inv_freq.size()) / 2;  // pair columns j; 4 per k-step
   std::vector<uint2> table(static_cast<size_t>(kPage) * quads);
-  for (int t = 0; t < kPage; ++t) {
-    for (int j = 0; j < quads; ++j) {
-      const double a0 = t * static_cast<double>(inv_freq[2 * j]), a1 = t * static_cast<double>(inv_freq[2 * j + 1]);
-      const auto pack = [](double lo, double hi) {
-        return static_cast<uint32_t>(FloatToHalf(static_cast<float>(lo))) |
-               (static_cast<uint32_t>(FloatToHalf(static_cast<float>(hi))) << 16);
-      };
-      table[static_cast<size_t>(t) * quads + j] = make_uint2(pack(std::cos(a0), std::cos(a1)), pack(std::sin(a0), std::sin(a1)));
-    }
-  }
+  const auto pack = [](double lo, double hi) {
+    return static_cast<uint32_t>(FloatToHalf(static_cast<float>(lo))) |
+           (static_cast<uint32_t>(FloatToHalf(static_cast<float>(hi))) << 16);
+  };
+  for (int s = 0; s < quads / 4; ++s)
+    for (int mt = 0; mt < 8; ++mt)
+      for (int upper = 0; upper < 2; ++upper)
+        for (int g = 0; g < 8; ++g)
+          for (int q = 0; q < 4; ++q) {
+            const int t = KeyToken(g, mt, upper), j = 4 * s + q;
+            const double a0 = t * static_cast<double>(inv_freq[2 * j]), a1 = t * static_cast<double>(inv_freq[2 * j + 1]);
+            table[RopeTableIndex(s, mt, upper, g, q)] =
+                make_uint2(pack(std::cos(a0), std::cos(a1)), pack(std::sin(a0), std::sin(a1)));
+          }
   return table;
 }
 

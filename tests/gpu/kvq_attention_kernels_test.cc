@@ -98,7 +98,9 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
     // E = scale * max_t sum_c |q_c| (|k_tc| + |mid_c| + |half_c|) * 6u (3e-3); the lse then by at most E,
     // and the output (a convex combination of values whose weights change by a factor within
     // exp(+-2E)) by 2E * max |v|, plus the fp16 weights and value terms (p, half-range, codebook entry
-    // and product: 4u max |v|, 2e-3 max |v|). Outliers, sink and residual stay in fp32.
+    // and product: 4u max |v|, 2e-3 max |v|). A key outlier's correction is rotated with the same fp16
+    // cos/sin: u |delta| (|q_c| + |q_c'|) for its channel c and RoPE partner c', with |delta| <= |k_tc| +
+    // |mid_c| + |half_c|, inside those channels' terms above. Value outliers, sink and residual stay in fp32.
     std::vector<float> k_all(static_cast<size_t>(lens[b]) * d), v_all(k_all.size());
     const std::vector<std::vector<double>> key_range = testing::KvqKeyRange(tables, kKvHeads, d);
     for (int h = 0; h < kKvHeads; ++h) {
