@@ -287,31 +287,56 @@ __device__ __forceinline__ void MmaValues(const uint32_t* vcodes, const __half* 
   }
 }
 
-// Adds `add` (the 4 heads' corrections) to corr_s[ch] for every lane with `valid`, without races between
-// lanes that share a channel (shared-memory float atomics would be compare-and-swap loops). Channels spread
-// over tokens (real text) collide in pairs and triples among 32 lanes, so such lanes take turns; a channel
-// held by more than kTurnLanes lanes is summed over the warp instead and added by one of them. All lanes
-// must call it; an invalid lane's `ch` must differ from every channel and from the other lanes'.
-__device__ __forceinline__ void AddValueCorrection(float4* corr_s, int ch, float4 add, bool valid, int lane) {
-  constexpr int kTurnLanes = 4;
-  const unsigned peers = __match_any_sync(0xffffffffu, ch);
-  const int rank = __popc(peers & ((1u << lane) - 1u));
-  const bool crowded = __popc(peers) > kTurnLanes;
-  const bool by_turn = valid && !crowded;
-  const int turns = static_cast<int>(__reduce_max_sync(0xffffffffu, by_turn ? static_cast<unsigned>(rank) : 0u));
-  for (int turn = 0; turn <= turns; ++turn) {
-    if (by_turn && rank == turn) {
-      const float4 x = corr_s[ch];
-      corr_s[ch] = make_float4(x.x + add.x, x.y + add.y, x.z + add.z, x.w + add.w);
+// Adds add[u] (the 4 heads' corrections) to corr_s[ch[u]] for each of a lane's 4 entries with valid[u],
+// without races between entries that share a channel (shared-memory float atomics would be
+// compare-and-swap loops). The warp's 128 entries take turns: each pending entry writes its id to
+// tag_s[ch] (int [HEAD_DIM] scratch), and the one whose id stayed adds; 128 entries on channels spread
+// over tokens (real text) need about 5 turns (the largest number on one channel). Entries still pending
+// after kTurns share a crowded channel and are summed over the warp, one channel at a time. All lanes must
+// call it.
+__device__ __forceinline__ void AddValueCorrections(float4* corr_s, int* tag_s, const int (&ch)[4],
+                                                    const float4 (&add)[4], const bool (&valid)[4], int lane) {
+  constexpr int kTurns = 5;
+  bool pending[4] = {valid[0], valid[1], valid[2], valid[3]};
+#pragma unroll
+  for (int turn = 0; turn < kTurns; ++turn) {
+    if (!__any_sync(0xffffffffu, pending[0] || pending[1] || pending[2] || pending[3])) return;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (pending[u]) tag_s[ch[u]] = 4 * lane + u;
+    }
+    __syncwarp();
+    int tag[4];
+    float4 row[4];  // read with the tag: only the winner of a channel writes it in this turn
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      tag[u] = tag_s[ch[u]];
+      row[u] = corr_s[ch[u]];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (pending[u] && tag[u] == 4 * lane + u) {
+        corr_s[ch[u]] = make_float4(row[u].x + add[u].x, row[u].y + add[u].y, row[u].z + add[u].z, row[u].w + add[u].w);
+        pending[u] = false;
+      }
     }
     __syncwarp();
   }
-  unsigned crowded_lanes = __ballot_sync(0xffffffffu, valid && crowded);
+  unsigned crowded_lanes = __ballot_sync(0xffffffffu, pending[0] || pending[1] || pending[2] || pending[3]);
   while (crowded_lanes != 0) {
     const int leader = __ffs(crowded_lanes) - 1;
-    const int key = __shfl_sync(0xffffffffu, ch, leader);
-    const bool mine = ch == key;
-    float4 sum = mine ? add : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    int first = 0;
+#pragma unroll
+    for (int u = 3; u >= 0; --u) first = pending[u] ? ch[u] : first;
+    const int key = __shfl_sync(0xffffffffu, first, leader);
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (pending[u] && ch[u] == key) {
+        sum = make_float4(sum.x + add[u].x, sum.y + add[u].y, sum.z + add[u].z, sum.w + add[u].w);
+        pending[u] = false;
+      }
+    }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
       sum.x += __shfl_xor_sync(0xffffffffu, sum.x, off);
@@ -323,8 +348,9 @@ __device__ __forceinline__ void AddValueCorrection(float4* corr_s, int ch, float
       const float4 x = corr_s[key];
       corr_s[key] = make_float4(x.x + sum.x, x.y + sum.y, x.z + sum.z, x.w + sum.w);
     }
-    crowded_lanes &= ~__ballot_sync(0xffffffffu, mine);
+    crowded_lanes = __ballot_sync(0xffffffffu, pending[0] || pending[1] || pending[2] || pending[3]);
   }
+  __syncwarp();
 }
 
 // kvq3 asks for two blocks per SM, not three: the registers it then gets (about 250) hold the MMA loops
@@ -653,42 +679,53 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
       // tok f_i). The changes stay in registers: D reads the same lane's tokens.
       float score_delta[4][kGroupTile];
       {
-        int64_t idx = lane_first;
+        // Token u's outlier (channel, value) scaled by `weight` (0 or 1) into score_delta[u].
+        const auto add_key_outlier = [&](int u, int ch, uint16_t value_bits, float weight) {
+          const int tok = 4 * lane + u;
+          const uint32_t code = CodeAt<BITS>(kcodes, ch * kPage + tok);
+          const float delta =
+              weight * (__half2float(__ushort_as_half(value_bits)) - fmaf(half_s[ch], cbk_s[code], mid_s[ch]));
+          const int i = ch % kHalf;
+          if constexpr (kMma) {
+            const uint2 f = __ldg(p.kv.rope_table + RopeTableIndexOf(tok, i >> 1));
+            const __half2 c2 = AsHalf2(f.x), s2 = AsHalf2(f.y);
+            const float c = (i & 1) ? __high2float(c2) : __low2float(c2);
+            const float s = (i & 1) ? __high2float(s2) : __low2float(s2);
+#pragma unroll
+            for (int g = 0; g < kGroupTile; ++g) {
+              const float2 qp = qpairs_s[g * kHalf + i];
+              const float w = ch < kHalf ? fmaf(qp.x, c, qp.y * s) : fmaf(qp.y, c, -qp.x * s);
+              score_delta[u][g] = fmaf(delta, w, score_delta[u][g]);
+            }
+          } else {
+            float tc, ts, c, s;
+            SmallAngle(tok, invf_s[i], &tc, &ts);
+            AddAngle(anchor_s[i], tc, ts, &c, &s);
+#pragma unroll
+            for (int g = 0; g < kGroupTile; ++g) {
+              const float qa = q_s[g * HEAD_DIM + i], qb = q_s[g * HEAD_DIM + i + kHalf];
+              const float w = ch < kHalf ? qa * c + qb * s : qb * c - qa * s;
+              score_delta[u][g] = fmaf(delta, w, score_delta[u][g]);
+            }
+          }
+        };
+        // Each token's first outlier (prefetched) without branches, the four tokens independent of each
+        // other; a token without one adds zero.
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
 #pragma unroll
           for (int g = 0; g < kGroupTile; ++g) score_delta[u][g] = 0.0f;
-          const int tok = 4 * lane + u;
-          for (int e = 0; e < counts[u]; ++e, ++idx) {
-            const int64_t at = e == 0 ? 0 : outlier_index(idx);
-            const int ch = e == 0 ? first_ch[u] : p.kv.key_outlier_channel[at];
-            const float value = __half2float(__ushort_as_half(e == 0 ? first_val[u] : p.kv.key_outlier_value[at]));
-            const uint32_t code = CodeAt<BITS>(kcodes, ch * kPage + tok);
-            const float delta = value - fmaf(half_s[ch], cbk_s[code], mid_s[ch]);
-            const int i = ch % kHalf;
-            if constexpr (kMma) {
-              const uint2 f = __ldg(p.kv.rope_table + RopeTableIndexOf(tok, i >> 1));
-              const __half2 c2 = AsHalf2(f.x), s2 = AsHalf2(f.y);
-              const float c = (i & 1) ? __high2float(c2) : __low2float(c2);
-              const float s = (i & 1) ? __high2float(s2) : __low2float(s2);
+          add_key_outlier(u, first_ch[u], first_val[u], counts[u] > 0 ? 1.0f : 0.0f);
+        }
+        // The rest (real text: about a third of the tokens have more than one).
+        int64_t idx = lane_first;
 #pragma unroll
-              for (int g = 0; g < kGroupTile; ++g) {
-                const float2 qp = qpairs_s[g * kHalf + i];
-                const float w = ch < kHalf ? fmaf(qp.x, c, qp.y * s) : fmaf(qp.y, c, -qp.x * s);
-                score_delta[u][g] = fmaf(delta, w, score_delta[u][g]);
-              }
-            } else {
-              float tc, ts, c, s;
-              SmallAngle(tok, invf_s[i], &tc, &ts);
-              AddAngle(anchor_s[i], tc, ts, &c, &s);
-#pragma unroll
-              for (int g = 0; g < kGroupTile; ++g) {
-                const float qa = q_s[g * HEAD_DIM + i], qb = q_s[g * HEAD_DIM + i + kHalf];
-                const float w = ch < kHalf ? qa * c + qb * s : qb * c - qa * s;
-                score_delta[u][g] = fmaf(delta, w, score_delta[u][g]);
-              }
-            }
+        for (int u = 0; u < 4; ++u) {
+          for (int e = 1; e < counts[u]; ++e) {
+            const int64_t at = outlier_index(idx + e);
+            add_key_outlier(u, p.kv.key_outlier_channel[at], p.kv.key_outlier_value[at], 1.0f);
           }
+          idx += counts[u];
         }
       }
       __syncwarp();
@@ -780,7 +817,7 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
 
       // F. Value outliers of this lane's tokens: p * (outlier - dequantized) into the warp's correction
       // rows, which are scaled with the accumulators (when the running maximum moved) and added to them
-      // after the last page.
+      // after the last page. The page's score area, read by now, holds AddValueCorrections' tags.
       if (n_out > 0) {
         if (corr[0] != 1.0f || corr[1] != 1.0f || corr[2] != 1.0f || corr[3] != 1.0f) {  // the same on every lane
           for (int c = lane; c < HEAD_DIM; c += 32) {
@@ -788,23 +825,23 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
             corr_s[c] = make_float4(x.x * corr[0], x.y * corr[1], x.z * corr[2], x.w * corr[3]);
           }
         }
+        for (int k = 0; k < n_out; ++k) {
+          int ch[4];
+          float4 add[4];
+          bool valid[4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int tok = 4 * lane + u;
-          const bool valid = tok < n_valid;
-          for (int k = 0; k < n_out; ++k) {
-            __syncwarp();
-            int ch = -1 - lane;  // distinct from every channel and from the other lanes' placeholders
-            float4 add = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (valid) {
-              ch = och_s[tok * n_out + k];
-              const uint32_t code = CodeAt<BITS>(vcodes, tok * HEAD_DIM + ch);
-              const float delta = __half2float(oval_s[tok * n_out + k]) -
-                                  fmaf(cbv_s[code], half_range[u], low[u] + half_range[u]);
-              add = make_float4(sv[u].x * delta, sv[u].y * delta, sv[u].z * delta, sv[u].w * delta);
-            }
-            AddValueCorrection(corr_s, ch, add, valid, lane);
+          for (int u = 0; u < 4; ++u) {
+            const int tok = 4 * lane + u;
+            valid[u] = tok < n_valid;
+            ch[u] = valid[u] ? och_s[tok * n_out + k] : 0;
+            const uint32_t code = CodeAt<BITS>(vcodes, tok * HEAD_DIM + ch[u]);
+            const float delta = valid[u] ? __half2float(oval_s[tok * n_out + k]) -
+                                               fmaf(cbv_s[code], half_range[u], low[u] + half_range[u])
+                                         : 0.0f;
+            add[u] = make_float4(sv[u].x * delta, sv[u].y * delta, sv[u].z * delta, sv[u].w * delta);
           }
+          __syncwarp();
+          AddValueCorrections(corr_s, reinterpret_cast<int*>(scores_s), ch, add, valid, lane);
         }
       }
       __syncwarp();
