@@ -31,17 +31,27 @@ __device__ __forceinline__ float FlushSource(const KvqAppendArgs& a, const KvqFl
       RingRow(ring, r.slot, h, a.n_kv_heads, a.layer.ring, t, a.head_dim)[c]));
 }
 
-// Keys: one block per (run, KV head), one thread per channel. The run owns its word group in this
-// launch: a group's first token writes its words whole (absent tokens 0, as the CPU pages), later
-// tokens read-modify-write them. Outliers of each token go to its scratch row in ascending channel
-// order (a ballot per warp, then the warps' counts in shared memory), at most 255 per token.
+// Keys: one block per (run, KV head) of kFlushKeyGroups * head_dim threads: thread (channel c, token group
+// tg) encodes tokens tg * 8 .. tg * 8 + 7 of the run at its channel. The run owns its word group in this
+// launch: a group's first token writes its words whole (absent tokens 0, as the CPU pages), later tokens
+// read-modify-write them; the token groups' codes are ORed together in shared memory first. Outliers of
+// each token go to its scratch row in ascending channel order: every warp ballots its tokens, and after
+// one barrier a thread counts the channels before its own from the ballots, at most 255 per token. (One
+// thread per channel taking all 32 tokens in turn, with a barrier per token, was latency-bound: 35 us a
+// call in an 8B-shaped prefill, the largest of the pack kernels.)
+constexpr int kFlushKeyGroups = 4;
+constexpr int kFlushKeyTokens = kWordTokens / kFlushKeyGroups;  // tokens per thread
+
 template <int BITS>
-__global__ void FlushKeysKernel(const KvqAppendArgs a) {
-  __shared__ int warp_counts[kWordTokens][4];
+__global__ void __launch_bounds__(kFlushKeyGroups * 128) FlushKeysKernel(const KvqAppendArgs a) {
+  __shared__ uint32_t group_words[128][BITS];
+  __shared__ uint32_t ballots[kWordTokens][4];  // [run token][warp of the channel range]
   const KvqFlushRun r = a.runs[blockIdx.x];
   const int h = blockIdx.y;
-  const int c = threadIdx.x;
-  const int lane = c & 31, warp = c >> 5;
+  const int c = threadIdx.x % a.head_dim;
+  const int tg = threadIdx.x / a.head_dim;
+  const int lane = threadIdx.x & 31, channel_warp = c >> 5;
+  const int channel_warps = a.head_dim / 32;
   const KvqStoreLayer& L = a.layer;
   const float lo = L.key_low[h * a.head_dim + c], hi = L.key_high[h * a.head_dim + c];
   float cb[1 << BITS];
@@ -52,41 +62,51 @@ __global__ void FlushKeysKernel(const KvqAppendArgs a) {
   const int row0 = r.part0 % kPage;
   uint32_t* out = reinterpret_cast<uint32_t*>(L.key_codes + ph * code_bytes) +
                   (static_cast<int64_t>(c) * kPage + row0 / kWordTokens * kWordTokens) * BITS / 32;
-  uint32_t words[BITS];
-  const bool fresh = row0 % kWordTokens == 0;
+  if (tg == 0) {
 #pragma unroll
-  for (int w = 0; w < BITS; ++w) words[w] = fresh ? 0u : out[w];
-  float xs[kWordTokens];
+    for (int w = 0; w < BITS; ++w) group_words[c][w] = 0u;
+  }
+  __syncthreads();
+  uint32_t words[BITS] = {};
+  float xs[kFlushKeyTokens];
 #pragma unroll
-  for (int i = 0; i < kWordTokens; ++i) {
-    xs[i] = 0.0f;
+  for (int j = 0; j < kFlushKeyTokens; ++j) {
+    const int i = tg * kFlushKeyTokens + j;
+    xs[j] = 0.0f;
     if (i < r.n) {
       const float x = FlushSource(a, r, a.k, L.residual_k, r.part0 + i, h, c);
-      xs[i] = x;
-      const uint32_t code = KvqNearest<BITS>(cb, KvqNormalize(x, lo, hi));
-      PutCode<BITS>(words, (row0 + i) % kWordTokens, code);
+      xs[j] = x;
+      PutCodeInGroup<BITS>(words, (row0 + i) % kWordTokens, KvqNearest<BITS>(cb, KvqNormalize(x, lo, hi)));
     }
+    // Outliers: x < lo or x > hi, as KvqKeyCodec::Encode.
+    const uint32_t mask = __ballot_sync(0xffffffffu, i < r.n && (xs[j] < lo || xs[j] > hi));
+    if (lane == 0) ballots[i][channel_warp] = mask;
   }
 #pragma unroll
-  for (int w = 0; w < BITS; ++w) out[w] = words[w];
-  // Outliers: x < lo or x > hi, as KvqKeyCodec::Encode.
-  for (int i = 0; i < r.n; ++i) {
-    const bool outlier = xs[i] < lo || xs[i] > hi;
-    const uint32_t mask = __ballot_sync(0xffffffffu, outlier);
-    if (lane == 0) warp_counts[i][warp] = __popc(mask);
-    __syncthreads();
-    int before = 0, total = 0;
-    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) {
-      if (w < warp) before += warp_counts[i][w];
-      total += warp_counts[i][w];
+  for (int w = 0; w < BITS; ++w) {
+    if (words[w] != 0u) atomicOr(&group_words[c][w], words[w]);
+  }
+  __syncthreads();
+  if (tg == 0) {
+    const bool fresh = row0 % kWordTokens == 0;
+#pragma unroll
+    for (int w = 0; w < BITS; ++w) out[w] = (fresh ? 0u : out[w]) | group_words[c][w];
+  }
+#pragma unroll
+  for (int j = 0; j < kFlushKeyTokens; ++j) {
+    const int i = tg * kFlushKeyTokens + j;
+    if (i >= r.n) break;
+    const uint32_t mask = ballots[i][channel_warp];
+    int before = __popc(mask & ((1u << lane) - 1u)), total = 0;
+    for (int w = 0; w < channel_warps; ++w) {
+      const int n = __popc(ballots[i][w]);
+      before += w < channel_warp ? n : 0;
+      total += n;
     }
     const int64_t row = static_cast<int64_t>(r.scratch0 + i) * a.n_kv_heads + h;
-    if (outlier) {
-      const int slot = before + __popc(mask & ((1u << lane) - 1u));
-      if (slot < kMaxKeyOutliers) {
-        a.scratch_channel[row * a.head_dim + slot] = static_cast<uint8_t>(c);
-        a.scratch_value[row * a.head_dim + slot] = __half_as_ushort(__float2half_rn(xs[i]));
-      }
+    if (((mask >> lane) & 1u) != 0u && before < kMaxKeyOutliers) {
+      a.scratch_channel[row * a.head_dim + before] = static_cast<uint8_t>(c);
+      a.scratch_value[row * a.head_dim + before] = __half_as_ushort(__float2half_rn(xs[j]));
     }
     if (c == 0) a.scratch_count[row] = static_cast<uint8_t>(min(total, kMaxKeyOutliers));
   }
@@ -461,7 +481,7 @@ absl::Status KvqStoreAppendCuda(const KvqAppendArgs& a, cudaStream_t stream) {
   }
   return KV_DISPATCH_KVQ_BITS(a.bits, BITS, {
     if (a.n_runs > 0) {
-      FlushKeysKernel<BITS><<<dim3(a.n_runs, a.n_kv_heads), a.head_dim, 0, stream>>>(a);
+      FlushKeysKernel<BITS><<<dim3(a.n_runs, a.n_kv_heads), kFlushKeyGroups * a.head_dim, 0, stream>>>(a);
       CUDA_RETURN_IF_LAUNCH_ERROR();
       const dim3 grid(a.n_runs, a.n_kv_heads);
       if (a.head_dim == 128) {
