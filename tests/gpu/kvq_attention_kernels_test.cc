@@ -43,11 +43,13 @@ struct HostStore {
 
 // (head_dim, query group, context lengths of the batch, start position of request 0, max splits, code bits)
 using Param = std::tuple<int, int, std::vector<int>, int64_t, int, int>;
-class KvqDecodeTest : public ::testing::TestWithParam<Param> {};
 
-TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
+// The GPU kernel against the CPU shard on the same tokens. one_value_channel: every token's largest value
+// sits on channel 5 of its KV head, so each page's value outliers all share one channel (the kernel's
+// warp-wide merge of crowded channels; synthetic values otherwise spread them).
+void CheckKvqDecode(const Param& param, bool one_value_channel) {
   KV_SKIP_WITHOUT_GPU();
-  const auto& [head_dim, group, lens, start0, max_splits, bits] = GetParam();
+  const auto& [head_dim, group, lens, start0, max_splits, bits] = param;
   const int d = head_dim;
   const int batch = static_cast<int>(lens.size());
   KvGeometry g = testing::SmallGeometry(d, /*n_layers=*/1, /*n_heads=*/kKvHeads * group, kKvHeads);
@@ -75,6 +77,11 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
     auto shard = QuantizedKvShard::Create(*config, g, start, &cal);
     ASSERT_TRUE(shard.ok()) << shard.status();
     data.push_back(testing::MakeSyntheticKv(g, 0, lens[b], 100 + b));
+    if (one_value_channel) {
+      for (int64_t t = 0; t < lens[b]; ++t) {
+        for (int h = 0; h < kKvHeads; ++h) data[b].v[(t * kKvHeads + h) * d + 5] = 12.0f + 0.01f * static_cast<float>(t % 7);
+      }
+    }
     ASSERT_TRUE((*shard)->Append(0, lens[b], data[b].k.data(), data[b].v.data()).ok());
     const int64_t q_position = start + lens[b];
     ASSERT_TRUE((*shard)->Attend(0, 1, q.data() + static_cast<size_t>(b) * g.n_heads * d, &q_position,
@@ -328,6 +335,15 @@ TEST_P(KvqDecodeTest, MatchesTheCpuShard) {
   std::printf("  worst error / bound: out %.3g, lse %.3g\n", worst(got_out, want_out, atol_out),
               worst(got_lse, want_lse, atol_lse));
 }
+
+class KvqDecodeTest : public ::testing::TestWithParam<Param> {};
+TEST_P(KvqDecodeTest, MatchesTheCpuShard) { CheckKvqDecode(GetParam(), /*one_value_channel=*/false); }
+
+class KvqDecodeOneValueChannelTest : public ::testing::TestWithParam<Param> {};
+TEST_P(KvqDecodeOneValueChannelTest, MatchesTheCpuShard) { CheckKvqDecode(GetParam(), /*one_value_channel=*/true); }
+INSTANTIATE_TEST_SUITE_P(Kvq3, KvqDecodeOneValueChannelTest,
+                         ::testing::Values(Param{128, 4, {3000}, 0, 0, 3}, Param{64, 3, {2500}, 0, 3, 3},
+                                           Param{128, 4, {0, 37, 300, 1000}, 0, 0, 3}));
 
 INSTANTIATE_TEST_SUITE_P(
     Kvq3Sizes, KvqDecodeTest,
