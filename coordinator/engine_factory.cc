@@ -47,6 +47,9 @@ ABSL_FLAG(double, kv_outlier_headroom, 3.0,
           "a request's reserved tokens (its pages and KV heads share it, so single pages may hold far more); a "
           "request whose text has more outliers in a layer fails (raise this, at 3 bytes per extra outlier "
           "slot, or calibrate on text like the requests')");
+ABSL_FLAG(int, cuda_graph_rows, 64,
+          "GPUs: forward passes of at most this many rows (decode steps) replay their dense layers from CUDA "
+          "graphs, captured once per row count (0: no graphs)");
 ABSL_FLAG(double, collective_timeout_s, 300,
           "A worker whose peers do not join a collective within this many seconds ends the job");
 ABSL_FLAG(double, worker_timeout_s, 600,
@@ -160,6 +163,8 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags(std::string
   KV_ASSIGN_OR_RETURN(w.merge.wire, ParseWireType(absl::GetFlag(FLAGS_partials_wire)));
   w.collective_timeout_s = absl::GetFlag(FLAGS_collective_timeout_s);
   w.key_outlier_headroom = absl::GetFlag(FLAGS_kv_outlier_headroom);
+  w.cuda_graph_rows = absl::GetFlag(FLAGS_cuda_graph_rows);
+  if (w.cuda_graph_rows < 0) return absl::InvalidArgumentError("--cuda_graph_rows must not be negative");
   if (!(w.key_outlier_headroom >= 1.0 && w.key_outlier_headroom <= 100.0)) {
     return absl::InvalidArgumentError("--kv_outlier_headroom must be in [1, 100]");
   }
@@ -208,6 +213,8 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags(std::string* kv_no
   }
   EngineOptions options;
   options.device = absl::GetFlag(FLAGS_device);
+  options.cuda_graph_rows = absl::GetFlag(FLAGS_cuda_graph_rows);
+  if (options.cuda_graph_rows < 0) return absl::InvalidArgumentError("--cuda_graph_rows must not be negative");
   const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
   std::string model_path;
   if (!synthetic) {

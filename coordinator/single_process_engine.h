@@ -21,6 +21,7 @@ struct EngineOptions {
   // "auto": the GPU when this build and host have one (fp16 KV), else the CPU; "gpu": the GPU or an
   // error; "cpu": the CPU backend.
   std::string device = "auto";
+  int cuda_graph_rows = 64;  // GpuModelOptions::graph_rows
 };
 
 class SingleProcessEngine final : public Engine {

@@ -16,7 +16,8 @@
 #   GEMM rate, a calibration of the synthetic fill, then for 1 worker and for one worker per GPU the
 #   decode step at --scale-tokens tokens per worker and --scale-batches, and the real prefill of
 #   --scale-prefill prompts (--scale-scheme, --scale-workers "1 2" choose the rest; an empty size list
-#   skips that part). Logs scale.log, scale.jsonl (bench/scale_plot.py draws them). The calibrations (minutes
+#   skips that part; --scale-flags "..." adds kvshard flags to every run, e.g. "--cuda_graph_rows 0").
+#   Logs scale.log, scale.jsonl (bench/scale_plot.py draws them). The calibrations (minutes
 #   of CPU) are kept in --scale-calibrations DIR (default the build directory) and reused from there when
 #   present; a file that does not match the model is refused by kvshard, so a stale one fails loudly.
 #
@@ -39,6 +40,7 @@ scale_batches=1,16
 scale_prefill=32768,131072
 scale_worker_counts=""
 scale_calibrations=""
+scale_flags=""
 phases=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -53,6 +55,7 @@ while [ $# -gt 0 ]; do
     --scale-prefill) scale_prefill="$2"; shift 2 ;;
     --scale-workers) scale_worker_counts="$2"; shift 2 ;;
     --scale-calibrations) scale_calibrations="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
+    --scale-flags) scale_flags="$2"; shift 2 ;;
     *) phases+=("$1"); shift ;;
   esac
 done
@@ -263,7 +266,7 @@ if want scale; then
     timeout 420 mpirun "${mpirun_flags[@]:0:${#mpirun_flags[@]}-2}" -np $((n + 1)) --bind-to none \
       "$build/kvshard" scale-bench "${model_flags[@]}" --kv_scheme "$scale_scheme" --device gpu \
       --worker_kv_budget_mb 200000 --worker_threads 8 --max_batch 64 --bench_gemm_tflops "${gemm:-0}" \
-      --bench_json "$out/scale.jsonl" --bench_label "$label" "$@" >>"$out/scale.log" 2>&1
+      --bench_json "$out/scale.jsonl" --bench_label "$label" $scale_flags "$@" >>"$out/scale.log" 2>&1
     note "scale: $what, $n worker(s): rc=$? ($(($(date +%s) - start)) s)"
   }
   fill_calibration=() text_calibration=()

@@ -61,6 +61,7 @@ json ToJson(const WorkerConfig& c) {
             {"wire", WireTypeName(c.merge.wire)},
             {"collective_timeout_s", c.collective_timeout_s},
             {"key_outlier_headroom", c.key_outlier_headroom},
+            {"cuda_graph_rows", c.cuda_graph_rows},
             {"faults",
              {{"fail_step", c.faults.fail_step},
               {"kill_step", c.faults.kill_step},
@@ -84,6 +85,7 @@ absl::StatusOr<WorkerConfig> ConfigFromJson(const json& j) {
   c.merge = {*mode, *wire};
   c.collective_timeout_s = j.at("collective_timeout_s");
   c.key_outlier_headroom = j.at("key_outlier_headroom");
+  c.cuda_graph_rows = j.at("cuda_graph_rows");
   const json& f = j.at("faults");
   c.faults.fail_step = f.at("fail_step");
   c.faults.kill_step = f.at("kill_step");

@@ -42,6 +42,7 @@ struct WorkerConfig {
   MergeOptions merge;
   double collective_timeout_s = 300;
   double key_outlier_headroom = 3.0;              // GPU kvq stores: key outlier room (DeviceKvStoreOptions)
+  int cuda_graph_rows = 64;                       // GPU workers: GpuModelOptions::graph_rows
   FaultInjection faults;
 };
 

@@ -40,6 +40,7 @@ struct GpuWorkerOptions {
   std::shared_ptr<const Calibration> calibration;  // of the calibrated schemes; may be null
   int max_decode_rows = 64;
   double key_outlier_headroom = 3.0;  // DeviceKvStoreOptions::key_outlier_headroom
+  int graph_rows = 64;                // GpuModelOptions::graph_rows
 };
 
 // One row of a decode step as this worker sees it.

@@ -138,7 +138,7 @@ class Worker {
     }
     const std::string key = absl::StrCat(model_key_, "|", config.calibration_path, "|", config.kv_budget_bytes, "|",
                                          MergeModeName(config.merge.mode), WireTypeName(config.merge.wire), "|",
-                                         config.key_outlier_headroom);
+                                         config.key_outlier_headroom, "|", config.cuda_graph_rows);
     if (gpu_ == nullptr || key != gpu_key_) {
       gpu_.reset();
       GpuWorkerOptions options;
@@ -147,6 +147,7 @@ class Worker {
       options.collective_timeout = absl::Seconds(config.collective_timeout_s);
       options.kv_budget_bytes = config.kv_budget_bytes;
       options.key_outlier_headroom = config.key_outlier_headroom;
+      options.graph_rows = config.cuda_graph_rows;
       if (!config.calibration_path.empty()) {
         KV_ASSIGN_OR_RETURN(Calibration calibration, LoadCalibration(config.calibration_path));
         options.calibration = std::make_shared<const Calibration>(std::move(calibration));

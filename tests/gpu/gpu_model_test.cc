@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <span>
 #include <string>
@@ -240,6 +241,51 @@ TEST_F(GpuModelTest, DemoModelGreedyTokensMatchCpu) {
   const Comparison r = CompareGreedy(*weights, prompt, /*repetition_penalty=*/1.1f);  // the CLI default
   // 30 layers of bf16 rounding of Q4_1-dequantized weights (not exact in bf16) and activations.
   ExpectAgreement(r, 5e-2);
+}
+
+// CUDA graphs (GpuModelOptions::graph_rows) replay the same kernels on the same buffers, so the logits of
+// every pass equal those of stream launches bit for bit. The prompt goes in chunks of 1..18 tokens, more
+// row counts than the model holds graphs for, so sets are evicted and captured again (decode: 1 row).
+TEST_F(GpuModelTest, GraphsReplayTheSameLogits) {
+  const ModelWeights weights = SyntheticModel(/*qkv_bias=*/true, /*tied=*/false, 7);
+  GpuModelOptions eager_options, graph_options;
+  eager_options.graph_rows = 0;
+  graph_options.graph_rows = 64;
+  auto eager = GpuModel::Create(weights, eager_options);
+  auto graphed = GpuModel::Create(weights, graph_options);
+  ASSERT_TRUE(eager.ok()) << eager.status();
+  ASSERT_TRUE(graphed.ok()) << graphed.status();
+  constexpr int kChunks = 18, kSteps = 20;
+  const int64_t prompt_tokens = kChunks * (kChunks + 1) / 2;
+  auto eager_cache = GpuKvCache::Create((*eager)->kv_geometry(), prompt_tokens + kSteps);
+  auto graph_cache = GpuKvCache::Create((*graphed)->kv_geometry(), prompt_tokens + kSteps);
+  ASSERT_TRUE(eager_cache.ok() && graph_cache.ok());
+  std::mt19937_64 rng(8);
+  std::vector<int32_t> tokens(prompt_tokens + kSteps);
+  for (int32_t& id : tokens) id = static_cast<int32_t>(rng() % weights.config.vocab_size);
+  int64_t position = 0, passes = 0, unequal_passes = 0;
+  const auto pass = [&](int n) {
+    const std::span<const int32_t> chunk(tokens.data() + position, n);
+    std::vector<float> expected, actual;
+    ASSERT_TRUE((*eager)->Forward(chunk, position, **eager_cache, nullptr, &expected).ok());
+    ASSERT_TRUE((*graphed)->Forward(chunk, position, **graph_cache, nullptr, &actual).ok());
+    ASSERT_EQ(expected.size(), actual.size());
+    int64_t unequal = 0;
+    for (size_t i = 0; i < expected.size(); ++i) unequal += std::memcmp(&expected[i], &actual[i], 4) != 0;
+    if (unequal > 0) {
+      ++unequal_passes;
+      std::printf("  pass at position %lld (%d rows): %lld of %zu logits differ, max |diff| %.3g\n",
+                  static_cast<long long>(position), n, static_cast<long long>(unequal), expected.size(),
+                  MaxAbsDiff(expected, actual));
+    }
+    position += n;
+    ++passes;
+  };
+  for (int n = 1; n <= kChunks; ++n) pass(n);
+  for (int step = 0; step < kSteps; ++step) pass(1);
+  EXPECT_EQ(unequal_passes, 0) << "of " << passes << " passes";
+  EXPECT_EQ((*eager)->graph_sets(), 0);
+  EXPECT_EQ((*graphed)->graph_sets(), 16);  // kMaxGraphSets
 }
 
 TEST_F(GpuModelTest, RefusesWhatDoesNotFit) {

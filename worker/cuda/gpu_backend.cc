@@ -57,9 +57,11 @@ class CudaBackend final : public GpuBackend {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelWeights& weights) {
+absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelWeights& weights, int graph_rows) {
   if (CudaDeviceCount() == 0) return absl::UnavailableError("no CUDA GPU on this host");
-  KV_ASSIGN_OR_RETURN(std::unique_ptr<GpuModel> model, GpuModel::Create(weights, GpuModelOptions{}));
+  GpuModelOptions options;
+  options.graph_rows = graph_rows;
+  KV_ASSIGN_OR_RETURN(std::unique_ptr<GpuModel> model, GpuModel::Create(weights, options));
   return std::unique_ptr<GpuBackend>(new CudaBackend(std::move(model)));
 }
 

@@ -238,6 +238,7 @@ GpuModel::GpuModel(const ModelConfig& config, const GpuModelOptions& options, Cu
 
 GpuModel::~GpuModel() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  DropGraphs();
   if (staging_ids_ != nullptr) cudaFreeHost(staging_ids_);
   if (staging_positions_ != nullptr) cudaFreeHost(staging_positions_);
   if (draws_host_ != nullptr) cudaFreeHost(draws_host_);
@@ -260,6 +261,7 @@ absl::StatusOr<std::unique_ptr<GpuModel>> GpuModel::Create(const ModelWeights& w
   if (options.max_chunk <= 0 || options.max_chunk > 65535) {
     return absl::InvalidArgumentError("GpuModel: max_chunk must be in 1..65535");
   }
+  if (options.graph_rows < 0) return absl::InvalidArgumentError("GpuModel: graph_rows must not be negative");
   if (c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads != 0 ||
       static_cast<int>(weights.layers.size()) != c.n_layers) {
     return absl::InvalidArgumentError("GpuModel: inconsistent model configuration");
@@ -365,6 +367,7 @@ absl::Status GpuModel::Enqueue(std::span<const int32_t> tokens, std::span<const 
 
   if (logits_.bytes() < logit_rows * c.vocab_size * 4) {
     KV_RETURN_IF_ERROR(Synchronize());  // the old buffer may still be read by queued work
+    DropGraphs();                       // they write the old one
     KV_ASSIGN_OR_RETURN(logits_, DeviceMemory::Allocate(logit_rows * c.vocab_size * 4, "logits"));
   }
   // Staged through pinned memory so the copies do not wait for the stream; the previous forward pass
@@ -376,32 +379,104 @@ absl::Status GpuModel::Enqueue(std::span<const int32_t> tokens, std::span<const 
   float* x = x_.as<float>();
   float* qkv = qkv_.as<float>();
   float* gate_up = gate_up_.as<float>();
-  KV_RETURN_IF_ERROR(EmbeddingGatherCuda(embedding_.get(), DType::kBF16, c.vocab_size, hidden, ids_.as<int32_t>(), n,
-                                         x, s));
+  GraphSet* graphs = n <= options_.graph_rows ? &GraphsFor(n, logits_of_every_row) : nullptr;
 
-  for (int layer = 0; layer < c.n_layers; ++layer) {
+  // Layer `layer`'s work before its KV calls. The queries' RoPE comes before the append, which reads
+  // only the keys and values of qkv, so the graph segments span it.
+  const auto before_kv = [&](int layer) -> absl::Status {
     const Layer& L = layers_[layer];
     KV_RETURN_IF_ERROR(RmsNormCuda(x, L.attn_norm.as<float>(), n, hidden, c.norm_eps, h_.get(), DType::kBF16, s));
     KV_RETURN_IF_ERROR(GemmBf16(cublas_, h_.get(), L.w_qkv.get(), n, qkv_dim, hidden, qkv, DType::kF32, 1.0f, 0.0f, s));
     if (c.qkv_bias) KV_RETURN_IF_ERROR(AddBiasCuda(qkv, L.b_qkv.as<float>(), n, qkv_dim, s));
-    KV_RETURN_IF_ERROR(context.AppendKv(layer, static_cast<int>(n), qkv + q_dim, qkv + q_dim + kv_dim, qkv_dim,
-                                        positions_.as<int64_t>(), s));
-    KV_RETURN_IF_ERROR(RopeCuda(qkv, qkv_dim, positions_.as<int64_t>(), inv_freq_.as<float>(), n, c.n_heads,
-                                c.head_dim, s));
-    KV_RETURN_IF_ERROR(context.Attend(layer, static_cast<int>(n), qkv, qkv_dim, positions[0], attn_.as<float>(), s));
+    return RopeCuda(qkv, qkv_dim, positions_.as<int64_t>(), inv_freq_.as<float>(), n, c.n_heads, c.head_dim, s);
+  };
+  // Layer `layer`'s work after its attention: the output projection and the feed-forward block.
+  const auto after_attention = [&](int layer) -> absl::Status {
+    const Layer& L = layers_[layer];
     KV_RETURN_IF_ERROR(ConvertCuda(attn_.get(), DType::kF32, attn16_.get(), DType::kBF16, n * q_dim, s));
     KV_RETURN_IF_ERROR(GemmBf16(cublas_, attn16_.get(), L.w_o.get(), n, hidden, q_dim, x, DType::kF32, 1.0f, 1.0f, s));
-
     KV_RETURN_IF_ERROR(RmsNormCuda(x, L.ffn_norm.as<float>(), n, hidden, c.norm_eps, h_.get(), DType::kBF16, s));
     KV_RETURN_IF_ERROR(
         GemmBf16(cublas_, h_.get(), L.w_gate_up.get(), n, 2 * ffn, hidden, gate_up, DType::kF32, 1.0f, 0.0f, s));
     KV_RETURN_IF_ERROR(SwiGluCuda(gate_up, gate_up + ffn, 2 * ffn, n, ffn, act_.get(), DType::kBF16, s));
-    KV_RETURN_IF_ERROR(GemmBf16(cublas_, act_.get(), L.w_down.get(), n, hidden, ffn, x, DType::kF32, 1.0f, 1.0f, s));
-  }
+    return GemmBf16(cublas_, act_.get(), L.w_down.get(), n, hidden, ffn, x, DType::kF32, 1.0f, 1.0f, s);
+  };
 
-  const void* w_out = c.tied_embeddings ? embedding_.get() : output_.get();
-  return FinalNormLogitsCuda(cublas_, x + (n - logit_rows) * hidden, output_norm_.as<float>(), w_out, logit_rows,
-                             hidden, c.vocab_size, c.norm_eps, h_.get(), logits_.as<float>(), s);
+  KV_RETURN_IF_ERROR(RunSegment(graphs, 0, [&]() -> absl::Status {
+    KV_RETURN_IF_ERROR(EmbeddingGatherCuda(embedding_.get(), DType::kBF16, c.vocab_size, hidden, ids_.as<int32_t>(),
+                                           n, x, s));
+    return before_kv(0);
+  }));
+  for (int layer = 0; layer < c.n_layers; ++layer) {
+    KV_RETURN_IF_ERROR(context.AppendKv(layer, static_cast<int>(n), qkv + q_dim, qkv + q_dim + kv_dim, qkv_dim,
+                                        positions_.as<int64_t>(), s));
+    KV_RETURN_IF_ERROR(context.Attend(layer, static_cast<int>(n), qkv, qkv_dim, positions[0], attn_.as<float>(), s));
+    KV_RETURN_IF_ERROR(RunSegment(graphs, layer + 1, [&]() -> absl::Status {
+      KV_RETURN_IF_ERROR(after_attention(layer));
+      if (layer + 1 < c.n_layers) return before_kv(layer + 1);
+      const void* w_out = c.tied_embeddings ? embedding_.get() : output_.get();
+      return FinalNormLogitsCuda(cublas_, x + (n - logit_rows) * hidden, output_norm_.as<float>(), w_out,
+                                 logit_rows, hidden, c.vocab_size, c.norm_eps, h_.get(), logits_.as<float>(), s);
+    }));
+  }
+  return absl::OkStatus();
+}
+
+GpuModel::GraphSet& GpuModel::GraphsFor(int64_t rows, bool logits_of_every_row) {
+  ++graph_uses_;
+  for (GraphSet& set : graph_sets_) {
+    if (set.rows == rows && set.logits_of_every_row == logits_of_every_row) {
+      set.last_use = graph_uses_;
+      return set;
+    }
+  }
+  if (static_cast<int>(graph_sets_.size()) >= kMaxGraphSets) {
+    // A replay still queued keeps its graph alive: cudaGraphExecDestroy frees it once it has run.
+    auto oldest = std::min_element(graph_sets_.begin(), graph_sets_.end(),
+                                   [](const GraphSet& a, const GraphSet& b) { return a.last_use < b.last_use; });
+    for (cudaGraphExec_t exec : oldest->segments) {
+      if (exec != nullptr) cudaGraphExecDestroy(exec);
+    }
+    graph_sets_.erase(oldest);
+  }
+  GraphSet& set = graph_sets_.emplace_back();
+  set.rows = rows;
+  set.logits_of_every_row = logits_of_every_row;
+  set.last_use = graph_uses_;
+  set.segments.assign(config_.n_layers + 1, nullptr);
+  return set;
+}
+
+void GpuModel::DropGraphs() {
+  for (GraphSet& set : graph_sets_) {
+    for (cudaGraphExec_t exec : set.segments) {
+      if (exec != nullptr) cudaGraphExecDestroy(exec);
+    }
+  }
+  graph_sets_.clear();
+}
+
+absl::Status GpuModel::RunSegment(GraphSet* set, int index, absl::FunctionRef<absl::Status()> body) {
+  if (set == nullptr) return body();
+  cudaGraphExec_t& exec = set->segments[index];
+  if (exec == nullptr) {
+    // Thread-local capture: other threads' CUDA calls (the collectives' watchdog) do not join the graph.
+    CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    const absl::Status recorded = body();
+    cudaGraph_t graph = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);  // always: the stream leaves capture
+    if (!recorded.ok()) {
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      return recorded;
+    }
+    CUDA_RETURN_IF_ERROR(ended);
+    const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (made != cudaSuccess) exec = nullptr;
+    CUDA_RETURN_IF_ERROR(made);
+  }
+  CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, stream_));
+  return absl::OkStatus();
 }
 
 absl::Status GpuModel::Synchronize() {

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include "absl/status/status.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "kernels/cuda/dense.h"
 #include "kernels/sampling.h"
@@ -102,6 +103,11 @@ struct LogitsDraw {
 
 struct GpuModelOptions {
   int max_chunk = 512;  // most tokens per Forward call; longer prompts are fed in chunks
+  // Forward passes of at most this many rows (decode steps, short chunks) replay the dense work between
+  // two KV calls (norms, GEMMs, RoPE of the queries, SwiGLU, the logits) from CUDA graphs: one graph per
+  // layer boundary and row count, captured on the count's first pass. The KV calls stay stream launches,
+  // as their sizes change every step. 0: no graphs.
+  int graph_rows = 64;
 };
 
 class GpuModel {
@@ -141,8 +147,19 @@ class GpuModel {
   absl::Status EnqueueDraws(std::span<const LogitsDraw> draws);
   const int32_t* drawn() const { return drawn_; }
   absl::Status Synchronize();
+  // Row counts whose graphs are held now (at most kMaxGraphSets; for tests).
+  int graph_sets() const { return static_cast<int>(graph_sets_.size()); }
 
  private:
+  // The graphs of one row count: segment 0 is the embedding and layer 0's work before its KV calls,
+  // segment l + 1 the work after layer l's attention up to layer l + 1's KV calls (or the logits).
+  struct GraphSet {
+    int64_t rows = 0;
+    bool logits_of_every_row = false;
+    int64_t last_use = 0;
+    std::vector<cudaGraphExec_t> segments;
+  };
+  static constexpr int kMaxGraphSets = 16;  // row counts held at once; the least recently used goes
   struct Layer {
     DeviceMemory attn_norm, ffn_norm;  // fp32 [hidden]
     DeviceMemory w_qkv;                // bf16 [q_dim + 2 kv_dim][hidden]
@@ -155,6 +172,11 @@ class GpuModel {
   GpuModel(const ModelConfig& config, const GpuModelOptions& options, CublasHandle cublas, cudaStream_t stream);
   absl::Status Upload(const ModelWeights& weights);
   absl::Status AllocateActivations();
+  // The graph set of (rows, logits_of_every_row), made empty on first use.
+  GraphSet& GraphsFor(int64_t rows, bool logits_of_every_row);
+  void DropGraphs();
+  // Enqueues `body` on stream(), or replays it from set->segments[index] (capturing it the first time).
+  absl::Status RunSegment(GraphSet* set, int index, absl::FunctionRef<absl::Status()> body);
 
   ModelConfig config_;
   GpuModelOptions options_;
@@ -178,6 +200,8 @@ class GpuModel {
   int32_t* drawn_ = nullptr;
   int32_t* staging_ids_ = nullptr;        // pinned host [max_chunk]
   int64_t* staging_positions_ = nullptr;  // pinned host [max_chunk]
+  std::vector<GraphSet> graph_sets_;
+  int64_t graph_uses_ = 0;
 };
 
 // Bytes of device memory a model of this configuration needs for its weights (bf16) and activations.

@@ -421,7 +421,9 @@ absl::StatusOr<std::unique_ptr<GpuWorker>> GpuWorker::Create(const ModelWeights&
                                                " CUDA devices)"));
   }
   absl::StatusOr<std::unique_ptr<GpuModel>> model = absl::InternalError("cudaSetDevice failed");
-  if (cudaSetDevice(options.device) == cudaSuccess) model = GpuModel::Create(weights, GpuModelOptions{});
+  GpuModelOptions model_options;
+  model_options.graph_rows = options.graph_rows;
+  if (cudaSetDevice(options.device) == cudaSuccess) model = GpuModel::Create(weights, model_options);
   // Every worker learns whether all have their model before any joins NCCL (a worker that failed alone
   // would leave the others waiting in the join until the timeout).
   float failed_here = model.ok() ? 0.0f : 1.0f;
