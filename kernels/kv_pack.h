@@ -43,6 +43,23 @@ constexpr void ThreeBitPlaneNibbles(uint32_t low, uint32_t high, int h, uint32_t
   *odd = ((low >> 2) & 0x33333333u) | ((hs >> 1) & 0x44444444u);
 }
 
+// Code r (0..31) of a 32-code group held as its BITS 32-bit words (the layouts above; a 2- or 4-bit code
+// never straddles two words of its group). The GPU kernels keep a group's words in registers and take
+// several codes from them; with r known at compile time the word choice folds away.
+template <int BITS>
+constexpr uint32_t CodeInGroupWords(const uint32_t (&words)[BITS], int r) {
+  if constexpr (BITS == 3) {
+    const uint32_t low = r < 16 ? words[0] : words[1];
+    return ((low >> (2 * (r & 15))) & 3u) | (((words[2] >> ThreeBitHighBit(r)) & 1u) << 2);
+  } else {
+    static_assert(32 % BITS == 0, "2- and 4-bit codes stay inside a word");
+    const int bit = r * BITS;
+    uint32_t word = words[0];
+    for (int w = 1; w < BITS; ++w) word = (bit >> 5) == w ? words[w] : word;
+    return (word >> (bit & 31)) & ((1u << BITS) - 1u);
+  }
+}
+
 // Writes code `code` (< 2^bits) at index i of the stream, leaving the other codes unchanged.
 inline void SetPackedCode(uint8_t* stream, int64_t i, int bits, uint32_t code) {
   if (bits == 3) {

@@ -122,6 +122,27 @@ TEST(PackLayout, ThreeBitPlaneNibbles) {
   }
 }
 
+// The GPU kernels' extraction from a group's words held in registers, for every width.
+template <int BITS>
+void ExpectCodeInGroupWords() {
+  std::vector<uint8_t> codes = RandomCodes(64, BITS, 12 + BITS);
+  std::vector<uint8_t> stream(PackedBytes(64, BITS));
+  PackCodesCpu(codes.data(), 64, BITS, stream.data());
+  for (int group = 0; group < 2; ++group) {
+    uint32_t words[BITS];
+    std::memcpy(words, stream.data() + group * 4 * BITS, 4 * BITS);  // little-endian hosts
+    for (int r = 0; r < 32; ++r) {
+      EXPECT_EQ(CodeInGroupWords<BITS>(words, r), codes[32 * group + r]) << BITS << " bits, code " << 32 * group + r;
+    }
+  }
+}
+
+TEST(PackLayout, CodeInGroupWords) {
+  ExpectCodeInGroupWords<2>();
+  ExpectCodeInGroupWords<3>();
+  ExpectCodeInGroupWords<4>();
+}
+
 TEST(PackLayout, FourBitNibblesLowFirst) {
   std::vector<uint8_t> codes = {0x1, 0x2, 0xF, 0x3};
   std::vector<uint8_t> stream(PackedBytes(4, 4));

@@ -7,6 +7,7 @@
 #include "kernels/cuda/kvq_codes.cuh"
 #include "kernels/cuda/kvq_store.h"
 #include "kernels/cuda/kvq_tiles.cuh"
+#include "kernels/cuda/reduce.cuh"
 
 namespace kvshard {
 namespace {
@@ -168,7 +169,6 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKeyOutliersKernel(cons
   for (int e = first; e < a.n_pages && a.pages[e].slot == slot; ++e) run_tokens += a.pages[e].n;
   const int h = blockIdx.y;
   const int t = threadIdx.x;
-  const int lane = t & 31, warp = t >> 5;
   const KvqStoreLayer& L = a.layer;
   const int shift = L.key_outlier_segment_shift;
   const int64_t segment_size = int64_t{1} << shift;
@@ -193,20 +193,8 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKeyOutliersKernel(cons
       token_source[t] = static_cast<int64_t>(pg.scratch0 + i) * a.n_kv_heads + h;
       count = a.scratch_count[token_source[t]];
     }
-    int inclusive = count;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
-      if (lane >= d) inclusive += other;
-    }
-    if (lane == 31) warp_totals[warp] = inclusive;
-    __syncthreads();
-    int offset = inclusive - count, total = 0;
-#pragma unroll
-    for (int w = 0; w < kCompactThreads / 32; ++w) {
-      if (w < warp) offset += warp_totals[w];
-      total += warp_totals[w];
-    }
+    int total = 0;
+    const int offset = BlockExclusiveSumInt(count, warp_totals, &total);
     token_offset[t] = offset;
     if (t == 0) {
       // Room for every token of the tile, segment by segment: the takes a token-by-token walk makes,
@@ -300,150 +288,230 @@ constexpr int kDequantThreads = 128;
 constexpr int kMaxKvHeads = 16;
 constexpr int kDequantStagedOutliers = 2048;  // a page's key outliers read once into shared memory (else: per item)
 
+// The fp16 tokens of [first, first + n) of KV head h: the sink as stored, the residual ring's keys rotated.
+template <int HEAD_DIM>
+__device__ __forceinline__ void DequantizeFp16Tokens(const KvqDequantizeArgs& a, int h) {
+  constexpr int kHalf = HEAD_DIM / 2;
+  const KvqStoreLayer& L = a.layer;
+  const int64_t end = a.first + a.n;
+  const int64_t n_sink = max(int64_t{0}, min(a.sink, end) - a.first);
+  const int64_t res_begin = max(a.quantized_end, a.first);
+  const int64_t n_res = max(int64_t{0}, end - res_begin);
+  const int64_t n_tok = n_sink + n_res;
+  const int64_t stream = static_cast<int64_t>(a.slot) * a.n_kv_heads + h;
+  for (int64_t item = threadIdx.x; item < n_tok * kHalf; item += blockDim.x) {
+    const int64_t j = item / kHalf;
+    const int i = static_cast<int>(item % kHalf);
+    const bool in_sink = j < n_sink;
+    const int64_t local = in_sink ? a.first + j : res_begin + (j - n_sink);
+    const uint16_t* kp;
+    const uint16_t* vp;
+    if (in_sink) {
+      kp = L.sink_k + (stream * L.max_sink + local) * HEAD_DIM;
+      vp = L.sink_v + (stream * L.max_sink + local) * HEAD_DIM;
+    } else {
+      const int64_t r = (local - a.sink) % L.ring;
+      kp = L.residual_k + (stream * L.ring + r) * HEAD_DIM;
+      vp = L.residual_v + (stream * L.ring + r) * HEAD_DIM;
+    }
+    float k0 = __half2float(__ushort_as_half(kp[i])), k1 = __half2float(__ushort_as_half(kp[i + kHalf]));
+    if (!in_sink) RotatePair(&k0, &k1, a.start_position + local, L.inv_freq[i]);
+    const int64_t out = (static_cast<int64_t>(h) * a.out_stride + (local - a.first)) * HEAD_DIM;
+    a.k[out + i] = __float2half_rn(k0);
+    a.k[out + i + kHalf] = __float2half_rn(k1);
+    a.v[out + i] = __ushort_as_half(vp[i]);
+    a.v[out + i + kHalf] = __ushort_as_half(vp[i + kHalf]);
+  }
+}
+
 // Blocks (x, h), x < n_pages: KV head h of quantized page page_begin + x (codes as KvqKeyCodec::Decode /
 // KvqValueCodec::Decode, outliers replace, keys rotated at their positions); x = n_pages: head h of the
-// fp16 tokens (sink as stored, residual keys rotated). Thread work item: (token, RoPE pair). A block per
-// head, not per page: with one a prefill chunk's tile of a few thousand tokens had a few dozen blocks
-// and took about 2 ms (56% of a layer's GPU time in a 8K-token prefill). Per page, the RoPE anchors
-// cos/sin(position of row 0 * f) are computed in double once per frequency and the rows add their small
-// angle in fp32 (kvq_tiles.cuh, within 4e-7 of the double angle; the outputs are fp16), and the page's key
-// outliers are resolved once into shared memory, instead of a double sincos and a walk of the token's
-// outlier list through the segment tables for every item.
-template <int BITS>
+// fp16 tokens. A block per (page, KV head): the page's codes, thresholds and outlier lists go to shared
+// memory first (independent loads, all in flight at once), then thread t writes channels 2j, 2j + 1 and
+// their RoPE partners 2j + h, 2j + 1 + h (j = t % kQuads, h = HEAD_DIM / 2) of rows t / kQuads + k *
+// kRowStep: fp16x2 stores, a warp's store a whole 128-byte line. A thread's rows of one 32-row word group
+// share its key code words, read once. RoPE: the page's anchor angles in double once per frequency, a
+// thread's first row of a word group by SmallAngle + AddAngle (within 4e-7 of the double angle), the next
+// rows stepped by kRowStep rows in fp32 (7 steps: within 2e-6, far below the outputs' fp16 rounding). The
+// values before rounding are the CPU codec's bit for bit (same fp32 operations). (Thread per (token, RoPE
+// pair) with every code, threshold and outlier read from global memory per item was latency-bound: about
+// a twentieth of the device's bandwidth, a fifth of a kvq3 prefill's GPU time at 8K tokens.)
+template <int HEAD_DIM, int BITS>
 __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDequantizeArgs a, int64_t page_begin,
                                                                      int n_pages) {
+  constexpr int kHalf = HEAD_DIM / 2;
+  constexpr int kQuads = kHalf / 2;                     // threads per row: 32 (d 128) or 16 (d 64)
+  constexpr int kRowStep = kDequantThreads / kQuads;    // 4 or 8
+  constexpr int kGroupWords = BITS;                     // a channel's codes of 32 tokens (keys)
+  constexpr int kChannelWords = 4 * BITS;               // a channel's 128 codes
+  constexpr int kCodeWords = kChannelWords * HEAD_DIM;  // a page's codes of one part
+  constexpr int kKeyStride = kChannelWords + 1;         // padded, so lanes' channels spread over the banks
+  static_assert(kDequantThreads == kPage && kRowStep * kQuads == kDequantThreads, "a thread per page row");
+  __shared__ uint32_t key_words[HEAD_DIM * kKeyStride];
+  __shared__ __align__(16) uint32_t value_words[kCodeWords];
+  __shared__ float2 key_range[HEAD_DIM];  // low, high - low
+  __shared__ float2 value_range[kPage];   // per token
+  __shared__ float key_weight[1 << BITS], value_weight[1 << BITS];  // (codebook + 1) / 2
   __shared__ int prefix[kPage];
-  __shared__ float2 anchor[kPage / 2];  // head_dim <= 128
+  __shared__ uint8_t key_count[kPage];
+  __shared__ int warp_total[kDequantThreads / 32];
+  __shared__ float2 anchor[kHalf];
   __shared__ uint8_t staged_channel[kDequantStagedOutliers];
   __shared__ uint16_t staged_value[kDequantStagedOutliers];
+  __shared__ uint8_t value_channel[kPage * kKvqMaxValueOutliers];
+  __shared__ uint16_t value_value[kPage * kKvqMaxValueOutliers];
   const KvqStoreLayer& L = a.layer;
-  const int d = a.head_dim, half = d / 2;
-  const int64_t end = a.first + a.n;
-  const int n_out = a.n_value_outliers;
   const int h = blockIdx.y;
-  if (static_cast<int>(blockIdx.x) < n_pages) {
-    const int64_t pg = page_begin + blockIdx.x;
-    const int64_t phys = a.page_table[pg];
-    const int64_t quantized = a.quantized_end - a.sink;
-    const int n_valid = static_cast<int>(min(static_cast<int64_t>(kPage), quantized - pg * kPage));
-    // Exclusive prefix of the key outlier counts of the page, per KV head (a token's outliers follow
-    // those of earlier tokens).
-    const int t = threadIdx.x;
-    const int64_t ph = phys * a.n_kv_heads + h;
-    prefix[t] = t < n_valid ? L.key_outlier_count[ph * kPage + t] : 0;
-    __syncthreads();
-    if (t == 0) {
-      int run = 0;
-      for (int j = 0; j < kPage; ++j) {
-        const int c = prefix[j];
-        prefix[j] = run;
-        run += c;
-      }
+  if (static_cast<int>(blockIdx.x) >= n_pages) {
+    DequantizeFp16Tokens<HEAD_DIM>(a, h);
+    return;
+  }
+  const int t = threadIdx.x;
+  const int n_out = a.n_value_outliers;
+  const int64_t end = a.first + a.n;
+  const int64_t pg = page_begin + blockIdx.x;
+  const int64_t phys = a.page_table[pg];
+  const int64_t quantized = a.quantized_end - a.sink;
+  const int n_valid = static_cast<int>(min(static_cast<int64_t>(kPage), quantized - pg * kPage));
+  const int64_t ph = phys * a.n_kv_heads + h;
+  const int64_t local0 = a.sink + pg * kPage;  // local index of the page's row 0
+
+  // ---- staging ----
+  {
+    const uint32_t* kc = reinterpret_cast<const uint32_t*>(L.key_codes) + ph * kCodeWords;
+    for (int e = t; e < kCodeWords; e += kDequantThreads) {
+      key_words[(e / kChannelWords) * kKeyStride + e % kChannelWords] = kc[e];
     }
-    const int64_t local0 = a.sink + pg * kPage;  // local index of the page's row 0
-    if (t < half) RopeAngle(a.start_position + local0, L.inv_freq[t], &anchor[t].x, &anchor[t].y);
-    __syncthreads();
-    // The page's outliers in list order, when they fit.
-    const int64_t page_outliers = prefix[kPage - 1] + (n_valid == kPage ? L.key_outlier_count[ph * kPage + kPage - 1] : 0);
-    const bool staged = page_outliers <= kDequantStagedOutliers;
-    if (staged) {
-      for (int e = t; e < page_outliers; e += blockDim.x) {
-        const int64_t o = KvqKeyOutlierIndex(L.key_outlier_start[ph] + e, a.page_table, L.key_outlier_segments,
-                                             a.n_kv_heads, h, L.key_outlier_segment_shift);
-        staged_channel[e] = L.key_outlier_channel[o];
-        staged_value[e] = L.key_outlier_value[o];
-      }
+    const uint4* vc = reinterpret_cast<const uint4*>(L.value_codes) + ph * (kCodeWords / 4);
+    for (int e = t; e < kCodeWords / 4; e += kDequantThreads) reinterpret_cast<uint4*>(value_words)[e] = vc[e];
+  }
+  for (int c = t; c < HEAD_DIM; c += kDequantThreads) {
+    const float lo = L.key_low[h * HEAD_DIM + c], hi = L.key_high[h * HEAD_DIM + c];
+    key_range[c] = make_float2(lo, __fsub_rn(hi, lo));
+  }
+  if (t < (1 << BITS)) {
+    key_weight[t] = __fmul_rn(__fadd_rn(L.key_codebook[t], 1.0f), 0.5f);
+    value_weight[t] = __fmul_rn(__fadd_rn(L.value_codebook[t], 1.0f), 0.5f);
+  }
+  {
+    const int64_t token = ph * kPage + t;
+    const float lo = __half2float(__ushort_as_half(L.value_low[token]));
+    const float hi = __half2float(__ushort_as_half(L.value_high[token]));
+    value_range[t] = make_float2(lo, __fsub_rn(hi, lo));
+  }
+  for (int e = t; e < kPage * n_out; e += kDequantThreads) {
+    value_channel[e] = L.value_outlier_channel[ph * kPage * n_out + e];
+    value_value[e] = L.value_outlier_value[ph * kPage * n_out + e];
+  }
+  if (t < kHalf) RopeAngle(a.start_position + local0, L.inv_freq[t], &anchor[t].x, &anchor[t].y);
+  // Exclusive prefix of the key outlier counts (a token's outliers follow those of earlier tokens).
+  const int count = t < n_valid ? L.key_outlier_count[ph * kPage + t] : 0;
+  int page_outliers = 0;
+  prefix[t] = BlockExclusiveSumInt(count, warp_total, &page_outliers);
+  key_count[t] = static_cast<uint8_t>(count);
+  // The page's key outliers in list order, when they fit.
+  const bool staged = page_outliers <= kDequantStagedOutliers;
+  if (staged) {
+    for (int e = t; e < page_outliers; e += kDequantThreads) {
+      const int64_t o = KvqKeyOutlierIndex(L.key_outlier_start[ph] + e, a.page_table, L.key_outlier_segments,
+                                           a.n_kv_heads, h, L.key_outlier_segment_shift);
+      staged_channel[e] = L.key_outlier_channel[o];
+      staged_value[e] = L.key_outlier_value[o];
     }
-    __syncthreads();
-    const int row_begin = static_cast<int>(max(int64_t{0}, a.first - local0));
-    const int row_end = static_cast<int>(min(static_cast<int64_t>(n_valid), end - local0));
-    const int64_t code_bytes = static_cast<int64_t>(16 * BITS) * d;
-    for (int64_t item = threadIdx.x; item < static_cast<int64_t>(row_end - row_begin) * half; item += blockDim.x) {
-      const int row = row_begin + static_cast<int>(item / half);
-      const int i = static_cast<int>(item % half);
-      const int64_t local = local0 + row;
-      float cs, sn, small_c, small_s;
-      SmallAngle(row, L.inv_freq[i], &small_c, &small_s);
-      AddAngle(anchor[i], small_c, small_s, &cs, &sn);
-      {
-        const uint32_t* kc = reinterpret_cast<const uint32_t*>(L.key_codes + ph * code_bytes);
-        float x[2];
-        for (int u = 0; u < 2; ++u) {
-          const int c = i + u * half;
-          const float lo = L.key_low[h * d + c], hi = L.key_high[h * d + c];
-          const float cu = L.key_codebook[CodeAt<BITS>(kc, static_cast<int64_t>(c) * kPage + row)];
-          x[u] = __fadd_rn(lo, __fmul_rn(__fmul_rn(__fadd_rn(cu, 1.0f), 0.5f), __fsub_rn(hi, lo)));
+  }
+  __syncthreads();
+
+  // ---- rows ----
+  const int j = t % kQuads, tq = t / kQuads;
+  const int c0 = 2 * j;
+  const int channel[4] = {c0, c0 + 1, c0 + kHalf, c0 + 1 + kHalf};
+  float2 range[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) range[u] = key_range[channel[u]];
+  float inv_freq[2], step_c[2], step_s[2];
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    inv_freq[p] = L.inv_freq[c0 + p];
+    SmallAngle(kRowStep, inv_freq[p], &step_c[p], &step_s[p]);
+  }
+  const int row_begin = static_cast<int>(max(int64_t{0}, a.first - local0));
+  const int row_end = static_cast<int>(min(static_cast<int64_t>(n_valid), end - local0));
+  __half2* k_out = reinterpret_cast<__half2*>(a.k + (static_cast<int64_t>(h) * a.out_stride + (local0 - a.first)) * HEAD_DIM);
+  __half2* v_out = reinterpret_cast<__half2*>(a.v + (static_cast<int64_t>(h) * a.out_stride + (local0 - a.first)) * HEAD_DIM);
+#pragma unroll 1
+  for (int group = 0; group < kPage / 32; ++group) {
+    if (32 * group + 32 <= row_begin || 32 * group >= row_end) continue;
+    uint32_t words[4][kGroupWords];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int w = 0; w < kGroupWords; ++w) words[u][w] = key_words[channel[u] * kKeyStride + group * kGroupWords + w];
+    float cs[2], sn[2];
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      float small_c, small_s;
+      SmallAngle(32 * group + tq, inv_freq[p], &small_c, &small_s);
+      AddAngle(anchor[c0 + p], small_c, small_s, &cs[p], &sn[p]);
+    }
+#pragma unroll
+    for (int k = 0; k < 32 / kRowStep; ++k) {
+      const int r = k * kRowStep + tq;  // row in the word group
+      const int row = 32 * group + r;
+      if (row >= row_begin && row < row_end) {
+        float x[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          x[u] = __fadd_rn(range[u].x, __fmul_rn(key_weight[CodeInGroupWords<BITS>(words[u], r)], range[u].y));
         }
-        const int count = L.key_outlier_count[ph * kPage + row];
-        const int64_t o0 = L.key_outlier_start[ph] + prefix[row];
-        for (int e = 0; e < count; ++e) {
+        for (int e = 0; e < key_count[row]; ++e) {
           int ch;
           uint16_t value;
           if (staged) {
             ch = staged_channel[prefix[row] + e];
             value = staged_value[prefix[row] + e];
           } else {
-            const int64_t o = KvqKeyOutlierIndex(o0 + e, a.page_table, L.key_outlier_segments, a.n_kv_heads, h,
+            const int64_t o = KvqKeyOutlierIndex(L.key_outlier_start[ph] + prefix[row] + e, a.page_table,
+                                                 L.key_outlier_segments, a.n_kv_heads, h,
                                                  L.key_outlier_segment_shift);
             ch = L.key_outlier_channel[o];
             value = L.key_outlier_value[o];
           }
-          if (ch == i) x[0] = __half2float(__ushort_as_half(value));
-          if (ch == i + half) x[1] = __half2float(__ushort_as_half(value));
-        }
-        RotatePairBy(&x[0], &x[1], cs, sn);
-        const int64_t out = (static_cast<int64_t>(h) * a.out_stride + (local - a.first)) * d;
-        a.k[out + i] = __float2half_rn(x[0]);
-        a.k[out + i + half] = __float2half_rn(x[1]);
-        // Values: token-major codes, per-token thresholds, n_out outliers.
-        const uint32_t* vc = reinterpret_cast<const uint32_t*>(L.value_codes + ph * code_bytes);
-        const int64_t token = ph * kPage + row;
-        const float lo = __half2float(__ushort_as_half(L.value_low[token]));
-        const float hi = __half2float(__ushort_as_half(L.value_high[token]));
-        for (int u = 0; u < 2; ++u) {
-          const int c = i + u * half;
-          const float cu = L.value_codebook[CodeAt<BITS>(vc, static_cast<int64_t>(row) * d + c)];
-          float y = __fadd_rn(lo, __fmul_rn(__fmul_rn(__fadd_rn(cu, 1.0f), 0.5f), __fsub_rn(hi, lo)));
-          for (int e = 0; e < n_out; ++e) {
-            if (L.value_outlier_channel[token * n_out + e] == c) {
-              y = __half2float(__ushort_as_half(L.value_outlier_value[token * n_out + e]));
-            }
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            if (ch == channel[u]) x[u] = __half2float(__ushort_as_half(value));
           }
-          a.v[out + c] = __float2half_rn(y);
         }
+        RotatePairBy(&x[0], &x[2], cs[0], sn[0]);
+        RotatePairBy(&x[1], &x[3], cs[1], sn[1]);
+        k_out[row * kHalf + j] = __floats2half2_rn(x[0], x[1]);
+        k_out[row * kHalf + kQuads + j] = __floats2half2_rn(x[2], x[3]);
+        // Values: token-major codes; channels 2j, 2j + 1 share a word group, as do their partners.
+        const float2 vr = value_range[row];
+        float y[4];
+#pragma unroll
+        for (int side = 0; side < 2; ++side) {
+          const int index = row * HEAD_DIM + channel[2 * side];
+          const uint32_t* group_words = value_words + (index / 32) * BITS;
+          uint32_t vw[BITS];
+#pragma unroll
+          for (int w = 0; w < BITS; ++w) vw[w] = group_words[w];
+#pragma unroll
+          for (int o = 0; o < 2; ++o) {
+            y[2 * side + o] = __fadd_rn(vr.x, __fmul_rn(value_weight[CodeInGroupWords<BITS>(vw, index % 32 + o)], vr.y));
+          }
+        }
+        for (int e = 0; e < n_out; ++e) {
+          const int ch = value_channel[row * n_out + e];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            if (ch == channel[u]) y[u] = __half2float(__ushort_as_half(value_value[row * n_out + e]));
+          }
+        }
+        v_out[row * kHalf + j] = __floats2half2_rn(y[0], y[1]);
+        v_out[row * kHalf + kQuads + j] = __floats2half2_rn(y[2], y[3]);
       }
-    }
-    return;
-  }
-  // fp16 tokens of [first, end): the sink and the residual ring.
-  const int64_t n_sink = max(int64_t{0}, min(a.sink, end) - a.first);
-  const int64_t res_begin = max(a.quantized_end, a.first);
-  const int64_t n_res = max(int64_t{0}, end - res_begin);
-  const int64_t n_tok = n_sink + n_res;
-  for (int64_t item = threadIdx.x; item < n_tok * half; item += blockDim.x) {
-    const int64_t j = item / half;
-    const int i = static_cast<int>(item % half);
-    const bool in_sink = j < n_sink;
-    const int64_t local = in_sink ? a.first + j : res_begin + (j - n_sink);
-    {
-      const int64_t stream = static_cast<int64_t>(a.slot) * a.n_kv_heads + h;
-      const uint16_t* kp;
-      const uint16_t* vp;
-      if (in_sink) {
-        kp = L.sink_k + (stream * L.max_sink + local) * d;
-        vp = L.sink_v + (stream * L.max_sink + local) * d;
-      } else {
-        const int64_t r = (local - a.sink) % L.ring;
-        kp = L.residual_k + (stream * L.ring + r) * d;
-        vp = L.residual_v + (stream * L.ring + r) * d;
-      }
-      float k0 = __half2float(__ushort_as_half(kp[i])), k1 = __half2float(__ushort_as_half(kp[i + half]));
-      if (!in_sink) RotatePair(&k0, &k1, a.start_position + local, L.inv_freq[i]);
-      const int64_t out = (static_cast<int64_t>(h) * a.out_stride + (local - a.first)) * d;
-      a.k[out + i] = __float2half_rn(k0);
-      a.k[out + i + half] = __float2half_rn(k1);
-      a.v[out + i] = __ushort_as_half(vp[i]);
-      a.v[out + i + half] = __ushort_as_half(vp[i + half]);
+#pragma unroll
+      for (int p = 0; p < 2; ++p) AddAngle(make_float2(cs[p], sn[p]), step_c[p], step_s[p], &cs[p], &sn[p]);
     }
   }
 }
@@ -520,10 +588,13 @@ absl::Status KvqDequantizeCuda(const KvqDequantizeArgs& a, cudaStream_t stream) 
     page_begin = (q0 - a.sink) / kPage;
     n_pages = static_cast<int>((q1 - a.sink - 1) / kPage - page_begin + 1);
   }
-  return KV_DISPATCH_KVQ_BITS(a.bits, BITS, {
-    DequantizeKernel<BITS><<<dim3(n_pages + 1, a.n_kv_heads), kDequantThreads, 0, stream>>>(a, page_begin, n_pages);
-    CUDA_RETURN_IF_LAUNCH_ERROR();
-    return absl::OkStatus();
+  return KV_DISPATCH_HEAD_DIM(a.head_dim, HEAD_DIM, {
+    return KV_DISPATCH_KVQ_BITS(a.bits, BITS, {
+      DequantizeKernel<HEAD_DIM, BITS><<<dim3(n_pages + 1, a.n_kv_heads), kDequantThreads, 0, stream>>>(
+          a, page_begin, n_pages);
+      CUDA_RETURN_IF_LAUNCH_ERROR();
+      return absl::OkStatus();
+    });
   });
 }
 

@@ -39,6 +39,31 @@ __device__ __forceinline__ T BlockReduce(T v, T* scratch, WarpOp warp_op, Combin
   return total;
 }
 
+// Exclusive prefix sum over the block's threads in thread order: returns the sum of `v` over the threads
+// before this one, and *total the block's sum. `scratch` holds one int per warp; as BlockReduce, the call
+// starts and ends with a barrier.
+__device__ __forceinline__ int BlockExclusiveSumInt(int v, int* scratch, int* total) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int n_warps = (blockDim.x + 31) >> 5;
+  int inclusive = v;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 31) scratch[warp] = inclusive;
+  __syncthreads();
+  int before = inclusive - v, sum = 0;
+  for (int w = 0; w < n_warps; ++w) {
+    before += w < warp ? scratch[w] : 0;
+    sum += scratch[w];
+  }
+  *total = sum;
+  return before;
+}
+
 struct WarpSumOp {
   __device__ __forceinline__ float operator()(float v) const { return WarpSum(v); }
 };
