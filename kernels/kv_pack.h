@@ -60,6 +60,23 @@ constexpr uint32_t CodeInGroupWords(const uint32_t (&words)[BITS], int r) {
   }
 }
 
+// ORs code `code` (< 2^BITS) in as code r (0..31) of a 32-code group held as its BITS words, the inverse of
+// CodeInGroupWords: r may vary at run time without a kernel's words going to local memory (each word takes
+// its part by a select).
+template <int BITS>
+constexpr void PutCodeInGroupWords(uint32_t (&words)[BITS], int r, uint32_t code) {
+  if constexpr (BITS == 3) {
+    const uint32_t low = (code & 3u) << (2 * (r & 15));
+    words[0] |= r < 16 ? low : 0u;
+    words[1] |= r < 16 ? 0u : low;
+    words[2] |= (code >> 2) << ThreeBitHighBit(r);
+  } else {
+    static_assert(32 % BITS == 0, "2- and 4-bit codes stay inside a word");
+    const int bit = r * BITS;
+    for (int w = 0; w < BITS; ++w) words[w] |= (bit >> 5) == w ? code << (bit & 31) : 0u;
+  }
+}
+
 // Writes code `code` (< 2^bits) at index i of the stream, leaving the other codes unchanged.
 inline void SetPackedCode(uint8_t* stream, int64_t i, int bits, uint32_t code) {
   if (bits == 3) {

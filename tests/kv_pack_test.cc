@@ -122,7 +122,8 @@ TEST(PackLayout, ThreeBitPlaneNibbles) {
   }
 }
 
-// The GPU kernels' extraction from a group's words held in registers, for every width.
+// The GPU kernels' code extraction from, and insertion into, a group's words held in registers, for every
+// width: the same words as the CPU packer.
 template <int BITS>
 void ExpectCodeInGroupWords() {
   std::vector<uint8_t> codes = RandomCodes(64, BITS, 12 + BITS);
@@ -131,13 +132,16 @@ void ExpectCodeInGroupWords() {
   for (int group = 0; group < 2; ++group) {
     uint32_t words[BITS];
     std::memcpy(words, stream.data() + group * 4 * BITS, 4 * BITS);  // little-endian hosts
+    uint32_t put[BITS] = {};
     for (int r = 0; r < 32; ++r) {
       EXPECT_EQ(CodeInGroupWords<BITS>(words, r), codes[32 * group + r]) << BITS << " bits, code " << 32 * group + r;
+      PutCodeInGroupWords<BITS>(put, r, codes[32 * group + r]);
     }
+    for (int w = 0; w < BITS; ++w) EXPECT_EQ(put[w], words[w]) << BITS << " bits, group " << group << " word " << w;
   }
 }
 
-TEST(PackLayout, CodeInGroupWords) {
+TEST(PackLayout, CodeInGroupWordsAndPut) {
   ExpectCodeInGroupWords<2>();
   ExpectCodeInGroupWords<3>();
   ExpectCodeInGroupWords<4>();

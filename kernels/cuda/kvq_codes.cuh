@@ -55,23 +55,6 @@ __device__ __forceinline__ void PutCode(uint32_t* words, int index, uint32_t cod
   }
 }
 
-// The same for one 32-code group held in registers: `r` (0..31) may vary at run time without the words
-// going to local memory (each word takes its part by a select).
-template <int BITS>
-__device__ __forceinline__ void PutCodeInGroup(uint32_t (&words)[BITS], int r, uint32_t code) {
-  if constexpr (BITS == 3) {
-    const uint32_t low = (code & 3u) << (2 * (r & 15));
-    words[0] |= r < 16 ? low : 0u;
-    words[1] |= r < 16 ? 0u : low;
-    words[2] |= (code >> 2) << ThreeBitHighBit(r);
-  } else {
-    static_assert(32 % BITS == 0, "codes of 2 and 4 bits do not straddle words");
-    const int bit = r * BITS;
-#pragma unroll
-    for (int w = 0; w < BITS; ++w) words[w] |= (bit >> 5) == w ? code << (bit & 31) : 0u;
-  }
-}
-
 template <int BITS>
 __device__ __forceinline__ uint32_t CodeAt(const uint32_t* words, int64_t index) {
   const uint32_t* group = words + (index / kPlaneGroupCodes) * BITS;
@@ -195,7 +178,7 @@ __device__ __forceinline__ void KvqEncodeValueTokenWarp(const float (&x)[HEAD_DI
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     uint32_t words[BITS] = {};
-    PutCode<BITS>(words, lane, KvqNearest<BITS>(cb, KvqNormalize(x[j], lo, hi)));
+    PutCodeInGroupWords<BITS>(words, lane, KvqNearest<BITS>(cb, KvqNormalize(x[j], lo, hi)));
 #pragma unroll
     for (int w = 0; w < BITS; ++w) {
       const uint32_t word = __reduce_or_sync(0xffffffffu, words[w]);

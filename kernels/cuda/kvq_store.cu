@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kFlushKeyGroups * 128) FlushKeysKernel(const K
     if (i < r.n) {
       const float x = FlushSource(a, r, a.k, L.residual_k, r.part0 + i, h, c);
       xs[j] = x;
-      PutCodeInGroup<BITS>(words, (row0 + i) % kWordTokens, KvqNearest<BITS>(cb, KvqNormalize(x, lo, hi)));
+      PutCodeInGroupWords<BITS>(words, (row0 + i) % kWordTokens, KvqNearest<BITS>(cb, KvqNormalize(x, lo, hi)));
     }
     // Outliers: x < lo or x > hi, as KvqKeyCodec::Encode.
     const uint32_t mask = __ballot_sync(0xffffffffu, i < r.n && (xs[j] < lo || xs[j] > hi));
@@ -342,7 +342,6 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
   constexpr int kHalf = HEAD_DIM / 2;
   constexpr int kQuads = kHalf / 2;                     // threads per row: 32 (d 128) or 16 (d 64)
   constexpr int kRowStep = kDequantThreads / kQuads;    // 4 or 8
-  constexpr int kGroupWords = BITS;                     // a channel's codes of 32 tokens (keys)
   constexpr int kChannelWords = 4 * BITS;               // a channel's 128 codes
   constexpr int kCodeWords = kChannelWords * HEAD_DIM;  // a page's codes of one part
   constexpr int kKeyStride = kChannelWords + 1;         // padded, so lanes' channels spread over the banks
@@ -441,11 +440,11 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
 #pragma unroll 1
   for (int group = 0; group < kPage / 32; ++group) {
     if (32 * group + 32 <= row_begin || 32 * group >= row_end) continue;
-    uint32_t words[4][kGroupWords];
+    uint32_t words[4][BITS];  // a channel's codes of the 32-row group
 #pragma unroll
     for (int u = 0; u < 4; ++u)
 #pragma unroll
-      for (int w = 0; w < kGroupWords; ++w) words[u][w] = key_words[channel[u] * kKeyStride + group * kGroupWords + w];
+      for (int w = 0; w < BITS; ++w) words[u][w] = key_words[channel[u] * kKeyStride + group * BITS + w];
     float cs[2], sn[2];
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
