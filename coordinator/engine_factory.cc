@@ -66,6 +66,16 @@ ABSL_DECLARE_FLAG(std::string, device);
 ABSL_DECLARE_FLAG(std::string, calibration);
 
 namespace kvshard {
+namespace {
+
+// GpuModelOptions::graph_rows, for GPU workers and the single-process GPU backend alike.
+absl::StatusOr<int> CudaGraphRowsFromFlags() {
+  const int rows = absl::GetFlag(FLAGS_cuda_graph_rows);
+  if (rows < 0) return absl::InvalidArgumentError("--cuda_graph_rows must not be negative");
+  return rows;
+}
+
+}  // namespace
 
 std::optional<SyntheticModelSpec> SyntheticSpecFromFlags() {
   if (!absl::GetFlag(FLAGS_synthetic_model)) return std::nullopt;
@@ -163,8 +173,7 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags(std::string
   KV_ASSIGN_OR_RETURN(w.merge.wire, ParseWireType(absl::GetFlag(FLAGS_partials_wire)));
   w.collective_timeout_s = absl::GetFlag(FLAGS_collective_timeout_s);
   w.key_outlier_headroom = absl::GetFlag(FLAGS_kv_outlier_headroom);
-  w.cuda_graph_rows = absl::GetFlag(FLAGS_cuda_graph_rows);
-  if (w.cuda_graph_rows < 0) return absl::InvalidArgumentError("--cuda_graph_rows must not be negative");
+  KV_ASSIGN_OR_RETURN(w.cuda_graph_rows, CudaGraphRowsFromFlags());
   if (!(w.key_outlier_headroom >= 1.0 && w.key_outlier_headroom <= 100.0)) {
     return absl::InvalidArgumentError("--kv_outlier_headroom must be in [1, 100]");
   }
@@ -213,8 +222,7 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags(std::string* kv_no
   }
   EngineOptions options;
   options.device = absl::GetFlag(FLAGS_device);
-  options.cuda_graph_rows = absl::GetFlag(FLAGS_cuda_graph_rows);
-  if (options.cuda_graph_rows < 0) return absl::InvalidArgumentError("--cuda_graph_rows must not be negative");
+  KV_ASSIGN_OR_RETURN(options.cuda_graph_rows, CudaGraphRowsFromFlags());
   const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
   std::string model_path;
   if (!synthetic) {

@@ -434,9 +434,7 @@ GpuModel::GraphSet& GpuModel::GraphsFor(int64_t rows, bool logits_of_every_row) 
     // A replay still queued keeps its graph alive: cudaGraphExecDestroy frees it once it has run.
     auto oldest = std::min_element(graph_sets_.begin(), graph_sets_.end(),
                                    [](const GraphSet& a, const GraphSet& b) { return a.last_use < b.last_use; });
-    for (cudaGraphExec_t exec : oldest->segments) {
-      if (exec != nullptr) cudaGraphExecDestroy(exec);
-    }
+    DestroyGraphs(*oldest);
     graph_sets_.erase(oldest);
   }
   GraphSet& set = graph_sets_.emplace_back();
@@ -447,12 +445,14 @@ GpuModel::GraphSet& GpuModel::GraphsFor(int64_t rows, bool logits_of_every_row) 
   return set;
 }
 
-void GpuModel::DropGraphs() {
-  for (GraphSet& set : graph_sets_) {
-    for (cudaGraphExec_t exec : set.segments) {
-      if (exec != nullptr) cudaGraphExecDestroy(exec);
-    }
+void GpuModel::DestroyGraphs(const GraphSet& set) {
+  for (cudaGraphExec_t exec : set.segments) {
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
   }
+}
+
+void GpuModel::DropGraphs() {
+  for (const GraphSet& set : graph_sets_) DestroyGraphs(set);
   graph_sets_.clear();
 }
 

@@ -174,6 +174,7 @@ class GpuModel {
   absl::Status AllocateActivations();
   // The graph set of (rows, logits_of_every_row), made empty on first use.
   GraphSet& GraphsFor(int64_t rows, bool logits_of_every_row);
+  static void DestroyGraphs(const GraphSet& set);
   void DropGraphs();
   // Enqueues `body` on stream(), or replays it from set->segments[index] (capturing it the first time).
   absl::Status RunSegment(GraphSet* set, int index, absl::FunctionRef<absl::Status()> body);
