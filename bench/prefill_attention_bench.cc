@@ -2,15 +2,19 @@
 // cuBLAS bf16 GEMM rate measured in the same run. `wrong` counts output values of the checked rows (the
 // last query tokens of KV head 0's group) that miss the CPU twin.
 //
-//   prefill_attention_bench [--tokens=4096,32768] [--csv=out.csv]
+//   prefill_attention_bench [--tokens=4096,32768] [--kernels=auto] [--csv=out.csv]
+// --kernels=mma,wgmma times both kernels in one run (wgmma: Hopper only).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_format.h"
@@ -23,6 +27,7 @@
 #include "kernels/cuda/dense.h"
 
 ABSL_FLAG(std::string, tokens, "4096,32768", "tokens in the chunk (queries = keys, causal)");
+ABSL_FLAG(std::string, kernels, "auto", "kernels to time, comma-separated: auto, mma (mma.sync), wgmma (Hopper)");
 ABSL_FLAG(std::string, csv, "", "also write the table as CSV here");
 ABSL_FLAG(int, warmup, 2, "untimed runs before timing");
 ABSL_FLAG(int, iters, 10, "timed runs (median reported)");
@@ -38,7 +43,15 @@ struct Geometry {
 
 constexpr int kCheckedTokens = 2;
 
-absl::Status RunOne(const Geometry& g, int64_t n, DType dtype, double gemm_tflops, FILE* csv, cudaStream_t stream) {
+absl::StatusOr<PrefillKernel> ParseKernel(absl::string_view name) {
+  if (name == "auto") return PrefillKernel::kAuto;
+  if (name == "mma") return PrefillKernel::kMmaSync;
+  if (name == "wgmma") return PrefillKernel::kWgmma;
+  return absl::InvalidArgumentError(absl::StrCat("--kernels: unknown kernel '", name, "' (auto, mma, wgmma)"));
+}
+
+absl::Status RunOne(const Geometry& g, int64_t n, DType dtype, absl::string_view kernel_name, PrefillKernel kernel,
+                    double gemm_tflops, FILE* csv, cudaStream_t stream) {
   const int d = g.head_dim;
   const int group = g.n_heads / g.n_kv_heads;
   const int64_t page_size = (n + 63) / 64 * 64;
@@ -72,6 +85,7 @@ absl::Status RunOne(const Geometry& g, int64_t n, DType dtype, double gemm_tflop
   args.scale = 1.0f / std::sqrt(static_cast<float>(d));
   args.out = out;
   args.lse = lse;
+  args.kernel = kernel;
 
   std::string note;
   double ms = 0, tflops = 0;
@@ -83,6 +97,10 @@ absl::Status RunOne(const Geometry& g, int64_t n, DType dtype, double gemm_tflop
   } else {
     ms = *timed;
     tflops = 2.0 * n * n * d * g.n_heads / (ms * 1e-3) / 1e12;  // causal: half of 4 n^2 d per head
+    // The checked output comes from one more run into poisoned buffers.
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out, 0xFF, q_elems * 4, stream));
+    if (auto s = PrefillAttentionCuda(args, stream); !s.ok()) return s;
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     // Check the last kCheckedTokens query tokens of KV head 0's group.
     std::vector<uint16_t> kh(n * d), vh(n * d), qh(q_elems);
     CUDA_RETURN_IF_ERROR(cudaMemcpy(kh.data(), k, n * d * 2, cudaMemcpyDeviceToHost));
@@ -113,13 +131,15 @@ absl::Status RunOne(const Geometry& g, int64_t n, DType dtype, double gemm_tflop
       }
     }
   }
-  std::printf("%-10s %4d %4d %4d %6s %7lld %10.3f %8.1f %6.1f%% %6lld %s\n", g.name.c_str(), g.n_heads, g.n_kv_heads,
-              d, DTypeName(dtype), static_cast<long long>(n), ms, tflops, 100 * tflops / gemm_tflops,
+  std::printf("%-10s %4d %4d %4d %6s %6s %7lld %10.3f %8.1f %6.1f%% %6lld %s\n", g.name.c_str(), g.n_heads,
+              g.n_kv_heads, d, DTypeName(dtype), std::string(kernel_name).c_str(), static_cast<long long>(n), ms,
+              tflops, 100 * tflops / gemm_tflops,
               static_cast<long long>(wrong), note.c_str());
   std::fflush(stdout);
   if (csv != nullptr) {
-    std::fprintf(csv, "%s,%d,%d,%d,%s,%lld,%.6f,%.3f,%.3f,%.5f,%lld,%lld,%s\n", g.name.c_str(), g.n_heads,
-                 g.n_kv_heads, d, DTypeName(dtype), static_cast<long long>(n), ms, tflops, gemm_tflops,
+    std::fprintf(csv, "%s,%d,%d,%d,%s,%s,%lld,%.6f,%.3f,%.3f,%.5f,%lld,%lld,%s\n", g.name.c_str(), g.n_heads,
+                 g.n_kv_heads, d, DTypeName(dtype), std::string(kernel_name).c_str(), static_cast<long long>(n), ms,
+                 tflops, gemm_tflops,
                  tflops / gemm_tflops, static_cast<long long>(checked), static_cast<long long>(wrong),
                  absl::StrReplaceAll(note, {{",", ";"}}).c_str());
   }
@@ -168,10 +188,19 @@ int Main() {
   if (!absl::GetFlag(FLAGS_csv).empty()) {
     csv = std::fopen(absl::GetFlag(FLAGS_csv).c_str(), "w");
     if (csv != nullptr) {
-      std::fprintf(csv, "geometry,n_heads,n_kv_heads,head_dim,dtype,tokens,ms,tflops,gemm_tflops,frac_gemm,checked,wrong,note\n");
+      std::fprintf(csv, "geometry,n_heads,n_kv_heads,head_dim,dtype,kernel,tokens,ms,tflops,gemm_tflops,frac_gemm,checked,wrong,note\n");
     }
   }
-  std::printf("%-10s %4s %4s %4s %6s %7s %10s %8s %7s %6s %s\n", "geometry", "qh", "kvh", "d", "dtype", "tokens",
+  std::vector<std::pair<std::string, PrefillKernel>> kernels;
+  for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_kernels), ',', absl::SkipEmpty())) {
+    absl::StatusOr<PrefillKernel> kernel = ParseKernel(name);
+    if (!kernel.ok()) {
+      std::fprintf(stderr, "%s\n", kernel.status().ToString().c_str());
+      return 1;
+    }
+    kernels.emplace_back(std::string(name), *kernel);
+  }
+  std::printf("%-10s %4s %4s %4s %6s %6s %7s %10s %8s %7s %6s %s\n", "geometry", "qh", "kvh", "d", "dtype", "kernel", "tokens",
               "time_ms", "TFLOP/s", "%gemm", "#wrong", "note");
   const std::vector<Geometry> geometries = {{"llama3-8b", 32, 8, 128}, {"smollm2", 9, 3, 64}};
   for (const Geometry& g : geometries) {
@@ -179,9 +208,11 @@ int Main() {
       int64_t n = 0;
       if (!absl::SimpleAtoi(piece, &n) || n <= 0) continue;
       for (DType dtype : {DType::kF16, DType::kBF16}) {
-        if (auto s = RunOne(g, n, dtype, *gemm, csv, stream); !s.ok()) {
-          std::printf("%-10s %s: %s\n", g.name.c_str(), DTypeName(dtype), s.ToString().c_str());
-          cudaGetLastError();
+        for (const auto& [name, kernel] : kernels) {
+          if (auto s = RunOne(g, n, dtype, name, kernel, *gemm, csv, stream); !s.ok()) {
+            std::printf("%-10s %s %s: %s\n", g.name.c_str(), DTypeName(dtype), name.c_str(), s.ToString().c_str());
+            cudaGetLastError();
+          }
         }
       }
     }

@@ -142,13 +142,13 @@ def main():
     if args.prefill_csv and os.path.exists(args.prefill_csv):
         rows = list(csv.DictReader(open(args.prefill_csv)))
         out_rows = []
-        print(f"{'geometry':<10} {'dtype':>5} {'tokens':>7} {'ours_ms':>10} {'TFLOP/s':>8} {'%gemm':>7} "
+        print(f"{'geometry':<10} {'dtype':>5} {'kernel':>6} {'tokens':>7} {'ours_ms':>10} {'TFLOP/s':>8} {'%gemm':>7} "
               f"{'sdpa_ms':>10} {'speedup':>8} {'#wrong':>6} note")
         for row in rows:
             ours = float(row["ms"]) if float(row["ms"]) > 0 else None
             sdpa, note = prefill_sdpa(row, 2, 10)
             speedup = sdpa / ours if (sdpa and ours) else None
-            print(f"{row['geometry']:<10} {row['dtype']:>5} {row['tokens']:>7} {(ours or 0):>10.3f} "
+            print(f"{row['geometry']:<10} {row['dtype']:>5} {row.get('kernel', ''):>6} {row['tokens']:>7} {(ours or 0):>10.3f} "
                   f"{float(row['tflops']):>8.1f} {100 * float(row['frac_gemm']):>6.1f}% {(sdpa or 0):>10.3f} "
                   f"{(speedup or 0):>7.2f}x {wrong_column(row):>6} {note}", flush=True)
             out_rows.append({**row, "sdpa_ms": sdpa or "", "speedup": speedup or "", "sdpa_note": note})

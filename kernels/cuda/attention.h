@@ -78,8 +78,14 @@ int DecodeAttentionSplits(const DecodeAttentionArgs& args);
 //         batch index 0); key j (< n_keys) sits at absolute position key_first_position + j.
 //   Query i sees key j iff key_first_position + j <= query_first_position + i.
 //   out:  fp32 [n_queries][n_heads][head_dim];  lse: fp32 [n_queries][n_heads].
-// Tiled with an online softmax on tensor cores (no n_queries x n_keys matrix); a tile of 64 rows packs
+// Tiled with an online softmax on tensor cores (no n_queries x n_keys matrix); a tile of rows packs
 // the query heads of one KV head so each K/V tile read serves the whole group. Supported head_dim: 64, 128.
+// kv.page_size must be a multiple of 64.
+//
+// Two kernels: mma.sync (any sm_80+ GPU; 64 rows and 64-key tiles) and warpgroup MMAs (Hopper; 128 rows
+// and 128-key tiles). kAuto takes the second on compute capability 9.x; tests and benchmarks name one.
+enum class PrefillKernel { kAuto, kMmaSync, kWgmma };
+
 struct PrefillAttentionArgs {
   const void* q = nullptr;
   PagedKv kv;
@@ -93,6 +99,7 @@ struct PrefillAttentionArgs {
   float scale = 0.0f;
   float* out = nullptr;
   float* lse = nullptr;
+  PrefillKernel kernel = PrefillKernel::kAuto;
 };
 
 absl::Status PrefillAttentionCuda(const PrefillAttentionArgs& args, cudaStream_t stream);

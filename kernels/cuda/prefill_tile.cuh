@@ -1,7 +1,8 @@
 // The tensor-core core of the flash-style prefill kernels (prefill_attention.cu over fp16/bf16 pages,
 // kvq_prefill_attention.cu over packed kvq3 pages): one warp's 16 query rows against a tile of 64 keys
 // in shared memory. S = Q K^T and O += P V run as m16n8k16 MMAs with fp32 accumulation; the online
-// softmax runs in registers in the log2 domain. CUDA sources only.
+// softmax runs in registers in the log2 domain. Its softmax (PrefillSoftmax), row state and partials'
+// store also serve the Hopper kernel of prefill_attention.cu. CUDA sources only.
 //
 // V tiles are [64 keys][HEAD_DIM] of 16-bit values; K tiles the same or, channel-major, [HEAD_DIM][64 keys]
 // (KEYS_BY_CHANNEL: a writer that holds a channel's consecutive keys stores them as 16-byte vectors). Rows
@@ -37,6 +38,17 @@ struct PrefillRows {
     m_a = m_b = -INFINITY;
     l_a = l_b = 0.0f;
   }
+
+  // Moves the output to new running maxima: rows a and b scale by corr_a and corr_b.
+  __device__ __forceinline__ void Rescale(float corr_a, float corr_b) {
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; ++d) {
+      o[d][0] *= corr_a;
+      o[d][1] *= corr_a;
+      o[d][2] *= corr_b;
+      o[d][3] *= corr_b;
+    }
+  }
 };
 
 // Query positions of this thread's rows a = lane / 4 and b = a + 8 of its warp's 16 (PrefillRows): block row r
@@ -48,6 +60,22 @@ __device__ __forceinline__ PrefillRowPositions RowPositions(int64_t query_first_
                                                             int warp, int lane) {
   const int64_t row_a = row0 + warp * 16 + (lane >> 2);
   return {query_first_position + row_a / group, query_first_position + (row_a + 8) / group};
+}
+
+// The rows and keys of the block that blockIdx.x names (blocks of `rows` rows, the last rows first: they see
+// the most keys): its first row, and keys [0, visible) seen by some row, [0, unmasked) by every row.
+struct PrefillBlockSpan {
+  int64_t row0, visible, unmasked;
+};
+__device__ __forceinline__ PrefillBlockSpan BlockSpan(int rows, int64_t total_rows, int group,
+                                                      int64_t query_first_position, int64_t key_first_position,
+                                                      int64_t n_keys) {
+  const int64_t row0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * rows;
+  const int64_t last_row = min(row0 + rows, total_rows) - 1;
+  const int64_t first_pos = query_first_position + row0 / group;
+  const int64_t last_pos = query_first_position + last_row / group;
+  return {row0, max(int64_t{0}, min(n_keys, last_pos - key_first_position + 1)),
+          max(int64_t{0}, min(n_keys, first_pos - key_first_position + 1))};
 }
 
 // Starts the cp.async copies of a block's query rows [row0, row0 + ROWS) into a swizzled [ROWS][HEAD_DIM]
@@ -81,6 +109,68 @@ __device__ __forceinline__ void LoadQueryFragments(const T* s_q, int row0, int l
   }
 }
 
+// The online softmax of one tile's scores s (N_TILES accumulator tiles of 8 key columns, the m16n8 layout:
+// s[j][0..1] row a, s[j][2..3] row b, columns 8 j + 2 (lane % 4) + {0, 1}; unscaled): masks (masked(key,
+// upper) as in PrefillTileStep, called only when needs_mask), turns s into the probabilities against the
+// new running maxima (log2 domain: scale_log2 is applied in the exponent) and moves the row state r to them. With RESCALE = false the
+// output accumulators are left alone and the factors for them go to *corr_a, *corr_b (a caller whose
+// accumulators are still being written by an asynchronous MMA rescales them after it).
+template <int HEAD_DIM, int N_TILES, typename Masked, bool RESCALE = true>
+__device__ __forceinline__ void PrefillSoftmax(float (&s)[N_TILES][4], float scale_log2, bool needs_mask,
+                                               const Masked& masked, int lane, PrefillRows<HEAD_DIM>& r,
+                                               float* out_corr_a = nullptr, float* out_corr_b = nullptr) {
+  constexpr int kNTiles = N_TILES;
+  constexpr float kNegInf = -INFINITY;
+  // Scores stay unscaled until the exponent: max(x) * c is the max of x * c for c > 0, and
+  // exp2(x * c - max) is one FMA.
+  if (needs_mask) {
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (masked(j * 8 + (lane & 3) * 2 + (e & 1), e >> 1)) s[j][e] = kNegInf;
+      }
+    }
+  }
+
+  float raw_a = kNegInf, raw_b = kNegInf;
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+    raw_a = fmaxf(raw_a, fmaxf(s[j][0], s[j][1]));
+    raw_b = fmaxf(raw_b, fmaxf(s[j][2], s[j][3]));
+  }
+  raw_a = fmaxf(raw_a, __shfl_xor_sync(0xffffffffu, raw_a, 1));
+  raw_a = fmaxf(raw_a, __shfl_xor_sync(0xffffffffu, raw_a, 2));
+  raw_b = fmaxf(raw_b, __shfl_xor_sync(0xffffffffu, raw_b, 1));
+  raw_b = fmaxf(raw_b, __shfl_xor_sync(0xffffffffu, raw_b, 2));
+  const float max_a = fmaxf(r.m_a, raw_a * scale_log2);
+  const float max_b = fmaxf(r.m_b, raw_b * scale_log2);
+  const float base_a = max_a == kNegInf ? 0.0f : max_a;  // guards -inf - (-inf)
+  const float base_b = max_b == kNegInf ? 0.0f : max_b;
+  const float corr_a = exp2f(r.m_a - base_a);
+  const float corr_b = exp2f(r.m_b - base_b);
+  r.m_a = max_a;
+  r.m_b = max_b;
+  float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+    s[j][0] = exp2f(fmaf(s[j][0], scale_log2, -base_a));
+    s[j][1] = exp2f(fmaf(s[j][1], scale_log2, -base_a));
+    s[j][2] = exp2f(fmaf(s[j][2], scale_log2, -base_b));
+    s[j][3] = exp2f(fmaf(s[j][3], scale_log2, -base_b));
+    sum_a += s[j][0] + s[j][1];
+    sum_b += s[j][2] + s[j][3];
+  }
+  r.l_a = r.l_a * corr_a + sum_a;
+  r.l_b = r.l_b * corr_b + sum_b;
+  if constexpr (RESCALE) {
+    r.Rescale(corr_a, corr_b);
+  } else {
+    *out_corr_a = corr_a;
+    *out_corr_b = corr_b;
+  }
+}
+
 // One tile step (K [64][HEAD_DIM], or [HEAD_DIM][64] when KEYS_BY_CHANNEL). masked(key, upper) says whether key column `key` (0..63) is hidden from the lane's row
 // a (upper = 0) or b (upper = 1); it is called only when needs_mask. A hidden key may hold any finite
 // values in the tile (its weight is exactly 0).
@@ -91,7 +181,6 @@ __device__ __forceinline__ void PrefillTileStep(const uint32_t (&q_frag)[HEAD_DI
   constexpr int kKSteps = HEAD_DIM / 16;
   constexpr int kDTiles = HEAD_DIM / 8;
   constexpr int kNTiles = kPrefillTileKeys / 8;
-  constexpr float kNegInf = -INFINITY;
 
   float s[kNTiles][4];
 #pragma unroll
@@ -113,51 +202,7 @@ __device__ __forceinline__ void PrefillTileStep(const uint32_t (&q_frag)[HEAD_DI
     }
   }
 
-#pragma unroll
-  for (int j = 0; j < kNTiles; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float value = s[j][e] * scale_log2;
-      if (needs_mask && masked(j * 8 + (lane & 3) * 2 + (e & 1), e >> 1)) value = kNegInf;
-      s[j][e] = value;
-    }
-  }
-
-  float max_a = r.m_a, max_b = r.m_b;
-#pragma unroll
-  for (int j = 0; j < kNTiles; ++j) {
-    max_a = fmaxf(max_a, fmaxf(s[j][0], s[j][1]));
-    max_b = fmaxf(max_b, fmaxf(s[j][2], s[j][3]));
-  }
-  max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, 1));
-  max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, 2));
-  max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, 1));
-  max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, 2));
-  const float base_a = max_a == kNegInf ? 0.0f : max_a;  // guards -inf - (-inf)
-  const float base_b = max_b == kNegInf ? 0.0f : max_b;
-  const float corr_a = exp2f(r.m_a - base_a);
-  const float corr_b = exp2f(r.m_b - base_b);
-  r.m_a = max_a;
-  r.m_b = max_b;
-  float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kNTiles; ++j) {
-    s[j][0] = exp2f(s[j][0] - base_a);
-    s[j][1] = exp2f(s[j][1] - base_a);
-    s[j][2] = exp2f(s[j][2] - base_b);
-    s[j][3] = exp2f(s[j][3] - base_b);
-    sum_a += s[j][0] + s[j][1];
-    sum_b += s[j][2] + s[j][3];
-  }
-  r.l_a = r.l_a * corr_a + sum_a;
-  r.l_b = r.l_b * corr_b + sum_b;
-#pragma unroll
-  for (int d = 0; d < kDTiles; ++d) {
-    r.o[d][0] *= corr_a;
-    r.o[d][1] *= corr_a;
-    r.o[d][2] *= corr_b;
-    r.o[d][3] *= corr_b;
-  }
+  PrefillSoftmax<HEAD_DIM>(s, scale_log2, needs_mask, masked, lane, r);
 
   // O += P V: the S accumulator layout of two n-tiles is the A-operand layout of one k-step.
 #pragma unroll

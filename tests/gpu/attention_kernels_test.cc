@@ -19,6 +19,7 @@ namespace {
 
 using testing::CountMismatches;
 using testing::DeviceBuffer;
+using testing::GpuComputeCapabilityMajor;
 using testing::RandomUniform;
 using testing::ToDevice;
 
@@ -263,31 +264,37 @@ TEST_P(PrefillAttentionTest, MatchesAttentionPartialsCpu) {
   DeviceKv kv(host);
   DeviceBuffer<uint16_t> dq = ToDevice(q16);
   DeviceBuffer<float> dout(qf.size()), dlse(want_lse.size());
-  dout.Poison();
-  dlse.Poison();
-  PrefillAttentionArgs args;
-  args.q = dq.get();
-  args.kv = kv.view;
-  args.n_queries = c.n_queries;
-  args.n_keys = c.n_keys;
-  args.query_first_position = c.query_first_position;
-  args.key_first_position = c.key_first_position;
-  args.n_heads = c.n_heads;
-  args.n_kv_heads = c.n_kv_heads;
-  args.head_dim = d;
-  args.scale = scale;
-  args.out = dout.get();
-  args.lse = dlse.get();
-  const absl::Status status = PrefillAttentionCuda(args, nullptr);
-  KV_SKIP_IF_NOT_BUILT(status);
-  ASSERT_TRUE(status.ok()) << status;
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  // Scores are exact products of 16-bit values summed in fp32. The probabilities P enter the P*V product
-  // rounded to the input type (relative error <= 2^-11 for fp16, 2^-8 for bf16), so the output, a
-  // weighted mean of |v| <= 1, moves by at most that; lse uses the fp32 probabilities.
-  const double p_rounding = c.dtype == DType::kF16 ? 1.0 / 2048 : 1.0 / 256;
-  EXPECT_EQ(CountMismatches("out", dout.Download(), want_out, p_rounding + 2e-5, 0), 0);
-  EXPECT_EQ(CountMismatches("lse", dlse.Download(), want_lse, 1e-4, 1e-5), 0);
+  // Both kernels: mma.sync everywhere, warpgroup MMAs on Hopper.
+  for (PrefillKernel kernel : {PrefillKernel::kMmaSync, PrefillKernel::kWgmma}) {
+    SCOPED_TRACE(kernel == PrefillKernel::kWgmma ? "wgmma kernel" : "mma.sync kernel");
+    if (kernel == PrefillKernel::kWgmma && GpuComputeCapabilityMajor() != 9) continue;
+    dout.Poison();
+    dlse.Poison();
+    PrefillAttentionArgs args;
+    args.q = dq.get();
+    args.kv = kv.view;
+    args.n_queries = c.n_queries;
+    args.n_keys = c.n_keys;
+    args.query_first_position = c.query_first_position;
+    args.key_first_position = c.key_first_position;
+    args.n_heads = c.n_heads;
+    args.n_kv_heads = c.n_kv_heads;
+    args.head_dim = d;
+    args.scale = scale;
+    args.out = dout.get();
+    args.lse = dlse.get();
+    args.kernel = kernel;
+    const absl::Status status = PrefillAttentionCuda(args, nullptr);
+    KV_SKIP_IF_NOT_BUILT(status);
+    ASSERT_TRUE(status.ok()) << status;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    // Scores are exact products of 16-bit values summed in fp32. The probabilities P enter the P*V product
+    // rounded to the input type (relative error <= 2^-11 for fp16, 2^-8 for bf16), so the output, a
+    // weighted mean of |v| <= 1, moves by at most that; lse uses the fp32 probabilities.
+    const double p_rounding = c.dtype == DType::kF16 ? 1.0 / 2048 : 1.0 / 256;
+    EXPECT_EQ(CountMismatches("out", dout.Download(), want_out, p_rounding + 2e-5, 0), 0);
+    EXPECT_EQ(CountMismatches("lse", dlse.Download(), want_lse, 1e-4, 1e-5), 0);
+  }
 }
 
 std::vector<PrefillCase> PrefillCases() {
@@ -304,6 +311,9 @@ std::vector<PrefillCase> PrefillCases() {
       {"mha", 64, DType::kF16, 4, 4, 77, 77, 0, 0, 128, false},
       {"bf16_llama", 128, DType::kBF16, 32, 8, 200, 300, 100, 0, 64, true},
       {"bf16_smollm", 64, DType::kBF16, 9, 3, 37, 37, 0, 0, 64, false},
+      // Several 128-key tiles whose halves sit on different pages, the diagonal inside a tile.
+      {"long_chunk_after_context", 128, DType::kF16, 32, 8, 300, 1300, 1000, 0, 192, true},
+      {"bf16_long_smollm", 64, DType::kBF16, 9, 3, 260, 777, 517, 0, 64, true},
   };
 }
 

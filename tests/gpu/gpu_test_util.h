@@ -35,6 +35,14 @@ namespace kvshard::testing {
     ASSERT_EQ(kv_err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(kv_err_); \
   } while (0)
 
+// The current GPU's compute capability major version (0 without a GPU).
+inline int GpuComputeCapabilityMajor() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return 0;
+  return major;
+}
+
 // A device allocation of n elements of T, freed on destruction.
 template <typename T>
 class DeviceBuffer {
