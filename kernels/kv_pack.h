@@ -60,6 +60,20 @@ constexpr uint32_t CodeInGroupWords(const uint32_t (&words)[BITS], int r) {
   }
 }
 
+// CodeInGroupWords<3> for the codes r = step * k + t (k = 0, 1, ...) of one thread (step 4 or 8, t < step):
+// the shifts split into a part of t, applied to the words once (ThreeBitWordsOfThread), and a part of k
+// that is a constant once k is (ThreeBitCodeAtStep, in an unrolled loop: two shifts and masks a code).
+constexpr void ThreeBitWordsOfThread(const uint32_t (&words)[3], int t, uint32_t (&shifted)[3]) {
+  shifted[0] = words[0] >> (2 * t);
+  shifted[1] = words[1] >> (2 * t);
+  shifted[2] = words[2] >> (4 * (t >> 1) + (t & 1));
+}
+constexpr uint32_t ThreeBitCodeAtStep(const uint32_t (&shifted)[3], int step, int k) {
+  const int base = step * k;  // the code's index less t: a multiple of step, so t adds without a carry
+  const uint32_t low = (base >= 16 ? shifted[1] : shifted[0]) >> (2 * (base & 15));
+  return (low & 3u) | (((shifted[2] >> (4 * ((base & 15) >> 1) + 2 - 2 * (base >> 4))) & 1u) << 2);
+}
+
 // ORs code `code` (< 2^BITS) in as code r (0..31) of a 32-code group held as its BITS words, the inverse of
 // CodeInGroupWords: r may vary at run time without a kernel's words going to local memory (each word takes
 // its part by a select).

@@ -147,6 +147,27 @@ TEST(PackLayout, CodeInGroupWordsAndPut) {
   ExpectCodeInGroupWords<4>();
 }
 
+// The split extraction of one thread's rows (the dequantize kernel's key codes) against the packer.
+TEST(PackLayout, ThreeBitCodesOfAThreadByStep) {
+  std::vector<uint8_t> codes = RandomCodes(64, 3, 21);
+  std::vector<uint8_t> stream(PackedBytes(64, 3));
+  PackCodesCpu(codes.data(), 64, 3, stream.data());
+  for (int group = 0; group < 2; ++group) {
+    uint32_t words[3];
+    std::memcpy(words, stream.data() + group * 12, 12);
+    for (int step : {4, 8}) {
+      for (int t = 0; t < step; ++t) {
+        uint32_t shifted[3];
+        ThreeBitWordsOfThread(words, t, shifted);
+        for (int k = 0; k < 32 / step; ++k) {
+          EXPECT_EQ(ThreeBitCodeAtStep(shifted, step, k), codes[32 * group + step * k + t])
+              << "group " << group << " step " << step << " t " << t << " k " << k;
+        }
+      }
+    }
+  }
+}
+
 TEST(PackLayout, FourBitNibblesLowFirst) {
   std::vector<uint8_t> codes = {0x1, 0x2, 0xF, 0x3};
   std::vector<uint8_t> stream(PackedBytes(4, 4));

@@ -332,7 +332,10 @@ __device__ __forceinline__ void DequantizeFp16Tokens(const KvqDequantizeArgs& a,
 // kRowStep: fp16x2 stores, a warp's store a whole 128-byte line. A thread's rows of one 32-row word group
 // share its key code words, read once. RoPE: the page's anchor angles in double once per frequency, a
 // thread's first row of a word group by SmallAngle + AddAngle (within 4e-7 of the double angle), the next
-// rows stepped by kRowStep rows in fp32 (7 steps: within 2e-6, far below the outputs' fp16 rounding). The
+// rows stepped by kRowStep rows in fp32 (7 steps: within 2e-6, far below the outputs' fp16 rounding). Key
+// outliers: each row's channels as a bitmask built once, so a thread tests its 4 channels with two shared
+// reads instead of walking the row's list; 3-bit code shifts split into a per-thread part applied to the
+// words once per group and a constant per unrolled row (kv_pack.h, ThreeBitCodeAtStep). The
 // values before rounding are the CPU codec's bit for bit (same fp32 operations). (Thread per (token, RoPE
 // pair) with every code, threshold and outlier read from global memory per item was latency-bound: about
 // a twentieth of the device's bandwidth, a fifth of a kvq3 prefill's GPU time at 8K tokens.)
@@ -352,7 +355,8 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
   __shared__ float2 value_range[kPage];   // per token
   __shared__ float key_weight[1 << BITS], value_weight[1 << BITS];  // (codebook + 1) / 2
   __shared__ int prefix[kPage];
-  __shared__ uint8_t key_count[kPage];
+  constexpr int kMaskWords = HEAD_DIM / 32;
+  __shared__ uint32_t outlier_mask[kPage * kMaskWords];  // per row, its key outlier channels
   __shared__ int warp_total[kDequantThreads / 32];
   __shared__ float2 anchor[kHalf];
   __shared__ uint8_t staged_channel[kDequantStagedOutliers];
@@ -406,8 +410,8 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
   // Exclusive prefix of the key outlier counts (a token's outliers follow those of earlier tokens).
   const int count = t < n_valid ? L.key_outlier_count[ph * kPage + t] : 0;
   int page_outliers = 0;
-  prefix[t] = BlockExclusiveSumInt(count, warp_total, &page_outliers);
-  key_count[t] = static_cast<uint8_t>(count);
+  const int first_outlier = BlockExclusiveSumInt(count, warp_total, &page_outliers);
+  prefix[t] = first_outlier;
   // The page's key outliers in list order, when they fit.
   const bool staged = page_outliers <= kDequantStagedOutliers;
   if (staged) {
@@ -417,6 +421,26 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
       staged_channel[e] = L.key_outlier_channel[o];
       staged_value[e] = L.key_outlier_value[o];
     }
+  }
+  __syncthreads();
+  // Row t's outlier channels as a bitmask, so that the row's threads find theirs without walking the list
+  // (a row's entries are in ascending channel order: an entry's index is a popcount of the mask).
+  {
+    uint32_t bits[kMaskWords] = {};
+    for (int e = 0; e < count; ++e) {
+      int ch;
+      if (staged) {
+        ch = staged_channel[first_outlier + e];
+      } else {
+        ch = L.key_outlier_channel[KvqKeyOutlierIndex(L.key_outlier_start[ph] + first_outlier + e, a.page_table,
+                                                      L.key_outlier_segments, a.n_kv_heads, h,
+                                                      L.key_outlier_segment_shift)];
+      }
+#pragma unroll
+      for (int w = 0; w < kMaskWords; ++w) bits[w] |= (ch >> 5) == w ? 1u << (ch & 31) : 0u;
+    }
+#pragma unroll
+    for (int w = 0; w < kMaskWords; ++w) outlier_mask[t * kMaskWords + w] = bits[w];
   }
   __syncthreads();
 
@@ -440,11 +464,16 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
 #pragma unroll 1
   for (int group = 0; group < kPage / 32; ++group) {
     if (32 * group + 32 <= row_begin || 32 * group >= row_end) continue;
-    uint32_t words[4][BITS];  // a channel's codes of the 32-row group
+    uint32_t words[4][BITS];  // a channel's codes of the 32-row group (3 bits: shifted for this thread's rows)
 #pragma unroll
-    for (int u = 0; u < 4; ++u)
+    for (int u = 0; u < 4; ++u) {
 #pragma unroll
       for (int w = 0; w < BITS; ++w) words[u][w] = key_words[channel[u] * kKeyStride + group * BITS + w];
+      if constexpr (BITS == 3) {
+        const uint32_t read[3] = {words[u][0], words[u][1], words[u][2]};
+        ThreeBitWordsOfThread(read, tq, words[u]);
+      }
+    }
     float cs[2], sn[2];
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
@@ -460,24 +489,34 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
         float x[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          x[u] = __fadd_rn(range[u].x, __fmul_rn(key_weight[CodeInGroupWords<BITS>(words[u], r)], range[u].y));
-        }
-        for (int e = 0; e < key_count[row]; ++e) {
-          int ch;
-          uint16_t value;
-          if (staged) {
-            ch = staged_channel[prefix[row] + e];
-            value = staged_value[prefix[row] + e];
+          uint32_t code;
+          if constexpr (BITS == 3) {
+            code = ThreeBitCodeAtStep(words[u], kRowStep, k);
           } else {
-            const int64_t o = KvqKeyOutlierIndex(L.key_outlier_start[ph] + prefix[row] + e, a.page_table,
-                                                 L.key_outlier_segments, a.n_kv_heads, h,
-                                                 L.key_outlier_segment_shift);
-            ch = L.key_outlier_channel[o];
-            value = L.key_outlier_value[o];
+            code = CodeInGroupWords<BITS>(words[u], r);
           }
+          x[u] = __fadd_rn(range[u].x, __fmul_rn(key_weight[code], range[u].y));
+        }
+        const uint32_t* mask = outlier_mask + row * kMaskWords;
+        const uint32_t near = (mask[c0 >> 5] >> (c0 & 31)) & 3u;  // channels c0, c0 + 1
+        const uint32_t far = (mask[(c0 + kHalf) >> 5] >> ((c0 + kHalf) & 31)) & 3u;
+        if ((near | far) != 0u) {  // about 1% of the elements: the outliers replace the codes
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
-            if (ch == channel[u]) x[u] = __half2float(__ushort_as_half(value));
+            const int ch = channel[u];
+            if ((mask[ch >> 5] >> (ch & 31)) & 1u) {
+              int e = prefix[row] + __popc(mask[ch >> 5] & ((1u << (ch & 31)) - 1u));
+              for (int w = 0; w < (ch >> 5); ++w) e += __popc(mask[w]);
+              uint16_t value;
+              if (staged) {
+                value = staged_value[e];
+              } else {
+                value = L.key_outlier_value[KvqKeyOutlierIndex(L.key_outlier_start[ph] + e, a.page_table,
+                                                               L.key_outlier_segments, a.n_kv_heads, h,
+                                                               L.key_outlier_segment_shift)];
+              }
+              x[u] = __half2float(__ushort_as_half(value));
+            }
           }
         }
         RotatePairBy(&x[0], &x[2], cs[0], sn[0]);
