@@ -128,7 +128,6 @@ __global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(const 
   StorePrefillRows<HEAD_DIM>(rows, row0 + warp * 16, total_rows, p.group, kv_head, p.n_heads, lane, p.out, p.lse);
 }
 
-
 // ---- Hopper: warpgroup MMAs ----
 constexpr int kWgmmaRows = 128;  // two warpgroups of 64 rows
 constexpr int kWgmmaKeys = 128;  // keys per K/V tile
@@ -303,6 +302,8 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) PrefillAttentionWgmmaKernel(
   }
   CpAsyncWait<0>();  // n_tiles == 0: the Q copy is still outstanding
   StorePrefillRows<HEAD_DIM>(rows, row0 + warp * 16, total_rows, p.group, kv_head, p.n_heads, lane, p.out, p.lse);
+#else
+  __trap();  // built without sm_90a (CMakeLists.txt refuses such a Hopper target): fail loudly, not silently
 #endif
 }
 
