@@ -112,9 +112,9 @@ __device__ __forceinline__ void LoadQueryFragments(const T* s_q, int row0, int l
 // The online softmax of one tile's scores s (N_TILES accumulator tiles of 8 key columns, the m16n8 layout:
 // s[j][0..1] row a, s[j][2..3] row b, columns 8 j + 2 (lane % 4) + {0, 1}; unscaled): masks (masked(key,
 // upper) as in PrefillTileStep, called only when needs_mask), turns s into the probabilities against the
-// new running maxima (log2 domain: scale_log2 is applied in the exponent) and moves the row state r to them. With RESCALE = false the
-// output accumulators are left alone and the factors for them go to *corr_a, *corr_b (a caller whose
-// accumulators are still being written by an asynchronous MMA rescales them after it).
+// new running maxima (log2 domain: scale_log2 is applied in the exponent) and moves the row state r to
+// them. With RESCALE = false the output accumulators are left alone and their factors go to *out_corr_a,
+// *out_corr_b (a caller whose accumulators an asynchronous MMA still writes rescales them after it).
 template <int HEAD_DIM, int N_TILES, typename Masked, bool RESCALE = true>
 __device__ __forceinline__ void PrefillSoftmax(float (&s)[N_TILES][4], float scale_log2, bool needs_mask,
                                                const Masked& masked, int lane, PrefillRows<HEAD_DIM>& r,
