@@ -40,6 +40,7 @@
 #include "kernels/cuda/kvq_attention.h"
 #include "kernels/cuda/kvq_codes.cuh"
 #include "kernels/cuda/kvq_tiles.cuh"
+#include "kernels/cuda/reduce.cuh"
 #include "kernels/kv_pack.h"
 
 namespace kvshard {
@@ -564,12 +565,7 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
         counts[u] = (4 * lane + u < n_valid) ? count_s[4 * lane + u] : 0;
         local += counts[u];
       }
-      int incl = local;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int other = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += other;
-      }
+      const int incl = WarpInclusiveSum(local);
       const int64_t lane_first = outlier_base + (incl - local);
       int first_ch[4];
       uint16_t first_val[4];

@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKeyOutliersKernel(cons
       count = a.scratch_count[token_source[t]];
     }
     int total = 0;
-    const int offset = BlockExclusiveSumInt(count, warp_totals, &total);
+    const int offset = BlockExclusiveSum(count, warp_totals, &total);
     token_offset[t] = offset;
     if (t == 0) {
       // Room for every token of the tile, segment by segment: the takes a token-by-token walk makes,
@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(kDequantThreads) DequantizeKernel(const KvqDeq
   // Exclusive prefix of the key outlier counts (a token's outliers follow those of earlier tokens).
   const int count = t < n_valid ? L.key_outlier_count[ph * kPage + t] : 0;
   int page_outliers = 0;
-  const int first_outlier = BlockExclusiveSumInt(count, warp_total, &page_outliers);
+  const int first_outlier = BlockExclusiveSum(count, warp_total, &page_outliers);
   prefix[t] = first_outlier;
   // The page's key outliers in list order, when they fit.
   const bool staged = page_outliers <= kDequantStagedOutliers;

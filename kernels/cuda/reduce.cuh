@@ -39,29 +39,37 @@ __device__ __forceinline__ T BlockReduce(T v, T* scratch, WarpOp warp_op, Combin
   return total;
 }
 
-// Exclusive prefix sum over the block's threads in thread order: returns the sum of `v` over the threads
-// before this one, and *total the block's sum. `scratch` holds one int per warp; as BlockReduce, the call
-// starts and ends with a barrier.
-__device__ __forceinline__ int BlockExclusiveSumInt(int v, int* scratch, int* total) {
+// Inclusive prefix sum over the warp's lanes in lane order (all lanes must call it).
+template <typename T>
+__device__ __forceinline__ T WarpInclusiveSum(T v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const T other = __shfl_up_sync(0xffffffffu, v, offset);
+    if (lane >= offset) v += other;
+  }
+  return v;
+}
+
+// Exclusive prefix sum over the block's threads in thread order, in a fixed order (deterministic for
+// floats): returns the sum of `v` over the threads before this one, and *total the block's sum.
+// `scratch` holds one T per warp; the call starts and ends with a barrier, so it may be reused.
+template <typename T>
+__device__ __forceinline__ T BlockExclusiveSum(T v, T* scratch, T* total) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int n_warps = (blockDim.x + 31) >> 5;
-  int inclusive = v;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += other;
-  }
+  const T inclusive = WarpInclusiveSum(v);
   __syncthreads();  // scratch may still be read by a previous call
   if (lane == 31) scratch[warp] = inclusive;
   __syncthreads();
-  int before = inclusive - v, sum = 0;
+  T warp_prefix = T(0), sum = T(0);
   for (int w = 0; w < n_warps; ++w) {
-    before += w < warp ? scratch[w] : 0;
+    if (w == warp) warp_prefix = sum;
     sum += scratch[w];
   }
   *total = sum;
-  return before;
+  return warp_prefix + inclusive - v;
 }
 
 struct WarpSumOp {

@@ -54,31 +54,6 @@ __device__ int32_t BlockArgmax(const float* x, int vocab) {
   return best_id < 0 ? 0 : best_id;
 }
 
-// Exclusive prefix sum over the block in thread order (fixed order: deterministic). Returns this
-// thread's exclusive prefix; *total gets the block total.
-__device__ float BlockExclusiveScan(float v, float* total) {
-  __shared__ float warp_totals[kSampleWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  float inclusive = v;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const float other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += other;
-  }
-  __syncthreads();
-  if (lane == 31) warp_totals[warp] = inclusive;
-  __syncthreads();
-  float warp_prefix = 0.0f;
-  float sum = 0.0f;
-  for (int w = 0; w < kSampleWarps; ++w) {
-    if (w == warp) warp_prefix = sum;
-    sum += warp_totals[w];
-  }
-  *total = sum;
-  return warp_prefix + inclusive - v;
-}
-
 __global__ void __launch_bounds__(kSampleThreads) SampleTokensKernel(const float* __restrict__ logits,
                                                                      int64_t row_stride, int vocab,
                                                                      const TokenSampling* __restrict__ params,
@@ -87,6 +62,7 @@ __global__ void __launch_bounds__(kSampleThreads) SampleTokensKernel(const float
   const float* x = logits + row * row_stride;
   const TokenSampling sp = params[row];
   __shared__ float f_scratch[kSampleWarps];
+  __shared__ float scan_scratch[kSampleWarps];
   __shared__ int i_scratch[kSampleWarps];
   __shared__ int32_t chosen;
 
@@ -149,7 +125,7 @@ __global__ void __launch_bounds__(kSampleThreads) SampleTokensKernel(const float
     }
   }
   float total = 0.0f;
-  const float prefix = BlockExclusiveScan(my_mass, &total);
+  const float prefix = BlockExclusiveSum(my_mass, scan_scratch, &total);
   if (threadIdx.x == 0) chosen = -1;
   __syncthreads();
   const double target = SamplingUniform(sp.seed, sp.step) * static_cast<double>(total);
