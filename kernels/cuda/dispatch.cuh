@@ -8,7 +8,23 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/dtype.h"
+
+namespace kvshard {
+
+// Raises a kernel's dynamic shared memory limit to `bytes` once per process (*configured remembers it; a
+// launcher keeps one flag per kernel instance).
+template <typename Kernel>
+absl::Status AllowSharedMemory(Kernel kernel, int bytes, bool* configured) {
+  if (!*configured) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    *configured = true;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvshard
 
 // KV_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM, { ... return Launch<HEAD_DIM>(...); })
 #define KV_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM, ...)                                             \

@@ -29,12 +29,15 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/dispatch.cuh"
 #include "kernels/cuda/kvq_codes.cuh"
 #include "kernels/cuda/kvq_store.h"
 #include "kernels/cuda/kvq_tiles.cuh"
 #include "kernels/cuda/prefill_tile.cuh"
+#include "kernels/cuda/reduce.cuh"
 
 namespace kvshard {
 namespace {
@@ -249,13 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1) KvqPrefillKernel(const PrefillPar
     int four = 0;  // lane l: the page's tokens 4 l .. 4 l + 3, an exclusive scan over the lanes
 #pragma unroll
     for (int k = 0; k < 4; ++k) four += counts[4 * lane + k];
-    int scan = four;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int x = __shfl_up_sync(0xffffffffu, scan, o);
-      if (lane >= o) scan += x;
-    }
-    scan -= four;
+    const int scan = WarpInclusiveSum(four) - four;
     // Lanes 0..8: the list place of the warp's token 8 w + lane (lane 8: the end of its last token).
     const int t_first = 8 * warp;  // tile token
     const int page_token = page_token0 + t_first + min(lane, 8);
@@ -471,10 +468,7 @@ absl::Status LaunchKvqPrefill(const KvqPrefillArgs& a, cudaStream_t stream) {
   auto kernel = KvqPrefillKernel<HEAD_DIM>;
   constexpr int kSmem = PrefillSmem<HEAD_DIM>::kBytes;
   static bool configured = false;
-  if (!configured) {
-    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    configured = true;
-  }
+  KV_RETURN_IF_ERROR(AllowSharedMemory(kernel, kSmem, &configured));
   PrefillParams p;
   p.a = a;
   p.group = a.n_heads / a.n_kv_heads;

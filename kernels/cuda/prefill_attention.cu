@@ -171,18 +171,9 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) PrefillAttentionWgmmaKernel(
   const int64_t row0 = span.row0, unmasked = span.unmasked;
   const int n_tiles = static_cast<int>((span.visible + kWgmmaKeys - 1) / kWgmmaKeys);
 
-  for (int i = tid; i < kWgmmaRows * kChunks; i += kWgmmaThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    const int64_t row = row0 + r;
-    const bool valid = row < total_rows;
-    const T* src = p.q;
-    if (valid) {
-      const int64_t token = row / p.group;
-      const int head = kv_head * p.group + static_cast<int>(row % p.group);
-      src = p.q + (token * p.n_heads + head) * HEAD_DIM + c * 8;
-    }
-    CpAsync16(smem + L::kQ + Swizzle128Offset(r, c, kWgmmaRows), src, valid);
-  }
+  LoadQueryRowsAsync<HEAD_DIM, kWgmmaRows, kWgmmaThreads>(
+      [&](int r, int c) { return smem + L::kQ + Swizzle128Offset(r, c, kWgmmaRows); }, p.q, row0, total_rows, p.group,
+      kv_head, p.n_heads, tid);
 
   // K/V tiles load in order, so the page of the next tile's first key is tracked instead of divided out.
   // A tile's two halves of 64 keys each lie inside one page (page_size is a multiple of 64). Thread tid
@@ -305,16 +296,6 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) PrefillAttentionWgmmaKernel(
 #else
   __trap();  // built without sm_90a (CMakeLists.txt refuses such a Hopper target): fail loudly, not silently
 #endif
-}
-
-// Sets a kernel's dynamic shared memory limit once per process.
-template <typename Kernel>
-absl::Status AllowSharedMemory(Kernel kernel, int bytes, bool* configured) {
-  if (!*configured) {
-    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    *configured = true;
-  }
-  return absl::OkStatus();
 }
 
 template <int HEAD_DIM, typename T>

@@ -78,12 +78,13 @@ __device__ __forceinline__ PrefillBlockSpan BlockSpan(int rows, int64_t total_ro
           max(int64_t{0}, min(n_keys, first_pos - key_first_position + 1))};
 }
 
-// Starts the cp.async copies of a block's query rows [row0, row0 + ROWS) into a swizzled [ROWS][HEAD_DIM]
-// tile (rows past total_rows are zeros). Row r is query token r / group, head kv_head * group + r % group
-// of q [tokens][n_heads][HEAD_DIM], so the rows of one KV head's group share every K/V tile.
-template <int HEAD_DIM, int ROWS, int THREADS, typename T>
-__device__ __forceinline__ void LoadQueryTileAsync(T* s_q, const T* q, int64_t row0, int64_t total_rows, int group,
-                                                   int kv_head, int n_heads, int tid) {
+// Starts the cp.async copies of a block's query rows [row0, row0 + ROWS) into a tile of shared memory
+// whose 16-byte chunk c of row r is at dest(r, c) (rows past total_rows are zeros). Row r is query token
+// r / group, head kv_head * group + r % group of q [tokens][n_heads][HEAD_DIM], so the rows of one KV
+// head's group share every K/V tile.
+template <int HEAD_DIM, int ROWS, int THREADS, typename T, typename Dest>
+__device__ __forceinline__ void LoadQueryRowsAsync(const Dest& dest, const T* q, int64_t row0, int64_t total_rows,
+                                                   int group, int kv_head, int n_heads, int tid) {
   constexpr int kChunks = HEAD_DIM / 8;
   for (int i = tid; i < ROWS * kChunks; i += THREADS) {
     const int r = i / kChunks, c = i % kChunks;
@@ -95,8 +96,16 @@ __device__ __forceinline__ void LoadQueryTileAsync(T* s_q, const T* q, int64_t r
       const int head = kv_head * group + static_cast<int>(row % group);
       src = q + (token * n_heads + head) * HEAD_DIM + c * 8;
     }
-    CpAsync16(s_q + TileOffset<HEAD_DIM>(r, c), src, valid);
+    CpAsync16(dest(r, c), src, valid);
   }
+}
+
+// The same into a swizzled [ROWS][HEAD_DIM] tile (TileOffset), as the mma.sync kernels read it.
+template <int HEAD_DIM, int ROWS, int THREADS, typename T>
+__device__ __forceinline__ void LoadQueryTileAsync(T* s_q, const T* q, int64_t row0, int64_t total_rows, int group,
+                                                   int kv_head, int n_heads, int tid) {
+  LoadQueryRowsAsync<HEAD_DIM, ROWS, THREADS>([&](int r, int c) { return s_q + TileOffset<HEAD_DIM>(r, c); }, q,
+                                              row0, total_rows, group, kv_head, n_heads, tid);
 }
 
 // The warp's Q fragments (16 rows of a swizzled [rows][HEAD_DIM] tile from row `row0`).
