@@ -125,6 +125,12 @@ absl::StatusOr<std::unique_ptr<DistributedEngine>> DistributedEngine::Create(Mpi
     }
     budgets[hello.worker] = hello.kv_budget_bytes;
     devices[hello.worker] = hello.device;
+    if (hello.max_prefill_chunk <= 0) {
+      errors.push_back(absl::StrCat("worker rank ", message->source, " takes no prompt tokens per step"));
+      continue;
+    }
+    options.prefill_chunk = options.prefill_chunk > 0 ? std::min(options.prefill_chunk, hello.max_prefill_chunk)
+                                                      : hello.max_prefill_chunk;
   }
   if (!errors.empty()) {
     std::sort(errors.begin(), errors.end());
@@ -340,11 +346,11 @@ void DistributedEngine::BuildWork(StepPlan& plan) {
     if (r->state == Request::State::kFilling) {
       plan.fills.push_back({id, r->fill, options_.fill_tokens_per_step});
     } else if (r->state == Request::State::kPrefilling && !prefill_taken) {
-      // The next chunk: on the grid of max_chunk() from the prompt's start (as in single-process mode),
-      // and never across a worker boundary.
+      // The next chunk: on the grid of the workers' chunk from the prompt's start (as in single-process
+      // mode), and never across a worker boundary.
       prefill_taken = true;
       const int owner = r->placement.OwnerOf(r->next_chunk);
-      const int64_t chunk = CpuModel::max_chunk();
+      const int64_t chunk = options_.prefill_chunk;
       const int64_t grid_end = r->fill + ((r->next_chunk - r->fill) / chunk + 1) * chunk;
       const int64_t end = std::min({grid_end, r->placement.ranges[owner].end, r->fill + r->prompt});
       PrefillWork work;

@@ -53,6 +53,8 @@ struct DistributedEngineOptions {
   int64_t fill_tokens_per_step = 1 << 16;  // per worker
   int max_batch = 64;                       // decode rows per step
   double worker_timeout_s = 600;            // a step's (or configure's) reports must arrive within this
+  // Prompt tokens per prefill step; Create sets it to the least any worker takes (WorkerHello).
+  int prefill_chunk = 0;
 };
 
 struct DistributedEngineStats {

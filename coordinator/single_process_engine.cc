@@ -37,7 +37,8 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create
   std::unique_ptr<SingleProcessEngine> engine(
       new SingleProcessEngine(std::move(weights), std::move(tokenizer), std::move(name), std::move(options)));
   if (device != "cpu") {
-    auto gpu = GpuBackend::Create(engine->weights_, engine->options_.cuda_graph_rows);
+    auto gpu = GpuBackend::Create(engine->weights_, engine->options_.cuda_graph_rows,
+                                  engine->options_.gpu_prefill_chunk);
     if (gpu.ok()) {
       engine->gpu_ = std::move(*gpu);
     } else if (device == "gpu" || !absl::IsUnavailable(gpu.status())) {

@@ -22,6 +22,7 @@ struct EngineOptions {
   // error; "cpu": the CPU backend.
   std::string device = "auto";
   int cuda_graph_rows = 64;  // GpuModelOptions::graph_rows
+  int gpu_prefill_chunk = kDefaultGpuPrefillChunk;  // GpuModelOptions::max_chunk
 };
 
 class SingleProcessEngine final : public Engine {

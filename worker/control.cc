@@ -62,6 +62,7 @@ json ToJson(const WorkerConfig& c) {
             {"collective_timeout_s", c.collective_timeout_s},
             {"key_outlier_headroom", c.key_outlier_headroom},
             {"cuda_graph_rows", c.cuda_graph_rows},
+            {"gpu_prefill_chunk", c.gpu_prefill_chunk},
             {"faults",
              {{"fail_step", c.faults.fail_step},
               {"kill_step", c.faults.kill_step},
@@ -86,6 +87,7 @@ absl::StatusOr<WorkerConfig> ConfigFromJson(const json& j) {
   c.collective_timeout_s = j.at("collective_timeout_s");
   c.key_outlier_headroom = j.at("key_outlier_headroom");
   c.cuda_graph_rows = j.at("cuda_graph_rows");
+  c.gpu_prefill_chunk = j.at("gpu_prefill_chunk");
   const json& f = j.at("faults");
   c.faults.fail_step = f.at("fail_step");
   c.faults.kill_step = f.at("kill_step");
@@ -223,7 +225,8 @@ std::string EncodeHello(const WorkerHello& h) {
                {"vocab_size", h.vocab_size},
                {"threads", h.threads},
                {"device", h.device},
-               {"kv_budget_bytes", h.kv_budget_bytes}});
+               {"kv_budget_bytes", h.kv_budget_bytes},
+               {"max_prefill_chunk", h.max_prefill_chunk}});
 }
 
 absl::StatusOr<WorkerHello> DecodeHello(const std::string& bytes) {
@@ -238,6 +241,7 @@ absl::StatusOr<WorkerHello> DecodeHello(const std::string& bytes) {
     h.threads = j.at("threads");
     h.device = j.at("device");
     h.kv_budget_bytes = j.at("kv_budget_bytes");
+    h.max_prefill_chunk = j.at("max_prefill_chunk");
     return h;
   });
 }

@@ -43,6 +43,7 @@ struct WorkerConfig {
   double collective_timeout_s = 300;
   double key_outlier_headroom = 3.0;              // GPU kvq stores: key outlier room (DeviceKvStoreOptions)
   int cuda_graph_rows = 64;                       // GPU workers: GpuModelOptions::graph_rows
+  int gpu_prefill_chunk = kDefaultGpuPrefillChunk;  // GPU workers: GpuModelOptions::max_chunk
   FaultInjection faults;
 };
 
@@ -55,6 +56,7 @@ struct WorkerHello {
   int threads = 0;
   std::string device;            // where the worker computes: "CPU (OpenBLAS)", "NVIDIA H200 (GPU 1)", ...
   int64_t kv_budget_bytes = 0;   // the KV memory it offers (a GPU worker: at most what its GPU holds)
+  int max_prefill_chunk = 0;     // prompt tokens one prefill step may bring it (as owner or source)
 };
 
 // A request the workers learn about: where its tokens go, its scheme and sampling.

@@ -18,8 +18,9 @@ class GpuBackend {
  public:
   // Unavailable when this build has no CUDA backend or the host has no GPU; ResourceExhausted, naming
   // the bytes needed and free, when the model does not fit the GPU. Keeps a reference to `weights`.
-  // graph_rows: GpuModelOptions::graph_rows.
-  static absl::StatusOr<std::unique_ptr<GpuBackend>> Create(const ModelWeights& weights, int graph_rows = 64);
+  // graph_rows, max_chunk: GpuModelOptions'.
+  static absl::StatusOr<std::unique_ptr<GpuBackend>> Create(const ModelWeights& weights, int graph_rows = 64,
+                                                            int max_chunk = kDefaultGpuPrefillChunk);
   virtual ~GpuBackend() = default;
 
   // The GPU's name, for logs.

@@ -41,6 +41,7 @@ struct GpuWorkerOptions {
   int max_decode_rows = 64;
   double key_outlier_headroom = 3.0;  // DeviceKvStoreOptions::key_outlier_headroom
   int graph_rows = 64;                // GpuModelOptions::graph_rows
+  int max_chunk = kDefaultGpuPrefillChunk;  // GpuModelOptions::max_chunk: prompt tokens per prefill step
 };
 
 // One row of a decode step as this worker sees it.

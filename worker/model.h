@@ -17,6 +17,12 @@
 
 namespace kvshard {
 
+// Prompt tokens a GPU backend takes in one forward pass (GpuModelOptions::max_chunk, --gpu_prefill_chunk).
+// Long prompts go in chunks of this size, and a chunk's attention reads the whole earlier context once
+// (kvq schemes dequantize it), so that cost falls with the chunk; 4,096 rows also keep the GEMMs near
+// their peak. The CPU backend's chunk is fixed (CpuModel::max_chunk()).
+inline constexpr int kDefaultGpuPrefillChunk = 4096;
+
 struct ModelConfig {
   std::string architecture;  // "llama" (Llama 2/3, Mistral, SmolLM2) or "qwen2"
   std::string name;          // general.name or the directory name; used to match calibration files

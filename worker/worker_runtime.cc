@@ -131,6 +131,7 @@ class Worker {
                                                         " workers (one GPU each)"));
     }
     hello.device = absl::StrCat("CPU (", CpuGemmLibrary(), ")");
+    hello.max_prefill_chunk = max_prefill_chunk_ = CpuModel::max_chunk();
     if (gpus < needed) {
       gpu_.reset();
       gpu_key_.clear();
@@ -138,7 +139,8 @@ class Worker {
     }
     const std::string key = absl::StrCat(model_key_, "|", config.calibration_path, "|", config.kv_budget_bytes, "|",
                                          MergeModeName(config.merge.mode), WireTypeName(config.merge.wire), "|",
-                                         config.key_outlier_headroom, "|", config.cuda_graph_rows);
+                                         config.key_outlier_headroom, "|", config.cuda_graph_rows, "|",
+                                         config.gpu_prefill_chunk);
     if (gpu_ == nullptr || key != gpu_key_) {
       gpu_.reset();
       GpuWorkerOptions options;
@@ -148,6 +150,7 @@ class Worker {
       options.kv_budget_bytes = config.kv_budget_bytes;
       options.key_outlier_headroom = config.key_outlier_headroom;
       options.graph_rows = config.cuda_graph_rows;
+      options.max_chunk = config.gpu_prefill_chunk;
       if (!config.calibration_path.empty()) {
         KV_ASSIGN_OR_RETURN(Calibration calibration, LoadCalibration(config.calibration_path));
         options.calibration = std::make_shared<const Calibration>(std::move(calibration));
@@ -156,6 +159,7 @@ class Worker {
       gpu_key_ = key;
     }
     hello.device = gpu_->device_name();
+    hello.max_prefill_chunk = max_prefill_chunk_ = config.gpu_prefill_chunk;
     // Placement sizes ranges by bits per element; page slack and per-request slots need the rest.
     hello.kv_budget_bytes = gpu_->kv_budget_bytes() / 10 * 9;
     return absl::OkStatus();
@@ -386,12 +390,12 @@ class Worker {
       std::vector<int32_t> tokens = work.tokens;
       ValidTokens(request, tokens);
       std::vector<float> logits;
-      // One step covers the layers once only for chunks of at most max_chunk() tokens (the sources
-      // serve exactly one pass).
+      // One step covers the layers once only for chunks this worker's backend takes in one pass (the
+      // sources serve exactly one pass; the coordinator sizes chunks by every worker's hello).
       const absl::Status chunk_fits =
-          n > CpuModel::max_chunk()
+          n > max_prefill_chunk_
               ? absl::InvalidArgumentError(absl::StrCat("a prefill chunk of ", n, " tokens; at most ",
-                                                        CpuModel::max_chunk(), " go in one step"))
+                                                        max_prefill_chunk_, " go in one step"))
               : absl::OkStatus();
       if (gpu_ != nullptr) {
         // The GPU sources already wait in their transfers: the job cannot stay in step.
@@ -516,6 +520,7 @@ class Worker {
   const int me_;
   WorkerConfig config_;
   int threads_ = 1;
+  int max_prefill_chunk_ = CpuModel::max_chunk();  // prompt tokens per prefill step (WorkerHello)
   std::string model_key_;
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<CpuModel> model_;

@@ -57,10 +57,12 @@ class CudaBackend final : public GpuBackend {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelWeights& weights, int graph_rows) {
+absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelWeights& weights, int graph_rows,
+                                                               int max_chunk) {
   if (CudaDeviceCount() == 0) return absl::UnavailableError("no CUDA GPU on this host");
   GpuModelOptions options;
   options.graph_rows = graph_rows;
+  options.max_chunk = max_chunk;
   KV_ASSIGN_OR_RETURN(std::unique_ptr<GpuModel> model, GpuModel::Create(weights, options));
   return std::unique_ptr<GpuBackend>(new CudaBackend(std::move(model)));
 }

@@ -102,7 +102,7 @@ struct LogitsDraw {
 };
 
 struct GpuModelOptions {
-  int max_chunk = 512;  // most tokens per Forward call; longer prompts are fed in chunks
+  int max_chunk = kDefaultGpuPrefillChunk;  // most tokens per Forward call; longer prompts are fed in chunks
   // Forward passes of at most this many rows (decode steps, short chunks) replay the dense work between
   // two KV calls (norms, GEMMs, RoPE of the queries, SwiGLU, the logits) from CUDA graphs: one graph per
   // layer boundary and row count, captured on the count's first pass. The KV calls stay stream launches,

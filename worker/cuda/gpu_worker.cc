@@ -423,6 +423,7 @@ absl::StatusOr<std::unique_ptr<GpuWorker>> GpuWorker::Create(const ModelWeights&
   absl::StatusOr<std::unique_ptr<GpuModel>> model = absl::InternalError("cudaSetDevice failed");
   GpuModelOptions model_options;
   model_options.graph_rows = options.graph_rows;
+  model_options.max_chunk = options.max_chunk;
   if (cudaSetDevice(options.device) == cudaSuccess) model = GpuModel::Create(weights, model_options);
   // Every worker learns whether all have their model before any joins NCCL (a worker that failed alone
   // would leave the others waiting in the join until the timeout).
