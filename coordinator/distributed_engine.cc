@@ -9,7 +9,6 @@
 #include "common/progress.h"
 #include "common/status.h"
 #include "coordinator/generation_stream.h"
-#include "worker/forward.h"
 #include "worker/synthetic.h"
 
 namespace kvshard {
