@@ -43,7 +43,7 @@ ABSL_FLAG(std::string, partials_wire, "fp32", "Wire precision of attention parti
 ABSL_FLAG(int, worker_threads, 0, "CPU threads per worker (0: the node's cores / its ranks)");
 ABSL_FLAG(int, max_batch, 64, "Most requests in one decode step");
 ABSL_FLAG(double, kv_outlier_headroom, 3.0,
-          "GPU workers, kvq schemes: key outlier room, in multiples of the calibrated key outlier fraction of "
+          "GPUs, kvq schemes: key outlier room, in multiples of the calibrated key outlier fraction of "
           "a request's reserved tokens (its pages and KV heads share it, so single pages may hold far more); a "
           "request whose text has more outliers in a layer fails (raise this, at 3 bytes per extra outlier "
           "slot, or calibrate on text like the requests')");
@@ -86,6 +86,15 @@ absl::StatusOr<int> GpuPrefillChunkFromFlags() {
     return absl::InvalidArgumentError(absl::StrCat("--gpu_prefill_chunk ", chunk, " is not in 1..65535"));
   }
   return chunk;
+}
+
+// DeviceKvStoreOptions::key_outlier_headroom, likewise.
+absl::StatusOr<double> KeyOutlierHeadroomFromFlags() {
+  const double headroom = absl::GetFlag(FLAGS_kv_outlier_headroom);
+  if (!(headroom >= 1.0 && headroom <= 100.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv_outlier_headroom ", headroom, " is not in [1, 100]"));
+  }
+  return headroom;
 }
 
 }  // namespace
@@ -185,12 +194,9 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags(std::string
   KV_ASSIGN_OR_RETURN(w.merge.mode, ParseMergeMode(absl::GetFlag(FLAGS_merge)));
   KV_ASSIGN_OR_RETURN(w.merge.wire, ParseWireType(absl::GetFlag(FLAGS_partials_wire)));
   w.collective_timeout_s = absl::GetFlag(FLAGS_collective_timeout_s);
-  w.key_outlier_headroom = absl::GetFlag(FLAGS_kv_outlier_headroom);
+  KV_ASSIGN_OR_RETURN(w.key_outlier_headroom, KeyOutlierHeadroomFromFlags());
   KV_ASSIGN_OR_RETURN(w.cuda_graph_rows, CudaGraphRowsFromFlags());
   KV_ASSIGN_OR_RETURN(w.gpu_prefill_chunk, GpuPrefillChunkFromFlags());
-  if (!(w.key_outlier_headroom >= 1.0 && w.key_outlier_headroom <= 100.0)) {
-    return absl::InvalidArgumentError("--kv_outlier_headroom must be in [1, 100]");
-  }
   w.faults.fail_step = absl::GetFlag(FLAGS_debug_fail_worker_at_step);
   w.faults.kill_step = absl::GetFlag(FLAGS_debug_kill_worker_at_step);
   w.faults.hang_step = absl::GetFlag(FLAGS_debug_hang_worker_at_step);
@@ -238,6 +244,7 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags(std::string* kv_no
   options.device = absl::GetFlag(FLAGS_device);
   KV_ASSIGN_OR_RETURN(options.cuda_graph_rows, CudaGraphRowsFromFlags());
   KV_ASSIGN_OR_RETURN(options.gpu_prefill_chunk, GpuPrefillChunkFromFlags());
+  KV_ASSIGN_OR_RETURN(options.key_outlier_headroom, KeyOutlierHeadroomFromFlags());
   const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
   std::string model_path;
   if (!synthetic) {
@@ -246,7 +253,11 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags(std::string* kv_no
   KV_ASSIGN_OR_RETURN(KvSettings kv, KvSettingsFromFlags(model_path));
   options.default_kv_scheme = kv.scheme;
   const std::string& calibration_path = kv.calibration_path;
-  KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(calibration_path, nullptr));
+  if (!calibration_path.empty()) {  // one copy for the CPU shards and the GPU's kvq store
+    KV_ASSIGN_OR_RETURN(Calibration calibration, LoadCalibration(calibration_path));
+    options.calibration = std::make_shared<const Calibration>(std::move(calibration));
+  }
+  options.kv_factory = AllSchemesKvShardFactory(options.calibration);
   std::unique_ptr<SingleProcessEngine> engine;
   if (synthetic) {
     KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
@@ -255,14 +266,10 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags(std::string* kv_no
   } else {
     KV_ASSIGN_OR_RETURN(engine, SingleProcessEngine::Create(model_path, options));
   }
-  if (!kv.note.empty() && kv.scheme != "fp16" && engine->has_gpu()) {
-    // One process on a GPU holds fp16 only; kvq3 on GPUs runs in workers under mpirun.
-    engine->set_default_kv_scheme("fp16");
-    kv.note = "auto: one process on a GPU holds fp16; GPU workers under mpirun hold kvq3";
-  }
   if (kv_note != nullptr) *kv_note = kv.note;
-  if (!calibration_path.empty()) {  // checked against the model once it is loaded
-    KV_RETURN_IF_ERROR(KvShardFactoryMakerForThisBuild()(calibration_path, &engine->weights()).status());
+  if (options.calibration != nullptr) {  // checked against the model once it is loaded
+    KV_RETURN_IF_ERROR(Annotate(CheckCalibrationForModel(*options.calibration, ModelIdentityOf(engine->weights())),
+                                calibration_path));
   }
   return std::unique_ptr<Engine>(std::move(engine));
 }

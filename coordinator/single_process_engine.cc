@@ -37,8 +37,12 @@ absl::StatusOr<std::unique_ptr<SingleProcessEngine>> SingleProcessEngine::Create
   std::unique_ptr<SingleProcessEngine> engine(
       new SingleProcessEngine(std::move(weights), std::move(tokenizer), std::move(name), std::move(options)));
   if (device != "cpu") {
-    auto gpu = GpuBackend::Create(engine->weights_, engine->options_.cuda_graph_rows,
-                                  engine->options_.gpu_prefill_chunk);
+    GpuBackendOptions gpu_options;
+    gpu_options.graph_rows = engine->options_.cuda_graph_rows;
+    gpu_options.max_chunk = engine->options_.gpu_prefill_chunk;
+    gpu_options.calibration = engine->options_.calibration;
+    gpu_options.key_outlier_headroom = engine->options_.key_outlier_headroom;
+    auto gpu = GpuBackend::Create(engine->weights_, gpu_options);
     if (gpu.ok()) {
       engine->gpu_ = std::move(*gpu);
     } else if (device == "gpu" || !absl::IsUnavailable(gpu.status())) {
@@ -56,8 +60,7 @@ SingleProcessEngine::SingleProcessEngine(ModelWeights weights, std::unique_ptr<T
       options_(std::move(options)),
       model_(weights_) {}
 
-void SingleProcessEngine::NoteKvMemory(const KvShard& shard, const std::string& scheme, int64_t tokens) {
-  const KvMemory memory = shard.Memory();
+void SingleProcessEngine::NoteKvMemory(const KvMemory& memory, const std::string& scheme, int64_t tokens) {
   kv_memory_.worker = 0;
   kv_memory_.scheme = scheme;
   kv_memory_.bytes_used = memory.bytes;
@@ -79,9 +82,13 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
   }
   if (request.max_tokens < 0) return absl::InvalidArgumentError("max_tokens must not be negative");
   const std::string scheme = request.kv_scheme.empty() ? options_.default_kv_scheme : request.kv_scheme;
-  if (gpu_ != nullptr && scheme == "fp16") {
-    last_device_ = gpu_->device_name();
-    return GenerateOnGpu(request, on_token, on_prefill);
+  if (gpu_ != nullptr) {
+    // Names ParseKvScheme does not know (the CPU's "fp32", typos) go to the CPU factory, which says why.
+    const absl::StatusOr<KvSchemeConfig> config = ParseKvScheme(scheme);
+    if (config.ok() && gpu_->Holds(*config)) {
+      last_device_ = gpu_->device_name();
+      return GenerateOnGpu(request, scheme, *config, on_token, on_prefill);
+    }
   }
   last_device_ = absl::StrCat("CPU (", CpuGemmLibrary(), ")");
   KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, options_.kv_factory(scheme, model_.kv_geometry(), 0));
@@ -102,7 +109,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
     }
   }
   result.prefill_seconds = std::chrono::duration<double>(Clock::now() - prefill_start).count();
-  NoteKvMemory(*shard, scheme, n_prompt);
+  NoteKvMemory(shard->Memory(), scheme, n_prompt);
   struct FreeKvOnExit {  // the shard goes with this call; so does its memory
     WorkerKvMemory& memory;
     ~FreeKvOnExit() { memory.bytes_used = 0; }
@@ -125,7 +132,7 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
       observer_->OnDecodeStep(0, std::chrono::duration<double>(Clock::now() - step_start).count());
     }
     ++pos;
-    NoteKvMemory(*shard, scheme, pos);
+    NoteKvMemory(shard->Memory(), scheme, pos);
   }
   stream.Finish();
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - decode_start).count();
@@ -134,15 +141,17 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::Generate(const GenerationR
 
 // The same request loop with the forward pass and the sampling on the GPU: only token ids come back.
 absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const GenerationRequest& request,
+                                                                    const std::string& scheme,
+                                                                    const KvSchemeConfig& config,
                                                                     const TokenCallback& on_token,
                                                                     const PrefillCallback& on_prefill) {
   using Clock = std::chrono::steady_clock;
   const int64_t n_prompt = static_cast<int64_t>(request.prompt_ids.size());
   const int64_t budget = std::min<int64_t>(request.max_tokens, max_context() - n_prompt);
-  KV_RETURN_IF_ERROR(gpu_->StartRequest(n_prompt + std::max<int64_t>(budget, 1), request.sampling));
+  KV_RETURN_IF_ERROR(gpu_->StartRequest(n_prompt + std::max<int64_t>(budget, 1), config, request.sampling));
   GenerationResult result;
   result.prompt_tokens = n_prompt;
-  result.kv_scheme = "fp16";
+  result.kv_scheme = scheme;
   const auto prefill_start = Clock::now();
   const int64_t chunk = gpu_->max_chunk();
   int32_t token = -1;
@@ -156,6 +165,11 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const Genera
   }
   ++draws;
   result.prefill_seconds = std::chrono::duration<double>(Clock::now() - prefill_start).count();
+  NoteKvMemory(gpu_->kv_memory(), scheme, n_prompt);
+  struct FreeKvOnExit {  // the request's cache is reused by the next one; its bytes count no more
+    WorkerKvMemory& memory;
+    ~FreeKvOnExit() { memory.bytes_used = 0; }
+  } free_kv_on_exit{kv_memory_};
 
   GenerationStream stream(*tokenizer_, request, on_token, result);
   const auto decode_start = Clock::now();
@@ -164,8 +178,14 @@ absl::StatusOr<GenerationResult> SingleProcessEngine::GenerateOnGpu(const Genera
     gpu_->Accept(token);
     if (!stream.Push(token)) break;
     if (step + 1 == budget) break;  // no forward pass for a token that will not be sampled
+    const auto step_start = Clock::now();
     KV_ASSIGN_OR_RETURN(token, gpu_->Feed(std::span<const int32_t>(&token, 1), pos, draws++));
+    if (observer_ != nullptr) {
+      observer_->OnDecodeStep(0, std::chrono::duration<double>(Clock::now() - step_start).count());
+    }
     ++pos;
+    // Counting a kvq store's outliers reads the device: every 64 tokens is often enough for a gauge.
+    if ((pos - n_prompt) % 64 == 0) NoteKvMemory(gpu_->kv_memory(), scheme, pos);
   }
   stream.Finish();
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - decode_start).count();

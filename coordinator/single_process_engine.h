@@ -1,4 +1,4 @@
-// Single-process mode: the coordinator and one in-process CPU worker, no MPI.
+// Single-process mode: the coordinator and one in-process worker (the GPU, or the CPU backend), no MPI.
 #pragma once
 
 #include <functional>
@@ -18,11 +18,14 @@ namespace kvshard {
 struct EngineOptions {
   std::string default_kv_scheme = "fp16";
   KvShardFactory kv_factory = DefaultKvShardFactory();
-  // "auto": the GPU when this build and host have one (fp16 KV), else the CPU; "gpu": the GPU or an
-  // error; "cpu": the CPU backend.
+  // "auto": the GPU when this build and host have one, else the CPU; "gpu": the GPU or an error; "cpu":
+  // the CPU backend. The GPU holds fp16 and (with `calibration`) kvq2..4; requests of other schemes run
+  // on the CPU.
   std::string device = "auto";
   int cuda_graph_rows = 64;  // GpuModelOptions::graph_rows
   int gpu_prefill_chunk = kDefaultGpuPrefillChunk;  // GpuModelOptions::max_chunk
+  std::shared_ptr<const Calibration> calibration;  // the one kv_factory holds, for the GPU's kvq store
+  double key_outlier_headroom = 3.0;               // DeviceKvStoreOptions::key_outlier_headroom
 };
 
 class SingleProcessEngine final : public Engine {
@@ -42,9 +45,8 @@ class SingleProcessEngine final : public Engine {
   const ModelWeights& weights() const { return weights_; }
   // Where the last request ran: "CPU", or the GPU's name.
   std::string device_name() const override { return last_device_; }
-  // Whether requests of the fp16 scheme run on the GPU (the only one this mode holds there).
+  // Whether requests of the GPU's schemes (GpuBackend::Holds) run on a GPU.
   bool has_gpu() const { return gpu_ != nullptr; }
-  void set_default_kv_scheme(std::string scheme) { options_.default_kv_scheme = std::move(scheme); }
 
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
                                             const PrefillCallback& on_prefill) override;
@@ -56,7 +58,8 @@ class SingleProcessEngine final : public Engine {
  private:
   SingleProcessEngine(ModelWeights weights, std::unique_ptr<Tokenizer> tokenizer, std::string model_name,
                       EngineOptions options);
-  absl::StatusOr<GenerationResult> GenerateOnGpu(const GenerationRequest& request, const TokenCallback& on_token,
+  absl::StatusOr<GenerationResult> GenerateOnGpu(const GenerationRequest& request, const std::string& scheme,
+                                                 const KvSchemeConfig& config, const TokenCallback& on_token,
                                                  const PrefillCallback& on_prefill);
   ModelWeights weights_;
   std::unique_ptr<Tokenizer> tokenizer_;
@@ -67,7 +70,7 @@ class SingleProcessEngine final : public Engine {
   std::string last_device_ = "CPU";
   EngineObserver* observer_ = nullptr;
   WorkerKvMemory kv_memory_;
-  void NoteKvMemory(const KvShard& shard, const std::string& scheme, int64_t tokens);
+  void NoteKvMemory(const KvMemory& memory, const std::string& scheme, int64_t tokens);
 };
 
 }  // namespace kvshard

@@ -3,7 +3,7 @@
 
 namespace kvshard {
 
-absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelWeights&, int, int) {
+absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelWeights&, const GpuBackendOptions&) {
   return absl::UnavailableError("this build has no CUDA backend (nvcc was not found at configure time)");
 }
 

@@ -16,6 +16,7 @@
 #include "gtest/gtest.h"
 #include "kernels/sampling.h"
 #include "kvstore/quantized_shard.h"
+#include "tests/model_calibration.h"
 #include "worker/forward.h"
 #include "worker/gpu_worker.h"
 #include "worker/mpi_runtime.h"
@@ -77,21 +78,6 @@ double RelativeL2(const float* got, const std::vector<float>& want) {
 
 int32_t PromptToken(int64_t i, int64_t salt) { return static_cast<int32_t>((i * 131 + salt * 17 + 7) % 512); }
 
-// A kvq3 calibration from the model's own K/V over tokens the test never feeds.
-std::shared_ptr<const Calibration> ModelCalibration(const ModelWeights& weights) {
-  CpuModel model(weights);
-  CalibrateOptions options;
-  options.ctx = 128;
-  options.max_tokens = 512;
-  options.outlier_fractions = {0.01};
-  options.codebook_bits = {3};
-  options.show_progress = false;
-  std::vector<int32_t> tokens(512);
-  for (int i = 0; i < 512; ++i) tokens[i] = static_cast<int32_t>((i * 211 + 5) % 512);
-  auto calibration = CalibrateKv(model, ModelIdentityOf(weights), tokens, options);
-  EXPECT_TRUE(calibration.ok()) << calibration.status();
-  return calibration.ok() ? std::make_shared<const Calibration>(std::move(*calibration)) : nullptr;
-}
 
 // The logits of the last prompt token and of every decode step of one request, on one CPU shard.
 std::vector<std::vector<float>> ReferenceLogits(const ModelWeights& weights, const std::string& scheme,
@@ -142,7 +128,7 @@ TEST_P(GpuWorkerTest, ShardedPrefillAndBatchedDecodeMatchOneCpuShard) {
   GpuWorkerOptions options;
   options.device = me % gpus;
   options.merge.mode = GetParam().merge;
-  if (kvq) options.calibration = ModelCalibration(weights);
+  if (kvq) options.calibration = testing::ModelKvq3Calibration(weights);
   options.collective_timeout = absl::Seconds(60);
   options.kv_budget_bytes = int64_t{256} << 20;
   auto gpu = GpuWorker::Create(weights, **mpi, options);

@@ -399,14 +399,16 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
     per_ph = 2 * kPageTokens * d * 2;
   }
   const int64_t page_bytes = static_cast<int64_t>(L) * kvh * per_ph + max_seq * 4 + kvh * 8;
+  // Alignment slack of the per-layer arrays.
+  const int64_t slack = static_cast<int64_t>(L) * 12 * kAlign + 8 * kAlign;
   int64_t budget = options_.pool_bytes;
-  if (budget <= 0) {
+  if (options_.pool_tokens > 0) {
+    budget = slot_bytes + slack + std::max<int64_t>(1, PagesFor(0, options_.pool_tokens)) * page_bytes;
+  } else if (budget <= 0) {
     size_t free_bytes = 0, total_bytes = 0;
     CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
     budget = static_cast<int64_t>(free_bytes) - options_.reserve_bytes;
   }
-  // Alignment slack of the per-layer arrays.
-  const int64_t slack = static_cast<int64_t>(L) * 12 * kAlign + 8 * kAlign;
   n_pages_ = (budget - slot_bytes - slack) / page_bytes;
   if (n_pages_ <= 0) {
     return absl::ResourceExhaustedError(absl::StrCat("the KV pool of ", budget, " bytes holds no page (a page of ",

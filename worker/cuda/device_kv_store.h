@@ -42,6 +42,9 @@ struct DeviceKvStoreOptions {
   // `reserve_bytes`.
   int64_t pool_bytes = 0;
   int64_t reserve_bytes = int64_t{2} << 30;
+  // > 0: instead of pool_bytes, a pool of exactly the pages one sequence of this many tokens from position 0
+  // needs (single-process mode sizes the store to its request).
+  int64_t pool_tokens = 0;
   int max_sequences = 64;  // sequences held at once
   int max_rows = 64;       // decode rows per AttendRows/AppendRows call
   int max_chunk = 512;     // queries per AttendChunk call, tokens per Append call
