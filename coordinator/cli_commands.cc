@@ -1,5 +1,6 @@
 // `kvshard generate` and `kvshard summarize`: one request through the single-process engine, tokens
 // streamed to stdout, prefill progress and a closing summary on stderr.
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -125,12 +126,17 @@ absl::Status RunStreaming(Engine& engine, GenerationRequest request, const std::
   const int64_t fill = absl::GetFlag(FLAGS_synthetic_fill_tokens);
   const std::string fill_note =
       fill > 0 ? absl::StrFormat("SYNTHETIC FILL of %d tokens before the prompt (their K/V is random); ", fill) : "";
+  // The store's all-in bits per element (codes, scales, outliers, sink, residual) as the KV gauge last saw it.
+  double kv_bits = 0;
+  for (const WorkerKvMemory& memory : engine.kv_memory()) kv_bits = std::max(kv_bits, memory.bits_per_element);
+  std::string kv = result.kv_scheme;
+  if (kv_bits > 0) absl::StrAppendFormat(&kv, " at %.2f bits/element", kv_bits);
+  if (!kv_note.empty()) absl::StrAppend(&kv, " (", kv_note, ")");
   std::fprintf(stderr, "%s\n",
                absl::StrFormat("kvshard: %sprompt %d tokens, prefill %.1f s (%.1f tokens/s); generated %d tokens "
                                "in %.1f s (%.1f tokens/s); kv %s; finish %s; on %s",
                                fill_note, n_prompt, result.prefill_seconds, prefill_rate, result.token_ids.size(),
-                               result.decode_seconds, decode_rate,
-                               kv_note.empty() ? result.kv_scheme : absl::StrCat(result.kv_scheme, " (", kv_note, ")"),
+                               result.decode_seconds, decode_rate, kv,
                                result.finish_reason == FinishReason::kStop ? "stop" : "length",
                                engine.device_name())
                    .c_str());
