@@ -399,6 +399,33 @@ TEST(DeviceKvStoreAdmissionTest, RefusesWhenThePoolIsFull) {
             absl::StatusCode::kUnimplemented);
 }
 
+// A pool sized by tokens (single-process mode) holds exactly one sequence of that many tokens; one beyond
+// the GPU's memory is refused with the bytes, not left to fail in cudaMalloc.
+TEST(DeviceKvStoreAdmissionTest, PoolSizedByTokens) {
+  KV_SKIP_WITHOUT_GPU();
+  const KvGeometry g = testing::SmallGeometry(64, kLayers, 8, kKvHeads);
+  const Calibration cal = testing::MakeSyntheticCalibration(g, 512);
+  auto config = ParseKvScheme("kvq3:sink=4,residual=32");
+  ASSERT_TRUE(config.ok());
+  DeviceKvStoreOptions opt;
+  opt.max_sequences = 1;
+  opt.max_chunk = 64;
+  opt.fill_chunk = 64;
+  for (const int64_t tokens : {int64_t{1}, int64_t{37}, int64_t{1000}}) {
+    opt.pool_tokens = tokens;
+    auto made = DeviceKvStore::Create(g, *config, &cal, opt);
+    ASSERT_TRUE(made.ok()) << made.status();
+    EXPECT_GE((*made)->FreeTokens(), tokens);
+    EXPECT_LT((*made)->FreeTokens(), tokens + 4 + 128);  // the sink plus at most one page of slack
+    EXPECT_TRUE((*made)->AddSequence(0, 0, tokens).ok());
+  }
+  opt.pool_tokens = int64_t{1} << 40;
+  auto huge = DeviceKvStore::Create(g, *config, &cal, opt);
+  ASSERT_FALSE(huge.ok());
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(std::string(huge.status().message()).find("GiB are free"), std::string::npos) << huge.status();
+}
+
 // The overflowing sequence fails alone: the other sequence goes on, and a new one in its slot starts clean.
 TEST(DeviceKvStoreAdmissionTest, KeyOutlierOverflowFailsClearly) {
   KV_SKIP_WITHOUT_GPU();

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/status.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_status.h"
@@ -401,13 +402,23 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
   const int64_t page_bytes = static_cast<int64_t>(L) * kvh * per_ph + max_seq * 4 + kvh * 8;
   // Alignment slack of the per-layer arrays.
   const int64_t slack = static_cast<int64_t>(L) * 12 * kAlign + 8 * kAlign;
+  // What the pool may take: the memory free now, after the scratch above, less the reserve. A budget
+  // measured before the scratch (a worker's) would otherwise fail the pool's allocation once the scratch
+  // outgrows the reserve (large prefill chunks).
+  size_t free_bytes = 0, total_bytes = 0;
+  CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  const int64_t available = static_cast<int64_t>(free_bytes) - options_.reserve_bytes;
   int64_t budget = options_.pool_bytes;
   if (options_.pool_tokens > 0) {
     budget = slot_bytes + slack + std::max<int64_t>(1, PagesFor(0, options_.pool_tokens)) * page_bytes;
-  } else if (budget <= 0) {
-    size_t free_bytes = 0, total_bytes = 0;
-    CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
-    budget = static_cast<int64_t>(free_bytes) - options_.reserve_bytes;
+    if (budget > available) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "a %s KV cache of %d tokens needs %.2f GiB of GPU memory; %.2f GiB are free (%.2f GiB of them kept in "
+          "reserve)", config_.name(), options_.pool_tokens, budget / 1073741824.0, free_bytes / 1073741824.0,
+          options_.reserve_bytes / 1073741824.0));
+    }
+  } else if (budget <= 0 || budget > available) {
+    budget = available;
   }
   n_pages_ = (budget - slot_bytes - slack) / page_bytes;
   if (n_pages_ <= 0) {

@@ -38,8 +38,8 @@
 namespace kvshard {
 
 struct DeviceKvStoreOptions {
-  // Device memory for KV pages (and the per-sequence sink/residual slots). 0: all free memory but
-  // `reserve_bytes`.
+  // Device memory for KV pages (and the per-sequence sink/residual slots), at most; never more than the
+  // memory free once the store's scratch is allocated, less `reserve_bytes`. 0: all of that.
   int64_t pool_bytes = 0;
   int64_t reserve_bytes = int64_t{2} << 30;
   // > 0: instead of pool_bytes, a pool of exactly the pages one sequence of this many tokens from position 0

@@ -253,6 +253,7 @@ class CudaGpuWorker final : public GpuWorker {
       }
       DeviceKvStoreOptions store_options;
       store_options.pool_bytes = kv_budget_;
+      store_options.reserve_bytes = kKvReserveBytes;  // kv_budget_ was measured before the store's scratch
       store_options.max_rows = options_.max_decode_rows;
       store_options.max_chunk = model_->max_chunk();
       store_options.key_outlier_headroom = options_.key_outlier_headroom;
