@@ -29,14 +29,39 @@ using CblasSgemm = void (*)(int layout, int trans_a, int trans_b, int m, int n, 
 using CblasSgemv = void (*)(int layout, int trans, int m, int n, float alpha, const float* a, int lda,
                             const float* x, int incx, float beta, float* y, int incy);
 
-// A function of OpenBLAS, opened at run time (common/shared_library.h says why); nullptr when it is not
-// installed.
+// OpenBLAS, opened once at run time (common/shared_library.h says why); nullptr when it is not installed.
+// Every call GemmCpu makes is one block for one thread of its own OpenMP region, so OpenBLAS must not
+// start threads of its own. Its OpenMP build (which deploy/ installs) runs single-threaded inside a
+// parallel region by itself; its pthreads build (Ubuntu's default) started all the cores' worth inside
+// each of our threads: on 16 cores a CPU prefill ran 15x and decode 90x slower. That build is set to one
+// thread. The OpenMP build is left alone: its openblas_set_num_threads sets the caller's OpenMP thread
+// count, which would leave our own regions one thread.
+void* OpenBlasLibrary() {
+  static void* const library = []() -> void* {
+    const std::vector<std::string> candidates = {"libopenblas.so.0", "libopenblas.so"};
+    absl::StatusOr<void*> opened = OpenSharedLibrary(candidates);
+    if (!opened.ok()) return nullptr;
+    using GetParallel = int (*)();
+    using SetThreads = void (*)(int);
+    GetParallel get_parallel = nullptr;
+    SetThreads set_threads = nullptr;
+    constexpr int kOpenBlasPthreads = 1;  // openblas_get_parallel(): 0 sequential, 1 pthreads, 2 OpenMP
+    if (ResolveFunction(*opened, "openblas_get_parallel", get_parallel).ok() &&
+        ResolveFunction(*opened, "openblas_set_num_threads", set_threads).ok() &&
+        get_parallel() == kOpenBlasPthreads) {
+      set_threads(1);
+    }
+    return *opened;
+  }();
+  return library;
+}
+
+// A function of OpenBLAS; nullptr when it is not installed.
 template <typename Function>
 Function OpenBlasFunction(const char* name) {
-  const std::vector<std::string> candidates = {"libopenblas.so.0", "libopenblas.so"};
-  absl::StatusOr<void*> opened = OpenSharedLibrary(candidates);
+  void* library = OpenBlasLibrary();
   Function function = nullptr;
-  if (!opened.ok() || !ResolveFunction(*opened, name, function).ok()) return nullptr;
+  if (library == nullptr || !ResolveFunction(library, name, function).ok()) return nullptr;
   return function;
 }
 

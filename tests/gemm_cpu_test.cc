@@ -5,12 +5,14 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "common/shared_library.h"
 #include "gtest/gtest.h"
 #include "kernels/gemm_cpu.h"
 
@@ -75,6 +77,31 @@ TEST_P(GemmCpuTest, SameBitsForAnyThreadCount) {
     for (size_t i = 0; i < one.size(); ++i) differ += std::memcmp(&one[i], &many[i], sizeof(float)) != 0;
     EXPECT_EQ(differ, 0) << "of " << one.size() << " outputs with " << threads << " threads against 1";
   }
+}
+
+// GemmCpu's blocks are single-threaded calls inside its own OpenMP region: OpenBLAS's pthreads build
+// must run one thread (else every block starts all the cores' worth), and opening OpenBLAS must leave
+// the process's OpenMP thread count alone (the OpenMP build's openblas_set_num_threads would change it).
+TEST(GemmCpuThreads, OpenBlasStartsNoThreadsOfItsOwn) {
+  const int threads_before = omp_get_max_threads();
+  std::vector<float> a(64 * 64, 1.0f), c(64 * 64, 0.0f);
+  GemmCpu(/*transpose_b=*/true, 64, 64, 64, 1.0f, a.data(), 64, a.data(), 64, 0.0f, c.data(), 64);
+  EXPECT_EQ(omp_get_max_threads(), threads_before);
+  EXPECT_EQ(c[0], 64.0f);
+  if (std::string(CpuGemmLibrary()) != "OpenBLAS") GTEST_SKIP() << "no OpenBLAS on this host: " << CpuGemmLibrary();
+  const std::vector<std::string> candidates = {"libopenblas.so.0", "libopenblas.so"};
+  absl::StatusOr<void*> library = OpenSharedLibrary(candidates);
+  ASSERT_TRUE(library.ok()) << library.status();
+  int (*get_parallel)() = nullptr;
+  int (*get_threads)() = nullptr;
+  if (!ResolveFunction(*library, "openblas_get_parallel", get_parallel).ok() ||
+      !ResolveFunction(*library, "openblas_get_num_threads", get_threads).ok()) {
+    GTEST_SKIP() << "this OpenBLAS does not say how it threads";
+  }
+  const int parallel = get_parallel();
+  std::printf("  OpenBLAS threading: %s, %d thread(s)\n",
+              parallel == 0 ? "sequential" : parallel == 1 ? "pthreads" : "OpenMP", get_threads());
+  if (parallel == 1) EXPECT_EQ(get_threads(), 1);
 }
 
 std::string ShapeName(const ::testing::TestParamInfo<GemmShape>& info) {
