@@ -19,16 +19,6 @@ namespace {
 
 double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-KvGeometry GeometryOf(const ModelConfig& c) {
-  KvGeometry g;
-  g.n_layers = c.n_layers;
-  g.n_heads = c.n_heads;
-  g.n_kv_heads = c.n_kv_heads;
-  g.head_dim = c.head_dim;
-  g.rope = RopeParams{c.head_dim, c.rope_theta, c.rope_scaling};
-  return g;
-}
-
 absl::Status SendToAllWorkers(MpiRuntime& mpi, const WorkerCommand& command, absl::Duration timeout) {
   const std::string bytes = EncodeCommand(command);
   for (int rank = 1; rank < mpi.world_size(); ++rank) {
@@ -206,7 +196,7 @@ absl::StatusOr<DistributedEngine::SchemeCost> DistributedEngine::CostOf(const st
   if (it != scheme_costs_.end()) return it->second;
   // Measured on synthetic K/V of the model's geometry, all-in (codes, scales, outliers, sink, residual):
   // the marginal bytes per token, and what a shard holds beyond that (its fp16 sink and residual).
-  KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, options_.kv_factory(scheme, GeometryOf(config_), 0));
+  KV_ASSIGN_OR_RETURN(std::unique_ptr<KvShard> shard, options_.kv_factory(scheme, KvGeometryOf(config_), 0));
   constexpr int64_t kWarmTokens = 512, kProbeTokens = 1024;
   KV_RETURN_IF_ERROR(SyntheticFill(*shard, 0, kWarmTokens, /*seed=*/1));
   const int64_t warm_bytes = shard->Memory().bytes;

@@ -12,6 +12,7 @@
 #include "common/status.h"
 #include "kernels/sampling.h"
 #include "kvstore/quantized_shard.h"
+#include "worker/gpu_kv_windows.h"
 #include "worker/gpu_perplexity.h"
 
 namespace kvshard {
@@ -187,44 +188,71 @@ absl::StatusOr<FisherWeights> LoadFisherWeights(const std::string& path) {
   return fw;
 }
 
-absl::StatusOr<Calibration> CalibrateKv(CpuModel& model, const ModelIdentity& identity,
-                                        std::span<const int32_t> tokens, const CalibrateOptions& options) {
-  const FisherWeights* fisher = options.fisher;
-  int64_t ctx = options.ctx;
-  if (fisher != nullptr) {
-    const KvGeometry g = model.kv_geometry();
-    if (fisher->n_layers != g.n_layers || fisher->channels != static_cast<int64_t>(g.n_kv_heads) * g.head_dim) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("the Fisher weights are for ", fisher->n_layers, " layers of ", fisher->channels,
-                       " KV channels; this model has ", g.n_layers, " of ", g.n_kv_heads * g.head_dim));
+namespace {
+
+// Runs one window of calibration tokens from position 0, handing each layer's new K/V to the observer.
+using CalibrationWindowRunner = absl::FunctionRef<absl::Status(std::span<const int32_t>, const KvObserver&)>;
+
+// The calibration's windows: whole windows of options.ctx tokens of the text (within
+// options.max_tokens), or of the Fisher weights' own tokens and window length (weights that match the
+// model's KV channels).
+struct CalibrationWindows {
+  std::span<const int32_t> tokens;
+  int64_t ctx = 0;
+  int64_t count = 0;
+};
+
+absl::StatusOr<CalibrationWindows> PlanCalibrationWindows(const KvGeometry& geometry, std::span<const int32_t> tokens,
+                                                          const CalibrateOptions& options) {
+  CalibrationWindows plan{tokens, options.ctx, 0};
+  if (const FisherWeights* fisher = options.fisher; fisher != nullptr) {
+    if (fisher->n_layers != geometry.n_layers ||
+        fisher->channels != static_cast<int64_t>(geometry.n_kv_heads) * geometry.head_dim) {
+      return absl::FailedPreconditionError(absl::StrCat("the Fisher weights are for ", fisher->n_layers,
+                                                        " layers of ", fisher->channels, " KV channels; this model has ",
+                                                        geometry.n_layers, " of ",
+                                                        geometry.n_kv_heads * geometry.head_dim));
     }
-    tokens = fisher->tokens;
-    ctx = fisher->ctx;  // the gradients were taken over windows of this length
+    plan.tokens = fisher->tokens;
+    plan.ctx = options.fisher->ctx;  // the gradients were taken over windows of this length
   }
-  if (ctx < 1) return absl::InvalidArgumentError("calibration window must be at least 1 token");
-  int64_t usable = static_cast<int64_t>(tokens.size());
+  if (plan.ctx < 1) return absl::InvalidArgumentError("calibration window must be at least 1 token");
+  int64_t usable = static_cast<int64_t>(plan.tokens.size());
   if (options.max_tokens > 0) usable = std::min(usable, options.max_tokens);
-  const int64_t windows = usable / ctx;
-  if (windows == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("the calibration text has ", tokens.size(),
-                                                   " tokens, shorter than one window of ", ctx, " tokens"));
+  plan.count = usable / plan.ctx;
+  if (plan.count == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("the calibration text has ", plan.tokens.size(),
+                                                   " tokens, shorter than one window of ", plan.ctx, " tokens"));
   }
+  return plan;
+}
+
+// Both passes of the calibration over the windows (thresholds, then k-means samples), the model run by
+// `run_window` (the CPU or the GPU).
+absl::StatusOr<Calibration> CalibrateOverWindows(const KvGeometry& geometry, const ModelIdentity& identity,
+                                                 const CalibrationWindows& plan, const CalibrateOptions& options,
+                                                 const char* device, CalibrationWindowRunner run_window) {
+  const FisherWeights* fisher = options.fisher;
+  const int64_t ctx = plan.ctx, windows = plan.count;
   const int64_t n_tokens = windows * ctx;
-  const KvGeometry geometry = model.kv_geometry();
   CalibrationBuilder builder(identity, n_tokens, options.outlier_fractions, options.codebook_bits);
   const int64_t channels = static_cast<int64_t>(geometry.n_kv_heads) * geometry.head_dim;
+  const int last_layer = geometry.n_layers - 1;
 
   absl::Status observer_status;
-  int64_t chunk_first = 0;  // calibration-token index of the chunk being run
+  int64_t window_first = 0;             // calibration-token index of the window being run
+  std::vector<int64_t> layer_seen;      // tokens of this window each layer has handed over
+  std::unique_ptr<ProgressLine> progress;
   std::vector<float> key_weights, value_weights;
   for (int pass = 0; pass < 2; ++pass) {
-    if (pass == 0) {
-      model.set_kv_observer([&](int layer, int n, const float* k, const float* v) {
-        if (observer_status.ok()) observer_status = builder.ObserveThresholds(layer, n, k, v);
-      });
-    } else {
-      model.set_kv_observer([&](int layer, int n, const float* k, const float* v) {
-        if (!observer_status.ok()) return;
+    const KvObserver observer = [&](int layer, int n, const float* k, const float* v) {
+      if (!observer_status.ok()) return;
+      // Chunks come in order, so a layer's count so far is the chunk's offset in the window.
+      const int64_t chunk_first = window_first + layer_seen[layer];
+      layer_seen[layer] += n;
+      if (pass == 0) {
+        observer_status = builder.ObserveThresholds(layer, n, k, v);
+      } else {
         const float* kw = nullptr;
         const float* vw = nullptr;
         if (fisher != nullptr) {
@@ -239,39 +267,58 @@ absl::StatusOr<Calibration> CalibrateKv(CpuModel& model, const ModelIdentity& id
           vw = value_weights.data();
         }
         observer_status = builder.ObserveSamples(layer, n, k, v, kw, vw);
-      });
-    }
-    std::unique_ptr<ProgressLine> progress;
+      }
+      if (progress && layer == last_layer) progress->Update(chunk_first + n);
+    };
     if (options.show_progress) {
       progress = std::make_unique<ProgressLine>(
-          pass == 0 ? "calibrate: thresholds" : "calibrate: codebook samples", "tokens", n_tokens);
+          absl::StrCat(pass == 0 ? "calibrate: thresholds" : "calibrate: codebook samples", " (", device, ")"),
+          "tokens", n_tokens);
     }
-    std::vector<float> logits;
     for (int64_t w = 0; w < windows; ++w) {
-      std::unique_ptr<KvShard> shard = MakeFullPrecisionKvShard(geometry, 0, FullPrecision::kFp16);
-      ShardAttentionContext context(*shard);
-      for (int64_t c0 = 0; c0 < ctx; c0 += CpuModel::max_chunk()) {
-        const int64_t n = std::min<int64_t>(CpuModel::max_chunk(), ctx - c0);
-        chunk_first = w * ctx + c0;
-        const absl::Status st =
-            model.Forward(tokens.subspan(static_cast<size_t>(chunk_first), static_cast<size_t>(n)), c0, context,
-                          false, logits);
-        if (!st.ok()) {
-          model.set_kv_observer(nullptr);
-          return st;
-        }
-        if (!observer_status.ok()) {
-          model.set_kv_observer(nullptr);
-          return observer_status;
-        }
-        if (progress) progress->Update(chunk_first + n);
-      }
+      window_first = w * ctx;
+      layer_seen.assign(static_cast<size_t>(geometry.n_layers), 0);
+      KV_RETURN_IF_ERROR(
+          run_window(plan.tokens.subspan(static_cast<size_t>(window_first), static_cast<size_t>(ctx)), observer));
+      KV_RETURN_IF_ERROR(observer_status);
     }
     if (progress) progress->Finish();
     if (pass == 0) KV_RETURN_IF_ERROR(builder.FinishThresholds());
   }
-  model.set_kv_observer(nullptr);
   return builder.Finish(fisher != nullptr ? "fisher" : "uniform");
+}
+
+}  // namespace
+
+absl::StatusOr<Calibration> CalibrateKv(CpuModel& model, const ModelIdentity& identity,
+                                        std::span<const int32_t> tokens, const CalibrateOptions& options) {
+  const KvGeometry geometry = model.kv_geometry();
+  KV_ASSIGN_OR_RETURN(const CalibrationWindows plan, PlanCalibrationWindows(geometry, tokens, options));
+  std::vector<float> logits;
+  auto run_window = [&](std::span<const int32_t> window, const KvObserver& observer) -> absl::Status {
+    model.set_kv_observer(observer);
+    std::unique_ptr<KvShard> shard = MakeFullPrecisionKvShard(geometry, 0, FullPrecision::kFp16);
+    ShardAttentionContext context(*shard);
+    absl::Status status;
+    for (size_t c0 = 0; c0 < window.size() && status.ok(); c0 += CpuModel::max_chunk()) {
+      const size_t n = std::min<size_t>(CpuModel::max_chunk(), window.size() - c0);
+      status = model.Forward(window.subspan(c0, n), static_cast<int64_t>(c0), context, false, logits);
+    }
+    model.set_kv_observer(nullptr);
+    return status;
+  };
+  return CalibrateOverWindows(geometry, identity, plan, options, "CPU", run_window);
+}
+
+absl::StatusOr<Calibration> CalibrateKvOnGpu(const ModelWeights& weights, const ModelIdentity& identity,
+                                             std::span<const int32_t> tokens, const CalibrateOptions& options) {
+  const KvGeometry geometry = KvGeometryOf(weights.config);
+  KV_ASSIGN_OR_RETURN(const CalibrationWindows plan, PlanCalibrationWindows(geometry, tokens, options));
+  KV_ASSIGN_OR_RETURN(std::unique_ptr<GpuKvWindows> gpu, MakeGpuKvWindows(weights, plan.ctx));
+  auto run_window = [&](std::span<const int32_t> window, const KvObserver& observer) {
+    return gpu->Run(window, observer);
+  };
+  return CalibrateOverWindows(geometry, identity, plan, options, "GPU", run_window);
 }
 
 }  // namespace kvshard

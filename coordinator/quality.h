@@ -88,5 +88,9 @@ struct CalibrateOptions {
 // calibration. With Fisher weights the tokens are the weights' own.
 absl::StatusOr<Calibration> CalibrateKv(CpuModel& model, const ModelIdentity& identity,
                                         std::span<const int32_t> tokens, const CalibrateOptions& options);
+// The same on the GPU: the activations come from its bf16 dense layers, so the tables differ slightly from
+// the CPU's. Unavailable without a GPU or a CUDA build.
+absl::StatusOr<Calibration> CalibrateKvOnGpu(const ModelWeights& weights, const ModelIdentity& identity,
+                                             std::span<const int32_t> tokens, const CalibrateOptions& options);
 
 }  // namespace kvshard

@@ -103,6 +103,23 @@ absl::StatusOr<Calibration> CalibrateSyntheticFill(const SyntheticModelSpec& spe
   return builder.Finish("uniform");
 }
 
+// --device for calibrate and perplexity: auto, gpu or cpu.
+absl::StatusOr<std::string> QualityDeviceFlag() {
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "auto" && device != "gpu" && device != "cpu") {
+    return absl::InvalidArgumentError(absl::StrCat("--device must be auto, gpu or cpu, not '", device, "'"));
+  }
+  return device;
+}
+
+// After the GPU could not run `command`: OK (go on with the CPU, and say so) only under --device auto
+// and only when the GPU is missing or does not hold the scheme; any other failure is the answer.
+absl::Status FallBackToCpu(const char* command, const std::string& device, const absl::Status& gpu_status) {
+  if (device == "gpu" || (!absl::IsUnavailable(gpu_status) && !absl::IsUnimplemented(gpu_status))) return gpu_status;
+  std::fprintf(stderr, "kvshard %s: on the CPU (%s)\n", command, std::string(gpu_status.message()).c_str());
+  return absl::OkStatus();
+}
+
 // Flags of other commands that one may reach for here (--max_tokens to shorten a perplexity run) are
 // refused when written on the command line, with the flag that does the job, rather than ignored: a run is
 // never silently longer than asked. The config file sets every command's settings and is not checked.
@@ -123,6 +140,7 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
       "calibrate", {{"max_tokens", "--calibration_tokens N calibrates on the first N tokens of --text"},
                     {"max_eval_tokens", "--calibration_tokens N calibrates on the first N tokens of --text"},
                     {"kv", "a calibration serves every kvq and wkv scheme"}}));
+  KV_ASSIGN_OR_RETURN(const std::string device, QualityDeviceFlag());
   const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
   std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty() && synthetic) return absl::InvalidArgumentError("calibrate of a synthetic model needs --out FILE");
@@ -169,10 +187,20 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
           "the Fisher weights were computed on other tokens than the start of --text (another text or tokenizer)");
     }
   }
-  KV_ASSIGN_OR_RETURN(Calibration calibration, CalibrateKv(*m.model, m.identity, tokens, options));
-  KV_RETURN_IF_ERROR(SaveCalibration(calibration, out));
-  std::fprintf(stderr, "kvshard calibrate: %lld tokens, %s weighting, wrote %s\n",
-               static_cast<long long>(calibration.tokens), calibration.weighting.c_str(), out.c_str());
+  // --device auto: the GPU when there is one (minutes on a CPU are seconds there), the CPU otherwise.
+  absl::StatusOr<Calibration> calibration = absl::UnavailableError("--device cpu");
+  bool on_gpu = false;
+  if (device != "cpu") {
+    calibration = CalibrateKvOnGpu(m.engine->weights(), m.identity, tokens, options);
+    on_gpu = calibration.ok();
+    if (!calibration.ok()) KV_RETURN_IF_ERROR(FallBackToCpu("calibrate", device, calibration.status()));
+  }
+  if (!on_gpu) calibration = CalibrateKv(*m.model, m.identity, tokens, options);
+  if (!calibration.ok()) return calibration.status();
+  KV_RETURN_IF_ERROR(SaveCalibration(*calibration, out));
+  std::fprintf(stderr, "kvshard calibrate: %lld tokens on the %s, %s weighting, wrote %s\n",
+               static_cast<long long>(calibration->tokens), on_gpu ? "GPU" : "CPU", calibration->weighting.c_str(),
+               out.c_str());
   return absl::OkStatus();
 }
 
@@ -212,21 +240,12 @@ absl::Status RunPerplexity(const std::vector<std::string>& args) {
   KV_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, TokenizeTextFlag(m.engine->tokenizer(), "perplexity"));
   // --device auto: the GPU when there is one and its KV store holds the scheme, the CPU otherwise. The
   // two differ slightly (bf16 dense layers on the GPU), so the result names its device.
-  const std::string device = absl::GetFlag(FLAGS_device);
-  if (device != "auto" && device != "gpu" && device != "cpu") {
-    return absl::InvalidArgumentError(absl::StrCat("--device must be auto, gpu or cpu, not '", device, "'"));
-  }
+  KV_ASSIGN_OR_RETURN(const std::string device, QualityDeviceFlag());
   absl::StatusOr<PerplexityResult> gpu_result = absl::UnavailableError("--device cpu");
   if (device != "cpu") {
     gpu_result = EvaluatePerplexityOnGpu(m.engine->weights(), tokens, scheme, calibration.get(), options,
                                          absl::GetFlag(FLAGS_perplexity_batch));
-    if (!gpu_result.ok() && (device == "gpu" || (!absl::IsUnavailable(gpu_result.status()) &&
-                                                 !absl::IsUnimplemented(gpu_result.status())))) {
-      return gpu_result.status();
-    }
-    if (!gpu_result.ok()) {
-      std::fprintf(stderr, "kvshard perplexity: on the CPU (%s)\n", std::string(gpu_result.status().message()).c_str());
-    }
+    if (!gpu_result.ok()) KV_RETURN_IF_ERROR(FallBackToCpu("perplexity", device, gpu_result.status()));
   }
   const bool on_gpu = gpu_result.ok();
   PerplexityResult r;

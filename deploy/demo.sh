@@ -15,7 +15,7 @@ KVSHARD_BUILD_TARGET=kvshard bash deploy/build.sh build
 # once, from license texts every Debian system has (not the default document), and kept beside the model,
 # where kvshard finds it.
 if [ ! -f "$model.kvcal" ]; then
-  echo "demo: calibrating the 3-bit KV cache for this model (once, about a minute; kept as $model.kvcal)" >&2
+  echo "demo: calibrating the 3-bit KV cache for this model (once: seconds on a GPU, about a minute on a CPU; kept as $model.kvcal)" >&2
   calibration_text=$(mktemp)
   trap 'rm -f "$calibration_text"' EXIT
   cat /usr/share/common-licenses/{GPL-2,Apache-2.0,MPL-2.0,LGPL-2.1} > "$calibration_text"

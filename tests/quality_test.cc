@@ -179,6 +179,8 @@ TEST(QualityCli, RefusesBadInput) {
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv kvq9"), "out of range");
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv nuq3"), "unknown KV scheme");
   ExpectCleanError(RunKvshard("calibrate --synthetic_model --text " + text), "needs --out");
+  ExpectCleanError(RunKvshard("calibrate --synthetic_model --out x.kvcal --device tpu"), "--device must be auto, gpu or cpu");
+  ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv fp16 --device tpu"), "--device must be auto, gpu or cpu");
   // Another command's flag is refused with the one that does the job, not ignored.
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --max_tokens 100"), "--max_eval_tokens");
   ExpectCleanError(RunKvshard("calibrate --synthetic_model --out x.kvcal --text " + text + " --max_tokens 100"),

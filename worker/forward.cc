@@ -25,16 +25,7 @@ CpuModel::CpuModel(const ModelWeights& weights)
       inv_freq_(RopeInverseFrequencies(
           RopeParams{weights.config.head_dim, weights.config.rope_theta, weights.config.rope_scaling})) {}
 
-KvGeometry CpuModel::kv_geometry() const {
-  const ModelConfig& c = weights_.config;
-  KvGeometry g;
-  g.n_layers = c.n_layers;
-  g.n_heads = c.n_heads;
-  g.n_kv_heads = c.n_kv_heads;
-  g.head_dim = c.head_dim;
-  g.rope = RopeParams{c.head_dim, c.rope_theta, c.rope_scaling};
-  return g;
-}
+KvGeometry CpuModel::kv_geometry() const { return KvGeometryOf(weights_.config); }
 
 namespace {
 

@@ -14,6 +14,7 @@
 
 #include "common/tensor.h"
 #include "kernels/rope.h"
+#include "kvstore/kv_shard.h"
 
 namespace kvshard {
 
@@ -42,6 +43,17 @@ struct ModelConfig {
 
   int group_size() const { return n_heads / n_kv_heads; }  // query heads per KV head
 };
+
+// The shape of the model's KV cache.
+inline KvGeometry KvGeometryOf(const ModelConfig& c) {
+  KvGeometry g;
+  g.n_layers = c.n_layers;
+  g.n_heads = c.n_heads;
+  g.n_kv_heads = c.n_kv_heads;
+  g.head_dim = c.head_dim;
+  g.rope = RopeParams{c.head_dim, c.rope_theta, c.rope_scaling};
+  return g;
+}
 
 struct LayerWeights {
   HostTensor attn_norm;         // [hidden]

@@ -245,15 +245,7 @@ GpuModel::~GpuModel() {
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
-KvGeometry GpuModel::kv_geometry() const {
-  KvGeometry g;
-  g.n_layers = config_.n_layers;
-  g.n_heads = config_.n_heads;
-  g.n_kv_heads = config_.n_kv_heads;
-  g.head_dim = config_.head_dim;
-  g.rope = RopeParams{config_.head_dim, config_.rope_theta, config_.rope_scaling};
-  return g;
-}
+KvGeometry GpuModel::kv_geometry() const { return KvGeometryOf(config_); }
 
 absl::StatusOr<std::unique_ptr<GpuModel>> GpuModel::Create(const ModelWeights& weights,
                                                            const GpuModelOptions& options) {
