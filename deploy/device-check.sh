@@ -17,9 +17,10 @@
 #   decode step at --scale-tokens tokens per worker and --scale-batches, and the real prefill of
 #   --scale-prefill prompts (--scale-scheme, --scale-workers "1 2" choose the rest; an empty size list
 #   skips that part; --scale-flags "..." adds kvshard flags to every run, e.g. "--cuda_graph_rows 0").
-#   Logs scale.log, scale.jsonl (bench/scale_plot.py draws them). The calibrations (minutes
-#   of CPU) are kept in --scale-calibrations DIR (default the build directory) and reused from there when
-#   present; a file that does not match the model is refused by kvshard, so a stale one fails loudly.
+#   Logs scale.log, scale.jsonl (bench/scale_plot.py draws them). The calibrations (35-55 s each, mostly
+#   making the model's weights on the host) are kept in --scale-calibrations DIR (default the build
+#   directory) and reused from there when present; a file that does not match the model is refused by
+#   kvshard, so a stale one fails loudly.
 #
 # Dependencies the host lacks come from .deps/ (deploy/fetch-device-debs.sh); the build directory keeps a
 # copy, so later runs against the same build need no .deps/. Ends with a summary.
