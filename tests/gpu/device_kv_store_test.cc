@@ -92,6 +92,9 @@ struct Case {
   // 3x the tokens so their pages together hold them.
   int outlier_segment = 0;
   bool packed_prefill = false;  // kvq3 chunks read the packed pages (DeviceKvStoreOptions::prefill_reads_packed)
+  // kvq: key thresholds narrowed to a tenth of the calibrated range, so most keys are outliers: pages with
+  // more than the dequantize kernel stages in shared memory (2048), whose outliers it reads per item.
+  bool mostly_key_outliers = false;
 };
 
 class DeviceKvStoreTest : public ::testing::TestWithParam<Case> {};
@@ -109,7 +112,16 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
   const Case c = GetParam();
   const int d = c.head_dim;
   const KvGeometry g = testing::SmallGeometry(d, kLayers, kKvHeads * c.group, kKvHeads);
-  const Calibration cal = testing::MakeSyntheticCalibration(g, 512);
+  Calibration cal = testing::MakeSyntheticCalibration(g, 512);
+  if (c.mostly_key_outliers) {
+    for (LayerCalibration& layer : cal.layers)
+      for (KvqLayerTables& tables : layer.kvq)
+        for (size_t i = 0; i < tables.key_low.size(); ++i) {
+          const float mid = (tables.key_low[i] + tables.key_high[i]) / 2, half = (tables.key_high[i] - tables.key_low[i]) / 2;
+          tables.key_low[i] = mid - 0.1f * half;
+          tables.key_high[i] = mid + 0.1f * half;
+        }
+  }
   auto config = ParseKvScheme(c.scheme == "fp16" ? "fp16" : c.scheme + ":sink=4,residual=32");
   ASSERT_TRUE(config.ok()) << config.status();
   const bool kvq = config->kind == KvSchemeKind::kKvq;
@@ -121,7 +133,7 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
   opt.max_chunk = 320;
   opt.chunk_tile_tokens = c.tile;
   opt.fill_chunk = 256;
-  opt.key_outlier_capacity = c.outlier_segment;
+  opt.key_outlier_capacity = c.mostly_key_outliers ? kPageTokens * d : c.outlier_segment;
   opt.prefill_reads_packed = c.packed_prefill;
   auto made = DeviceKvStore::Create(g, *config, &cal, opt);
   ASSERT_TRUE(made.ok()) << made.status();
@@ -338,6 +350,10 @@ TEST_P(DeviceKvStoreTest, MatchesTheCpuShard) {
   check_rows({2, 1, -1}, "after seal");
   check_chunk(2, 100, "seq2 after seal");
   for (auto& [id, t] : twins) EXPECT_TRUE(store.Health(id).ok()) << store.Health(id);
+  if (c.mostly_key_outliers) {  // pages beyond the dequantize kernel's staged outliers
+    const auto* qs = dynamic_cast<const QuantizedKvShard*>(twins.at(1).cpu.get());
+    EXPECT_GT(qs->KeyOutliers(0, 0), 2048 * qs->key_codes(0, 0).pages());
+  }
   if (c.outlier_segment > 0) {  // the pages' outliers did run past their own room
     const auto* qs = dynamic_cast<const QuantizedKvShard*>(twins.at(1).cpu.get());
     const int64_t quantized_pages = qs->key_codes(0, 0).pages();
@@ -354,7 +370,7 @@ std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
   return info.param.scheme + "_d" + std::to_string(info.param.head_dim) + "_g" + std::to_string(info.param.group) +
          "_tile" + std::to_string(info.param.tile) +
          (info.param.outlier_segment > 0 ? "_segment" + std::to_string(info.param.outlier_segment) : "") +
-         (info.param.packed_prefill ? "_packed" : "");
+         (info.param.packed_prefill ? "_packed" : "") + (info.param.mostly_key_outliers ? "_outliers" : "");
 }
 
 INSTANTIATE_TEST_SUITE_P(Schemes, DeviceKvStoreTest,
@@ -363,6 +379,9 @@ INSTANTIATE_TEST_SUITE_P(Schemes, DeviceKvStoreTest,
                                            Case{"kvq4", 128, 4, 32768}, Case{"kvq3", 64, 4, 32768, 32},
                                            Case{"kvq3", 128, 3, 128, 64}, Case{"kvq3", 64, 4, 32768, 0, true},
                                            Case{"kvq3", 128, 4, 32768, 0, true}, Case{"kvq3", 128, 3, 32768, 64, true},
+                                           Case{"kvq3", 64, 4, 32768, 0, false, true},
+                                           Case{"kvq3", 128, 3, 128, 0, false, true},
+                                           Case{"kvq3", 128, 4, 32768, 0, true, true},
                                            Case{"fp16", 64, 4, 32768},
                                            Case{"fp16", 128, 3, 32768}),
                          CaseName);
