@@ -40,7 +40,7 @@ ABSL_FLAG(std::string, merge, "allgather",
           "How decode merges attention partials across workers: allgather (one allgather, local merge) or "
           "tree (allreduce-max of lse, then allreduce-sum)");
 ABSL_FLAG(std::string, partials_wire, "fp32", "Wire precision of attention partials' outputs: fp32 or bf16");
-ABSL_FLAG(int, worker_threads, 0, "CPU threads per worker (0: the node's cores / its ranks)");
+ABSL_FLAG(int, worker_threads, 0, "CPU threads per worker (0: the node's CPUs within its CPU quota over its ranks, at most those the worker may run on)");
 ABSL_FLAG(int, max_batch, 64, "Most requests in one decode step");
 ABSL_FLAG(double, kv_outlier_headroom, 3.0,
           "GPUs, kvq schemes: key outlier room, in multiples of the calibrated key outlier fraction of "

@@ -1,9 +1,13 @@
 // kvshard: long-context LLM serving with a sharded, quantized KV cache.
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
+#include "common/cpu_count.h"
 #include "coordinator/commands.h"
 #include "coordinator/distributed_engine.h"
 #include "coordinator/engine_factory.h"
@@ -56,6 +60,9 @@ int Main(int argc, char** argv, kvshard::MpiRuntime* mpi) {
     return 2;
   }
   if (is_worker) return kvshard::RunWorker(*mpi, kvshard::KvShardFactoryMakerForThisBuild());
+  // OpenMP starts a thread per online CPU; in a container with a CPU quota, or bound to fewer CPUs, the
+  // extra threads only wait for each other. (A worker sets its own count, its share of the node.)
+  omp_set_num_threads(std::min(omp_get_max_threads(), kvshard::ThreadsPerRank(mpi != nullptr ? mpi->ranks_on_node() : 1)));
   const std::vector<std::string>& args = *parsed;
   if (args.size() < 2) {
     std::fprintf(stderr, "%s\n", Usage().c_str());

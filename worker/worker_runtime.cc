@@ -10,10 +10,10 @@
 #include <memory>
 #include <optional>
 #include <set>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/cpu_count.h"
 #include "common/status.h"
 #include "worker/control.h"
 #include "worker/distributed_attention.h"
@@ -83,9 +83,7 @@ class Worker {
     config_ = config;
     requests_.clear();
     steps_since_configure_ = 0;
-    threads_ = config.threads > 0 ? config.threads
-                                  : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
-                                                    std::max(1, mpi_.ranks_on_node()));
+    threads_ = config.threads > 0 ? config.threads : ThreadsPerRank(mpi_.ranks_on_node());
     omp_set_num_threads(threads_);
     hello.threads = threads_;
     hello.kv_budget_bytes = config.kv_budget_bytes;

@@ -10,8 +10,8 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <thread>
 
+#include "common/cpu_count.h"
 #include "gtest/gtest.h"
 #include "worker/mpi_runtime.h"
 
@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
   }
   const int rank = (*mpi)->world_rank();
   // The ranks share the node's cores, as workers do (worker_runtime.cc).
-  omp_set_num_threads(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / (*mpi)->ranks_on_node()));
+  omp_set_num_threads(kvshard::ThreadsPerRank((*mpi)->ranks_on_node()));
 #ifdef KVSHARD_TESTS_ON_WORKERS_ONLY
   const int reporting_rank = 1;
   const bool runs_tests = rank != 0;
