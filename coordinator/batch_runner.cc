@@ -6,13 +6,18 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <set>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -266,78 +271,113 @@ absl::StatusOr<BatchSummary> RunBatch(Engine& engine, const BatchOptions& option
   std::optional<ProgressLine> progress;
   if (options.show_progress) progress.emplace("run-batch", "req", summary.total, already);
   const auto started = std::chrono::steady_clock::now();
-  int64_t processed = 0;
-
+  // As many requests run at once as the engine batches (the distributed engine's decode batch); records
+  // are written as requests finish. One at a time, a long prompt shows its own prefill line.
+  const int runners = std::max(1, engine.max_concurrent_requests());
+  std::mutex mutex;  // guards the input, the output, the summary and the progress line
+  absl::Status io_error;
+  int64_t processed = 0, running = 0;
+  std::atomic<int64_t> tokens_generated{0};
   std::set<std::string> seen_ids;
-  std::string text;
   int64_t line_number = 0;
-  while (std::getline(in, text)) {
-    ++line_number;
-    StripCarriageReturn(text);
-    if (IsBlank(text)) continue;
-    BatchInputLine line = ParseBatchInputLine(text, line_number);
-    text.clear();
-    text.shrink_to_fit();  // request lines may hold whole documents
 
-    // Each custom_id answers for one line only: the first that names it, usable or not.
-    if (!line.custom_id.empty() && !seen_ids.insert(line.custom_id).second) {
-      line.error = absl::InvalidArgumentError(
-          absl::StrCat("line ", line_number, ": custom_id \"", line.custom_id, "\" appears on an earlier line"));
-      line.custom_id.clear();  // the record must not answer for the earlier line
-    }
-    if (!line.custom_id.empty() ? done.custom_ids.count(line.custom_id) > 0 : done.lines.count(line_number) > 0) {
-      ++summary.skipped;
-      continue;
-    }
-
-    json record;
-    if (!line.error.ok()) {
-      record = BatchErrorRecord(line);
-      ++summary.failed;
-    } else {
-      absl::StatusOr<ApiRequest> request = ParseApiRequest(line.endpoint, line.body, engine, options.api);
-      absl::StatusOr<GenerationOutcome> outcome = absl::UnknownError("not run");
-      if (!request.ok()) {
-        outcome = request.status();
-      } else {
-        PrefillProgressLine prefill(line.custom_id, options.prefill_progress_min_tokens, options.show_progress);
-        GenerationHooks hooks;
-        hooks.on_token = [&] {
-          ++summary.tokens_generated;
-          if (metrics != nullptr) metrics->AddTokenGenerated();
-        };
-        hooks.on_prefill = [&](const PrefillProgress& p) { prefill.Update(p); };
-        outcome = RunApiGeneration(engine, request->generation, hooks);
-        prefill.Finish();
+  // The next line to run, or nullopt at the end of the input (or after an I/O error). mutex held.
+  auto next_line = [&]() -> std::optional<BatchInputLine> {
+    std::string text;
+    while (io_error.ok() && std::getline(in, text)) {
+      ++line_number;
+      StripCarriageReturn(text);
+      if (IsBlank(text)) continue;
+      BatchInputLine line = ParseBatchInputLine(text, line_number);
+      // Each custom_id answers for one line only: the first that names it, usable or not.
+      if (!line.custom_id.empty() && !seen_ids.insert(line.custom_id).second) {
+        line.error = absl::InvalidArgumentError(
+            absl::StrCat("line ", line_number, ": custom_id \"", line.custom_id, "\" appears on an earlier line"));
+        line.custom_id.clear();  // the record must not answer for the earlier line
       }
-      if (outcome.ok()) {
-        if (metrics != nullptr) metrics->AddTokensPrefilled(outcome->prompt_tokens);
-        record = BatchResponseRecord(
-            line.custom_id, 200, MakeResponseBody(*request, *outcome, NewResponseId(line.endpoint), UnixSeconds()));
-        ++summary.succeeded;
-      } else {
-        HttpError error = ToHttpError(outcome.status());
-        record = BatchResponseRecord(line.custom_id, error.http_status, std::move(error.body));
-        ++summary.failed;
+      if (!line.custom_id.empty() ? done.custom_ids.count(line.custom_id) > 0 : done.lines.count(line_number) > 0) {
+        ++summary.skipped;
+        continue;
       }
+      return line;
     }
-    KV_RETURN_IF_ERROR(AppendRecord(fd, record, options.fsync, options.output_path));
-    ++processed;
-    if (progress) {
-      const double seconds =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-      progress->set_detail(
-          absl::StrFormat("%.1f tok/s", seconds > 0 ? summary.tokens_generated / seconds : 0.0));
-      progress->Update(std::min(summary.total, already + processed));
+    return std::nullopt;
+  };
+  auto update_progress = [&] {  // mutex held
+    if (!progress) return;
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    const double rate = seconds > 0 ? tokens_generated.load() / seconds : 0.0;
+    progress->set_detail(runners > 1 ? absl::StrFormat("%lld running, %.1f tok/s", static_cast<long long>(running), rate)
+                                     : absl::StrFormat("%.1f tok/s", rate));
+    progress->Update(std::min(summary.total, already + processed));
+  };
+  auto run_lines = [&] {
+    while (true) {
+      std::optional<BatchInputLine> line;
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        line = next_line();
+        if (!line) return;
+        summary.peak_running = std::max(summary.peak_running, ++running);
+      }
+      json record;
+      bool succeeded = false;
+      if (!line->error.ok()) {
+        record = BatchErrorRecord(*line);
+      } else {
+        absl::StatusOr<ApiRequest> request = ParseApiRequest(line->endpoint, line->body, engine, options.api);
+        line->body = json();  // request lines may hold whole documents
+        absl::StatusOr<GenerationOutcome> outcome = absl::UnknownError("not run");
+        if (!request.ok()) {
+          outcome = request.status();
+        } else {
+          PrefillProgressLine prefill(line->custom_id, options.prefill_progress_min_tokens,
+                                      options.show_progress && runners == 1);
+          GenerationHooks hooks;
+          hooks.on_token = [&] {
+            ++tokens_generated;
+            if (metrics != nullptr) metrics->AddTokenGenerated();
+          };
+          hooks.on_prefill = [&](const PrefillProgress& p) { prefill.Update(p); };
+          outcome = RunApiGeneration(engine, request->generation, hooks);
+          prefill.Finish();
+        }
+        if (outcome.ok()) {
+          if (metrics != nullptr) metrics->AddTokensPrefilled(outcome->prompt_tokens);
+          record = BatchResponseRecord(line->custom_id, 200,
+                                       MakeResponseBody(*request, *outcome, NewResponseId(line->endpoint), UnixSeconds()));
+          succeeded = true;
+        } else {
+          HttpError error = ToHttpError(outcome.status());
+          record = BatchResponseRecord(line->custom_id, error.http_status, std::move(error.body));
+        }
+      }
+      std::lock_guard<std::mutex> lock(mutex);
+      --running;
+      if (!io_error.ok()) return;  // the output failed: this record cannot be kept; a rerun redoes it
+      io_error = AppendRecord(fd, record, options.fsync, options.output_path);
+      if (!io_error.ok()) return;
+      ++(succeeded ? summary.succeeded : summary.failed);
+      ++processed;
+      update_progress();
     }
-  }
+  };
+  std::vector<std::thread> threads;
+  for (int i = 1; i < runners; ++i) threads.emplace_back(run_lines);
+  run_lines();
+  for (std::thread& thread : threads) thread.join();
+  summary.tokens_generated = tokens_generated.load();
+  KV_RETURN_IF_ERROR(io_error);
   if (in.bad()) return ErrnoError("reading", options.input_path);
   if (progress) {
     progress->Update(std::min(summary.total, already + processed));
     progress->Finish();
-    std::fprintf(stderr, "run-batch: %lld succeeded, %lld failed, %lld skipped (answered before); output in %s\n",
+    std::fprintf(stderr,
+                 "run-batch: %lld succeeded, %lld failed, %lld skipped (answered before), up to %lld at once; "
+                 "output in %s\n",
                  static_cast<long long>(summary.succeeded), static_cast<long long>(summary.failed),
-                 static_cast<long long>(summary.skipped), options.output_path.c_str());
+                 static_cast<long long>(summary.skipped), static_cast<long long>(summary.peak_running),
+                 options.output_path.c_str());
   }
   return summary;
 }

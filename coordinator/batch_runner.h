@@ -2,7 +2,7 @@
 //
 // Input, one request per line (blank lines are ignored):
 //   {"custom_id": "doc-1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
-// Output, one record per input line, in the order requests finish:
+// Output, one record per input line, in the order requests finish (under mpirun several run at once):
 //   {"id": "batch_req_...", "custom_id": "doc-1",
 //    "response": {"status_code": 200, "request_id": "...", "body": {...chat.completion...}}, "error": null}
 // A request the API rejects gets its status code and OpenAI error body in "response". A line that is
@@ -47,10 +47,12 @@ struct BatchSummary {
   int64_t failed = 0;          // error records and non-200 responses in this run
   int64_t tokens_generated = 0;
   int64_t repaired_bytes = 0;  // unterminated tail cut off OUT before resuming
+  int64_t peak_running = 0;    // most requests that ran at once (BatchOptions: as many as the engine batches)
 };
 
-// Runs every request of the input that OUT does not answer yet. Bad lines and failed requests become
-// records; only I/O problems with IN or OUT end the job with an error.
+// Runs every request of the input that OUT does not answer yet, as many at once as the engine batches
+// (Engine::max_concurrent_requests), writing each record as its request finishes. Bad lines and failed
+// requests become records; only I/O problems with IN or OUT end the job with an error.
 absl::StatusOr<BatchSummary> RunBatch(Engine& engine, const BatchOptions& options,
                                       ServingMetrics* metrics = nullptr);
 

@@ -21,6 +21,7 @@
 // is caught by mpirun, which ends the job.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -89,6 +90,8 @@ class DistributedEngine final : public Engine {
   // Decode-step and merge times reach the observer from the engine's scheduler thread.
   void set_observer(EngineObserver* observer) override { observer_ = observer; }
 
+  // Its decode batch: that many concurrent Generate calls decode in one step.
+  int max_concurrent_requests() const override { return std::max(1, options_.max_batch); }
   // Thread-safe: concurrent calls are batched together.
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
                                             const PrefillCallback& on_prefill) override;

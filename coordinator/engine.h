@@ -95,6 +95,9 @@ class Engine {
   virtual int64_t max_context() const = 0;
   // Where requests run, for the closing summary line: "CPU", a GPU's name, "2 workers (CPU)".
   virtual std::string device_name() const { return "CPU"; }
+  // How many Generate calls may run at once, each on its own thread: an engine that batches decode steps
+  // (the distributed engine's continuous batching) runs them together; 1 means callers serialize.
+  virtual int max_concurrent_requests() const { return 1; }
   // Runs one request to completion. Thread-compatible: callers serialize, or use a scheduler.
   virtual absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request,
                                                     const TokenCallback& on_token,

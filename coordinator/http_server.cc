@@ -84,7 +84,9 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(Engine& engine, co
   if (options.max_body_bytes < 1) return absl::InvalidArgumentError("max_body_bytes must be at least 1");
   std::unique_ptr<HttpServer> server(new HttpServer(engine, options, metrics));
   server->scheduler_ = std::make_unique<RequestScheduler>(engine, options.max_queue, metrics);
-  const int threads = options.http_threads > 0 ? options.http_threads : options.max_queue + 8;
+  // Every waiting and running request holds a connection, and a few more answer /health and refusals.
+  const int threads =
+      options.http_threads > 0 ? options.http_threads : options.max_queue + engine.max_concurrent_requests() + 8;
   HttpServer* self = server.get();
   KV_ASSIGN_OR_RETURN(server->listener_,
                       CivetListener::Start(options.host, options.port, threads,

@@ -6,8 +6,8 @@
 //   GET  /health                                      liveness; never needs the API key
 //
 // Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with its HTTP status.
-// Requests run on the engine one at a time from a scheduler thread; at most max_queue wait, and the
-// next one gets 429.
+// Requests run on the engine from a scheduler (coordinator/scheduler.h: as many at once as the engine
+// batches); at most max_queue wait, and the next one gets 429.
 #pragma once
 
 #include <cstdint>
@@ -36,8 +36,8 @@ struct ServeOptions {
   int metrics_port = 9400;         // 0: any free port; negative: no metrics endpoint
   std::string api_key;             // empty: no key needed
   int64_t max_body_bytes = int64_t{64} << 20;
-  int max_queue = 64;              // requests waiting while one runs; more get 429
-  int http_threads = 0;            // connections served at once; 0: max_queue + 8
+  int max_queue = 64;              // requests waiting while others run; more get 429
+  int http_threads = 0;            // connections served at once; 0: max_queue + running + 8
   ApiOptions api;
 };
 

@@ -1,5 +1,6 @@
 #include "coordinator/scheduler.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -58,7 +59,8 @@ void RequestTicket::Finish(absl::StatusOr<GenerationOutcome> outcome) {
 RequestScheduler::RequestScheduler(Engine& engine, int max_waiting, ServingMetrics* metrics)
     : engine_(engine), max_waiting_(max_waiting), metrics_(metrics) {
   if (metrics_ != nullptr) engine_.set_observer(metrics_);
-  thread_ = std::thread([this] { Loop(); });
+  const int engine_threads = std::max(1, engine_.max_concurrent_requests());
+  for (int i = 0; i < engine_threads; ++i) threads_.emplace_back([this] { Loop(); });
 }
 
 RequestScheduler::~RequestScheduler() { Shutdown(); }
@@ -91,22 +93,23 @@ int64_t RequestScheduler::waiting() const {
 void RequestScheduler::UpdateQueueGauges() {
   if (metrics_ == nullptr) return;
   metrics_->SetRequestsWaiting(static_cast<int64_t>(queue_.size()));
-  metrics_->SetRequestsRunning(running_ ? 1 : 0);
+  metrics_->SetRequestsRunning(static_cast<int64_t>(running_.size()));
 }
 
 void RequestScheduler::Shutdown() {
   std::deque<Job> abandoned;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (stopping_ && !thread_.joinable()) return;
+    if (stopping_ && threads_.empty()) return;
     stopping_ = true;
     abandoned.swap(queue_);
-    if (running_) running_->Cancel();
+    for (const std::shared_ptr<RequestTicket>& ticket : running_) ticket->Cancel();
     UpdateQueueGauges();
   }
   for (Job& job : abandoned) job.ticket->Finish(absl::UnavailableError("the server is shutting down"));
   has_work_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  for (std::thread& thread : threads_) thread.join();
+  threads_.clear();
   if (metrics_ != nullptr) engine_.set_observer(nullptr);
 }
 
@@ -119,7 +122,7 @@ void RequestScheduler::Loop() {
       if (stopping_) return;
       job = std::move(queue_.front());
       queue_.pop_front();
-      running_ = job.ticket;
+      running_.push_back(job.ticket);
       UpdateQueueGauges();
     }
     if (job.ticket->cancelled()) {
@@ -128,7 +131,7 @@ void RequestScheduler::Loop() {
       Run(job);
     }
     std::lock_guard<std::mutex> lock(mutex_);
-    running_.reset();
+    running_.erase(std::find(running_.begin(), running_.end(), job.ticket));
     UpdateQueueGauges();
   }
 }

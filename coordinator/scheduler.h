@@ -1,5 +1,7 @@
-// Runs API requests on the engine from one thread, in arrival order, one at a time. HTTP handler
-// threads submit requests and wait on a ticket; the engine thread never blocks on a client socket.
+// Runs API requests on the engine in arrival order, as many at once as the engine batches
+// (Engine::max_concurrent_requests: the distributed engine's decode batch; one in single-process mode),
+// each on an engine thread of its own. HTTP handler threads submit requests and wait on a ticket; the
+// engine threads never block on a client socket.
 // The queue of waiting requests is bounded: when it is full, Submit answers ResourceExhausted (429)
 // instead of letting the queue grow.
 #pragma once
@@ -13,6 +15,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "coordinator/engine.h"
@@ -54,7 +57,7 @@ class RequestTicket {
 
 class RequestScheduler {
  public:
-  // `metrics` may be null. At most `max_waiting` requests wait while one runs.
+  // `metrics` may be null. At most `max_waiting` requests wait while others run.
   RequestScheduler(Engine& engine, int max_waiting, ServingMetrics* metrics);
   ~RequestScheduler();  // Shutdown()
   RequestScheduler(const RequestScheduler&) = delete;
@@ -83,9 +86,9 @@ class RequestScheduler {
   mutable std::mutex mutex_;
   std::condition_variable has_work_;
   std::deque<Job> queue_;
-  std::shared_ptr<RequestTicket> running_;
+  std::vector<std::shared_ptr<RequestTicket>> running_;
   bool stopping_ = false;
-  std::thread thread_;
+  std::vector<std::thread> threads_;
 };
 
 }  // namespace kvshard

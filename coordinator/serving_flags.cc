@@ -22,8 +22,8 @@ ABSL_FLAG(std::string, api_key, "",
           "api_key_file, since flags show in the process list");
 ABSL_FLAG(std::string, api_key_file, "", "serve: file whose first line is the API key");
 ABSL_FLAG(int64_t, max_body_bytes, int64_t{64} << 20, "serve: largest request body accepted (413 above)");
-ABSL_FLAG(int, max_queue, 64, "serve: requests that may wait while one runs (429 above)");
-ABSL_FLAG(int, http_threads, 0, "serve: connections served at once (0: max_queue + 8)");
+ABSL_FLAG(int, max_queue, 64, "serve: requests that may wait while others run (429 above)");
+ABSL_FLAG(int, http_threads, 0, "serve: connections served at once (0: max_queue + the requests that run at once + 8)");
 
 // ---- requests, for serve and batch ----
 ABSL_FLAG(int, default_max_tokens, 256,

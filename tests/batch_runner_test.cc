@@ -173,6 +173,40 @@ TEST_F(BatchRunnerTest, TwentyRequestsWithTwoMalformedLines) {
   EXPECT_EQ(engine_.calls(), calls);
 }
 
+// An engine that batches runs several requests at once; every line is still answered exactly once (in the
+// order requests finish), and a rerun adds nothing.
+TEST_F(BatchRunnerTest, RunsRequestsTogetherWhenTheEngineBatchesThem) {
+  engine_.set_max_concurrent(4);
+  engine_.set_token_delay(std::chrono::milliseconds(3));
+  std::vector<std::string> lines;
+  for (int i = 0; i < 12; ++i) lines.push_back(i == 5 ? "not json" : ChatLine(absl::StrCat("req-", i), 6 + i % 3));
+  WriteInput(lines);
+  absl::StatusOr<BatchSummary> summary = RunBatch(engine_, options_);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(summary->succeeded, 11);
+  EXPECT_EQ(summary->failed, 1);
+  EXPECT_GE(engine_.peak_in_flight(), 2);
+  EXPECT_LE(engine_.peak_in_flight(), 4);
+  EXPECT_GE(summary->peak_running, engine_.peak_in_flight());
+  EXPECT_LE(summary->peak_running, 4);
+  std::map<std::string, int> expected;
+  for (int i = 0; i < 12; ++i) expected[i == 5 ? "line 6" : absl::StrCat("req-", i)] = 1;
+  EXPECT_EQ(AnswerCounts(), expected);
+  for (const json& r : OutputRecords()) {
+    if (!r["error"].is_null()) continue;
+    const int i = std::stoi(r["custom_id"].get<std::string>().substr(4));
+    EXPECT_EQ(r["response"]["body"]["choices"][0]["message"]["content"],
+              std::string(FakeEngine::kSentence.substr(0, 6 + i % 3)));
+  }
+  EXPECT_EQ(summary->tokens_generated, 76);  // 6, 7 or 8 tokens by i % 3, for the 11 good lines
+
+  const std::string before = ReadOutput();
+  summary = RunBatch(engine_, options_);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(summary->skipped, 12);
+  EXPECT_EQ(ReadOutput(), before);
+}
+
 TEST_F(BatchRunnerTest, RejectedRequestsGetTheirStatusAndTheJobGoesOn) {
   json too_long = json::parse(ChatLine("too-long"));
   too_long["body"]["max_tokens"] = 100000;

@@ -76,6 +76,7 @@ class ByteTokenizer final : public Tokenizer {
 // Generates kSentence from an offset (0 at temperature 0, else seed-dependent), one byte per token,
 // applying max_tokens, the context and stop strings like a real engine. Requests whose prompt contains
 // "FAIL" fail with an internal error. set_token_delay slows it; Hold() blocks generation until Release().
+// set_max_concurrent(n) makes it an engine that batches n requests (Generate is thread-safe either way).
 class FakeEngine final : public Engine {
  public:
   static constexpr std::string_view kSentence = "The quick brown fox jumps over the lazy dog. ";
@@ -90,6 +91,8 @@ class FakeEngine final : public Engine {
   }
   void set_observer(EngineObserver* observer) override { observer_ = observer; }
 
+  int max_concurrent_requests() const override { return max_concurrent_; }
+  void set_max_concurrent(int n) { max_concurrent_ = n; }
   void set_token_delay(std::chrono::milliseconds delay) { delay_ = delay; }
   void Hold() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -103,16 +106,20 @@ class FakeEngine final : public Engine {
     released_.notify_all();
   }
   int calls() const { return calls_.load(); }
-  bool running() const { return running_.load(); }
+  bool running() const { return in_flight_.load() > 0; }
+  int in_flight() const { return in_flight_.load(); }
+  int peak_in_flight() const { return peak_in_flight_.load(); }
 
   absl::StatusOr<GenerationResult> Generate(const GenerationRequest& request, const TokenCallback& on_token,
                                             const PrefillCallback& on_prefill) override {
     ++calls_;
-    running_ = true;
+    const int now_in_flight = ++in_flight_;
+    for (int peak = peak_in_flight_.load(); now_in_flight > peak && !peak_in_flight_.compare_exchange_weak(peak, now_in_flight);) {
+    }
     struct Done {
-      std::atomic<bool>& flag;
-      ~Done() { flag = false; }
-    } done{running_};
+      std::atomic<int>& count;
+      ~Done() { --count; }
+    } done{in_flight_};
     {
       std::unique_lock<std::mutex> lock(mutex_);
       released_.wait(lock, [&] { return !held_; });
@@ -160,7 +167,8 @@ class FakeEngine final : public Engine {
   EngineObserver* observer_ = nullptr;
   std::atomic<int64_t> kv_bytes_{0};
   std::atomic<int> calls_{0};
-  std::atomic<bool> running_{false};
+  std::atomic<int> in_flight_{0}, peak_in_flight_{0};
+  int max_concurrent_ = 1;
   std::mutex mutex_;
   std::condition_variable released_;
   bool held_ = false;

@@ -500,6 +500,31 @@ TEST_F(HttpServerTest, AFullQueueAnswers429) {
   EXPECT_EQ(Post("/v1/completions", body).status, 200);
 }
 
+// An engine that batches gets as many requests at once as it takes; the rest wait their turn.
+TEST_F(HttpServerTest, RequestsRunTogetherWhenTheEngineBatchesThem) {
+  engine_.set_max_concurrent(3);
+  StartServer(ServeOptions());
+  const std::string body = R"({"prompt": "Hi", "max_tokens": 4, "temperature": 0})";
+  engine_.Hold();
+  std::vector<HttpReply> replies(5);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 5; ++i) clients.emplace_back([&, i] { replies[i] = Post("/v1/completions", body); });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (engine_.in_flight() == 3 && Call(server_->port(), "GET", "/health").Json()["requests_waiting"] == 2) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(engine_.in_flight(), 3);
+  EXPECT_NE(metrics_->Serialize().find("kvshard_requests_running 3"), std::string::npos);
+  engine_.Release();
+  for (std::thread& t : clients) t.join();
+  for (const HttpReply& reply : replies) {
+    EXPECT_EQ(reply.status, 200) << reply.body;
+    EXPECT_EQ(reply.Json()["choices"][0]["text"], "The ");
+  }
+  EXPECT_EQ(engine_.peak_in_flight(), 3);
+}
+
 TEST_F(HttpServerTest, ConcurrentStreamsAllFinish) {
   StartServer(ServeOptions());
   constexpr int kClients = 16;

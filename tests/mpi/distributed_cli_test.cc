@@ -71,6 +71,37 @@ TEST(DistributedCliTest, ServesHttpUnderMpirunWithKvMetricsPerWorker) {
   EXPECT_TRUE(std::regex_search(r.output, std::regex("\"merges\": [1-9]"))) << r.output;
 }
 
+// run-batch under mpirun hands the distributed engine several requests at once (its decode batch), and
+// every line is answered.
+TEST(DistributedCliTest, RunsABatchFileWithRequestsDecodedTogether) {
+  const auto dir = std::filesystem::temp_directory_path() / ("kvshard_run_batch_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream in(dir / "in.jsonl");
+    for (int i = 0; i < 6; ++i) {
+      in << "{\"custom_id\": \"r" << i << "\", \"method\": \"POST\", \"url\": \"/v1/completions\", \"body\": "
+         << "{\"prompt\": \"request number " << i << "\", \"max_tokens\": 8, \"temperature\": 0}}\n";
+    }
+  }
+  const RunResult r = RunCommand(Mpirun(3, "run-batch -i " + (dir / "in.jsonl").string() + " -o " +
+                                                (dir / "out.jsonl").string() + " --max_batch 4" + kTinyModel));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  std::smatch at_once;
+  ASSERT_TRUE(std::regex_search(r.output, at_once, std::regex("6 succeeded, 0 failed, 0 skipped \\(answered before\\), "
+                                                              "up to ([0-9]+) at once"))) << r.output;
+  EXPECT_EQ(at_once[1], "4") << r.output;
+  std::ifstream out(dir / "out.jsonl");
+  std::string line;
+  int records = 0;
+  while (std::getline(out, line)) {
+    ++records;
+    EXPECT_NE(line.find("\"status_code\":200"), std::string::npos) << line;
+    EXPECT_NE(line.find("\"completion_tokens\":8"), std::string::npos) << line;
+  }
+  EXPECT_EQ(records, 6);
+  std::filesystem::remove_all(dir);
+}
+
 TEST(DistributedCliTest, EveryLineAboutTheFillSaysSyntheticFill) {
   const RunResult r = RunCommand(Mpirun(
       3, std::string("generate --prompt hi --max_tokens 4 --synthetic_fill_tokens 5000") + kTinyModel));
