@@ -386,11 +386,20 @@ INSTANTIATE_TEST_SUITE_P(Schemes, DeviceKvStoreTest,
                                            Case{"fp16", 128, 3, 32768}),
                          CaseName);
 
+// kvq3 (a 4-token sink, a 32-token residual) over a head_dim-64 geometry and its synthetic calibration.
+struct SmallKvq3 {
+  KvGeometry g;
+  Calibration cal;
+  absl::StatusOr<KvSchemeConfig> config;
+};
+SmallKvq3 MakeSmallKvq3(int n_layers, int n_heads) {
+  const KvGeometry g = testing::SmallGeometry(64, n_layers, n_heads, kKvHeads);
+  return {g, testing::MakeSyntheticCalibration(g, 512), ParseKvScheme("kvq3:sink=4,residual=32")};
+}
+
 TEST(DeviceKvStoreAdmissionTest, RefusesWhenThePoolIsFull) {
   KV_SKIP_WITHOUT_GPU();
-  const KvGeometry g = testing::SmallGeometry(64, kLayers, 8, kKvHeads);
-  const Calibration cal = testing::MakeSyntheticCalibration(g, 512);
-  auto config = ParseKvScheme("kvq3:sink=4,residual=32");
+  const auto [g, cal, config] = MakeSmallKvq3(kLayers, 8);
   ASSERT_TRUE(config.ok());
   DeviceKvStoreOptions opt;
   opt.pool_bytes = int64_t{4} << 20;
@@ -422,9 +431,7 @@ TEST(DeviceKvStoreAdmissionTest, RefusesWhenThePoolIsFull) {
 // the GPU's memory is refused with the bytes, not left to fail in cudaMalloc.
 TEST(DeviceKvStoreAdmissionTest, PoolSizedByTokens) {
   KV_SKIP_WITHOUT_GPU();
-  const KvGeometry g = testing::SmallGeometry(64, kLayers, 8, kKvHeads);
-  const Calibration cal = testing::MakeSyntheticCalibration(g, 512);
-  auto config = ParseKvScheme("kvq3:sink=4,residual=32");
+  const auto [g, cal, config] = MakeSmallKvq3(kLayers, 8);
   ASSERT_TRUE(config.ok());
   DeviceKvStoreOptions opt;
   opt.max_sequences = 1;
@@ -448,9 +455,7 @@ TEST(DeviceKvStoreAdmissionTest, PoolSizedByTokens) {
 // The overflowing sequence fails alone: the other sequence goes on, and a new one in its slot starts clean.
 TEST(DeviceKvStoreAdmissionTest, KeyOutlierOverflowFailsClearly) {
   KV_SKIP_WITHOUT_GPU();
-  const KvGeometry g = testing::SmallGeometry(64, 1, 4, kKvHeads);
-  const Calibration cal = testing::MakeSyntheticCalibration(g, 512);
-  auto config = ParseKvScheme("kvq3:sink=4,residual=32");
+  const auto [g, cal, config] = MakeSmallKvq3(1, 4);
   ASSERT_TRUE(config.ok());
   DeviceKvStoreOptions opt;
   opt.pool_bytes = int64_t{8} << 20;

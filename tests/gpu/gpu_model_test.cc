@@ -174,13 +174,9 @@ Comparison CompareGreedy(const ModelWeights& weights, const std::vector<int32_t>
     auto config = ParseKvScheme(scheme);
     EXPECT_TRUE(config.ok()) << config.status();
     if (!config.ok()) return result;
-    DeviceKvStoreOptions store_options;  // as single-process mode makes it (worker/cuda/gpu_backend.cc)
-    store_options.pool_tokens = capacity;
-    store_options.max_sequences = 1;
-    store_options.max_rows = 1;
-    store_options.max_chunk = gpu_options.max_chunk;
-    store_options.fill_chunk = gpu_options.max_chunk;
-    auto made = DeviceKvStore::Create((*gpu)->kv_geometry(), *config, calibration.get(), store_options);
+    // As single-process mode makes it (worker/cuda/gpu_backend.cc).
+    auto made = DeviceKvStore::Create((*gpu)->kv_geometry(), *config, calibration.get(),
+                                      OneSequenceStoreOptions(capacity, gpu_options.max_chunk));
     EXPECT_TRUE(made.ok()) << made.status();
     if (!made.ok()) return result;
     store = std::move(*made);

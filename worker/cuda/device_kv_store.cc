@@ -1161,6 +1161,16 @@ absl::StatusOr<std::vector<uint8_t>> DeviceKvStoreImpl::CodePage(int64_t id, int
 
 }  // namespace
 
+DeviceKvStoreOptions OneSequenceStoreOptions(int64_t tokens, int max_chunk) {
+  DeviceKvStoreOptions options;
+  options.pool_tokens = tokens;
+  options.max_sequences = 1;
+  options.max_rows = 1;
+  options.max_chunk = max_chunk;
+  options.fill_chunk = max_chunk;
+  return options;
+}
+
 absl::StatusOr<std::unique_ptr<DeviceKvStore>> DeviceKvStore::Create(const KvGeometry& geometry,
                                                                      const KvSchemeConfig& scheme,
                                                                      const Calibration* calibration,

@@ -70,6 +70,10 @@ struct DeviceKvStoreOptions {
   int fill_chunk = 8192;
 };
 
+// A store for one sequence of `tokens` positions fed in chunks of at most `max_chunk` (single-process
+// mode: a request's whole KV), never filled synthetically (no larger fill scratch).
+DeviceKvStoreOptions OneSequenceStoreOptions(int64_t tokens, int max_chunk);
+
 class DeviceKvStore {
  public:
   // Checks the scheme against the geometry and (kvq) the calibration, then allocates the pool.

@@ -60,12 +60,8 @@ class CudaBackend final : public GpuBackend {
     const std::string spec = scheme.ToString();
     if (store_ == nullptr || store_scheme_ != spec || store_->FreeTokens() < max_positions) {
       store_.reset();
-      DeviceKvStoreOptions store_options;
-      store_options.pool_tokens = max_positions;  // sized to the request, as the fp16 cache is
-      store_options.max_sequences = 1;
-      store_options.max_rows = 1;
-      store_options.max_chunk = model_->max_chunk();
-      store_options.fill_chunk = model_->max_chunk();  // never filled: no larger scratch
+      // Sized to the request, as the fp16 cache is.
+      DeviceKvStoreOptions store_options = OneSequenceStoreOptions(max_positions, model_->max_chunk());
       store_options.key_outlier_headroom = options_.key_outlier_headroom;
       KV_ASSIGN_OR_RETURN(store_, DeviceKvStore::Create(model_->kv_geometry(), scheme, options_.calibration.get(),
                                                         store_options));
