@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -64,6 +65,16 @@ inline int64_t CountMismatches(const std::vector<float>& actual, const std::vect
   EXPECT_EQ(actual.size(), ref.size());
   return CountMismatches(actual.data(), ref.data(), static_cast<int64_t>(std::min(actual.size(), ref.size())),
                          atol, rtol, label);
+}
+
+// ||got - want|| / ||want|| over want's size, in double (logits against a reference).
+inline double RelativeL2(const float* got, const std::vector<float>& want) {
+  double diff = 0, ref = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    diff += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
+    ref += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(diff / std::max(ref, 1e-30));
 }
 
 // A fresh, empty directory under the test temp dir, private to this process (ctest runs tests in parallel)

@@ -109,16 +109,6 @@ double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
   return m;
 }
 
-double RelativeL2(const std::vector<float>& a, const std::vector<float>& ref) {
-  double diff2 = 0, ref2 = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - ref[i];
-    diff2 += d * d;
-    ref2 += static_cast<double>(ref[i]) * ref[i];
-  }
-  return std::sqrt(diff2 / std::max(ref2, 1e-30));
-}
-
 // Greedy decoding on both backends from the same prompt, with the CLI's repetition penalty when
 // `repetition_penalty` != 1; logits of every step (before the penalty) are kept for the report. The KV
 // lives in `scheme`: on the CPU a shard of the engines' factory, on the GPU the fp16 cache or (kvq) one
@@ -217,7 +207,7 @@ Comparison CompareGreedy(const ModelWeights& weights, const std::vector<int32_t>
   }
   result.cpu_step0 = cpu_logits[0];
   result.gpu_step0 = gpu_logits[0];
-  result.step0_relative_l2 = RelativeL2(gpu_logits[0], cpu_logits[0]);
+  result.step0_relative_l2 = testing::RelativeL2(gpu_logits[0].data(), cpu_logits[0]);
   result.step0_max_abs = MaxAbsDiff(gpu_logits[0], cpu_logits[0]);
   int step = 0;
   while (step < kGreedyTokens && cpu_tokens[step] == gpu_tokens[step]) ++step;
@@ -313,9 +303,9 @@ TEST_F(GpuModelTest, SyntheticModelKvq3MatchesCpuKvq3) {
   const Comparison fp16 = CompareGreedy(weights, prompt, 1.0f, "fp16");
   const Comparison kvq3 = CompareGreedy(weights, prompt, 1.0f, "kvq3", calibration);
   ASSERT_FALSE(kvq3.cpu_step0.empty());
-  const double effect = RelativeL2(kvq3.cpu_step0, fp16.cpu_step0);
+  const double effect = testing::RelativeL2(kvq3.cpu_step0.data(), fp16.cpu_step0);
   const double bound = 0.6 * effect;
-  const double gpu_effect = RelativeL2(kvq3.gpu_step0, fp16.cpu_step0);
+  const double gpu_effect = testing::RelativeL2(kvq3.gpu_step0.data(), fp16.cpu_step0);
   std::printf("  kvq3 against fp16 on the CPU: relative L2 %.3g; GPU kvq3 against CPU kvq3 %.3g (bound %.3g), "
               "against CPU fp16 %.3g\n",
               effect, kvq3.step0_relative_l2, bound, gpu_effect);

@@ -17,6 +17,7 @@
 #include "kernels/sampling.h"
 #include "kvstore/quantized_shard.h"
 #include "tests/model_calibration.h"
+#include "tests/test_util.h"
 #include "worker/forward.h"
 #include "worker/gpu_worker.h"
 #include "worker/mpi_runtime.h"
@@ -67,14 +68,7 @@ ModelWeights Bf16ExactSyntheticModel() {
   return w;
 }
 
-double RelativeL2(const float* got, const std::vector<float>& want) {
-  double diff = 0, ref = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    diff += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
-    ref += static_cast<double>(want[i]) * want[i];
-  }
-  return std::sqrt(diff / std::max(ref, 1e-30));
-}
+using testing::RelativeL2;
 
 int32_t PromptToken(int64_t i, int64_t salt) { return static_cast<int32_t>((i * 131 + salt * 17 + 7) % 512); }
 
