@@ -19,10 +19,10 @@ namespace {
 
 double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-absl::Status SendToAllWorkers(MpiRuntime& mpi, const WorkerCommand& command, absl::Duration timeout) {
+absl::Status SendToAllWorkers(JobRuntime& job, const WorkerCommand& command, absl::Duration timeout) {
   const std::string bytes = EncodeCommand(command);
-  for (int rank = 1; rank < mpi.world_size(); ++rank) {
-    KV_RETURN_IF_ERROR(mpi.SendMessage(rank, kCommandTag, bytes, timeout));
+  for (int rank = 1; rank < job.world_size(); ++rank) {
+    KV_RETURN_IF_ERROR(job.SendMessage(rank, kCommandTag, bytes, timeout));
   }
   return absl::OkStatus();
 }
@@ -81,24 +81,24 @@ struct DistributedEngine::Request {
   }
 };
 
-absl::StatusOr<std::unique_ptr<DistributedEngine>> DistributedEngine::Create(MpiRuntime& mpi, ModelConfig config,
+absl::StatusOr<std::unique_ptr<DistributedEngine>> DistributedEngine::Create(JobRuntime& job, ModelConfig config,
                                                                              std::unique_ptr<Tokenizer> tokenizer,
                                                                              DistributedEngineOptions options) {
-  if (!mpi.is_coordinator()) return absl::FailedPreconditionError("the distributed engine runs on rank 0 only");
-  if (mpi.n_workers() < 1) return absl::FailedPreconditionError("the distributed engine needs at least one worker");
-  if (options.worker.kv_budget_bytes <= 0) return absl::InvalidArgumentError("the workers' KV budget must be positive");
+  if (!job.is_coordinator()) return absl::FailedPreconditionError("the distributed engine runs on rank 0 only");
+  if (job.n_workers() < 1) return absl::FailedPreconditionError("the distributed engine needs at least one worker");
+  if (options.worker.kv_budget_bytes < 0) return absl::InvalidArgumentError("the workers' KV budget must not be negative");
   const absl::Duration timeout = absl::Seconds(options.worker_timeout_s);
   WorkerCommand configure;
   configure.kind = CommandKind::kConfigure;
   configure.config = options.worker;
-  KV_RETURN_IF_ERROR(SendToAllWorkers(mpi, configure, timeout));
-  std::vector<int64_t> budgets(mpi.n_workers(), 0);
-  std::vector<std::string> devices(mpi.n_workers());
+  KV_RETURN_IF_ERROR(SendToAllWorkers(job, configure, timeout));
+  std::vector<int64_t> budgets(job.n_workers(), 0);
+  std::vector<std::string> devices(job.n_workers());
   std::vector<std::string> errors;
-  for (int i = 0; i < mpi.n_workers(); ++i) {
-    auto message = mpi.ReceiveMessage(MpiRuntime::kAnySource, kReplyTag, timeout);
+  for (int i = 0; i < job.n_workers(); ++i) {
+    auto message = job.ReceiveMessage(JobRuntime::kAnySource, kReplyTag, timeout);
     if (!message.ok()) {
-      mpi.Abort(absl::StrCat("the workers did not report ready within ", options.worker_timeout_s,
+      job.Abort(absl::StrCat("the workers did not report ready within ", options.worker_timeout_s,
                              " s (--worker_timeout_s); ending the job"));
     }
     KV_ASSIGN_OR_RETURN(WorkerHello hello, DecodeHello(message->bytes));
@@ -126,14 +126,24 @@ absl::StatusOr<std::unique_ptr<DistributedEngine>> DistributedEngine::Create(Mpi
     return absl::FailedPreconditionError(absl::StrJoin(errors, "; "));
   }
   return std::unique_ptr<DistributedEngine>(
-      new DistributedEngine(mpi, std::move(config), std::move(tokenizer), std::move(options), std::move(budgets),
+      new DistributedEngine(job, std::move(config), std::move(tokenizer), std::move(options), std::move(budgets),
                             std::move(devices)));
 }
 
-DistributedEngine::DistributedEngine(MpiRuntime& mpi, ModelConfig config, std::unique_ptr<Tokenizer> tokenizer,
+absl::StatusOr<std::unique_ptr<DistributedEngine>> DistributedEngine::CreateInProcess(
+    ModelConfig config, std::unique_ptr<Tokenizer> tokenizer, DistributedEngineOptions options,
+    KvShardFactoryMaker kv_factories) {
+  std::unique_ptr<InProcessJob> job = InProcessJob::Start(std::move(kv_factories));
+  KV_ASSIGN_OR_RETURN(std::unique_ptr<DistributedEngine> engine,
+                      Create(job->coordinator(), std::move(config), std::move(tokenizer), std::move(options)));
+  engine->in_process_job_ = std::move(job);
+  return engine;
+}
+
+DistributedEngine::DistributedEngine(JobRuntime& job, ModelConfig config, std::unique_ptr<Tokenizer> tokenizer,
                                      DistributedEngineOptions options, std::vector<int64_t> budgets,
                                      std::vector<std::string> devices)
-    : mpi_(mpi),
+    : job_(job),
       config_(std::move(config)),
       tokenizer_(std::move(tokenizer)),
       stop_ids_(tokenizer_->stop_ids()),
@@ -153,11 +163,12 @@ DistributedEngine::~DistributedEngine() {
   scheduler_.join();
   WorkerCommand reset;
   reset.kind = CommandKind::kReset;
-  const absl::Status sent = SendToAllWorkers(mpi_, reset, absl::Seconds(options_.worker_timeout_s));
-  if (!sent.ok()) mpi_.Abort(absl::StrCat("cannot reset the workers: ", sent.message()));
+  const absl::Status sent = SendToAllWorkers(job_, reset, absl::Seconds(options_.worker_timeout_s));
+  if (!sent.ok()) job_.Abort(absl::StrCat("cannot reset the workers: ", sent.message()));
 }
 
 std::string DistributedEngine::device_name() const {
+  if (in_process_job_ != nullptr && devices_.size() == 1) return devices_.front();  // single-process mode
   // "2 workers (NVIDIA H200 (GPU 0), NVIDIA H200 (GPU 1))"; one name when all workers compute alike.
   std::vector<std::string> names = devices_;
   const bool alike = std::all_of(names.begin(), names.end(), [&](const std::string& d) {
@@ -370,27 +381,27 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
   command.kind = CommandKind::kStep;
   command.plan = plan;
   const absl::Duration timeout = absl::Seconds(options_.worker_timeout_s);
-  const absl::Status sent = SendToAllWorkers(mpi_, command, timeout);
-  if (!sent.ok()) mpi_.Abort(absl::StrCat("cannot send step ", plan.step, " to the workers: ", sent.message()));
+  const absl::Status sent = SendToAllWorkers(job_, command, timeout);
+  if (!sent.ok()) job_.Abort(absl::StrCat("cannot send step ", plan.step, " to the workers: ", sent.message()));
 
   const int n = n_workers();
   std::vector<StepReport> reports(n);
   std::vector<bool> reported(n, false);
   const absl::Time deadline = absl::Now() + timeout;
   for (int received = 0; received < n; ++received) {
-    auto message = mpi_.ReceiveMessage(MpiRuntime::kAnySource, kReplyTag, std::max(deadline - absl::Now(), absl::ZeroDuration()));
+    auto message = job_.ReceiveMessage(JobRuntime::kAnySource, kReplyTag, std::max(deadline - absl::Now(), absl::ZeroDuration()));
     if (!message.ok()) {
       std::vector<std::string> missing;
       for (int w = 0; w < n; ++w) {
         if (!reported[w]) missing.push_back(absl::StrCat(w + 1));
       }
-      mpi_.Abort(absl::StrCat(missing.size() == 1 ? "worker rank " : "worker ranks ", absl::StrJoin(missing, ", "),
+      job_.Abort(absl::StrCat(missing.size() == 1 ? "worker rank " : "worker ranks ", absl::StrJoin(missing, ", "),
                               " did not report step ", plan.step,
                               " within ", options_.worker_timeout_s, " s (--worker_timeout_s); ending the job"));
     }
     auto report = DecodeReport(message->bytes);
-    if (!report.ok()) mpi_.Abort(absl::StrCat("bad report from rank ", message->source, ": ", report.status().message()));
-    if (!report->fatal.empty()) mpi_.Abort(absl::StrCat(report->fatal, "; ending the job"));
+    if (!report.ok()) job_.Abort(absl::StrCat("bad report from rank ", message->source, ": ", report.status().message()));
+    if (!report->fatal.empty()) job_.Abort(absl::StrCat(report->fatal, "; ending the job"));
     const int w = message->source - 1;
     reports[w] = std::move(*report);
     reported[w] = true;
@@ -563,13 +574,6 @@ void DistributedEngine::SchedulerLoop() {
     r->Post(done);
   }
   incoming_.clear();
-}
-
-void ShutdownWorkers(MpiRuntime& mpi) {
-  WorkerCommand shutdown;
-  shutdown.kind = CommandKind::kShutdown;
-  const absl::Status sent = SendToAllWorkers(mpi, shutdown, absl::Minutes(1));
-  if (!sent.ok()) mpi.Abort(absl::StrCat("cannot shut the workers down: ", sent.message()));
 }
 
 }  // namespace kvshard

@@ -1,5 +1,5 @@
-// The distributed engine: rank 0 of `mpirun -np N+1 kvshard ...`, serving the same Engine interface as
-// single-process mode so every front end runs unchanged.
+// The distributed engine: rank 0 of `mpirun -np N+1 kvshard ...`, and in single-process mode the same engine
+// over one in-process worker (CreateInProcess), so every front end runs unchanged and batches alike.
 //
 // A scheduler thread owns the control plane. Each step it sends every worker one StepPlan:
 //   - new requests with their placement (coordinator/placement.h), finished ones to free;
@@ -39,7 +39,8 @@
 #include "worker/control.h"
 #include "worker/kv_shard_factory.h"
 #include "worker/model.h"
-#include "worker/mpi_runtime.h"
+#include "worker/in_process_job.h"
+#include "worker/job_runtime.h"
 
 namespace kvshard {
 
@@ -71,9 +72,15 @@ class DistributedEngine final : public Engine {
  public:
   // Configures the workers (each loads the model) and waits until all are ready. `config` and `tokenizer`
   // are the coordinator's view of the model (it holds no weights).
-  static absl::StatusOr<std::unique_ptr<DistributedEngine>> Create(MpiRuntime& mpi, ModelConfig config,
+  static absl::StatusOr<std::unique_ptr<DistributedEngine>> Create(JobRuntime& job, ModelConfig config,
                                                                    std::unique_ptr<Tokenizer> tokenizer,
                                                                    DistributedEngineOptions options);
+  // Single-process mode: the same engine over one worker thread of this process (worker/in_process_job.h),
+  // which the engine owns and shuts down last.
+  static absl::StatusOr<std::unique_ptr<DistributedEngine>> CreateInProcess(ModelConfig config,
+                                                                            std::unique_ptr<Tokenizer> tokenizer,
+                                                                            DistributedEngineOptions options,
+                                                                            KvShardFactoryMaker kv_factories);
   ~DistributedEngine() override;
 
   const Tokenizer& tokenizer() const override { return *tokenizer_; }
@@ -99,7 +106,7 @@ class DistributedEngine final : public Engine {
   struct Request;  // scheduler state of one request (distributed_engine.cc)
 
  private:
-  DistributedEngine(MpiRuntime& mpi, ModelConfig config, std::unique_ptr<Tokenizer> tokenizer,
+  DistributedEngine(JobRuntime& job, ModelConfig config, std::unique_ptr<Tokenizer> tokenizer,
                     DistributedEngineOptions options, std::vector<int64_t> budgets, std::vector<std::string> devices);
   void SchedulerLoop();
   void Admit(StepPlan& plan);
@@ -112,7 +119,8 @@ class DistributedEngine final : public Engine {
   };
   absl::StatusOr<SchemeCost> CostOf(const std::string& scheme);
 
-  MpiRuntime& mpi_;
+  JobRuntime& job_;
+  std::unique_ptr<InProcessJob> in_process_job_;  // single-process mode: job_ is its coordinator end
   ModelConfig config_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::vector<int32_t> stop_ids_;
@@ -139,8 +147,5 @@ class DistributedEngine final : public Engine {
   size_t decode_rotation_ = 0;
   std::thread scheduler_;
 };
-
-// Ends every worker's loop (call once, on rank 0, when no engine is left, before MpiRuntime::Finalize).
-void ShutdownWorkers(MpiRuntime& mpi);
 
 }  // namespace kvshard

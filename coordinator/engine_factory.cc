@@ -10,7 +10,6 @@
 #include "coordinator/byte_tokenizer.h"
 #include "coordinator/commands.h"
 #include "coordinator/quality.h"
-#include "coordinator/single_process_engine.h"
 #include "worker/model_loader.h"
 #include "worker/mpi_runtime.h"
 
@@ -29,9 +28,12 @@ ABSL_FLAG(double, synthetic_rope_theta, 10000.0, "Synthetic model: RoPE theta");
 ABSL_FLAG(uint64_t, synthetic_seed, 1, "Synthetic model: weight seed");
 ABSL_FLAG(int64_t, synthetic_fill_tokens, 0,
           "SYNTHETIC FILL: write this many tokens of synthetic K/V into the shards before every prompt "
-          "(capacity and decode-speed runs; needs mpirun); every report of it says SYNTHETIC FILL");
+          "(capacity and decode-speed runs); every report of it says SYNTHETIC FILL");
 ABSL_FLAG(uint64_t, synthetic_fill_seed, 1, "SYNTHETIC FILL: value seed");
-ABSL_FLAG(int64_t, worker_kv_budget_mb, 4096, "KV cache memory each worker may hold, in MiB");
+ABSL_FLAG(int64_t, worker_kv_budget_mb, 0,
+          "KV cache memory each worker may hold, in MiB (0: a GPU worker takes what its GPU has free after the "
+          "model, a CPU worker half the memory the host (or its container) has available, shared by the node's "
+          "workers)");
 ABSL_FLAG(int64_t, single_worker_threshold_tokens, 2048,
           "Contexts of at most this many tokens (fill + prompt + max_tokens) go whole to one worker. Below "
           "about 3K tokens the demo model's attention costs less than its dense layers, so splitting gains "
@@ -187,7 +189,7 @@ absl::StatusOr<DistributedEngineOptions> DistributedOptionsFromFlags(std::string
   // check the calibration against the weights they load).
   KV_ASSIGN_OR_RETURN(options.kv_factory, KvShardFactoryMakerForThisBuild()(w.calibration_path, nullptr));
   const int64_t budget_mb = absl::GetFlag(FLAGS_worker_kv_budget_mb);
-  if (budget_mb <= 0) return absl::InvalidArgumentError("--worker_kv_budget_mb must be positive");
+  if (budget_mb < 0) return absl::InvalidArgumentError("--worker_kv_budget_mb must not be negative (0: automatic)");
   w.kv_budget_bytes = budget_mb << 20;
   w.threads = absl::GetFlag(FLAGS_worker_threads);
   w.device = absl::GetFlag(FLAGS_device);
@@ -228,48 +230,17 @@ KvShardFactoryMaker KvShardFactoryMakerForThisBuild() {
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags(std::string* kv_note) {
+  KV_ASSIGN_OR_RETURN(DistributedEngineOptions options, DistributedOptionsFromFlags(kv_note));
+  KV_ASSIGN_OR_RETURN(auto description, LoadModelDescription(options.worker.model_path, options.worker.synthetic));
   MpiRuntime* mpi = MpiRuntime::Get();
+  std::unique_ptr<DistributedEngine> engine;
   if (mpi != nullptr && mpi->n_workers() > 0) {
-    KV_ASSIGN_OR_RETURN(DistributedEngineOptions options, DistributedOptionsFromFlags(kv_note));
-    KV_ASSIGN_OR_RETURN(auto description, LoadModelDescription(options.worker.model_path, options.worker.synthetic));
-    KV_ASSIGN_OR_RETURN(auto engine, DistributedEngine::Create(*mpi, std::move(description.first),
-                                                               std::move(description.second), std::move(options)));
-    return std::unique_ptr<Engine>(std::move(engine));
-  }
-  if (absl::GetFlag(FLAGS_synthetic_fill_tokens) > 0) {
-    return absl::InvalidArgumentError(
-        "--synthetic_fill_tokens needs the distributed runtime: run under mpirun with at least one worker");
-  }
-  EngineOptions options;
-  options.device = absl::GetFlag(FLAGS_device);
-  KV_ASSIGN_OR_RETURN(options.cuda_graph_rows, CudaGraphRowsFromFlags());
-  KV_ASSIGN_OR_RETURN(options.gpu_prefill_chunk, GpuPrefillChunkFromFlags());
-  KV_ASSIGN_OR_RETURN(options.key_outlier_headroom, KeyOutlierHeadroomFromFlags());
-  const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
-  std::string model_path;
-  if (!synthetic) {
-    KV_ASSIGN_OR_RETURN(model_path, ResolveModelPath());
-  }
-  KV_ASSIGN_OR_RETURN(KvSettings kv, KvSettingsFromFlags(model_path));
-  options.default_kv_scheme = kv.scheme;
-  const std::string& calibration_path = kv.calibration_path;
-  if (!calibration_path.empty()) {  // one copy for the CPU shards and the GPU's kvq store
-    KV_ASSIGN_OR_RETURN(Calibration calibration, LoadCalibration(calibration_path));
-    options.calibration = std::make_shared<const Calibration>(std::move(calibration));
-  }
-  options.kv_factory = AllSchemesKvShardFactory(options.calibration);
-  std::unique_ptr<SingleProcessEngine> engine;
-  if (synthetic) {
-    KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
-    KV_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, MakeByteTokenizer(weights.config.vocab_size));
-    KV_ASSIGN_OR_RETURN(engine, SingleProcessEngine::Create(std::move(weights), std::move(tokenizer), options));
+    KV_ASSIGN_OR_RETURN(engine, DistributedEngine::Create(*mpi, std::move(description.first),
+                                                          std::move(description.second), std::move(options)));
   } else {
-    KV_ASSIGN_OR_RETURN(engine, SingleProcessEngine::Create(model_path, options));
-  }
-  if (kv_note != nullptr) *kv_note = kv.note;
-  if (options.calibration != nullptr) {  // checked against the model once it is loaded
-    KV_RETURN_IF_ERROR(Annotate(CheckCalibrationForModel(*options.calibration, ModelIdentityOf(engine->weights())),
-                                calibration_path));
+    KV_ASSIGN_OR_RETURN(engine, DistributedEngine::CreateInProcess(std::move(description.first),
+                                                                   std::move(description.second), std::move(options),
+                                                                   KvShardFactoryMakerForThisBuild()));
   }
   return std::unique_ptr<Engine>(std::move(engine));
 }

@@ -1,5 +1,6 @@
-// The engine the settings ask for: under mpirun with workers (on rank 0) the distributed engine, else
-// the single-process engine. Every front end (generate, summarize, serve, run-batch) makes its engine here.
+// The engine the settings ask for: the distributed engine, over the workers of mpirun (on rank 0) or, in
+// single-process mode, over one in-process worker. Every front end (generate, summarize, serve, run-batch)
+// makes its engine here.
 #pragma once
 
 #include <memory>

@@ -7,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
-#include "common/cpu_count.h"
+#include "common/host_resources.h"
 #include "coordinator/commands.h"
 #include "coordinator/distributed_engine.h"
 #include "coordinator/engine_factory.h"
@@ -28,7 +28,7 @@ const std::vector<Command>& AllCommands() {
       {"calibrate", "calibrate the kvq/wkv KV schemes: --text FILE --out FILE", RunCalibrate},
       {"perplexity", "perplexity with a KV scheme: --text FILE --ctx N --kv SCHEME [--calibration FILE]",
        RunPerplexity},
-      {"scale-bench", "decode-step and prefill timings under mpirun (SYNTHETIC FILL contexts): "
+      {"scale-bench", "decode-step and prefill timings of the workers (SYNTHETIC FILL contexts): "
        "--bench_tokens_per_worker, --bench_batches, --bench_prefill_tokens", RunScaleBench},
   };
   return commands;

@@ -1,6 +1,6 @@
 // `kvshard scale-bench`: decode-step and prefill timings of the distributed engine at the sizes of the
-// scale runs (bench/scale_run.sh drives it; bench/RESULTS.md holds the figures). Runs under mpirun, with
-// the model from the usual flags (normally --synthetic_model).
+// scale runs (bench/scale_run.sh drives it; bench/RESULTS.md holds the figures). Runs under mpirun, or in
+// one process over its one worker, with the model from the usual flags (normally --synthetic_model).
 //
 // Decode: for every tokens-per-worker size T and batch B, B requests of equal context run together, each
 // holding N*T/B tokens over the N workers: SYNTHETIC FILL of N*T/B - prompt - steps tokens written straight
@@ -290,7 +290,7 @@ absl::Status RunScaleBench(const std::vector<std::string>& args) {
   auto* distributed = dynamic_cast<DistributedEngine*>(engine.get());
   if (distributed == nullptr) {
     return absl::FailedPreconditionError(
-        "scale-bench measures the distributed engine: run it under mpirun with a coordinator and at least one worker");
+        "scale-bench measures the distributed engine, which this engine is not");
   }
   KV_ASSIGN_OR_RETURN(std::vector<int64_t> sizes,
                       ParseSizes("bench_tokens_per_worker", absl::GetFlag(FLAGS_bench_tokens_per_worker)));

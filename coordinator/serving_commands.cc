@@ -1,5 +1,5 @@
 // `kvshard serve`, `kvshard run-batch` and `kvshard summarize --input-dir`: the front ends over the
-// engine the flags ask for (single-process, or distributed under mpirun).
+// engine the flags ask for (coordinator/engine_factory.h).
 #include <cstdio>
 
 #include "absl/flags/declare.h"
@@ -12,7 +12,6 @@
 #include "coordinator/http_server.h"
 #include "coordinator/serving_flags.h"
 #include "coordinator/engine_factory.h"
-#include "worker/mpi_runtime.h"
 
 ABSL_DECLARE_FLAG(std::string, input_dir);
 
@@ -25,15 +24,6 @@ absl::Status NoPositionalArguments(const char* command, const std::vector<std::s
       absl::StrCat(command, " takes no positional arguments; got '", absl::StrJoin(args, " "), "'"));
 }
 
-// Single-process mode runs requests one at a time; say how to have them decode together.
-void NoteOneAtATime(const char* command, const Engine& engine) {
-  if (engine.max_concurrent_requests() > 1 || MpiRuntime::Get() != nullptr) return;
-  std::fprintf(stderr,
-               "kvshard %s: one request at a time in one process; under mpirun (a coordinator and a worker per "
-               "GPU, e.g. mpirun -np 2 on one GPU) up to --max_batch requests decode together\n",
-               command);
-}
-
 }  // namespace
 
 absl::Status RunServeCommand(const std::vector<std::string>& args) {
@@ -42,7 +32,6 @@ absl::Status RunServeCommand(const std::vector<std::string>& args) {
   std::string kv_note;
   KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags(&kv_note));
   if (!kv_note.empty()) std::fprintf(stderr, "kvshard serve: KV cache of requests that name none: %s\n", kv_note.c_str());
-  NoteOneAtATime("serve", *engine);
   return RunServe(*engine, options);
 }
 
@@ -53,7 +42,6 @@ absl::Status RunBatchCommand(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError("run-batch needs -i IN.jsonl -o OUT.jsonl");
   }
   KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
-  if (options.show_progress) NoteOneAtATime("run-batch", *engine);
   return RunBatch(*engine, options).status();
 }
 
@@ -66,7 +54,6 @@ absl::Status RunSummarizeDirCommand(const std::vector<std::string>& args) {
   KV_RETURN_IF_ERROR(NoPositionalArguments("summarize", args));
   KV_ASSIGN_OR_RETURN(SummarizeDirOptions options, SummarizeDirOptionsFromFlags());
   KV_ASSIGN_OR_RETURN(auto engine, MakeEngineFromFlags());
-  if (options.batch.show_progress) NoteOneAtATime("summarize", *engine);
   return RunSummarizeDir(*engine, options).status();
 }
 

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "worker/collectives.h"
+#include "worker/job_runtime.h"
 
 namespace kvshard {
 
@@ -25,47 +26,30 @@ namespace kvshard {
 // the job has more than one rank.
 bool LaunchedByMpirunWithPeers();
 
-class MpiRuntime {
+class MpiRuntime final : public JobRuntime {
  public:
-  static constexpr int kAnySource = -1;
-
   // Initializes MPI once per process (thread level "serialized": one thread at a time calls MPI) and
   // builds the workers' communicator. Later calls return the same runtime.
   static absl::StatusOr<MpiRuntime*> Initialize(int* argc, char*** argv);
   // The runtime, or nullptr when MPI was not initialized (single-process mode).
   static MpiRuntime* Get();
 
-  int world_rank() const { return world_rank_; }
-  int world_size() const { return world_size_; }
-  int n_workers() const { return world_size_ - 1; }
-  // Ranks of this job on this node (the coordinator included): workers size their CPU thread pools by it.
-  int ranks_on_node() const { return ranks_on_node_; }
-  // On a worker: its index among the workers of its node (0-based), and their number. A GPU worker
-  // takes the GPU of that index.
-  int local_worker_index() const { return local_worker_index_; }
-  int workers_on_node() const { return workers_on_node_; }
-  bool is_coordinator() const { return world_rank_ == 0; }
+  int world_rank() const override { return world_rank_; }
+  int world_size() const override { return world_size_; }
+  int ranks_on_node() const override { return ranks_on_node_; }
+  int local_worker_index() const override { return local_worker_index_; }
+  int workers_on_node() const override { return workers_on_node_; }
 
-  // Control plane. Sends `bytes` to world rank `dest` with `tag`; waits at most `timeout` for the
-  // receiver to take it.
-  absl::Status SendMessage(int dest, int tag, std::string_view bytes, absl::Duration timeout);
-  struct Message {
-    int source = -1;
-    std::string bytes;
-  };
-  // The next message with `tag` from `source` (kAnySource: from any rank). DeadlineExceeded after
-  // `timeout` (absl::InfiniteDuration(): wait for ever).
-  absl::StatusOr<Message> ReceiveMessage(int source, int tag, absl::Duration timeout);
-
-  // The data plane of the workers (call on workers only). Operations fail with DeadlineExceeded when
-  // peers do not take part within `timeout`.
-  absl::StatusOr<std::unique_ptr<Collectives>> MakeWorkerCollectives(absl::Duration timeout);
+  // Control messages over MPI_COMM_WORLD; the workers' data plane over their own communicator.
+  absl::Status SendMessage(int dest, int tag, std::string_view bytes, absl::Duration timeout) override;
+  absl::StatusOr<Message> ReceiveMessage(int source, int tag, absl::Duration timeout) override;
+  absl::StatusOr<std::unique_ptr<Collectives>> MakeWorkerCollectives(absl::Duration timeout) override;
   // Collectives over every rank of the job, the coordinator included: for multi-rank unit tests that
   // run the same code on every rank.
   std::unique_ptr<Collectives> MakeWorldCollectivesForTesting(absl::Duration timeout);
 
   // Prints "kvshard: rank R: MESSAGE" on stderr and ends the whole job (MPI_Abort).
-  [[noreturn]] void Abort(std::string_view message);
+  [[noreturn]] void Abort(std::string_view message) override;
   // Ends MPI for this process (after every message is done).
   void Finalize();
 

@@ -13,7 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/cpu_count.h"
+#include "common/host_resources.h"
 #include "common/status.h"
 #include "worker/control.h"
 #include "worker/distributed_attention.h"
@@ -40,15 +40,15 @@ struct LocalRequest {
 
 class Worker {
  public:
-  Worker(MpiRuntime& mpi, KvShardFactoryMaker kv_factories)
-      : mpi_(mpi), kv_factories_(std::move(kv_factories)), me_(mpi.world_rank() - 1) {}
+  Worker(JobRuntime& job, KvShardFactoryMaker kv_factories)
+      : job_(job), kv_factories_(std::move(kv_factories)), me_(job.world_rank() - 1) {}
 
   int Run() {
     while (true) {
-      auto message = mpi_.ReceiveMessage(0, kCommandTag, absl::InfiniteDuration());
-      if (!message.ok()) mpi_.Abort(absl::StrCat("worker lost the coordinator: ", message.status().message()));
+      auto message = job_.ReceiveMessage(0, kCommandTag, absl::InfiniteDuration());
+      if (!message.ok()) job_.Abort(absl::StrCat("worker lost the coordinator: ", message.status().message()));
       auto command = DecodeCommand(message->bytes);
-      if (!command.ok()) mpi_.Abort(absl::StrCat("bad command from the coordinator: ", command.status().message()));
+      if (!command.ok()) job_.Abort(absl::StrCat("bad command from the coordinator: ", command.status().message()));
       switch (command->kind) {
         case CommandKind::kConfigure:
           Reply(EncodeHello(Configure(command->config)));
@@ -71,11 +71,11 @@ class Worker {
 
  private:
   void Reply(const std::string& bytes) {
-    const absl::Status sent = mpi_.SendMessage(0, kReplyTag, bytes, kReplyTimeout);
-    if (!sent.ok()) mpi_.Abort(absl::StrCat("cannot answer the coordinator: ", sent.message()));
+    const absl::Status sent = job_.SendMessage(0, kReplyTag, bytes, kReplyTimeout);
+    if (!sent.ok()) job_.Abort(absl::StrCat("cannot answer the coordinator: ", sent.message()));
   }
 
-  std::string Who() const { return absl::StrCat("worker rank ", mpi_.world_rank()); }
+  std::string Who() const { return absl::StrCat("worker rank ", job_.world_rank()); }
 
   WorkerHello Configure(const WorkerConfig& config) {
     WorkerHello hello;
@@ -83,10 +83,11 @@ class Worker {
     config_ = config;
     requests_.clear();
     steps_since_configure_ = 0;
-    threads_ = config.threads > 0 ? config.threads : ThreadsPerRank(mpi_.ranks_on_node());
+    threads_ = config.threads > 0 ? config.threads : ThreadsPerRank(job_.ranks_on_node());
     omp_set_num_threads(threads_);
     hello.threads = threads_;
-    hello.kv_budget_bytes = config.kv_budget_bytes;
+    kv_budget_bytes_ = config.kv_budget_bytes > 0 ? config.kv_budget_bytes : AutomaticCpuKvBudget();
+    hello.kv_budget_bytes = kv_budget_bytes_;
     const absl::Status loaded = LoadModelOnce(config);
     if (!loaded.ok()) {
       hello.error = absl::StrCat(Who(), ": ", loaded.message());
@@ -98,7 +99,7 @@ class Worker {
       return hello;
     }
     factory_ = std::move(*factory);
-    auto collectives = mpi_.MakeWorkerCollectives(absl::Seconds(config.collective_timeout_s));
+    auto collectives = job_.MakeWorkerCollectives(absl::Seconds(config.collective_timeout_s));
     if (!collectives.ok()) {
       hello.error = absl::StrCat(Who(), ": ", collectives.status().message());
       return hello;
@@ -115,6 +116,15 @@ class Worker {
     return hello;
   }
 
+  // The CPU backend's KV budget when config names none: half the memory this process may still take, shared
+  // by the node's workers (the rest is for the weights, activations and everything else on the host).
+  int64_t AutomaticCpuKvBudget() const {
+    constexpr int64_t kWhenUnknown = int64_t{4} << 30;
+    const int64_t available = AvailableMemoryBytes();
+    if (available <= 0) return kWhenUnknown;
+    return std::max<int64_t>(int64_t{64} << 20, available / 2 / std::max(1, job_.workers_on_node()));
+  }
+
   // A GPU per worker (by its index among the workers of its node) when config says gpu, or auto and the
   // node has a GPU for each of its workers; else the CPU backend. Every worker of a node decides alike,
   // so the GPU workers join their NCCL communicator together.
@@ -123,7 +133,7 @@ class Worker {
       return absl::InvalidArgumentError(absl::StrCat("unknown device '", config.device, "' (auto, cpu, gpu)"));
     }
     const int gpus = config.device == "cpu" ? 0 : GpuWorker::DeviceCount();
-    const int needed = std::max(1, mpi_.workers_on_node());
+    const int needed = std::max(1, job_.workers_on_node());
     if (config.device == "gpu" && gpus < needed) {
       return absl::FailedPreconditionError(absl::StrCat("--device gpu: this node has ", gpus, " GPUs for ", needed,
                                                         " workers (one GPU each)"));
@@ -142,7 +152,7 @@ class Worker {
     if (gpu_ == nullptr || key != gpu_key_) {
       gpu_.reset();
       GpuWorkerOptions options;
-      options.device = mpi_.local_worker_index();
+      options.device = job_.local_worker_index();
       options.merge = config.merge;
       options.collective_timeout = absl::Seconds(config.collective_timeout_s);
       options.kv_budget_bytes = config.kv_budget_bytes;
@@ -285,11 +295,11 @@ class Worker {
       report.kv_bytes += memory.bytes;
       report.kv_elements += memory.elements;
     }
-    if (config_.kv_budget_bytes > 0 && report.kv_bytes > config_.kv_budget_bytes) {
+    if (gpu_ == nullptr && report.kv_bytes > kv_budget_bytes_) {
       for (int64_t id : touched) {
         Lookup(id).state.Fail(absl::ResourceExhaustedError(absl::StrFormat(
             "holds %.1f MiB of KV, over its budget of %.1f MiB", report.kv_bytes / 1048576.0,
-            config_.kv_budget_bytes / 1048576.0)));
+            kv_budget_bytes_ / 1048576.0)));
       }
     }
     for (int64_t id : touched) {
@@ -512,12 +522,13 @@ class Worker {
     return absl::OkStatus();
   }
 
-  MpiRuntime& mpi_;
+  JobRuntime& job_;
   KvShardFactoryMaker kv_factories_;
   KvShardFactory factory_;
   const int me_;
   WorkerConfig config_;
   int threads_ = 1;
+  int64_t kv_budget_bytes_ = 0;  // the CPU backend's (config's, or AutomaticCpuKvBudget)
   int max_prefill_chunk_ = CpuModel::max_chunk();  // prompt tokens per prefill step (WorkerHello)
   std::string model_key_;
   std::unique_ptr<ModelWeights> weights_;
@@ -531,9 +542,19 @@ class Worker {
 
 }  // namespace
 
-int RunWorker(MpiRuntime& mpi, KvShardFactoryMaker kv_factories) {
-  Worker worker(mpi, std::move(kv_factories));
+int RunWorker(JobRuntime& job, KvShardFactoryMaker kv_factories) {
+  Worker worker(job, std::move(kv_factories));
   return worker.Run();
+}
+
+void ShutdownWorkers(JobRuntime& job) {
+  WorkerCommand shutdown;
+  shutdown.kind = CommandKind::kShutdown;
+  const std::string bytes = EncodeCommand(shutdown);
+  for (int rank = 1; rank < job.world_size(); ++rank) {
+    const absl::Status sent = job.SendMessage(rank, kCommandTag, bytes, absl::Minutes(1));
+    if (!sent.ok()) job.Abort(absl::StrCat("cannot shut the workers down: ", sent.message()));
+  }
 }
 
 }  // namespace kvshard

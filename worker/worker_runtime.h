@@ -1,4 +1,4 @@
-// A worker rank of the distributed runtime (MPI ranks 1..N): it waits for the coordinator's commands
+// A worker rank of the distributed runtime (ranks 1..N under mpirun, or single-process mode's one worker): it waits for the coordinator's commands
 // (worker/control.h), keeps the KV shards of its token ranges, runs the replicated dense layers and its
 // part of attention in lock step with the other workers, and answers every step with a report.
 //
@@ -7,12 +7,15 @@
 #pragma once
 
 #include "worker/kv_shard_factory.h"
-#include "worker/mpi_runtime.h"
+#include "worker/job_runtime.h"
 
 namespace kvshard {
 
 // Runs until the coordinator sends shutdown; returns the process exit code. `kv_factories` makes the
 // worker's KV shard factory from the settings each configure command brings.
-int RunWorker(MpiRuntime& mpi, KvShardFactoryMaker kv_factories);
+int RunWorker(JobRuntime& job, KvShardFactoryMaker kv_factories);
+
+// Ends every worker's loop (call once, on rank 0, when no engine is left).
+void ShutdownWorkers(JobRuntime& job);
 
 }  // namespace kvshard

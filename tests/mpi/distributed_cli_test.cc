@@ -71,10 +71,11 @@ TEST(DistributedCliTest, ServesHttpUnderMpirunWithKvMetricsPerWorker) {
   EXPECT_TRUE(std::regex_search(r.output, std::regex("\"merges\": [1-9]"))) << r.output;
 }
 
-// run-batch under mpirun hands the distributed engine several requests at once (its decode batch), and
-// every line is answered.
-TEST(DistributedCliTest, RunsABatchFileWithRequestsDecodedTogether) {
-  const auto dir = std::filesystem::temp_directory_path() / ("kvshard_run_batch_" + std::to_string(getpid()));
+// run-batch hands the distributed engine several requests at once (its decode batch), under mpirun and in
+// one process alike, and every line is answered.
+void ExpectBatchDecodedTogether(bool under_mpirun) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("kvshard_run_batch_" + std::to_string(getpid()) + (under_mpirun ? "_mpi" : "_one"));
   std::filesystem::create_directories(dir);
   {
     std::ofstream in(dir / "in.jsonl");
@@ -83,8 +84,9 @@ TEST(DistributedCliTest, RunsABatchFileWithRequestsDecodedTogether) {
          << "{\"prompt\": \"request number " << i << "\", \"max_tokens\": 8, \"temperature\": 0}}\n";
     }
   }
-  const RunResult r = RunCommand(Mpirun(3, "run-batch -i " + (dir / "in.jsonl").string() + " -o " +
-                                                (dir / "out.jsonl").string() + " --max_batch 4" + kTinyModel));
+  const std::string args =
+      "run-batch -i " + (dir / "in.jsonl").string() + " -o " + (dir / "out.jsonl").string() + " --max_batch 4" + kTinyModel;
+  const RunResult r = RunCommand(under_mpirun ? Mpirun(3, args) : "timeout 120 " + Kvshard() + " " + args);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   std::smatch at_once;
   ASSERT_TRUE(std::regex_search(r.output, at_once, std::regex("6 succeeded, 0 failed, 0 skipped \\(answered before\\), "
@@ -101,6 +103,10 @@ TEST(DistributedCliTest, RunsABatchFileWithRequestsDecodedTogether) {
   EXPECT_EQ(records, 6);
   std::filesystem::remove_all(dir);
 }
+
+TEST(DistributedCliTest, RunsABatchFileWithRequestsDecodedTogether) { ExpectBatchDecodedTogether(true); }
+
+TEST(DistributedCliTest, RunsABatchFileWithRequestsDecodedTogetherInOneProcess) { ExpectBatchDecodedTogether(false); }
 
 TEST(DistributedCliTest, EveryLineAboutTheFillSaysSyntheticFill) {
   const RunResult r = RunCommand(Mpirun(
@@ -145,16 +151,20 @@ TEST(DistributedCliTest, ScaleBenchSizesThatLeaveNoRoomAreAClearError) {
   EXPECT_NE(r.output.find("leave no room"), std::string::npos) << r.output;
 }
 
-TEST(DistributedCliTest, ScaleBenchWithoutWorkersIsAClearError) {
-  const RunResult r = RunCommand("timeout 60 " + Kvshard() + " scale-bench" + kTinyModel);
-  EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_NE(r.output.find("run it under mpirun"), std::string::npos) << r.output;
+TEST(DistributedCliTest, ScaleBenchRunsInOneProcessOverItsWorker) {
+  const RunResult r = RunCommand("timeout 120 " + Kvshard() +
+                                 " scale-bench --bench_tokens_per_worker 2000 --bench_batches 2 --bench_decode_steps 4 "
+                                 "--bench_prompt_tokens 8" + kTinyModel);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(std::regex_search(r.output, std::regex("decode  workers 1  tokens/worker +2000  batch +2 .*SYNTHETIC FILL")))
+      << r.output;
 }
 
-TEST(DistributedCliTest, FillWithoutWorkersIsAClearError) {
-  const RunResult r = RunCommand("timeout 60 " + Kvshard() + " generate --prompt hi --synthetic_fill_tokens 10" + kTinyModel);
-  EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_NE(r.output.find("needs the distributed runtime"), std::string::npos) << r.output;
+TEST(DistributedCliTest, FillInOneProcessSaysSyntheticFill) {
+  const RunResult r =
+      RunCommand("timeout 60 " + Kvshard() + " generate --prompt hi --max_tokens 4 --synthetic_fill_tokens 10" + kTinyModel);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("SYNTHETIC FILL of 10 tokens"), std::string::npos) << r.output;
 }
 
 TEST(DistributedCliTest, FailingWorkerFailsTheRequestNamingTheRank) {

@@ -14,8 +14,8 @@
 #include "coordinator/distributed_engine.h"
 #include "coordinator/single_process_engine.h"
 #include "gtest/gtest.h"
+#include "tests/mpi/test_engine.h"
 #include "worker/forward.h"
-#include "worker/mpi_runtime.h"
 #include "worker/sampler.h"
 #include "worker/synthetic.h"
 
@@ -51,7 +51,7 @@ std::unique_ptr<DistributedEngine> MakeEngine(DistributedEngineOptions options) 
   auto config = SyntheticModelConfig(*options.worker.synthetic);
   EXPECT_TRUE(config.ok());
   auto tokenizer = MakeByteTokenizer(config->vocab_size);
-  auto engine = DistributedEngine::Create(*MpiRuntime::Get(), *config, std::move(*tokenizer), std::move(options));
+  auto engine = CreateTestEngine(*config, std::move(*tokenizer), std::move(options));
   EXPECT_TRUE(engine.ok()) << engine.status();
   return engine.ok() ? std::move(*engine) : nullptr;
 }
@@ -238,13 +238,13 @@ TEST_F(DistributedEngineTest, RequestsWaitForRoomWhileOthersRun) {
 TEST_F(DistributedEngineTest, InjectedWorkerFailureFailsTheRequestWithTheRankAndTheEngineGoesOn) {
   DistributedEngineOptions options = SmallOptions();
   options.worker.faults.fail_step = 3;
-  options.worker.faults.worker = MpiRuntime::Get()->n_workers() - 1;
+  options.worker.faults.worker = TestEngineWorkers() - 1;
   auto engine = MakeEngine(options);
   ASSERT_NE(engine, nullptr);
   auto failed = engine->Generate(Request(1500, 20, 61), nullptr, nullptr);
   ASSERT_FALSE(failed.ok());
   const std::string message(failed.status().message());
-  EXPECT_NE(message.find(absl::StrCat("worker rank ", MpiRuntime::Get()->n_workers())), std::string::npos) << message;
+  EXPECT_NE(message.find(absl::StrCat("worker rank ", TestEngineWorkers())), std::string::npos) << message;
   EXPECT_NE(message.find("injected failure"), std::string::npos) << message;
   const GenerationRequest next = Request(1500, 8, 62);
   EXPECT_EQ(Tokens(*engine, next), Tokens(*reference_, next));

@@ -1,16 +1,38 @@
-// main() of the multi-rank tests of the distributed engine (*_engine_test.cc): rank 0 runs the tests,
-// which create DistributedEngines; ranks 1..N are workers until rank 0 shuts them down.
+// main() of the tests of the distributed engine (*_engine_test.cc). Under mpirun rank 0 runs the tests,
+// which create DistributedEngines, and ranks 1..N are workers until rank 0 shuts them down. Run alone, the
+// tests' engines each have one in-process worker (single-process mode).
 #include <cstdio>
 
 #include "coordinator/distributed_engine.h"
 #include "coordinator/engine_factory.h"
 #include "gtest/gtest.h"
+#include "tests/mpi/test_engine.h"
 #include "worker/kv_shard_factory.h"
 #include "worker/mpi_runtime.h"
 #include "worker/worker_runtime.h"
 
+namespace kvshard {
+
+absl::StatusOr<std::unique_ptr<DistributedEngine>> CreateTestEngine(ModelConfig config,
+                                                                     std::unique_ptr<Tokenizer> tokenizer,
+                                                                     DistributedEngineOptions options) {
+  if (MpiRuntime* mpi = MpiRuntime::Get(); mpi != nullptr) {
+    return DistributedEngine::Create(*mpi, std::move(config), std::move(tokenizer), std::move(options));
+  }
+  return DistributedEngine::CreateInProcess(std::move(config), std::move(tokenizer), std::move(options),
+                                            KvShardFactoryMakerForThisBuild());
+}
+
+int TestEngineWorkers() { return MpiRuntime::Get() != nullptr ? MpiRuntime::Get()->n_workers() : 1; }
+
+}  // namespace kvshard
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
+  if (!kvshard::LaunchedByMpirunWithPeers()) {
+    std::printf("no mpirun: each engine runs over one in-process worker\n");
+    return RUN_ALL_TESTS();
+  }
   auto mpi = kvshard::MpiRuntime::Initialize(&argc, &argv);
   if (!mpi.ok()) {
     std::fprintf(stderr, "%s\n", std::string(mpi.status().message()).c_str());

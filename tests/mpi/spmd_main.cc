@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <cstdio>
 
-#include "common/cpu_count.h"
+#include "common/host_resources.h"
 #include "gtest/gtest.h"
 #include "worker/mpi_runtime.h"
 

@@ -1,8 +1,12 @@
+// What this host lets a process use: CPU threads and memory.
+//
 // How many CPU threads this process should run: std::thread::hardware_concurrency and OpenMP's default
 // count every online CPU, while a container's CPU quota (docker --cpus, Kubernetes CPU limits: the cgroup's
 // cpu.max or cpu.cfs_quota_us) or an affinity mask (taskset, mpirun --bind-to) may allow far fewer, and
 // threads beyond those only wait for each other.
 #pragma once
+
+#include <cstdint>
 
 #include "absl/strings/string_view.h"
 
@@ -26,5 +30,17 @@ int NodeCpuCount();
 // Threads for one of `ranks_on_node` processes of this node: its share of NodeCpuCount, at most the CPUs
 // its affinity mask allows, at least 1.
 int ThreadsPerRank(int ranks_on_node);
+
+// Memory: /proc/meminfo's MemAvailable counts the whole host, while a container's memory limit (cgroup v2
+// memory.max, v1 memory.limit_in_bytes) may leave far less.
+
+// MemAvailable of a /proc/meminfo text, in bytes; 0 when absent.
+int64_t MemAvailableOfMeminfo(absl::string_view meminfo);
+// Bytes a cgroup limit ("max", or a byte count) leaves after `usage` bytes; -1 when unlimited or unreadable.
+int64_t CgroupMemoryLeft(absl::string_view limit, absl::string_view usage);
+
+// Memory this process may still take: MemAvailable, capped by its cgroup's limit less its usage; 0 when
+// neither can be read.
+int64_t AvailableMemoryBytes();
 
 }  // namespace kvshard

@@ -1,4 +1,4 @@
-#include "common/cpu_count.h"
+#include "common/host_resources.h"
 
 #include <sched.h>
 
@@ -123,6 +123,43 @@ int NodeCpuCount() {
 int ThreadsPerRank(int ranks_on_node) {
   const int share = std::max(1, NodeCpuCount() / std::max(1, ranks_on_node));
   return std::max(1, std::min(share, AffinityCpuCount()));
+}
+
+int64_t MemAvailableOfMeminfo(absl::string_view meminfo) {
+  for (absl::string_view line : absl::StrSplit(meminfo, '\n', absl::SkipEmpty())) {
+    if (!absl::ConsumePrefix(&line, "MemAvailable:")) continue;
+    line = absl::StripAsciiWhitespace(line);
+    int64_t kib = 0;
+    if (!absl::ConsumeSuffix(&line, "kB") || !absl::SimpleAtoi(absl::StripAsciiWhitespace(line), &kib) || kib < 0) {
+      return 0;
+    }
+    return kib * 1024;
+  }
+  return 0;
+}
+
+int64_t CgroupMemoryLeft(absl::string_view limit, absl::string_view usage) {
+  int64_t max_bytes = 0, used = 0;
+  if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(limit), &max_bytes) || max_bytes <= 0) return -1;
+  // cgroup v1 writes "no limit" as a huge page-rounded number.
+  if (max_bytes >= (int64_t{1} << 60)) return -1;
+  if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(usage), &used) || used < 0) used = 0;
+  return std::max<int64_t>(0, max_bytes - used);
+}
+
+int64_t AvailableMemoryBytes() {
+  int64_t available = MemAvailableOfMeminfo(ReadSmallFile("/proc/meminfo"));
+  int64_t left = -1;
+  std::string path;
+  if (CgroupPath("", &path)) {
+    const std::string dir = "/sys/fs/cgroup" + path;
+    left = CgroupMemoryLeft(ReadSmallFile(dir + "/memory.max"), ReadSmallFile(dir + "/memory.current"));
+  } else if (CgroupPath("memory", &path)) {
+    const std::string dir = "/sys/fs/cgroup/memory" + path;
+    left = CgroupMemoryLeft(ReadSmallFile(dir + "/memory.limit_in_bytes"), ReadSmallFile(dir + "/memory.usage_in_bytes"));
+  }
+  if (left >= 0) available = available > 0 ? std::min(available, left) : left;
+  return available;
 }
 
 }  // namespace kvshard

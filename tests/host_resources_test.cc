@@ -1,5 +1,6 @@
-// CPU counts under container quotas and affinity masks (common/cpu_count.h).
-#include "common/cpu_count.h"
+// CPU counts under container quotas and affinity masks, and available memory under container limits
+// (common/host_resources.h).
+#include "common/host_resources.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -37,6 +38,29 @@ TEST(CpuCount, ThisProcess) {
   EXPECT_LE(ThreadsPerRank(1), NodeCpuCount());
   EXPECT_GE(ThreadsPerRank(1000), 1);
   EXPECT_LE(ThreadsPerRank(3), ThreadsPerRank(1));
+}
+
+TEST(AvailableMemory, Meminfo) {
+  EXPECT_EQ(MemAvailableOfMeminfo("MemTotal:       16384 kB\nMemFree:          1024 kB\nMemAvailable:     8192 kB\n"),
+            int64_t{8192} * 1024);
+  EXPECT_EQ(MemAvailableOfMeminfo("MemTotal:       16384 kB\n"), 0);
+  EXPECT_EQ(MemAvailableOfMeminfo("MemAvailable: lots\n"), 0);
+  EXPECT_EQ(MemAvailableOfMeminfo(""), 0);
+}
+
+TEST(AvailableMemory, CgroupLimit) {
+  EXPECT_EQ(CgroupMemoryLeft("4294967296\n", "1073741824\n"), int64_t{3} << 30);
+  EXPECT_EQ(CgroupMemoryLeft("1000", "5000"), 0);      // over the limit: nothing left
+  EXPECT_EQ(CgroupMemoryLeft("max\n", "1073741824"), -1);  // v2, unlimited
+  EXPECT_EQ(CgroupMemoryLeft("9223372036854771712\n", "1"), -1);  // v1, unlimited
+  EXPECT_EQ(CgroupMemoryLeft("", ""), -1);
+  EXPECT_EQ(CgroupMemoryLeft("2048", ""), 2048);  // usage unreadable: the whole limit
+}
+
+TEST(AvailableMemory, ThisProcess) {
+  const int64_t available = AvailableMemoryBytes();
+  std::printf("  available memory %.2f GiB\n", available / 1073741824.0);
+  EXPECT_GT(available, 0);
 }
 
 }  // namespace
