@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <set>
 
 #include <cuda_runtime.h>
 #include <nvtx3/nvToolsExt.h>
@@ -245,6 +246,8 @@ class CudaGpuWorker final : public GpuWorker {
   KvGeometry kv_geometry() const override { return model_->kv_geometry(); }
 
   absl::Status AddRequest(int64_t id, const std::string& scheme, int64_t start_position, int64_t capacity) override {
+    // One scheme at a time: an idle worker remakes its store for a request of another scheme.
+    if (store_ != nullptr && scheme != scheme_ && held_.empty()) store_.reset();
     if (store_ == nullptr) {
       KV_ASSIGN_OR_RETURN(KvSchemeConfig config, ParseKvScheme(scheme));
       if (config.needs_calibration() && options_.calibration == nullptr) {
@@ -261,14 +264,18 @@ class CudaGpuWorker final : public GpuWorker {
                                                         store_options));
       scheme_ = scheme;
     } else if (scheme != scheme_) {
-      return absl::InvalidArgumentError(absl::StrCat("GPU workers hold one KV scheme per job; this job's is ", scheme_,
-                                                     ", the request asks for ", scheme));
+      return absl::InvalidArgumentError(absl::StrCat("GPU workers hold one KV scheme at a time; the requests they hold "
+                                                     "now use ", scheme_, ", this one asks for ", scheme,
+                                                     " (send it again once they are done)"));
     }
-    return store_->AddSequence(id, start_position, capacity);
+    KV_RETURN_IF_ERROR(store_->AddSequence(id, start_position, capacity));
+    held_.insert(id);
+    return absl::OkStatus();
   }
 
   void RemoveRequest(int64_t id) override {
     if (store_ != nullptr) store_->RemoveSequence(id);
+    held_.erase(id);
   }
   bool Holds(int64_t id) const override { return store_ != nullptr && store_->Contains(id); }
   int64_t length(int64_t id) const override {
@@ -406,6 +413,7 @@ class CudaGpuWorker final : public GpuWorker {
   int64_t kv_budget_;
   std::unique_ptr<DeviceKvStore> store_;
   std::string scheme_;
+  std::set<int64_t> held_;  // requests with KV in store_
   Scratch scratch_;
   std::vector<cudaEvent_t> merge_events_;
 };
