@@ -1,5 +1,7 @@
 #include "coordinator/distributed_engine.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <chrono>
 
@@ -531,6 +533,11 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
 }
 
 void DistributedEngine::SchedulerLoop() {
+  // The coordinator's own work (probing a scheme's bytes per token) is small. A full OpenMP team of this
+  // thread would double the process's OpenMP threads when the worker shares the process (single-process
+  // mode), and libgomp then stops spinning between parallel regions: the CPU worker's decode lost a third
+  // of its speed on 16 cores.
+  omp_set_num_threads(1);
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mu_);

@@ -62,6 +62,7 @@ class Worker {
         }
         case CommandKind::kReset:
           while (!requests_.empty()) Forget(requests_.begin()->first);
+          gpu_memory_ = KvMemory{};
           break;
         case CommandKind::kShutdown:
           return 0;
@@ -83,6 +84,7 @@ class Worker {
     config_ = config;
     requests_.clear();
     steps_since_configure_ = 0;
+    gpu_memory_ = KvMemory{};
     threads_ = config.threads > 0 ? config.threads : ThreadsPerRank(job_.ranks_on_node());
     omp_set_num_threads(threads_);
     hello.threads = threads_;
@@ -285,9 +287,15 @@ class Worker {
 
     SealFullShards();
     if (gpu_ != nullptr) {
-      const KvMemory memory = gpu_->Memory();
-      report.kv_bytes += memory.bytes;
-      report.kv_elements += memory.elements;
+      // A kvq store counts its key outliers on the device, a wait on the GPU: the gauge is refreshed when
+      // requests come, go or prefill, and every kGpuMemoryEvery decode steps in between.
+      const bool changed = !plan.allocs.empty() || !plan.frees.empty() || !plan.fills.empty() || plan.prefill;
+      if (changed || ++decode_steps_since_memory_ >= kGpuMemoryEvery) {
+        gpu_memory_ = gpu_->Memory();
+        decode_steps_since_memory_ = 0;
+      }
+      report.kv_bytes += gpu_memory_.bytes;
+      report.kv_elements += gpu_memory_.elements;
     }
     for (const auto& [id, request] : requests_) {
       if (!request.state.shard) continue;
@@ -535,6 +543,9 @@ class Worker {
   std::unique_ptr<CpuModel> model_;
   std::unique_ptr<Collectives> collectives_;
   std::unique_ptr<GpuWorker> gpu_;  // set when this worker computes on a GPU
+  static constexpr int kGpuMemoryEvery = 64;
+  KvMemory gpu_memory_;  // gpu_'s KV memory as last counted
+  int decode_steps_since_memory_ = 0;
   std::string gpu_key_;             // the settings gpu_ was made with
   std::map<int64_t, LocalRequest> requests_;
   int64_t steps_since_configure_ = 0;
