@@ -274,5 +274,37 @@ INSTANTIATE_TEST_SUITE_P(MergeModesAndSchemes, GpuWorkerTest,
                            return MergeModeName(info.param.merge) + "_" + info.param.scheme;
                          });
 
+// One scheme at a time: a worker holding requests refuses another scheme, and an idle one remakes its store.
+TEST(GpuWorkerSchemes, AnIdleWorkerTakesAnotherScheme) {
+  MpiRuntime* runtime = MpiRuntime::Get();
+  const int gpus = GpuWorker::DeviceCount();
+  if (gpus < runtime->n_workers()) {
+    GTEST_SKIP() << runtime->n_workers() << " workers need as many GPUs; this machine has " << gpus;
+  }
+  auto mpi = runtime->MakeWorkerCollectives(absl::Seconds(120));
+  ASSERT_TRUE(mpi.ok()) << mpi.status();
+  const ModelWeights weights = Bf16ExactSyntheticModel();
+  GpuWorkerOptions options;
+  options.device = (*mpi)->rank() % gpus;
+  options.calibration = testing::ModelKvq3Calibration(weights);
+  options.collective_timeout = absl::Seconds(60);
+  options.kv_budget_bytes = int64_t{256} << 20;
+  auto gpu = GpuWorker::Create(weights, **mpi, options);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  ASSERT_TRUE((*gpu)->AddRequest(1, "fp16", 0, 300).ok());
+  const absl::Status other = (*gpu)->AddRequest(2, "kvq3", 0, 300);
+  EXPECT_TRUE(absl::IsInvalidArgument(other)) << other;
+  EXPECT_NE(other.message().find("one KV scheme at a time"), std::string::npos) << other;
+  EXPECT_TRUE((*gpu)->Holds(1));
+  EXPECT_FALSE((*gpu)->Holds(2));
+  (*gpu)->RemoveRequest(1);
+  const absl::Status kvq3 = (*gpu)->AddRequest(3, "kvq3", 0, 300);
+  ASSERT_TRUE(kvq3.ok()) << kvq3;
+  EXPECT_TRUE((*gpu)->Holds(3));
+  EXPECT_FALSE((*gpu)->Holds(1));
+  (*gpu)->RemoveRequest(3);
+  EXPECT_TRUE((*gpu)->AddRequest(4, "fp16", 0, 300).ok());
+}
+
 }  // namespace
 }  // namespace kvshard
