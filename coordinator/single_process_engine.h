@@ -1,4 +1,7 @@
-// Single-process mode: the coordinator and one in-process worker (the GPU, or the CPU backend), no MPI.
+// The model run directly in this process, one request at a time (the GPU, or the CPU backend), no
+// coordinator or worker: the reference the engine tests compare the distributed engine with, and the model
+// `kvshard perplexity` and `calibrate` hold. The front ends' single-process mode is the distributed engine
+// over one in-process worker (DistributedEngine::CreateInProcess), which batches.
 #pragma once
 
 #include <functional>
