@@ -12,6 +12,7 @@
 #include "common/status.h"
 #include "coordinator/generation_stream.h"
 #include "worker/synthetic.h"
+#include "worker/worker_runtime.h"
 
 namespace kvshard {
 
@@ -20,14 +21,6 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-absl::Status SendToAllWorkers(JobRuntime& job, const WorkerCommand& command, absl::Duration timeout) {
-  const std::string bytes = EncodeCommand(command);
-  for (int rank = 1; rank < job.world_size(); ++rank) {
-    KV_RETURN_IF_ERROR(job.SendMessage(rank, kCommandTag, bytes, timeout));
-  }
-  return absl::OkStatus();
-}
 
 }  // namespace
 

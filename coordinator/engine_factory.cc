@@ -229,19 +229,22 @@ KvShardFactoryMaker KvShardFactoryMakerForThisBuild() {
   };
 }
 
+absl::StatusOr<std::unique_ptr<DistributedEngine>> CreateDistributedEngine(ModelConfig config,
+                                                                            std::unique_ptr<Tokenizer> tokenizer,
+                                                                            DistributedEngineOptions options) {
+  if (MpiRuntime* mpi = MpiRuntime::Get(); mpi != nullptr && mpi->n_workers() > 0) {
+    return DistributedEngine::Create(*mpi, std::move(config), std::move(tokenizer), std::move(options));
+  }
+  return DistributedEngine::CreateInProcess(std::move(config), std::move(tokenizer), std::move(options),
+                                            KvShardFactoryMakerForThisBuild());
+}
+
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngineFromFlags(std::string* kv_note) {
   KV_ASSIGN_OR_RETURN(DistributedEngineOptions options, DistributedOptionsFromFlags(kv_note));
   KV_ASSIGN_OR_RETURN(auto description, LoadModelDescription(options.worker.model_path, options.worker.synthetic));
-  MpiRuntime* mpi = MpiRuntime::Get();
-  std::unique_ptr<DistributedEngine> engine;
-  if (mpi != nullptr && mpi->n_workers() > 0) {
-    KV_ASSIGN_OR_RETURN(engine, DistributedEngine::Create(*mpi, std::move(description.first),
-                                                          std::move(description.second), std::move(options)));
-  } else {
-    KV_ASSIGN_OR_RETURN(engine, DistributedEngine::CreateInProcess(std::move(description.first),
-                                                                   std::move(description.second), std::move(options),
-                                                                   KvShardFactoryMakerForThisBuild()));
-  }
+  KV_ASSIGN_OR_RETURN(std::unique_ptr<DistributedEngine> engine,
+                      CreateDistributedEngine(std::move(description.first), std::move(description.second),
+                                              std::move(options)));
   return std::unique_ptr<Engine>(std::move(engine));
 }
 

@@ -38,6 +38,11 @@ struct KvSettings {
 absl::StatusOr<KvSettings> KvSettingsFromFlags(const std::string& model_path);
 
 // The pieces, for tests and tools.
+// The distributed engine over this process's job: the workers of mpirun (on rank 0), or without mpirun
+// one in-process worker.
+absl::StatusOr<std::unique_ptr<DistributedEngine>> CreateDistributedEngine(ModelConfig config,
+                                                                            std::unique_ptr<Tokenizer> tokenizer,
+                                                                            DistributedEngineOptions options);
 // --synthetic_model: the synthetic geometry from the --synthetic_* flags; nullopt otherwise.
 std::optional<SyntheticModelSpec> SyntheticSpecFromFlags();
 // The distributed engine's options from the flags (model, budget, merge, timeouts, faults, ...).

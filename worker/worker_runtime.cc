@@ -558,14 +558,19 @@ int RunWorker(JobRuntime& job, KvShardFactoryMaker kv_factories) {
   return worker.Run();
 }
 
+absl::Status SendToAllWorkers(JobRuntime& job, const WorkerCommand& command, absl::Duration timeout) {
+  const std::string bytes = EncodeCommand(command);
+  for (int rank = 1; rank < job.world_size(); ++rank) {
+    KV_RETURN_IF_ERROR(job.SendMessage(rank, kCommandTag, bytes, timeout));
+  }
+  return absl::OkStatus();
+}
+
 void ShutdownWorkers(JobRuntime& job) {
   WorkerCommand shutdown;
   shutdown.kind = CommandKind::kShutdown;
-  const std::string bytes = EncodeCommand(shutdown);
-  for (int rank = 1; rank < job.world_size(); ++rank) {
-    const absl::Status sent = job.SendMessage(rank, kCommandTag, bytes, absl::Minutes(1));
-    if (!sent.ok()) job.Abort(absl::StrCat("cannot shut the workers down: ", sent.message()));
-  }
+  const absl::Status sent = SendToAllWorkers(job, shutdown, absl::Minutes(1));
+  if (!sent.ok()) job.Abort(absl::StrCat("cannot shut the workers down: ", sent.message()));
 }
 
 }  // namespace kvshard

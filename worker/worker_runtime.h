@@ -6,6 +6,7 @@
 // requests it touches and the worker goes on; only a failed collective (a peer gone) ends the job.
 #pragma once
 
+#include "worker/control.h"
 #include "worker/kv_shard_factory.h"
 #include "worker/job_runtime.h"
 
@@ -14,6 +15,9 @@ namespace kvshard {
 // Runs until the coordinator sends shutdown; returns the process exit code. `kv_factories` makes the
 // worker's KV shard factory from the settings each configure command brings.
 int RunWorker(JobRuntime& job, KvShardFactoryMaker kv_factories);
+
+// On rank 0: sends `command` to every worker, each waiting at most `timeout`.
+absl::Status SendToAllWorkers(JobRuntime& job, const WorkerCommand& command, absl::Duration timeout);
 
 // Ends every worker's loop (call once, on rank 0, when no engine is left).
 void ShutdownWorkers(JobRuntime& job);

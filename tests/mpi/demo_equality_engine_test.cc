@@ -22,7 +22,6 @@
 #include "coordinator/engine_factory.h"
 #include "coordinator/single_process_engine.h"
 #include "gtest/gtest.h"
-#include "tests/mpi/test_engine.h"
 #include "tests/test_util.h"
 #include "coordinator/quality.h"
 #include "kvstore/calibration.h"
@@ -179,7 +178,7 @@ void ExpectSameTokensAsSingleProcess(const std::string& model, const std::string
   options.worker.kv_budget_bytes = int64_t{1} << 30;
   options.worker.device = "cpu";  // the single-process reference runs on the CPU
   options.placement.single_worker_threshold = 0;  // span every worker, whatever the default
-  auto engine = CreateTestEngine(std::move(description->first), std::move(description->second), options);
+  auto engine = CreateDistributedEngine(std::move(description->first), std::move(description->second), options);
   ASSERT_TRUE(engine.ok()) << engine.status();
   int64_t prefill_reports = 0;
   auto result = (*engine)->Generate(request, nullptr, [&](const PrefillProgress&) { ++prefill_reports; });

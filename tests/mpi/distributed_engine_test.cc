@@ -12,6 +12,7 @@
 
 #include "coordinator/byte_tokenizer.h"
 #include "coordinator/distributed_engine.h"
+#include "coordinator/engine_factory.h"
 #include "coordinator/single_process_engine.h"
 #include "gtest/gtest.h"
 #include "tests/mpi/test_engine.h"
@@ -51,7 +52,7 @@ std::unique_ptr<DistributedEngine> MakeEngine(DistributedEngineOptions options) 
   auto config = SyntheticModelConfig(*options.worker.synthetic);
   EXPECT_TRUE(config.ok());
   auto tokenizer = MakeByteTokenizer(config->vocab_size);
-  auto engine = CreateTestEngine(*config, std::move(*tokenizer), std::move(options));
+  auto engine = CreateDistributedEngine(*config, std::move(*tokenizer), std::move(options));
   EXPECT_TRUE(engine.ok()) << engine.status();
   return engine.ok() ? std::move(*engine) : nullptr;
 }

@@ -13,16 +13,6 @@
 
 namespace kvshard {
 
-absl::StatusOr<std::unique_ptr<DistributedEngine>> CreateTestEngine(ModelConfig config,
-                                                                     std::unique_ptr<Tokenizer> tokenizer,
-                                                                     DistributedEngineOptions options) {
-  if (MpiRuntime* mpi = MpiRuntime::Get(); mpi != nullptr) {
-    return DistributedEngine::Create(*mpi, std::move(config), std::move(tokenizer), std::move(options));
-  }
-  return DistributedEngine::CreateInProcess(std::move(config), std::move(tokenizer), std::move(options),
-                                            KvShardFactoryMakerForThisBuild());
-}
-
 int TestEngineWorkers() { return MpiRuntime::Get() != nullptr ? MpiRuntime::Get()->n_workers() : 1; }
 
 }  // namespace kvshard

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "coordinator/quality.h"
 #include "gtest/gtest.h"
@@ -100,6 +101,23 @@ std::vector<std::vector<float>> ReferenceLogits(const ModelWeights& weights, con
   return out;
 }
 
+// Why this machine cannot run the job's workers, one GPU each; empty when it can.
+std::string TooFewGpus() {
+  const int workers = MpiRuntime::Get()->n_workers(), gpus = GpuWorker::DeviceCount();
+  if (gpus >= workers) return "";
+  return absl::StrCat(workers, " workers need as many GPUs; this machine has ", gpus);
+}
+
+// A worker's GPU (by its rank), a small KV budget, and with `kvq3` the model's kvq3 calibration.
+GpuWorkerOptions SmallWorkerOptions(const Collectives& workers, const ModelWeights& weights, bool kvq3) {
+  GpuWorkerOptions options;
+  options.device = workers.rank() % GpuWorker::DeviceCount();
+  if (kvq3) options.calibration = testing::ModelKvq3Calibration(weights);
+  options.collective_timeout = absl::Seconds(60);
+  options.kv_budget_bytes = int64_t{256} << 20;
+  return options;
+}
+
 struct WorkerTestCase {
   MergeMode merge;
   std::string scheme;
@@ -108,23 +126,15 @@ struct WorkerTestCase {
 class GpuWorkerTest : public ::testing::TestWithParam<WorkerTestCase> {};
 
 TEST_P(GpuWorkerTest, ShardedPrefillAndBatchedDecodeMatchOneCpuShard) {
-  MpiRuntime* runtime = MpiRuntime::Get();
-  const int gpus = GpuWorker::DeviceCount();
-  if (gpus < runtime->n_workers()) {
-    GTEST_SKIP() << runtime->n_workers() << " workers need as many GPUs; this machine has " << gpus;
-  }
-  auto mpi = runtime->MakeWorkerCollectives(absl::Seconds(120));
+  if (const std::string why = TooFewGpus(); !why.empty()) GTEST_SKIP() << why;
+  auto mpi = MpiRuntime::Get()->MakeWorkerCollectives(absl::Seconds(120));
   ASSERT_TRUE(mpi.ok()) << mpi.status();
   const int me = (*mpi)->rank(), n_workers = (*mpi)->size();
   const ModelWeights weights = Bf16ExactSyntheticModel();
   const std::string scheme = GetParam().scheme;
   const bool kvq = scheme != "fp16";
-  GpuWorkerOptions options;
-  options.device = me % gpus;
+  GpuWorkerOptions options = SmallWorkerOptions(**mpi, weights, kvq);
   options.merge.mode = GetParam().merge;
-  if (kvq) options.calibration = testing::ModelKvq3Calibration(weights);
-  options.collective_timeout = absl::Seconds(60);
-  options.kv_budget_bytes = int64_t{256} << 20;
   auto gpu = GpuWorker::Create(weights, **mpi, options);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   const int vocab = weights.config.vocab_size;
@@ -276,20 +286,11 @@ INSTANTIATE_TEST_SUITE_P(MergeModesAndSchemes, GpuWorkerTest,
 
 // One scheme at a time: a worker holding requests refuses another scheme, and an idle one remakes its store.
 TEST(GpuWorkerSchemes, AnIdleWorkerTakesAnotherScheme) {
-  MpiRuntime* runtime = MpiRuntime::Get();
-  const int gpus = GpuWorker::DeviceCount();
-  if (gpus < runtime->n_workers()) {
-    GTEST_SKIP() << runtime->n_workers() << " workers need as many GPUs; this machine has " << gpus;
-  }
-  auto mpi = runtime->MakeWorkerCollectives(absl::Seconds(120));
+  if (const std::string why = TooFewGpus(); !why.empty()) GTEST_SKIP() << why;
+  auto mpi = MpiRuntime::Get()->MakeWorkerCollectives(absl::Seconds(120));
   ASSERT_TRUE(mpi.ok()) << mpi.status();
   const ModelWeights weights = Bf16ExactSyntheticModel();
-  GpuWorkerOptions options;
-  options.device = (*mpi)->rank() % gpus;
-  options.calibration = testing::ModelKvq3Calibration(weights);
-  options.collective_timeout = absl::Seconds(60);
-  options.kv_budget_bytes = int64_t{256} << 20;
-  auto gpu = GpuWorker::Create(weights, **mpi, options);
+  auto gpu = GpuWorker::Create(weights, **mpi, SmallWorkerOptions(**mpi, weights, /*kvq3=*/true));
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   ASSERT_TRUE((*gpu)->AddRequest(1, "fp16", 0, 300).ok());
   const absl::Status other = (*gpu)->AddRequest(2, "kvq3", 0, 300);
