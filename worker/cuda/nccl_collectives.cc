@@ -11,23 +11,27 @@
 namespace kvshard {
 namespace {
 
-// Polling: spin (yielding) for the first 200 us, then sleep, doubling up to 1 ms; waits for collectives
-// are short when peers are in step, and an idle worker leaves the cores to the busy ones.
+// Paces the polls of a wait for the GPU or for peers. It yields (spins) for the first kSpin of a wait, as
+// cudaStreamSynchronize would: a decode step is 1 to 25 ms, and each poll after it ends is latency every
+// token pays. After that it sleeps a 64th of the time waited so far, at most 1 ms, so a wait of T returns
+// at most about T / 64 late and a long prefill chunk or a stalled peer does not keep a core busy.
+// (Sleeps doubling to 1 ms after 200 us of spinning woke the demo's 2 ms decode step up to a millisecond
+// late.)
 class Backoff {
  public:
   void Wait() {
     const auto elapsed = std::chrono::steady_clock::now() - start_;
-    if (elapsed < std::chrono::microseconds(200)) {
+    if (elapsed < kSpin) {
       std::this_thread::yield();
       return;
     }
-    std::this_thread::sleep_for(sleep_);
-    sleep_ = std::min(sleep_ * 2, std::chrono::microseconds(1000));
+    std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(elapsed / 64, kMaxSleep));
   }
 
  private:
+  static constexpr std::chrono::milliseconds kSpin{50};
+  static constexpr std::chrono::milliseconds kMaxSleep{1};
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
-  std::chrono::microseconds sleep_{20};
 };
 
 absl::Time Now() { return absl::Now(); }
