@@ -332,8 +332,10 @@ absl::Status DistributedDecodeContext::Attend(int layer, int n_queries, const fl
 absl::Status DistributedDecodeContext::Merge(int64_t rows, float* out, float* lse) {
   const auto start = std::chrono::steady_clock::now();
   absl::Status merged = MergePartialsAcrossWorkers(collectives_, merge_, rows, geometry_.head_dim, out, lse);
-  merge_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  ++merges_;
+  if (collectives_.size() > 1) {  // one worker's partials are the result: no merge to count (as on GPUs)
+    merge_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    ++merges_;
+  }
   if (!merged.ok() && fatal_.ok()) fatal_ = merged;
   return merged;
 }

@@ -130,7 +130,7 @@ class DistributedDecodeContext final : public AttentionContext {
   absl::Status Drain();
   // The first failed merge: the job cannot go on. OK while the workers are in step.
   const absl::Status& fatal() const { return fatal_; }
-  // Time spent in cross-worker merges, and their number (one per layer).
+  // Time spent in cross-worker merges, and their number (one per layer; none with one worker).
   double merge_seconds() const { return merge_seconds_; }
   int64_t merges() const { return merges_; }
 

@@ -100,7 +100,8 @@ class GpuWorker {
   // A decode step over `rows`; every worker runs the same rows. (*tokens)[i] gets the token drawn on the
   // device for each row with a `draw` (-1 for the others): only token ids leave the GPU. logits gets
   // [rows][vocab] of the rows with want_logits[i] (others left unset), before any penalty, when any is
-  // wanted; errors[i] the local failure of row i. merge_seconds: the cross-worker merges (GPU time).
+  // wanted; errors[i] the local failure of row i. merge_seconds, merges: the cross-worker merges (GPU time, and
+  // one per layer; none with one worker).
   virtual absl::Status Decode(std::span<const GpuDecodeRow> rows, const std::vector<bool>& want_logits,
                               const InjectedFault& fault, std::vector<float>* logits, std::vector<int32_t>* tokens,
                               std::vector<absl::Status>* errors, double* merge_seconds, int64_t* merges) = 0;

@@ -35,7 +35,8 @@ struct PagedKv {
 };
 
 // Decode: one query token per request, a batch of requests with different context lengths.
-//   q:       fp32 [batch][n_heads][head_dim], RoPE applied, unscaled.
+//   q:       fp32 [batch][n_heads][head_dim], RoPE applied, unscaled; request b's row starts at
+//            q + b * q_row_stride (0: n_heads * head_dim, packed), so a fused QKV buffer needs no copy.
 //   kv_lens: int32 [batch], tokens of each request in `kv` (0 is allowed: an empty shard).
 //   max_kv_len: host-side upper bound of kv_lens (plans the split; larger is safe, only slower).
 //   out:     fp32 [batch][n_heads][head_dim];  lse: fp32 [batch][n_heads].
@@ -45,6 +46,7 @@ struct PagedKv {
 // the whole query group. Supported head_dim: 64, 128.
 struct DecodeAttentionArgs {
   const float* q = nullptr;
+  int64_t q_row_stride = 0;  // floats; 0 or a multiple of 4 no less than n_heads * head_dim
   PagedKv kv;
   const int32_t* kv_lens = nullptr;
   int64_t max_kv_len = 0;

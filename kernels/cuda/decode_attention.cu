@@ -34,6 +34,7 @@ constexpr int64_t kBlockOverheadTokens = 64;  // fixed cost of a block, in token
 template <typename T>
 struct DecodeParams {
   const float* q;
+  int64_t q_stride;  // floats between requests' query rows
   const T* k;
   const T* v;
   const int32_t* page_table;
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeMinBlocksPerSm<GROUP_TIL
   for (int g = 0; g < GROUP_TILE; ++g) {
     if (g < n_group) {
       const float4* qp = reinterpret_cast<const float4*>(
-          p.q + (static_cast<int64_t>(request) * p.n_heads + first_head + g) * HEAD_DIM + channel0);
+          p.q + static_cast<int64_t>(request) * p.q_stride + (first_head + g) * HEAD_DIM + channel0);
       const float4 a = qp[0];
       const float4 b = qp[1];
       q[g][0] = a.x * p.scale_log2;
@@ -263,6 +264,10 @@ absl::Status ValidateDecode(const DecodeAttentionArgs& a) {
                                                    " exceeds pages_per_request * page_size = ",
                                                    a.kv.pages_per_request * a.kv.page_size));
   }
+  if (a.q_row_stride != 0 && (a.q_row_stride < static_cast<int64_t>(a.n_heads) * a.head_dim || a.q_row_stride % 4 != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("DecodeAttentionCuda: q_row_stride ", a.q_row_stride,
+                                                   " is not 0 or a multiple of 4 of at least n_heads * head_dim"));
+  }
   if (a.batch > 0 && (a.q == nullptr || a.out == nullptr || a.lse == nullptr || a.kv_lens == nullptr ||
                       a.kv.k == nullptr || a.kv.v == nullptr)) {
     return absl::InvalidArgumentError("DecodeAttentionCuda: null pointer");
@@ -325,6 +330,7 @@ absl::Status LaunchDecode(const DecodeAttentionArgs& a, cudaStream_t stream, int
   const int group = a.n_heads / a.n_kv_heads;
   DecodeParams<T> p;
   p.q = a.q;
+  p.q_stride = a.q_row_stride != 0 ? a.q_row_stride : static_cast<int64_t>(a.n_heads) * a.head_dim;
   p.k = static_cast<const T*>(a.kv.k);
   p.v = static_cast<const T*>(a.kv.v);
   p.page_table = a.kv.page_table;

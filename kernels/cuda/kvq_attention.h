@@ -103,7 +103,8 @@ struct KvqStoreView {
 std::vector<uint2> KvqRopeTable(const std::vector<float>& inv_freq);
 
 // Decode: one query token per request, which sees every token of its stream.
-//   q:   fp32 [batch][n_heads][head_dim], RoPE applied at the query's position, unscaled.
+//   q:   fp32 [batch][n_heads][head_dim], RoPE applied at the query's position, unscaled; request b's row
+//        starts at q + b * q_row_stride (0: n_heads * head_dim, packed).
 //   max_quantized_len: host-side upper bound of quantized_lens (plans the split; larger is safe).
 //   out: fp32 [batch][n_heads][head_dim];  lse: fp32 [batch][n_heads] (natural log).
 //   workspace: device scratch of at least KvqDecodeAttentionWorkspaceBytes(...) bytes.
@@ -116,6 +117,7 @@ std::vector<uint2> KvqRopeTable(const std::vector<float>& inv_freq);
 // accumulation); 2 and 4 run in fp32 on the CUDA cores.
 struct KvqDecodeAttentionArgs {
   const float* q = nullptr;
+  int64_t q_row_stride = 0;  // floats; 0 or at least n_heads * head_dim
   KvqStoreView kv;
   int64_t max_quantized_len = 0;
   int batch = 0;

@@ -115,6 +115,7 @@ struct Smem {
 
 struct KvqParams {
   const float* q;
+  int64_t q_stride;  // floats between requests' query rows
   KvqStoreView kv;
   int n_heads;
   int n_kv_heads;
@@ -398,7 +399,7 @@ __global__ void __launch_bounds__(kThreads, BITS == 3 ? 2 : 1) KvqDecodeKernel(c
 
   for (int i = threadIdx.x; i < kGroupTile * HEAD_DIM; i += kThreads) {
     const int g = i / HEAD_DIM;
-    q_s[i] = g < n_group ? p.q[(static_cast<int64_t>(request) * p.n_heads + first_head + g) * HEAD_DIM +
+    q_s[i] = g < n_group ? p.q[static_cast<int64_t>(request) * p.q_stride + (first_head + g) * HEAD_DIM +
                                i % HEAD_DIM] * p.scale_log2
                          : 0.0f;
   }
@@ -1033,6 +1034,10 @@ absl::Status ValidateKvqDecode(const KvqDecodeAttentionArgs& a) {
                                                    " n_kv_heads=", a.n_kv_heads, " batch=", a.batch));
   }
   if (a.batch > 65535) return absl::InvalidArgumentError("KvqDecodeAttentionCuda: batch over 65535");
+  if (a.q_row_stride != 0 && a.q_row_stride < static_cast<int64_t>(a.n_heads) * a.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat("KvqDecodeAttentionCuda: q_row_stride ", a.q_row_stride,
+                                                   " is below n_heads * head_dim"));
+  }
   if (a.max_quantized_len < 0 || a.kv.pages_per_request * kPage < a.max_quantized_len) {
     return absl::InvalidArgumentError(absl::StrCat("KvqDecodeAttentionCuda: max_quantized_len ",
                                                    a.max_quantized_len, " exceeds pages_per_request * 128"));
@@ -1134,6 +1139,7 @@ absl::Status LaunchKvq(const KvqDecodeAttentionArgs& a, cudaStream_t stream, int
   }
   KvqParams p;
   p.q = a.q;
+  p.q_stride = a.q_row_stride != 0 ? a.q_row_stride : static_cast<int64_t>(a.n_heads) * a.head_dim;
   p.kv = a.kv;
   p.n_heads = a.n_heads;
   p.n_kv_heads = a.n_kv_heads;

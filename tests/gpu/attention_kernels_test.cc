@@ -219,6 +219,11 @@ TEST(DecodeAttentionArgsTest, BadInputsAreRefused) {
   args.head_dim = 128;
   args.n_kv_heads = 5;  // 32 % 5 != 0
   EXPECT_EQ(DecodeAttentionCuda(args, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  args.n_kv_heads = 8;
+  args.q_row_stride = 32 * 128 - 4;  // rows would overlap
+  EXPECT_EQ(DecodeAttentionCuda(args, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  args.q_row_stride = 32 * 128 + 2;  // float4 loads need 16-byte rows
+  EXPECT_EQ(DecodeAttentionCuda(args, nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
 // ---------------------------------------------------------------------------------------------------

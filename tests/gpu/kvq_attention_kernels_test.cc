@@ -382,6 +382,9 @@ TEST(KvqDecodeErrors, RejectsBadArguments) {
   a.head_dim = 128;
   a.kv.bits = 5;
   EXPECT_EQ(KvqDecodeAttentionCuda(a, nullptr).code(), absl::StatusCode::kInvalidArgument);  // bits
+  a.kv.bits = 3;
+  a.q_row_stride = 4 * 128 - 1;  // rows would overlap
+  EXPECT_EQ(KvqDecodeAttentionCuda(a, nullptr).code(), absl::StatusCode::kInvalidArgument);  // q_row_stride
 }
 
 }  // namespace

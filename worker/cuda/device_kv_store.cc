@@ -64,12 +64,15 @@ class StagingRing {
     if (used_[i]) CUDA_RETURN_IF_ERROR(cudaEventSynchronize(events_[i]));
     return Slot{host_ + i * slot_bytes_, device_.as<char>() + i * slot_bytes_, i};
   }
-  // Copies the first `bytes` of the slot to the device (before the work that reads them).
-  absl::Status Upload(const Slot& s, int64_t bytes, cudaStream_t stream) {
+  // Copies the first `bytes` of the slot to the device (before the work that reads them): to the slot's
+  // device part, or to `to`.
+  absl::Status Upload(const Slot& s, int64_t bytes, cudaStream_t stream, char* to = nullptr) {
     if (bytes > slot_bytes_) {
       return absl::InternalError(absl::StrCat("metadata of ", bytes, " bytes exceeds the staging slot of ", slot_bytes_));
     }
-    if (bytes > 0) CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.device, s.host, bytes, cudaMemcpyHostToDevice, stream));
+    if (bytes > 0) {
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(to != nullptr ? to : s.device, s.host, bytes, cudaMemcpyHostToDevice, stream));
+    }
     return absl::OkStatus();
   }
   // After the work that reads the slot is enqueued.
@@ -105,6 +108,56 @@ class SlotWriter {
  private:
   StagingRing::Slot slot_;
   int64_t offset_ = 0;
+};
+
+// Per-call metadata that every layer of a decode step repeats (the rows' slots, lengths and positions):
+// packed on the host, kept in a device buffer of its own, and uploaded through the staging ring only when
+// its bytes change, so a step uploads it once instead of once per layer. (A small model's decode step is
+// bound by the host's CUDA calls, so each call a layer saves shortens the step.) Uploads are ordered on the
+// caller's stream, after the work that read the previous contents.
+class StepMetadata {
+ public:
+  void Bind(char* device, int64_t capacity) {
+    device_ = device;
+    capacity_ = capacity;
+    uploaded_.clear();
+  }
+  // Starts packing one call's arrays.
+  void Begin() { packing_.clear(); }
+  // Packs `v` (16-byte aligned); returns where its copy is on the device once committed.
+  template <typename T>
+  const T* Put(const std::vector<T>& v) {
+    const size_t at = static_cast<size_t>(AlignUp(static_cast<int64_t>(packing_.size()), 16));
+    packing_.resize(at + v.size() * sizeof(T));
+    if (!v.empty()) std::memcpy(packing_.data() + at, v.data(), v.size() * sizeof(T));
+    return reinterpret_cast<const T*>(device_ + at);
+  }
+  bool fits(const StagingRing& ring) const {
+    const int64_t bytes = static_cast<int64_t>(packing_.size());
+    return bytes <= capacity_ && bytes <= ring.slot_bytes();
+  }
+  // Makes the device copy hold what was packed since Begin.
+  absl::Status Commit(StagingRing& ring, cudaStream_t stream) {
+    if (!fits(ring)) {
+      return absl::InternalError(absl::StrCat("step metadata of ", packing_.size(), " bytes exceeds its buffer of ",
+                                              capacity_));
+    }
+    if (packing_ == uploaded_) return absl::OkStatus();
+    KV_ASSIGN_OR_RETURN(StagingRing::Slot slot, ring.Acquire());
+    std::memcpy(slot.host, packing_.data(), packing_.size());
+    KV_RETURN_IF_ERROR(ring.Upload(slot, static_cast<int64_t>(packing_.size()), stream, device_));
+    KV_RETURN_IF_ERROR(ring.Release(slot, stream));
+    uploaded_.swap(packing_);
+    return absl::OkStatus();
+  }
+  // After sequences come or go (conservative: equal bytes would mean the same rows anyway).
+  void Forget() { uploaded_.clear(); }
+
+ private:
+  char* device_ = nullptr;
+  int64_t capacity_ = 0;
+  std::vector<char> packing_;
+  std::vector<char> uploaded_;  // what device_ holds
 };
 
 struct Sequence {
@@ -185,8 +238,9 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   // is call token chunk0 + (j - old).
   void PlanKvqAppend(const Sequence& s, int64_t old, int64_t now, bool sealed, int32_t chunk0,
                      KvqAppendPlan& plan) const;
+  // same_every_layer: the plan repeats in every layer of a decode step (kept in append_meta_).
   absl::Status RunKvqAppend(int layer, const KvqAppendPlan& plan, const float* k, const float* v,
-                            int64_t row_stride, cudaStream_t stream);
+                            int64_t row_stride, cudaStream_t stream, bool same_every_layer = false);
   KvqStoreLayer LayerView(int layer) const { return layers_[layer]; }
   int64_t StreamBits(const Sequence& s, int layer, const std::vector<int64_t>& outliers) const;
   // Key outliers per [layer][slot][n_kv_heads] (empty for fp16). Waits for the device.
@@ -224,11 +278,11 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   int* overflow_device_ = nullptr;
 
   // Scratch.
-  float* q_rows_ = nullptr;        // fp32 [max_rows][n_heads][head_dim]
   __half* q_half_ = nullptr;       // fp16 [max_chunk][n_heads][head_dim]
   void* workspace_ = nullptr;
   int64_t workspace_bytes_ = 0;
-  char* rows_meta_ = nullptr;      // the decode rows' metadata, kept while a step's layers reuse it
+  char* attend_meta_buffer_ = nullptr;  // device memory of attend_meta_ and append_meta_
+  char* append_meta_buffer_ = nullptr;
   uint8_t* flush_count_ = nullptr;
   uint8_t* flush_channel_ = nullptr;
   uint16_t* flush_value_ = nullptr;
@@ -239,7 +293,8 @@ class DeviceKvStoreImpl final : public DeviceKvStore {
   float* fill_k_ = nullptr;        // fp32 [fill_chunk][n_kv_heads][head_dim]
   float* fill_v_ = nullptr;
   StagingRing staging_;
-  std::vector<char> rows_meta_host_;  // what rows_meta_ holds
+  StepMetadata attend_meta_;  // AttendRows: the rows' starts, slots and stream lengths
+  StepMetadata append_meta_;  // AppendRows: the rows' positions (fp16) or the kvq append plan
 
   std::unordered_map<int64_t, Sequence> sequences_;
   std::vector<int32_t> free_pages_;  // descending, so pages are taken in ascending order
@@ -291,21 +346,24 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
   }
 
   // Scratch first, so that "all free memory" below leaves room for it.
-  const int64_t rows_q = static_cast<int64_t>(options_.max_rows) * g.n_heads * d;
   const int64_t chunk_rows = static_cast<int64_t>(options_.max_chunk) * g.n_heads;
   workspace_bytes_ = kvq_ ? KvqDecodeAttentionWorkspaceBytes(options_.max_rows, g.n_heads, d)
                           : DecodeAttentionWorkspaceBytes(options_.max_rows, g.n_heads, d);
   const int64_t max_flush = max_tokens_ + ring_ + sink_max() + 64;
-  const int64_t meta_bytes = static_cast<int64_t>(options_.max_rows) * 32;
+  // Step metadata: AttendRows packs 5 arrays of 4 or 8 bytes a row; a decode append packs 3 arrays (fp16)
+  // or its kvq plan, at most a few runs, pages and writes of about 28 bytes a row (larger plans go
+  // through the staging ring each time).
+  const int64_t attend_meta_bytes = static_cast<int64_t>(options_.max_rows) * 24 + 5 * 16;
+  const int64_t append_meta_bytes = static_cast<int64_t>(options_.max_rows) * 256 + 3 * 16;
   struct Part {
     void** ptr;
     int64_t bytes;
   };
   std::vector<Part> parts = {
-      {reinterpret_cast<void**>(&q_rows_), rows_q * 4},
       {reinterpret_cast<void**>(&q_half_), chunk_rows * d * 2},
       {&workspace_, std::max<int64_t>(workspace_bytes_, 16)},
-      {reinterpret_cast<void**>(&rows_meta_), meta_bytes},
+      {reinterpret_cast<void**>(&attend_meta_buffer_), attend_meta_bytes},
+      {reinterpret_cast<void**>(&append_meta_buffer_), append_meta_bytes},
       {reinterpret_cast<void**>(&fill_k_), static_cast<int64_t>(options_.fill_chunk) * kvh * d * 4},
       {reinterpret_cast<void**>(&fill_v_), static_cast<int64_t>(options_.fill_chunk) * kvh * d * 4},
   };
@@ -332,7 +390,8 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
       base += AlignUp(p.bytes, kAlign);
     }
   }
-  rows_meta_host_.clear();
+  attend_meta_.Bind(attend_meta_buffer_, attend_meta_bytes);
+  append_meta_.Bind(append_meta_buffer_, append_meta_bytes);
 
   // Calibration tables, RoPE frequencies, key outlier counters.
   const std::vector<float> inv_freq = RopeInverseFrequencies(g.rope);
@@ -386,8 +445,8 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
 
   // Staging: the largest per-call metadata (an append of max_tokens_, or max_rows decode rows).
   const int64_t per_token = sizeof(KvqFlushRun) + sizeof(KvqFlushPage) + sizeof(KvqWriteToken) + 8 + 16;
-  KV_RETURN_IF_ERROR(staging_.Init((max_tokens_ + ring_ + sink_max() + 64 + options_.max_rows) * per_token + meta_bytes +
-                                   16 * 16));
+  KV_RETURN_IF_ERROR(staging_.Init((max_tokens_ + ring_ + sink_max() + 64 + options_.max_rows) * per_token +
+                                   attend_meta_bytes + append_meta_bytes + 16 * 16));
 
   // The pool: pages shared by all layers, the sink/residual slots, the page table and outlier offsets.
   const int64_t slot_bytes =
@@ -619,7 +678,8 @@ absl::Status DeviceKvStoreImpl::AddSequence(int64_t id, int64_t start_position, 
   CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   overflow_host_[s.slot] = 0;  // the slot's last holder may have overflowed; its work is done
   sequences_.emplace(id, std::move(s));
-  rows_meta_host_.clear();  // a slot may have changed hands
+  attend_meta_.Forget();  // a slot may have changed hands
+  append_meta_.Forget();
   return absl::OkStatus();
 }
 
@@ -630,7 +690,8 @@ void DeviceKvStoreImpl::RemoveSequence(int64_t id) {
   std::sort(free_pages_.begin(), free_pages_.end(), std::greater<int32_t>());
   free_slots_.push_back(it->second.slot);
   sequences_.erase(it);
-  rows_meta_host_.clear();
+  attend_meta_.Forget();
+  append_meta_.Forget();
 }
 
 void DeviceKvStoreImpl::PlanKvqAppend(const Sequence& s, int64_t old, int64_t now, bool sealed, int32_t chunk0,
@@ -677,10 +738,8 @@ void DeviceKvStoreImpl::PlanKvqAppend(const Sequence& s, int64_t old, int64_t no
 }
 
 absl::Status DeviceKvStoreImpl::RunKvqAppend(int layer, const KvqAppendPlan& plan, const float* k, const float* v,
-                                             int64_t row_stride, cudaStream_t stream) {
+                                             int64_t row_stride, cudaStream_t stream, bool same_every_layer) {
   if (plan.runs.empty() && plan.writes.empty()) return absl::OkStatus();
-  KV_ASSIGN_OR_RETURN(StagingRing::Slot slot, staging_.Acquire());
-  SlotWriter w(slot);
   KvqAppendArgs a;
   a.layer = LayerView(layer);
   a.page_table = page_table_.as<int32_t>();
@@ -692,16 +751,29 @@ absl::Status DeviceKvStoreImpl::RunKvqAppend(int layer, const KvqAppendPlan& pla
   a.k = k;
   a.v = v;
   a.row_stride = row_stride;
-  a.runs = w.Put(plan.runs);
   a.n_runs = static_cast<int>(plan.runs.size());
-  a.pages = w.Put(plan.pages);
   a.n_pages = static_cast<int>(plan.pages.size());
   a.n_flush = plan.n_flush;
   a.scratch_count = flush_count_;
   a.scratch_channel = flush_channel_;
   a.scratch_value = flush_value_;
-  a.writes = w.Put(plan.writes);
   a.n_writes = static_cast<int>(plan.writes.size());
+  auto pack = [&](auto& writer) {
+    a.runs = writer.Put(plan.runs);
+    a.pages = writer.Put(plan.pages);
+    a.writes = writer.Put(plan.writes);
+  };
+  if (same_every_layer) {  // a decode step's plan: uploaded once for all its layers
+    append_meta_.Begin();
+    pack(append_meta_);
+    if (append_meta_.fits(staging_)) {
+      KV_RETURN_IF_ERROR(append_meta_.Commit(staging_, stream));
+      return KvqStoreAppendCuda(a, stream);
+    }
+  }
+  KV_ASSIGN_OR_RETURN(StagingRing::Slot slot, staging_.Acquire());
+  SlotWriter w(slot);
+  pack(w);
   KV_RETURN_IF_ERROR(staging_.Upload(slot, w.bytes(), stream));
   const absl::Status launched = KvqStoreAppendCuda(a, stream);
   KV_RETURN_IF_ERROR(staging_.Release(slot, stream));
@@ -780,9 +852,12 @@ absl::Status DeviceKvStoreImpl::AppendRows(int layer, std::span<const int64_t> i
       const int64_t old = seqs[i]->lengths[layer];
       PlanKvqAppend(*seqs[i], old, old + 1, /*sealed=*/false, i, plan);
     }
-    KV_RETURN_IF_ERROR(RunKvqAppend(layer, plan, k, v, row_stride, stream));
+    KV_RETURN_IF_ERROR(RunKvqAppend(layer, plan, k, v, row_stride, stream, /*same_every_layer=*/true));
   } else {
-    // Runs of held rows: one write each (a skipped row breaks the token stride of the kernel's input).
+    // Runs of held rows: one write each (a skipped row breaks the token stride of the kernel's input). Their
+    // positions are packed together and uploaded once for all the step's layers.
+    std::vector<KvWriteArgs> writes;
+    append_meta_.Begin();
     for (int i = 0; i < rows;) {
       if (seqs[i] == nullptr) {
         ++i;
@@ -790,8 +865,6 @@ absl::Status DeviceKvStoreImpl::AppendRows(int layer, std::span<const int64_t> i
       }
       int j = i;
       while (j < rows && seqs[j] != nullptr) ++j;
-      KV_ASSIGN_OR_RETURN(StagingRing::Slot slot, staging_.Acquire());
-      SlotWriter w(slot);
       std::vector<int32_t> requests;
       std::vector<int64_t> indices, positions;
       for (int r = i; r < j; ++r) {
@@ -806,17 +879,16 @@ absl::Status DeviceKvStoreImpl::AppendRows(int layer, std::span<const int64_t> i
       a.n_tokens = j - i;
       a.n_kv_heads = geometry_.n_kv_heads;
       a.head_dim = geometry_.head_dim;
-      a.positions = w.Put(positions);
-      a.token_requests = w.Put(requests);
-      a.token_indices = w.Put(indices);
+      a.positions = append_meta_.Put(positions);
+      a.token_requests = append_meta_.Put(requests);
+      a.token_indices = append_meta_.Put(indices);
       a.inv_freq = inv_freq_;
       a.cache = PagedKv{DType::kF16, fp_k_[layer], fp_v_[layer], kPageTokens, page_table_.as<int32_t>(), n_pages_};
-      KV_RETURN_IF_ERROR(staging_.Upload(slot, w.bytes(), stream));
-      const absl::Status launched = WriteKvCacheCuda(a, stream);
-      KV_RETURN_IF_ERROR(staging_.Release(slot, stream));
-      KV_RETURN_IF_ERROR(launched);
+      writes.push_back(a);
       i = j;
     }
+    KV_RETURN_IF_ERROR(append_meta_.Commit(staging_, stream));
+    for (const KvWriteArgs& a : writes) KV_RETURN_IF_ERROR(WriteKvCacheCuda(a, stream));
   }
   for (Sequence* s : seqs)
     if (s != nullptr) ++s->lengths[layer];
@@ -834,7 +906,7 @@ absl::Status DeviceKvStoreImpl::AttendRows(int layer, std::span<const int64_t> i
   if (rows == 0) return absl::OkStatus();
   const KvGeometry& g = geometry_;
   const int64_t row_floats = static_cast<int64_t>(g.n_heads) * g.head_dim;
-  // Row metadata: [slots][sink][quantized][residual or kv_lens] int32, then start positions int64.
+  // Row metadata: start positions, slots, and the sink, quantized and residual (fp16: all) lengths.
   std::vector<int32_t> slots(rows, 0), sink(rows, 0), quantized(rows, 0), residual(rows, 0);
   std::vector<int64_t> starts(rows, 0);
   int64_t max_len = 0;
@@ -856,36 +928,23 @@ absl::Status DeviceKvStoreImpl::AttendRows(int layer, std::span<const int64_t> i
       max_len = std::max(max_len, n);
     }
   }
-  const int64_t meta_bytes = static_cast<int64_t>(rows) * (4 * 4 + 8);
-  std::vector<char> meta(meta_bytes);
-  char* m = meta.data();
-  std::memcpy(m, starts.data(), rows * 8);
-  std::memcpy(m + rows * 8, slots.data(), rows * 4);
-  std::memcpy(m + rows * 12, sink.data(), rows * 4);
-  std::memcpy(m + rows * 16, quantized.data(), rows * 4);
-  std::memcpy(m + rows * 20, residual.data(), rows * 4);
-  if (meta != rows_meta_host_) {  // the layers of one decode step share it
-    KV_ASSIGN_OR_RETURN(StagingRing::Slot slot, staging_.Acquire());
-    std::memcpy(slot.host, meta.data(), meta_bytes);
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows_meta_, slot.host, meta_bytes, cudaMemcpyHostToDevice, stream));
-    KV_RETURN_IF_ERROR(staging_.Release(slot, stream));
-    rows_meta_host_ = std::move(meta);
-  }
-  const int64_t* d_starts = reinterpret_cast<const int64_t*>(rows_meta_);
-  const int32_t* d_slots = reinterpret_cast<const int32_t*>(rows_meta_ + rows * 8);
-  const int32_t* d_sink = reinterpret_cast<const int32_t*>(rows_meta_ + rows * 12);
-  const int32_t* d_quantized = reinterpret_cast<const int32_t*>(rows_meta_ + rows * 16);
-  const int32_t* d_residual = reinterpret_cast<const int32_t*>(rows_meta_ + rows * 20);
+  attend_meta_.Begin();
+  const int64_t* d_starts = attend_meta_.Put(starts);
+  const int32_t* d_slots = attend_meta_.Put(slots);
+  const int32_t* d_sink = attend_meta_.Put(sink);
+  const int32_t* d_quantized = attend_meta_.Put(quantized);
+  const int32_t* d_residual = attend_meta_.Put(residual);
+  KV_RETURN_IF_ERROR(attend_meta_.Commit(staging_, stream));  // the layers of one decode step share it
 
-  const float* q_rows = q;
-  if (q_stride != row_floats) {
-    CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(q_rows_, row_floats * 4, q, q_stride * 4, row_floats * 4, rows,
-                                           cudaMemcpyDeviceToDevice, stream));
-    q_rows = q_rows_;
+  if (q_stride < row_floats) {
+    return absl::InvalidArgumentError(absl::StrCat("AttendRows: query rows ", q_stride, " floats apart hold fewer than ",
+                                                   row_floats));
   }
-  // The fields the fp16 and kvq decode launchers share.
+  // The fields the fp16 and kvq decode launchers share. The kernels read the queries where the model left
+  // them (rows of the fused QKV output), which saves a copy per layer.
   auto set_common = [&](auto& a) {
-    a.q = q_rows;
+    a.q = q;
+    a.q_row_stride = q_stride;
     a.batch = rows;
     a.n_heads = g.n_heads;
     a.n_kv_heads = g.n_kv_heads;

@@ -120,7 +120,10 @@ class DecodeContext final : public GpuAttentionContext {
       }
       KV_RETURN_IF_ERROR(NeutralPartials(rows, geometry_.head_dim, out, lse, stream));
     }
-    // The rows that failed here contribute nothing; the other workers' partials still merge.
+    // The rows that failed here contribute nothing; the other workers' partials still merge. One worker's
+    // partials are the result: nothing to merge or time (a small model's decode step is bound by the host's
+    // CUDA calls, so two event records a layer cost time).
+    if (merge_events_.empty()) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(cudaEventRecord(merge_events_[2 * layer], stream));
     KV_RETURN_IF_ERROR(merger_.Merge(merge_, rows, geometry_.head_dim, out, lse));
     CUDA_RETURN_IF_ERROR(cudaEventRecord(merge_events_[2 * layer + 1], stream));
@@ -232,6 +235,7 @@ class CudaGpuWorker final : public GpuWorker {
   }
 
   absl::Status Init() {
+    if (nccl_->size() == 1) return absl::OkStatus();  // no merges (merge_events_ stays empty)
     merge_events_.resize(2 * model_->config().n_layers);
     for (cudaEvent_t& e : merge_events_) CUDA_RETURN_IF_ERROR(cudaEventCreate(&e));
     return absl::OkStatus();
@@ -394,6 +398,9 @@ class CudaGpuWorker final : public GpuWorker {
     for (int64_t i = 0; i < n && any_draws; ++i) {
       if (rows[i].draw.has_value()) (*tokens)[i] = model_->drawn()[i];
     }
+    *merge_seconds = 0;
+    *merges = 0;
+    if (merge_events_.empty()) return absl::OkStatus();
     float total_ms = 0;
     for (int layer = 0; layer < model_->config().n_layers; ++layer) {
       float ms = 0;
