@@ -5,12 +5,14 @@
 #include <algorithm>
 #include <chrono>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/progress.h"
 #include "common/status.h"
 #include "coordinator/generation_stream.h"
+#include "kvstore/kv_scheme.h"
 #include "worker/synthetic.h"
 #include "worker/worker_runtime.h"
 
@@ -23,6 +25,15 @@ namespace {
 double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 }  // namespace
+
+std::string FailureWithAdvice(std::string message, int64_t synthetic_fill_tokens) {
+  if (synthetic_fill_tokens > 0 && absl::StrContains(message, kKvqKeyOutlierOverflow)) {
+    // The fill's keys are not the model's: a calibration of real text leaves many outside its thresholds.
+    absl::StrAppend(&message, ". This request's SYNTHETIC FILL needs a calibration of the fill: kvshard calibrate "
+                              "--calibrate_on_fill --out FILE, then --calibration FILE");
+  }
+  return message;
+}
 
 struct DistributedEngine::Request {
   struct Event {
@@ -409,7 +420,8 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
   }
   for (const auto& [id, message] : failed) {
     auto it = active_.find(id);
-    if (it != active_.end()) Finish(it->second, absl::InternalError(message));
+    if (it == active_.end()) continue;
+    Finish(it->second, absl::InternalError(FailureWithAdvice(message, it->second->fill)));
   }
 
   if (!plan.fills.empty()) {

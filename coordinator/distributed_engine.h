@@ -68,6 +68,11 @@ struct DistributedEngineStats {
   std::vector<int64_t> worker_kv_elements;  // the K and V elements they represent
 };
 
+// The error of a request that failed on a worker (`message`, as the worker reported it), with advice where
+// the cause is known: SYNTHETIC FILL keys (synthetic_fill_tokens > 0) whose kvq outliers outgrew their room
+// need a calibration of the fill.
+std::string FailureWithAdvice(std::string message, int64_t synthetic_fill_tokens);
+
 class DistributedEngine final : public Engine {
  public:
   // Configures the workers (each loads the model) and waits until all are ready. `config` and `tokenizer`

@@ -28,7 +28,8 @@ ABSL_FLAG(double, synthetic_rope_theta, 10000.0, "Synthetic model: RoPE theta");
 ABSL_FLAG(uint64_t, synthetic_seed, 1, "Synthetic model: weight seed");
 ABSL_FLAG(int64_t, synthetic_fill_tokens, 0,
           "SYNTHETIC FILL: write this many tokens of synthetic K/V into the shards before every prompt "
-          "(capacity and decode-speed runs); every report of it says SYNTHETIC FILL");
+          "(capacity and decode-speed runs; kvq wants a calibration of the fill, `kvshard calibrate "
+          "--calibrate_on_fill`); every report of it says SYNTHETIC FILL");
 ABSL_FLAG(uint64_t, synthetic_fill_seed, 1, "SYNTHETIC FILL: value seed");
 ABSL_FLAG(int64_t, worker_kv_budget_mb, 0,
           "KV cache memory each worker may hold, in MiB (0: a GPU worker takes what its GPU has free after the "

@@ -38,6 +38,10 @@ ABSL_FLAG(int64_t, max_eval_tokens, 0, "perplexity: evaluate at most this many t
 ABSL_FLAG(int, perplexity_batch, 64,
           "perplexity on the GPU: windows decoded side by side (each window is one row of a decode batch)");
 ABSL_FLAG(int64_t, calibration_tokens, 16384, "calibrate: tokens of --text to calibrate on");
+ABSL_FLAG(bool, calibrate_on_fill, false,
+          "calibrate: on the keys and values SYNTHETIC FILL writes (--synthetic_fill_tokens) instead of --text: "
+          "what runs that fill a context need, as the fill's statistics are not the model's (needs --out; "
+          "the default for a synthetic model without --text)");
 ABSL_FLAG(std::string, outlier_fractions, "0.005,0.01,0.02",
           "calibrate: outlier fractions to make kvq tables for, comma-separated");
 ABSL_FLAG(std::string, fisher_weights, "",
@@ -77,16 +81,13 @@ absl::StatusOr<std::vector<int32_t>> TokenizeTextFlag(const Tokenizer& tokenizer
   return tokenizer.Encode(text, /*parse_special=*/false);
 }
 
-// Without --text, a synthetic model's calibration is made from the keys and values its synthetic fill
-// writes (the KV that scale runs' decode contexts store): options.max_tokens tokens from position 0,
-// every sample weighing 1.
-absl::StatusOr<Calibration> CalibrateSyntheticFill(const SyntheticModelSpec& spec, const CalibrateOptions& options) {
-  KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(spec));
-  const CpuModel model(weights);
-  const KvGeometry g = model.kv_geometry();
+// A calibration of the keys and values the synthetic fill writes for a model of geometry `g` (the KV that
+// scale runs' decode contexts store): options.max_tokens tokens from position 0, every sample weighing 1.
+absl::StatusOr<Calibration> CalibrateSyntheticFill(const KvGeometry& g, const ModelIdentity& identity,
+                                                   const CalibrateOptions& options) {
   const int64_t n = options.max_tokens;
   if (n <= 0) return absl::InvalidArgumentError("--calibration_tokens must be positive");
-  CalibrationBuilder builder(ModelIdentityOf(weights), n, options.outlier_fractions);
+  CalibrationBuilder builder(identity, n, options.outlier_fractions);
   const int64_t per_token = static_cast<int64_t>(g.n_kv_heads) * g.head_dim;
   std::vector<float> k(n * per_token), v(n * per_token);
   for (int pass = 0; pass < 2; ++pass) {
@@ -144,6 +145,15 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
   const std::optional<SyntheticModelSpec> synthetic = SyntheticSpecFromFlags();
   std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty() && synthetic) return absl::InvalidArgumentError("calibrate of a synthetic model needs --out FILE");
+  const bool text_given = !absl::GetFlag(FLAGS_text).empty();
+  if (absl::GetFlag(FLAGS_calibrate_on_fill) && text_given) {
+    return absl::InvalidArgumentError("--calibrate_on_fill calibrates on the SYNTHETIC FILL, not on --text; give one");
+  }
+  const bool on_fill = absl::GetFlag(FLAGS_calibrate_on_fill) || (synthetic && !text_given);
+  if (on_fill && out.empty()) {
+    // MODEL.kvcal beside the model is what real requests use; a fill calibration would replace it.
+    return absl::InvalidArgumentError("--calibrate_on_fill needs --out FILE (MODEL.kvcal is the calibration of real text)");
+  }
   if (out.empty()) {
     KV_ASSIGN_OR_RETURN(const std::string model_path, ResolveModelPath());
     out = DefaultCalibrationPath(model_path);
@@ -169,8 +179,21 @@ absl::Status RunCalibrate(const std::vector<std::string>& args) {
   if (synthetic && options.fisher != nullptr) {
     return absl::InvalidArgumentError("--fisher_weights: not for a synthetic model");
   }
-  if (synthetic && absl::GetFlag(FLAGS_text).empty()) {
-    KV_ASSIGN_OR_RETURN(Calibration calibration, CalibrateSyntheticFill(*synthetic, options));
+  if (on_fill) {
+    if (options.fisher != nullptr) return absl::InvalidArgumentError("--fisher_weights: not for the SYNTHETIC FILL");
+    // Only the model's geometry and identity matter (a synthetic model's weights are made for them).
+    KvGeometry geometry;
+    ModelIdentity identity;
+    if (synthetic) {
+      KV_ASSIGN_OR_RETURN(ModelWeights weights, MakeSyntheticModel(*synthetic));
+      geometry = KvGeometryOf(weights.config);
+      identity = ModelIdentityOf(weights);
+    } else {
+      KV_ASSIGN_OR_RETURN(LoadedModel m, LoadForQuality());
+      geometry = m.model->kv_geometry();
+      identity = m.identity;
+    }
+    KV_ASSIGN_OR_RETURN(Calibration calibration, CalibrateSyntheticFill(geometry, identity, options));
     KV_RETURN_IF_ERROR(SaveCalibration(calibration, out));
     std::fprintf(stderr, "kvshard calibrate: %lld tokens of SYNTHETIC FILL, wrote %s\n",
                  static_cast<long long>(calibration.tokens), out.c_str());

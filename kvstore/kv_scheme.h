@@ -91,6 +91,10 @@ KvStreamLayout StreamLayout(const KvSchemeConfig& config, int64_t start_position
 // Value outliers per token kept by kvq: round(outlier_fraction * head_dim).
 int KvqValueOutliersPerToken(const KvSchemeConfig& config, int head_dim);
 
+// Words in the error of a kvq sequence whose key outliers outgrew the room a GPU store gives them. Errors
+// cross the control plane as text; the coordinator looks for these to add advice for SYNTHETIC FILL.
+inline constexpr absl::string_view kKvqKeyOutlierOverflow = "kvq key outliers exceeded the room";
+
 // Bits one (layer, KV head) stream of n tokens holds, keys and values, all-in: codes, scales and zero
 // points, outliers with their indices and per-token counts, sink and residual. Calibration tables
 // (codebooks, thresholds, smoothing) are per model, not per token, and not counted. kvq's key outliers

@@ -5,7 +5,9 @@
 #include <vector>
 
 #include "coordinator/byte_tokenizer.h"
+#include "coordinator/distributed_engine.h"
 #include "coordinator/quality.h"
+#include "kvstore/kv_scheme.h"
 #include "gtest/gtest.h"
 #include "kernels/attention.h"
 #include "tests/test_util.h"
@@ -126,6 +128,13 @@ TEST(ByteTokenizerTest, RoundTripsBytesAndNeedsRoomForThem) {
   EXPECT_EQ((*tok)->TokenBytes(299), "<299>");
   EXPECT_TRUE((*tok)->stop_ids().empty());
   EXPECT_FALSE(MakeByteTokenizer(255).ok());
+}
+
+TEST(FailureAdviceTest, SyntheticFillOverflowPointsToAFillCalibration) {
+  const std::string overflow = std::string("sequence 3: ") + std::string(kKvqKeyOutlierOverflow) + " of its 8 pages";
+  EXPECT_NE(FailureWithAdvice(overflow, 4096).find("--calibrate_on_fill"), std::string::npos);
+  EXPECT_EQ(FailureWithAdvice(overflow, 0), overflow);  // real text: the store's own advice stands
+  EXPECT_EQ(FailureWithAdvice("worker rank 1: out of memory", 4096), "worker rank 1: out of memory");
 }
 
 TEST(ControlMessagesTest, StepPlanRoundTrips) {

@@ -180,6 +180,9 @@ TEST(QualityCli, RefusesBadInput) {
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv nuq3"), "unknown KV scheme");
   ExpectCleanError(RunKvshard("calibrate --synthetic_model --text " + text), "needs --out");
   ExpectCleanError(RunKvshard("calibrate --synthetic_model --out x.kvcal --device tpu"), "--device must be auto, gpu or cpu");
+  ExpectCleanError(RunKvshard("calibrate --synthetic_model --calibrate_on_fill --out x.kvcal --text " + text), "give one");
+  // A fill calibration must not replace MODEL.kvcal, the calibration of real text (refused before the model).
+  ExpectCleanError(RunKvshard("calibrate --calibrate_on_fill"), "needs --out");
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv fp16 --device tpu"), "--device must be auto, gpu or cpu");
   // Another command's flag is refused with the one that does the job, not ignored.
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --max_tokens 100"), "--max_eval_tokens");
@@ -192,6 +195,21 @@ TEST(QualityCli, RefusesBadInput) {
   ExpectCleanError(RunKvshard("perplexity --text " + text + " --kv kvq3 --calibration " +
                               WriteTemp("corrupt.kvcal", "KVSHCAL\nrubbish")),
                    "calibration file");
+}
+
+// SYNTHETIC FILL's keys are not the model's, so runs that fill a context with kvq need a calibration of
+// the fill; a real model gets one for its own identity.
+TEST(QualityCli, CalibratesARealModelOnTheSyntheticFill) {
+  REQUIRE_WEIGHTS(weights);
+  const std::string out = (TempDir() / "fill.kvcal").string();
+  const CliResult r = RunKvshard("calibrate --model " + testing::DemoModelPath() +
+                                 " --calibrate_on_fill --calibration_tokens 256 --device cpu --out " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("256 tokens of SYNTHETIC FILL"), std::string::npos) << r.err;
+  auto calibration = LoadCalibration(out);
+  ASSERT_TRUE(calibration.ok()) << calibration.status();
+  EXPECT_TRUE(CheckCalibrationForModel(*calibration, ModelIdentityOf(*weights)).ok());
+  EXPECT_EQ(calibration->tokens, 256);
 }
 
 TEST(QualityCli, RefusesShortTextAndForeignCalibration) {

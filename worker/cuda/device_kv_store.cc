@@ -583,7 +583,7 @@ absl::Status DeviceKvStoreImpl::Init(const Calibration* calibration) {
 absl::Status DeviceKvStoreImpl::CheckOverflow(int64_t id, const Sequence& s) const {
   if (kvq_ && reinterpret_cast<volatile int*>(overflow_host_)[s.slot] != 0) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "sequence ", id, ": kvq key outliers exceeded the room of its ", s.pages.size(), " pages (",
+        "sequence ", id, ": ", kKvqKeyOutlierOverflow, " of its ", s.pages.size(), " pages (",
         int64_t{1} << key_outlier_shift_, " per page, KV head and layer, shared; raise --kv_outlier_headroom, or "
         "calibrate on text like this request's: thresholds from other text keep fewer keys inside them); the excess "
         "was dropped, so the sequence is refused"));
