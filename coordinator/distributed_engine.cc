@@ -113,7 +113,7 @@ absl::StatusOr<std::unique_ptr<DistributedEngine>> DistributedEngine::Create(Job
       continue;
     }
     if (hello.n_layers != config.n_layers || hello.vocab_size != config.vocab_size) {
-      errors.push_back(absl::StrCat("worker rank ", message->source, " loaded a model of ", hello.n_layers,
+      errors.push_back(absl::StrCat(job.WorkerName(message->source), " loaded a model of ", hello.n_layers,
                                     " layers and vocabulary ", hello.vocab_size, "; the coordinator expects ",
                                     config.n_layers, " and ", config.vocab_size));
       continue;
@@ -121,7 +121,7 @@ absl::StatusOr<std::unique_ptr<DistributedEngine>> DistributedEngine::Create(Job
     budgets[hello.worker] = hello.kv_budget_bytes;
     devices[hello.worker] = hello.device;
     if (hello.max_prefill_chunk <= 0) {
-      errors.push_back(absl::StrCat("worker rank ", message->source, " takes no prompt tokens per step"));
+      errors.push_back(absl::StrCat(job.WorkerName(message->source), " takes no prompt tokens per step"));
       continue;
     }
     options.prefill_chunk = options.prefill_chunk > 0 ? std::min(options.prefill_chunk, hello.max_prefill_chunk)
@@ -397,16 +397,17 @@ void DistributedEngine::RunStep(const StepPlan& plan) {
   for (int received = 0; received < n; ++received) {
     auto message = job_.ReceiveMessage(JobRuntime::kAnySource, kReplyTag, std::max(deadline - absl::Now(), absl::ZeroDuration()));
     if (!message.ok()) {
-      std::vector<std::string> missing;
+      std::vector<int> missing;
       for (int w = 0; w < n; ++w) {
-        if (!reported[w]) missing.push_back(absl::StrCat(w + 1));
+        if (!reported[w]) missing.push_back(w + 1);
       }
-      job_.Abort(absl::StrCat(missing.size() == 1 ? "worker rank " : "worker ranks ", absl::StrJoin(missing, ", "),
+      job_.Abort(absl::StrCat(missing.size() == 1 ? job_.WorkerName(missing[0])
+                                                  : absl::StrCat("worker ranks ", absl::StrJoin(missing, ", ")),
                               " did not report step ", plan.step,
                               " within ", options_.worker_timeout_s, " s (--worker_timeout_s); ending the job"));
     }
     auto report = DecodeReport(message->bytes);
-    if (!report.ok()) job_.Abort(absl::StrCat("bad report from rank ", message->source, ": ", report.status().message()));
+    if (!report.ok()) job_.Abort(absl::StrCat("bad report from ", job_.WorkerName(message->source), ": ", report.status().message()));
     if (!report->fatal.empty()) job_.Abort(absl::StrCat(report->fatal, "; ending the job"));
     const int w = message->source - 1;
     reports[w] = std::move(*report);

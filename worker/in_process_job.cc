@@ -74,6 +74,7 @@ class InProcessJob::End final : public JobRuntime {
 
   int world_rank() const override { return rank_; }
   int world_size() const override { return 2; }
+  std::string WorkerName(int) const override { return "worker"; }
   // The coordinator's thread sleeps while the worker computes, so the worker may take every CPU.
   int ranks_on_node() const override { return 1; }
   int local_worker_index() const override { return 0; }

@@ -13,6 +13,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "worker/collectives.h"
 
@@ -28,6 +29,9 @@ class JobRuntime {
   virtual int world_size() const = 0;
   int n_workers() const { return world_size() - 1; }
   bool is_coordinator() const { return world_rank() == 0; }
+  // How messages name the worker of world rank `rank`: "worker rank 2" in a job of ranks; in one process,
+  // which has no ranks to speak of, "worker".
+  virtual std::string WorkerName(int rank) const { return absl::StrCat("worker rank ", rank); }
   // Ranks of this job on this node (the coordinator included): workers size their CPU thread pools by it.
   virtual int ranks_on_node() const = 0;
   // On a worker: its index among the workers of its node (0-based), and their number. A GPU worker

@@ -76,7 +76,7 @@ class Worker {
     if (!sent.ok()) job_.Abort(absl::StrCat("cannot answer the coordinator: ", sent.message()));
   }
 
-  std::string Who() const { return absl::StrCat("worker rank ", job_.world_rank()); }
+  std::string Who() const { return job_.WorkerName(job_.world_rank()); }
 
   WorkerHello Configure(const WorkerConfig& config) {
     WorkerHello hello;

@@ -204,8 +204,8 @@ void ExpectSameTokensAsSingleProcess(const std::string& model, const std::string
                       i < reference.margins.size() ? absl::StrCat(" (margin ", reference.margins[i], ")") : "");
       ++shown;
     }
-    std::printf("%s, %d workers: the tokens part at step %zu; the first differences:%s\n", scheme.c_str(),
-                (*engine)->n_workers(), agree, mismatches.c_str());
+    std::printf("%s, %s: the tokens part at step %zu; the first differences:%s\n", scheme.c_str(),
+                (*engine)->device_name().c_str(), agree, mismatches.c_str());
   }
   if (near_tie == 0) {
     EXPECT_EQ(got, want) << "the first " << agree << " tokens agree";
@@ -216,9 +216,9 @@ void ExpectSameTokensAsSingleProcess(const std::string& model, const std::string
                                         << ", where single-process mode's choice led the runner-up by "
                                         << parting_margin << ": not a near tie";
   }
-  std::printf("%s, %d workers: %zu of %zu greedy tokens equal single-process mode (smallest logit margin before "
+  std::printf("%s, %s: %zu of %zu greedy tokens equal single-process mode (smallest logit margin before "
               "that %.4g%s); prefill of %lld tokens in %.1f s, decode %.1f s (%lld prefill chunks)\n",
-              scheme.c_str(), (*engine)->n_workers(), agree, want.size(), smallest_margin,
+              scheme.c_str(), (*engine)->device_name().c_str(), agree, want.size(), smallest_margin,
               margin_known ? absl::StrCat(", where they part ", parting_margin).c_str() : "",
               static_cast<long long>(kPromptTokens), result->prefill_seconds, result->decode_seconds,
               static_cast<long long>(prefill_reports));

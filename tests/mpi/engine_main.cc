@@ -14,6 +14,9 @@
 namespace kvshard {
 
 int TestEngineWorkers() { return MpiRuntime::Get() != nullptr ? MpiRuntime::Get()->n_workers() : 1; }
+std::string TestEngineWorkerName(int rank) {
+  return MpiRuntime::Get() != nullptr ? MpiRuntime::Get()->WorkerName(rank) : "worker";
+}
 
 }  // namespace kvshard
 
